@@ -1,0 +1,27 @@
+# Set-up and checks. `make test` creates .venv, installs the project and runs the tests;
+# `make run` runs the main job. See README.md.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test lint format run clean
+
+setup: $(VENV)/.w2s-installed
+
+$(VENV)/.w2s-installed: pyproject.toml scripts/setup-env.sh
+	W2S_VENV=$(VENV) bash scripts/setup-env.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment and install w2s-agents (editable) with its test dependencies.
+#
+# torch is installed first, so that nothing later pulls a different build:
+#   - a torch the base Python already has is kept: the environment then sees the base site-packages;
+#   - on a machine with an NVIDIA GPU, the default PyPI build (CUDA);
+#   - otherwise a CPU build: torch==$W2S_TORCH_VERSION+cpu from the configured indexes/find-links (a local
+#     wheel), else the newest build of PyTorch's CPU index. A CPU-only machine never gets CUDA wheels.
+#
+# Environment: PYTHON (default python3), W2S_VENV (default .venv), W2S_TORCH_VERSION (default 2.13.0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${W2S_VENV:-.venv}
+TORCH_VERSION=${W2S_TORCH_VERSION:-2.13.0}
+say() { echo "[setup] $*" >&2; }
+
+have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    say "keeping the torch of $PYTHON ($("$PYTHON" -c 'import torch; print(torch.__version__)')): environment sees its site-packages"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install --quiet --upgrade "pip>=23" >/dev/null
+
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  say "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed: keeping it"
+elif have_gpu; then
+  say "NVIDIA GPU found: installing the CUDA build of torch from PyPI"
+  "$PY" -m pip install torch
+else
+  say "no GPU: installing a CPU build of torch"
+  if ! "$PY" -m pip install "torch==${TORCH_VERSION}+cpu"; then
+    say "torch==${TORCH_VERSION}+cpu not found locally or on the indexes; trying PyTorch's CPU index"
+    "$PY" -m pip install torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+torch_before=$("$PY" -c 'import torch; print(torch.__version__)')
+
+"$PY" -m pip install -e ".[dev]"
+
+torch_after=$("$PY" -c 'import torch; print(torch.__version__)')
+if [ "$torch_before" != "$torch_after" ]; then
+  say "ERROR: installing the project replaced torch $torch_before with $torch_after"
+  exit 1
+fi
+if ! have_gpu && "$PY" -m pip list 2>/dev/null | grep -qiE '^nvidia-'; then
+  say "ERROR: CUDA packages were installed on a machine without a GPU:"
+  "$PY" -m pip list 2>/dev/null | grep -iE '^nvidia-' >&2
+  exit 1
+fi
+touch "$VENV/.w2s-installed"
+say "ready: $VENV (torch $torch_after); activate with: source $VENV/bin/activate"

@@ -1,0 +1,245 @@
+"""The ``w2s`` command line.
+
+Only commands that work are listed by ``w2s --help``. Every error caused by input (a bad config key, a
+malformed file, a model path that is not a local directory) is printed as one line ``w2s: error: ...`` with
+exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from w2s_agents import __version__
+from w2s_agents.errors import W2SError
+
+__all__ = ["main"]
+
+
+def _split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split positional arguments into an optional config path and ``key=value`` overrides."""
+    paths = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    if len(paths) > 1:
+        raise W2SError(f"expected at most one config file, got {', '.join(paths)} (overrides are KEY=VALUE)")
+    return (paths[0] if paths else None), overrides
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def _cmd_config_show(ns: argparse.Namespace) -> int:
+    from w2s_agents.config import config_hash, dump_config
+    from w2s_agents.experiment import load_experiment
+
+    path, overrides = _split_config_args(ns.args)
+    cfg = load_experiment(path, overrides)
+    print(f"# {path or 'embedded default config'} (hash {config_hash(cfg)})")
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def _cmd_config_keys(ns: argparse.Namespace) -> int:
+    from w2s_agents.config import describe_config
+    from w2s_agents.experiment import ExperimentConfig
+
+    rows = describe_config(ExperimentConfig)
+    for key, type_name, default, help_text in rows:
+        if ns.grep and ns.grep not in key:
+            continue
+        print(f"{key}  ({type_name}, default {json.dumps(default)})\n    {help_text}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def _texts_from_files(text_files: Sequence[str], trajectory_files: Sequence[str]) -> list[str]:
+    from w2s_agents.store import iter_trajectories
+
+    texts: list[str] = []
+    for name in text_files:
+        p = Path(name)
+        try:
+            texts.extend(line for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise W2SError(f"cannot read text file {p}: {exc}") from None
+    for traj in iter_trajectories(trajectory_files):
+        texts.extend([traj.instruction, traj.initial_observation])
+        for step in traj.steps:
+            texts.extend(t for t in (step.thought, step.action, step.observation) if t)
+    if not texts:
+        raise W2SError("no training text: give --text FILE and/or --trajectories FILE with some content")
+    return texts
+
+
+def _cmd_model_tiny(ns: argparse.Namespace) -> int:
+    from w2s_agents.models import create_tiny_model
+    from w2s_agents.seeding import seed_everything
+
+    texts = _texts_from_files(ns.text, ns.trajectories)
+    seed_everything(ns.seed)
+    try:
+        out = create_tiny_model(
+            ns.out_dir,
+            texts,
+            preset=ns.preset,
+            vocab_size=ns.vocab_size,
+            seed=ns.seed,
+            overwrite=ns.overwrite,
+        )
+    except FileExistsError as exc:
+        raise W2SError(f"{exc}; use --overwrite") from None
+    meta = json.loads((out / "w2s_model.json").read_text(encoding="utf-8"))
+    print(
+        f"{out}: tiny {meta['preset']} model, {meta['parameters']:,} parameters, vocabulary {meta['vocab_size']}"
+    )
+    return 0
+
+
+def _cmd_model_info(ns: argparse.Namespace) -> int:
+    from w2s_agents.models import count_parameters, load_model
+
+    lm = load_model(ns.path, device=ns.device, dtype=ns.dtype)
+    cfg = lm.model.config
+    print(f"path        {lm.path}")
+    print(f"class       {type(lm.model).__name__} ({cfg.model_type})")
+    print(f"parameters  {count_parameters(lm.model):,}")
+    print(f"vocabulary  {len(lm.tokenizer)}")
+    print(f"context     {getattr(cfg, 'max_position_embeddings', 'unknown')}")
+    print(f"device      {lm.device}  dtype {str(lm.dtype).removeprefix('torch.')}")
+    print(
+        f"tokens      bos={lm.tokenizer.bos_token!r} eos={lm.tokenizer.eos_token!r} pad={lm.tokenizer.pad_token!r}"
+    )
+    print(f"chat        {'template present' if lm.tokenizer.chat_template else 'no chat template'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- store
+
+
+def _cmd_store_check(ns: argparse.Namespace) -> int:
+    from w2s_agents.store import TrajectoryStore, read_trajectories, scan_store
+
+    status = 0
+    for name in ns.files:
+        path = Path(name)
+        if not path.is_file():
+            raise W2SError(f"trajectory file not found: {path}")
+        scan = scan_store(path)
+        if scan.torn_bytes:
+            if ns.repair:
+                TrajectoryStore(path, fsync=True, allow_duplicates=True).close()
+                print(f"{path}: removed a torn last record ({scan.torn_bytes} bytes)")
+            else:
+                print(f"{path}: torn last record ({scan.torn_bytes} bytes); run with --repair to remove it")
+                status = 1
+        trajs = list(read_trajectories(path))
+        n = len(trajs)
+        if n == 0:
+            print(f"{path}: 0 trajectories")
+            continue
+        roles = Counter(t.source.role for t in trajs)
+        ends = Counter(t.end for t in trajs)
+        print(
+            f"{path}: {n} trajectories, {len({t.task_id for t in trajs})} tasks, "
+            f"success {sum(t.success for t in trajs) / n:.3f}, "
+            f"mean return {statistics.fmean(t.return_ for t in trajs):.3f}, "
+            f"mean steps {statistics.fmean(t.num_steps for t in trajs):.1f}"
+        )
+        print(f"  roles: {dict(roles)}  ends: {dict(ends)}")
+        if scan.duplicates:
+            print(f"  {len(scan.duplicates)} duplicated episode keys, e.g. {scan.duplicates[0]}")
+            status = 1
+    return status
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``w2s`` argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="w2s",
+        description="Train a strong LLM agent from a weak agent's trajectory trees.",
+    )
+    parser.add_argument("--version", action="version", version=f"w2s-agents {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p_config = sub.add_parser("config", help="show and document experiment configs")
+    config_sub = p_config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    p = config_sub.add_parser(
+        "show",
+        help="print the resolved config (validated)",
+        description="Print the resolved config of CONFIG (default: the embedded quickstart defaults) "
+        "with KEY=VALUE overrides applied.",
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    p.set_defaults(func=_cmd_config_show)
+    p = config_sub.add_parser("keys", help="list every config key with its type, default and help")
+    p.add_argument("--grep", default="", help="only keys containing this text")
+    p.set_defaults(func=_cmd_config_keys)
+
+    p_model = sub.add_parser("model", help="build tiny models, inspect local models")
+    model_sub = p_model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    p = model_sub.add_parser(
+        "tiny",
+        help="build a tiny Llama model with a tokenizer trained on local text",
+        description="Train a byte-level BPE tokenizer on the given texts, build a randomly initialised tiny "
+        "Llama model of a size preset, and save both with save_pretrained.",
+    )
+    p.add_argument("out_dir", help="folder to write the model to")
+    p.add_argument("--preset", default="weak", choices=["nano", "weak", "strong"], help="model size")
+    p.add_argument("--text", action="append", default=[], metavar="FILE", help="text file, one text a line")
+    p.add_argument(
+        "--trajectories", action="append", default=[], metavar="FILE", help="trajectory .jsonl file"
+    )
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=_cmd_model_tiny)
+    p = model_sub.add_parser("info", help="load a local model and describe it")
+    p.add_argument("path", help="local model folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=_cmd_model_info)
+
+    p_store = sub.add_parser("store", help="check trajectory files")
+    store_sub = p_store.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
+    p = store_sub.add_parser(
+        "check",
+        help="validate trajectory .jsonl files and summarise them (exit 1 on a torn record or duplicates)",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--repair", action="store_true", help="remove a torn last record left by a killed writer")
+    p.set_defaults(func=_cmd_store_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``w2s`` console script; returns the exit status."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    from w2s_agents.log import setup_logging
+
+    setup_logging(ns.log_level)
+    try:
+        return int(ns.func(ns) or 0)
+    except W2SError as exc:
+        print(f"w2s: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("w2s: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `w2s config keys | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

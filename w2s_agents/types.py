@@ -1,0 +1,341 @@
+"""The trajectory data model: what an episode of an agent in a text environment leaves behind.
+
+A :class:`Trajectory` is one episode: the task, who acted (:class:`Source`), the instruction and first
+observation, the :class:`Step` sequence and the outcome. It is persisted as one JSON object per line
+(``w2s_agents.store``) in the versioned format ``w2s.trajectory/1`` described in DESIGN section 4::
+
+    {"schema": "w2s.trajectory/1", "task_id": "tw-simple/train/0", "env_id": "w2s/TextWorld-v0",
+     "source": {"model": "weak-sft", "role": "weak", "sampler": "t0.7-p0.95", "temperature": 0.7,
+                "top_p": 0.95, "seed": 3},
+     "instruction": "...", "initial_observation": "...",
+     "steps": [{"observation": "...", "thought": "...", "action": "open door", "reward": 0.0, "score": 0.0,
+                "admissible": ["open door", "go north"], "tokens_in": 312, "tokens_out": 9,
+                "latency_s": 0.021}],
+     "return": 0.0, "success": false, "end": "truncated"}
+
+``Step.observation`` is the observation *after* the step's action; the observation an action was chosen on is
+the previous step's observation (or ``initial_observation`` for the first step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+__all__ = [
+    "END_REASONS",
+    "ROLES",
+    "TRAJECTORY_SCHEMA",
+    "EndReason",
+    "EpisodeKey",
+    "Role",
+    "Source",
+    "Step",
+    "Trajectory",
+]
+
+TRAJECTORY_SCHEMA = "w2s.trajectory/1"
+"""Schema tag written into every trajectory record; readers reject any other value."""
+
+Role = Literal["weak", "strong", "expert", "search"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+EndReason = Literal["won", "lost", "truncated", "error"]
+END_REASONS: tuple[str, ...] = get_args(EndReason)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Who produced a trajectory and how."""
+
+    model: str
+    """Model name or local path of the acting agent (``"expert"`` for an env's walkthrough)."""
+    role: Role
+    """Part the agent plays: ``weak`` explorer, ``strong`` learner, ``expert`` demonstrator, ``search`` expansion."""
+    sampler: str = "default"
+    """Name of the sampling setting (one branch-width slot of exploration), e.g. ``"t0.7-p0.95"``."""
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    """Seed of the episode; together with task and sampler it identifies the episode (:class:`EpisodeKey`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("source.model must be a non-empty string")
+        if self.role not in ROLES:
+            raise ValueError(f"source.role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not isinstance(self.sampler, str) or not self.sampler:
+            raise ValueError("source.sampler must be a non-empty string")
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if v is not None and not (_is_number(v) and v >= 0):
+                raise ValueError(f"source.{name} must be a non-negative number or null, got {v!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"source.seed must be an integer or null, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping; optional fields that are unset are left out."""
+        d: dict[str, Any] = {"model": self.model, "role": self.role, "sampler": self.sampler}
+        for name in ("temperature", "top_p", "seed"):
+            v = getattr(self, name)
+            if v is not None:
+                d[name] = v
+        return d
+
+
+@dataclass(frozen=True)
+class Step:
+    """One action of the agent and what the environment answered."""
+
+    action: str
+    """The command sent to the environment (as sent; tree merging normalises it)."""
+    observation: str
+    """The environment's text after the action."""
+    reward: float = 0.0
+    """Change of normalised score caused by the action."""
+    score: float = 0.0
+    """Normalised score after the action, in [0, 1] for well-behaved envs."""
+    thought: str = ""
+    """The agent's reasoning before the action (ReAct ``Thought:``), empty when none."""
+    admissible: tuple[str, ...] | None = None
+    """Commands the env accepted in the state the action was chosen in, when the env knows them."""
+    tokens_in: int = 0
+    """Prompt tokens of the model call that chose the action (0 for experts and replays)."""
+    tokens_out: int = 0
+    """Generated (or scored) tokens of that call."""
+    latency_s: float = 0.0
+    """Wall time of choosing the action, in seconds."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Free-form JSON metadata (e.g. a raw model output that could not be parsed)."""
+
+    def __post_init__(self) -> None:
+        for name in ("action", "observation", "thought"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"step.{name} must be a string, got {type(getattr(self, name)).__name__}")
+        for name in ("reward", "score", "latency_s"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"step.{name} must be a finite number, got {getattr(self, name)!r}")
+        for name in ("tokens_in", "tokens_out"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"step.{name} must be a non-negative integer, got {v!r}")
+        if self.admissible is not None:
+            if isinstance(self.admissible, str) or not isinstance(self.admissible, Sequence):
+                raise ValueError("step.admissible must be a list of strings or null")
+            if not isinstance(self.admissible, tuple):
+                object.__setattr__(self, "admissible", tuple(self.admissible))
+            if not all(isinstance(a, str) for a in self.admissible):
+                raise ValueError("step.admissible must be a list of strings or null")
+        if not isinstance(self.extra, Mapping):
+            raise ValueError("step.extra must be a mapping")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping in the field order of the file format."""
+        d: dict[str, Any] = {
+            "observation": self.observation,
+            "thought": self.thought,
+            "action": self.action,
+            "reward": self.reward,
+            "score": self.score,
+            "admissible": list(self.admissible) if self.admissible is not None else None,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "latency_s": self.latency_s,
+        }
+        if self.extra:
+            d["extra"] = dict(self.extra)
+        return d
+
+
+@dataclass(frozen=True, order=True)
+class EpisodeKey:
+    """Identity of an episode: running the same key again must give the same trajectory.
+
+    A store holds each key at most once; a resumed rollout runs only the keys its store lacks.
+    """
+
+    task_id: str
+    model: str
+    sampler: str
+    seed: int | None
+
+    def __str__(self) -> str:
+        return f"{self.task_id}|{self.model}|{self.sampler}|{self.seed}"
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One episode of an agent on a task, successes and failures alike."""
+
+    task_id: str
+    """Identifier of the task (game, variation) within its env."""
+    env_id: str
+    """Registered env id, e.g. ``w2s/TextWorld-v0``."""
+    source: Source
+    instruction: str
+    """The task's goal as given to the agent."""
+    initial_observation: str
+    """The env's first observation, before any action."""
+    steps: tuple[Step, ...]
+    return_: float
+    """Final normalised score in [0, 1] (field ``return`` in files)."""
+    success: bool
+    """Whether the episode was won."""
+    end: EndReason
+    """How it ended: ``won``, ``lost``, ``truncated`` (step limit) or ``error`` (env or agent failure)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Free-form JSON metadata."""
+    schema: str = TRAJECTORY_SCHEMA
+
+    def __post_init__(self) -> None:
+        if self.schema != TRAJECTORY_SCHEMA:
+            raise ValueError(
+                f"unsupported trajectory schema {self.schema!r} (this version reads {TRAJECTORY_SCHEMA!r})"
+            )
+        for name in ("task_id", "env_id"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+        for name in ("instruction", "initial_observation"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        if not isinstance(self.source, Source):
+            raise ValueError("source must be a Source")
+        if not isinstance(self.steps, tuple):
+            object.__setattr__(self, "steps", tuple(self.steps))
+        if not all(isinstance(s, Step) for s in self.steps):
+            raise ValueError("steps must be Step objects")
+        if not _is_number(self.return_) or not 0.0 <= self.return_ <= 1.0:
+            raise ValueError(f"return must be a number in [0, 1], got {self.return_!r}")
+        if not isinstance(self.success, bool):
+            raise ValueError(f"success must be true or false, got {self.success!r}")
+        if self.end not in END_REASONS:
+            raise ValueError(f"end must be one of {', '.join(END_REASONS)}, got {self.end!r}")
+        if self.success and self.end != "won":
+            raise ValueError(f"a successful trajectory must end 'won', not {self.end!r}")
+        if not isinstance(self.extra, Mapping):
+            raise ValueError("extra must be a mapping")
+
+    @property
+    def key(self) -> EpisodeKey:
+        """The episode's identity (task, model, sampler, seed)."""
+        return EpisodeKey(self.task_id, self.source.model, self.source.sampler, self.source.seed)
+
+    @property
+    def num_steps(self) -> int:
+        """Number of actions taken."""
+        return len(self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping in the file format (``return_`` written as ``return``)."""
+        d: dict[str, Any] = {
+            "schema": self.schema,
+            "task_id": self.task_id,
+            "env_id": self.env_id,
+            "source": self.source.to_dict(),
+            "instruction": self.instruction,
+            "initial_observation": self.initial_observation,
+            "steps": [s.to_dict() for s in self.steps],
+            "return": self.return_,
+            "success": self.success,
+            "end": self.end,
+        }
+        if self.extra:
+            d["extra"] = dict(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Trajectory:
+        """Parse and validate a record of the file format.
+
+        Raises:
+            ValueError: the record lacks a required field, has an unknown one, an unsupported schema, or a
+                value of the wrong type; the message names the field (``steps[3].reward``).
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a trajectory record must be a JSON object, got {type(d).__name__}")
+        schema = d.get("schema")
+        if schema is None:
+            raise ValueError("missing field 'schema'")
+        if schema != TRAJECTORY_SCHEMA:
+            raise ValueError(
+                f"unsupported trajectory schema {schema!r} (this version reads {TRAJECTORY_SCHEMA!r})"
+            )
+        _check_fields(d, _TRAJ_REQUIRED, _TRAJ_OPTIONAL, "")
+        src = d["source"]
+        if not isinstance(src, Mapping):
+            raise ValueError("source must be an object")
+        _check_fields(src, ("model", "role"), ("sampler", "temperature", "top_p", "seed"), "source.")
+        try:
+            source = Source(**src)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+        raw_steps = d["steps"]
+        if not isinstance(raw_steps, list):
+            raise ValueError("steps must be a list")
+        steps = []
+        for i, s in enumerate(raw_steps):
+            if not isinstance(s, Mapping):
+                raise ValueError(f"steps[{i}] must be an object")
+            _check_fields(s, _STEP_REQUIRED, _STEP_OPTIONAL, f"steps[{i}].")
+            try:
+                steps.append(Step(**s))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"steps[{i}]: {str(exc).removeprefix('step.')}") from None
+        return cls(
+            task_id=d["task_id"],
+            env_id=d["env_id"],
+            source=source,
+            instruction=d["instruction"],
+            initial_observation=d["initial_observation"],
+            steps=tuple(steps),
+            return_=d["return"],
+            success=d["success"],
+            end=d["end"],
+            extra=d.get("extra", {}),
+            schema=schema,
+        )
+
+
+_TRAJ_REQUIRED = (
+    "schema",
+    "task_id",
+    "env_id",
+    "source",
+    "instruction",
+    "initial_observation",
+    "steps",
+    "return",
+    "success",
+    "end",
+)
+_TRAJ_OPTIONAL = ("extra",)
+_STEP_REQUIRED = ("observation", "action")
+_STEP_OPTIONAL = (
+    "thought",
+    "reward",
+    "score",
+    "admissible",
+    "tokens_in",
+    "tokens_out",
+    "latency_s",
+    "extra",
+)
+
+
+def _check_fields(
+    d: Mapping[str, Any], required: Sequence[str], optional: Sequence[str], prefix: str
+) -> None:
+    for name in required:
+        if name not in d:
+            raise ValueError(f"missing field '{prefix}{name}'")
+    allowed = set(required) | set(optional)
+    for name in d:
+        if name not in allowed:
+            raise ValueError(f"unknown field '{prefix}{name}'")
