@@ -299,7 +299,9 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 _fail(where, key, value, tp)
-            return tuple(_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(
+                _coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         elem = args[0] if args else Any
         items = [_coerce(v, elem, f"{key}[{i}]", where) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
