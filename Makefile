@@ -25,3 +25,6 @@ format: setup
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+run: setup
+	$(VENV)/bin/w2s run $(CONFIG) $(ARGS)
