@@ -20,14 +20,23 @@ have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2
 
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-    say "keeping the torch of $PYTHON ($("$PYTHON" -c 'import torch; print(torch.__version__)')): environment sees its site-packages"
+    say "keeping the torch of $PYTHON ($("$PYTHON" -c 'import torch; print(torch.__version__)')): $VENV sees its packages"
     "$PYTHON" -m venv --system-site-packages "$VENV"
+    # A venv made from inside another venv sees the base interpreter's packages, not that venv's:
+    # link the outer environment's site-packages explicitly so its torch is the one found.
+    outer=$("$PYTHON" -c 'import sys, sysconfig; print(sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else "")')
+    if [ -n "$outer" ]; then
+      inner=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+      echo "$outer" > "$inner/_w2s_outer_env.pth"
+    fi
   else
     "$PYTHON" -m venv "$VENV"
   fi
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade "pip>=23" >/dev/null
+cuda_packages() { "$PY" -m pip list 2>/dev/null | grep -iE '^nvidia-' || true; }
+cuda_before=$(cuda_packages)
 
 if "$PY" -c "import torch" >/dev/null 2>&1; then
   say "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed: keeping it"
@@ -50,9 +59,10 @@ if [ "$torch_before" != "$torch_after" ]; then
   say "ERROR: installing the project replaced torch $torch_before with $torch_after"
   exit 1
 fi
-if ! have_gpu && "$PY" -m pip list 2>/dev/null | grep -qiE '^nvidia-'; then
-  say "ERROR: CUDA packages were installed on a machine without a GPU:"
-  "$PY" -m pip list 2>/dev/null | grep -iE '^nvidia-' >&2
+cuda_after=$(cuda_packages)
+if ! have_gpu && [ "$cuda_after" != "$cuda_before" ]; then
+  say "ERROR: installing the project added CUDA packages on a machine without a GPU:"
+  echo "$cuda_after" >&2
   exit 1
 fi
 touch "$VENV/.w2s-installed"
