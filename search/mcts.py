@@ -10,13 +10,14 @@ and adds that value to ``r_M`` and 1 to ``c_M`` of every node on its path (backu
 greedily from the root to a leaf by ``r_M / c_M``.
 
 Ties (between equal UCB scores, and the order in which unvisited children are tried) are broken by a fixed
-order of each node's children: the canonical order (by action key) with ``tie_break="order"``, or a
-permutation drawn once per search from ``numpy.random.default_rng(seed)`` with ``tie_break="random"``; the
-search is deterministic for a seed either way.
+order of each node's children: the canonical order (by action key) with ``tie_break="order"``, or the
+order of a pseudo-random key of (node id, seed) with ``tie_break="random"`` (:func:`tie_orders`); the search
+is deterministic for a seed either way.
 
 Speed: a chain of single-child nodes is always traversed whole, so every node of a chain has the statistics
 of its first node. The search runs on the tree with chains contracted (branch points and leaves only) and
-copies the statistics down the chains at the end, which gives exactly the values of the plain algorithm
+copies the statistics down the chains at the end; the contracted tree is built lazily, as far as the search
+reaches. This gives exactly the values of the plain algorithm
 (:func:`select_child` and :func:`backup` are the plain steps, used as the reference in the tests).
 """
 
@@ -143,15 +144,29 @@ def backup(path: Sequence[int], value: float, visits: list[int], value_sum: list
         value_sum[n] += value
 
 
+_MASK = (1 << 64) - 1
+
+
+def _tie_key(node: int, seed: int) -> int:
+    """A pseudo-random 64-bit key of ``node`` for ``seed`` (splitmix64 finaliser): fixes a random tie order."""
+    z = (node + 1 + seed * 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def _ordered(children: tuple[int, ...], tie_break: str, seed: int) -> tuple[int, ...]:
+    if tie_break == "order" or len(children) < 2:
+        return children
+    return tuple(sorted(children, key=lambda c: _tie_key(c, seed)))
+
+
 def tie_orders(tree: TrajectoryTree, tie_break: str, seed: int) -> list[tuple[int, ...]]:
-    """Each node's children in the order that breaks ties: canonical, or permuted by ``seed``."""
-    orders = [tree.children(n) for n in range(len(tree))]
-    if tie_break == "order":
-        return orders
-    if tie_break != "random":
+    """Each node's children in the order that breaks ties: canonical (``"order"``), or sorted by a
+    pseudo-random key of (child id, ``seed``) (``"random"``)."""
+    if tie_break not in ("order", "random"):
         raise ValueError(f"tie_break must be 'random' or 'order', got {tie_break!r}")
-    rng = np.random.default_rng(seed)
-    return [tuple(ch[i] for i in rng.permutation(len(ch))) if len(ch) > 1 else ch for ch in orders]
+    return [_ordered(tree.children(n), tie_break, seed) for n in range(len(tree))]
 
 
 def leaf_values(tree: TrajectoryTree) -> list[float]:
@@ -175,35 +190,49 @@ def run_mcts(
     Same result as repeating ``select_child`` from the root to a leaf and ``backup`` of the leaf's mean return
     ``iterations`` times, computed on the tree with single-child chains contracted.
     """
-    orders = tie_orders(tree, tie_break, seed)
-    # contract chains: a compressed node is a chain head; it ends at the first node without exactly one child
+    if tie_break not in ("order", "random"):
+        raise ValueError(f"tie_break must be 'random' or 'order', got {tie_break!r}")
+    off_a, ids_a = tree.child_arrays()
+    off, ids = off_a.tolist(), ids_a.tolist()
+    # Contracted tree, built lazily as the search reaches it: compressed node i stands for the chain that
+    # starts at tree node heads[i] and ends at ends[i], the first node without exactly one child.
     heads: list[int] = []
     ends: list[int] = []
-    todo = [ROOT]
-    while todo:
-        h = todo.pop()
+    kids: list[list[int] | None] = []
+    leaf: list[float] = []
+    vis: list[int] = []
+    val: list[float] = []
+
+    def add_chain(h: int) -> int:
         e = h
-        while len(orders[e]) == 1:
-            e = orders[e][0]
+        while off[e + 1] - off[e] == 1:
+            e = ids[off[e]]
         heads.append(h)
         ends.append(e)
-        if len(orders[e]) > 1:
-            todo.extend(orders[e])
-    pos = {h: i for i, h in enumerate(heads)}
-    kids = [[pos[c] for c in orders[ends[i]]] if len(orders[ends[i]]) > 1 else [] for i in range(len(heads))]
-    leaf = [tree.mean_return(e) for e in ends]
+        inner = off[e + 1] > off[e]
+        kids.append(None if inner else [])
+        leaf.append(0.0 if inner else tree.mean_return(e))
+        vis.append(0)
+        val.append(0.0)
+        return len(heads) - 1
 
-    m = len(heads)
-    vis = [0] * m
-    val = [0.0] * m
+    def expand(i: int) -> list[int]:
+        e = ends[i]
+        ch = [add_chain(c) for c in _ordered(tuple(ids[off[e] : off[e + 1]]), tie_break, seed)]
+        kids[i] = ch
+        return ch
+
+    add_chain(ROOT)
     log, sqrt, inf = math.log, math.sqrt, math.inf
     for _ in range(iterations):
         h = 0
         path = [0]
         ch = kids[0]
+        if ch is None:
+            ch = expand(0)
         while ch:
             n = vis[h]
-            if n < len(ch):  # unvisited children first, in tie order (each visit took the next one)
+            if n < len(ch):  # unvisited children first, in tie order (each earlier visit took the next one)
                 h = ch[n]
             else:
                 ln = log(n)
@@ -215,21 +244,32 @@ def run_mcts(
                         best, h = u, c
             path.append(h)
             ch = kids[h]
+            if ch is None:
+                ch = expand(h)
         v = leaf[h]
         for p in path:
             vis[p] += 1
             val[p] += v
 
+    # every node of a chain has its head's statistics
+    nodes: list[int] = []
+    comp: list[int] = []
+    for i, h in enumerate(heads):
+        if not vis[i]:
+            continue
+        n = h
+        nodes.append(n)
+        comp.append(i)
+        while n != ends[i]:
+            n = ids[off[n]]
+            nodes.append(n)
+            comp.append(i)
     visits = np.zeros(len(tree), dtype=np.int64)
     value_sum = np.zeros(len(tree), dtype=np.float64)
-    for i, h in enumerate(heads):
-        n = h
-        while True:
-            visits[n] = vis[i]
-            value_sum[n] = val[i]
-            if n == ends[i]:
-                break
-            n = orders[n][0]
+    idx = np.asarray(nodes, dtype=np.int64)
+    cidx = np.asarray(comp, dtype=np.int64)
+    visits[idx] = np.asarray(vis, dtype=np.int64)[cidx]
+    value_sum[idx] = np.asarray(val, dtype=np.float64)[cidx]
     return MCTSResult(visits, value_sum, iterations)
 
 

@@ -43,6 +43,7 @@ import re
 import tempfile
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,19 @@ ObservationKey = Callable[[str], Hashable]
 """Maps an observation to the key steps merge on; keys must be hashable and mutually orderable."""
 
 _SCALE = 1 << 32  # fixed-point unit of summed returns
+# per-node lists other than _key, permuted together by canonicalize()
+_NODE_LISTS = (
+    "_depth",
+    "_oka",
+    "_hint",
+    "_hint_key",
+    "_thought",
+    "_tret",
+    "_visits",
+    "_ret",
+    "_succ",
+    "_src",
+)
 _END_INDEX = {name: i for i, name in enumerate(END_REASONS)}
 
 
@@ -144,6 +158,9 @@ class TrajectoryTree:
         self._key: list[tuple[int, Any, Any]] = [(-1, "", None)]  # (parent, action key, obs key acted on)
         self._depth: list[int] = [0]
         self._oka: list[Any] = [None]  # key of the observation after the action (root: first observation)
+        # a raw observation seen after the node's action and its key: a cache hint, not part of the tree
+        self._hint: list[str | None] = [None]
+        self._hint_key: list[Any] = [None]
         self._thought: list[str] = [""]
         self._tret: list[int] = [-1]  # fixed-point return of the trajectory whose thought is kept
         self._visits: list[int] = [0]
@@ -161,7 +178,8 @@ class TrajectoryTree:
         self._obs_intern: dict[Any, Any] = {}
         self._models: list[str] = []
         self._model_index: dict[str, int] = {}
-        self._children: list[tuple[int, ...]] | None = None
+        self._children: tuple[np.ndarray, np.ndarray] | None = None  # CSR, see child_arrays()
+        self._canonical = True  # ids are in canonical preorder (true until a node is added)
         self._mcts_visits: np.ndarray | None = None
         self._mcts_value: np.ndarray | None = None
         self.search_info: dict[str, Any] = {}
@@ -226,11 +244,17 @@ class TrajectoryTree:
         akc, okc, index = self._akc, self._okc, self._index
         visits, rets, succs, srcs = self._visits, self._ret, self._succ, self._src
         oka, thoughts, trets = self._oka, self._thought, self._tret
+        hint, hint_key = self._hint, self._hint_key
 
-        okey = okc.get(traj.initial_observation)
-        if okey is None:
-            okey = self._new_obs(traj.initial_observation)
         # the root: the task itself
+        o = traj.initial_observation
+        if o is hint[0] or o == hint[0]:
+            okey = hint_key[0]
+        else:
+            okey = okc.get(o)
+            if okey is None:
+                okey = self._new_obs(o)
+            hint[0], hint_key[0] = o, okey
         visits[0] += 1
         rets[0] += r
         if succ:
@@ -250,17 +274,20 @@ class TrajectoryTree:
             if ak is None:
                 ak = self._new_action(a)
             o = step.observation
-            ok2 = okc.get(o)
-            if ok2 is None:
-                ok2 = self._new_obs(o)
             key = (node, ak, okey)
             c = index.get(key)
             if c is None:
+                ok2 = okc.get(o)
+                if ok2 is None:
+                    ok2 = self._new_obs(o)
                 c = len(visits)
+                self._canonical = False
                 index[key] = c
                 self._key.append(key)
                 self._depth.append(self._depth[node] + 1)
                 oka.append(ok2)
+                hint.append(o)
+                hint_key.append(ok2)
                 thoughts.append(step.thought)
                 trets.append(r)
                 visits.append(1)
@@ -268,14 +295,22 @@ class TrajectoryTree:
                 succs.append(1 if succ else 0)
                 srcs.append(s)
             else:
+                # the observation after a known step is nearly always the one seen before: compare, not hash
+                h = hint[c]
+                if o is h or o == h:
+                    ok2 = hint_key[c]
+                else:
+                    ok2 = okc.get(o)
+                    if ok2 is None:
+                        ok2 = self._new_obs(o)
+                    if ok2 is not oka[c] and ok2 < oka[c]:
+                        oka[c] = ok2
                 visits[c] += 1
                 rets[c] += r
                 if succ:
                     succs[c] += 1
                 if srcs[c] != s:
                     self._mix_source(c, s)
-                if ok2 is not oka[c] and ok2 < oka[c]:
-                    oka[c] = ok2
                 if r >= trets[c] and (r > trets[c] or step.thought < thoughts[c]):
                     thoughts[c] = step.thought
                     trets[c] = r
@@ -390,19 +425,29 @@ class TrajectoryTree:
 
     def children(self, node: int) -> tuple[int, ...]:
         """Children of ``node`` in canonical order (by action key, then observation key)."""
+        off, ids = self.child_arrays()
+        return tuple(ids[off[node] : off[node + 1]].tolist())
+
+    def child_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Children of every node in CSR form: ``ids[off[n]:off[n + 1]]`` are ``n``'s children in canonical
+        order (``off``: int64, one more entry than nodes; ``ids``: int32). A shared cache; do not modify."""
         if self._children is None:
             self._children = self._build_children()
-        return self._children[node]
+        return self._children
 
-    def _build_children(self) -> list[tuple[int, ...]]:
-        groups: list[list[int]] = [[] for _ in range(len(self._visits))]
-        for c in range(1, len(self._visits)):
-            groups[self._key[c][0]].append(c)
-        keys = self._key
-        return [
-            tuple(sorted(g, key=lambda c: (keys[c][1], keys[c][2]))) if len(g) > 1 else tuple(g)
-            for g in groups
-        ]
+    def _build_children(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self._visits)
+        parents = np.fromiter((k[0] for k in self._key[1:]), dtype=np.int64, count=n - 1)
+        ids = (np.argsort(parents, kind="stable") + 1).astype(np.int32)  # grouped by parent, ascending ids
+        counts = np.bincount(parents, minlength=n)
+        off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=off[1:])
+        if not self._canonical:  # sort each group of siblings by (action key, observation key)
+            keys = self._key
+            for p in np.flatnonzero(counts >= 2).tolist():
+                a, b = off[p], off[p + 1]
+                ids[a:b] = sorted(ids[a:b].tolist(), key=lambda c: keys[c][1:])
+        return off, ids
 
     def path(self, node: int) -> list[int]:
         """Node ids from the root to ``node``, both included."""
@@ -468,12 +513,17 @@ class TrajectoryTree:
 
     def canonical_order(self) -> list[int]:
         """Node ids in preorder with children in canonical order (the numbering of saved trees)."""
+        off_a, ids_a = self.child_arrays()
+        off, ids = off_a.tolist(), ids_a.tolist()
         order: list[int] = []
         stack = [0]
+        pop, push, visit = stack.pop, stack.extend, order.append
         while stack:
-            n = stack.pop()
-            order.append(n)
-            stack.extend(reversed(self.children(n)))
+            n = pop()
+            visit(n)
+            a, b = off[n], off[n + 1]
+            if a != b:
+                push(ids[b - 1 : a - 1 if a else None : -1])
         return order
 
     def canonicalize(self) -> None:
@@ -481,27 +531,29 @@ class TrajectoryTree:
 
         Ids held from before the call refer to other nodes afterwards.
         """
-        order = self.canonical_order()
-        if all(i == n for i, n in enumerate(order)):
+        if self._canonical:
             return
-        new_id = [0] * len(order)
+        order = self.canonical_order()
+        n = len(order)
+        if order == list(range(n)):
+            self._canonical = True
+            return
+        new_id = [0] * n
         for i, old in enumerate(order):
             new_id[old] = i
-        old_key = self._key
-        self._key = [(-1, "", None)] + [
-            (new_id[old_key[o][0]], old_key[o][1], old_key[o][2]) for o in order[1:]
-        ]
-        for name in ("_depth", "_oka", "_thought", "_tret", "_visits", "_ret", "_succ", "_src"):
-            values = getattr(self, name)
-            setattr(self, name, [values[o] for o in order])
+        pick = itemgetter(*order) if n > 1 else (lambda values: (values[0],))
+        self._key = [(-1, "", None)] + [(new_id[k[0]], k[1], k[2]) for k in pick(self._key)[1:]]
+        for name in _NODE_LISTS:
+            setattr(self, name, list(pick(getattr(self, name))))
         self._src_mixed = {new_id[n]: d for n, d in self._src_mixed.items()}
         self._terminal = {new_id[n]: e for n, e in self._terminal.items()}
-        self._index = {k: i for i, k in enumerate(self._key) if i}
+        self._index = dict(zip(self._key[1:], range(1, n), strict=True))
         if self._mcts_visits is not None and self._mcts_value is not None:
             perm = np.asarray(order, dtype=np.int64)
             self._mcts_visits = self._mcts_visits[perm]
             self._mcts_value = self._mcts_value[perm]
-        self._children = None
+        self._canonical = True
+        self._children = self._build_children()  # no sorting now that ids are canonical
 
     # -------------------------------------------------------------------------------------- networkx
 
@@ -597,7 +649,8 @@ class TrajectoryTree:
                 depth[w] = depth[parent[w]] + 1
         order = sorted(range(n), key=lambda v: (depth[v], v))
         new_id = {old: i for i, old in enumerate(order)}
-        tree._key, tree._depth, tree._oka = [], [], []
+        tree._key, tree._depth, tree._oka, tree._hint, tree._hint_key = [], [], [], [], []
+        tree._canonical = False
         tree._thought, tree._tret, tree._visits, tree._ret, tree._succ, tree._src = [], [], [], [], [], []
         mv: list[int] = []
         mval: list[float] = []
@@ -608,13 +661,14 @@ class TrajectoryTree:
                 raise fail(f"node {old}: depth {attrs['depth']} but it is {depth[old]} edges below the root")
             i = new_id[old]
             if old == 0:
-                okey = None
-                akey = ""
-                tree._oka.append(tree._new_obs(attrs["observation"]))
+                okey, akey = None, ""
             else:
                 okey = tree._new_obs(attrs["observation_before"])
                 akey = tree._new_action(attrs["action"])
-                tree._oka.append(tree._new_obs(attrs["observation"]))
+            after = tree._new_obs(attrs["observation"])
+            tree._oka.append(after)
+            tree._hint.append(attrs["observation"])
+            tree._hint_key.append(after)
             key = (new_id[parent[old]] if old else -1, akey, okey)
             if old and key in tree._index:
                 raise fail(
