@@ -100,7 +100,7 @@ def best_path_row(
 
 def tree_pairs(
     tree: TrajectoryTree,
-    values: np.ndarray,
+    values: np.ndarray | Sequence[float],
     *,
     margin: float = 0.1,
     per_node: int = 4,
@@ -113,18 +113,20 @@ def tree_pairs(
     Children of a node are compared only when they acted on the same observation (same observation key).
     Among those with known values, every (better, worse) pair with ``value gap >= margin`` is a candidate;
     the ``per_node`` candidates of largest gap are kept (ties: the better child first in canonical order,
-    then the worse). Each kept pair gives a step-level row and/or a continuation-level row; duplicates (same
-    prompt, chosen and rejected) are dropped. Rows come in canonical node order.
+    then the worse). Each kept pair gives a step-level row and/or a continuation-level row. Rows come in
+    canonical node order and never repeat: distinct (node, observation, chosen, rejected) give distinct
+    conversations, and a continuation row that would equal its step row (both children end the path) is
+    left out.
     """
+    vals = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    off = tree.child_arrays()[0].tolist()
     rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
     for node in tree.canonical_order():
-        children = tree.children(node)
-        if len(children) < 2:
+        if off[node + 1] - off[node] < 2:
             continue
         groups: dict[Any, list[int]] = {}
-        for c in children:
-            if values[c] == values[c]:  # not NaN
+        for c in tree.children(node):
+            if vals[c] == vals[c]:  # not NaN
                 groups.setdefault(tree.obs_key_before(c), []).append(c)
         for group in groups.values():
             if len(group) < 2:
@@ -132,7 +134,7 @@ def tree_pairs(
             candidates = []
             for i, a in enumerate(group):
                 for j, b in enumerate(group):
-                    gap = float(values[a] - values[b])
+                    gap = vals[a] - vals[b]
                     if gap >= margin and gap > 0:
                         candidates.append((-gap, i, j, a, b))
             candidates.sort()
@@ -145,8 +147,8 @@ def tree_pairs(
                     "node": node,
                     "chosen_node": good,
                     "rejected_node": bad,
-                    "chosen_value": float(values[good]),
-                    "rejected_value": float(values[bad]),
+                    "chosen_value": float(vals[good]),
+                    "rejected_value": float(vals[bad]),
                     "value_gap": -neg_gap,
                     "chosen_sources": _sources(tree, good),
                     "rejected_sources": _sources(tree, bad),
@@ -154,11 +156,22 @@ def tree_pairs(
                 if step:
                     chosen = [agent_message(tree.action(good), tree.thought(good))]
                     rejected = [agent_message(tree.action(bad), tree.thought(bad))]
-                    _append_unique(rows, seen, prompt, chosen, rejected, {"level": "step", **meta})
+                    rows.append(
+                        {"prompt": prompt, "chosen": chosen, "rejected": rejected, "level": "step", **meta}
+                    )
                 if continuation:
-                    chosen = continuation_messages(tree, best_path(tree, values, good))
-                    rejected = continuation_messages(tree, best_path(tree, values, bad))
-                    _append_unique(rows, seen, prompt, chosen, rejected, {"level": "continuation", **meta})
+                    good_path, bad_path = best_path(tree, vals, good), best_path(tree, vals, bad)
+                    if step and len(good_path) == 1 and len(bad_path) == 1:
+                        continue  # the same conversation as the step row
+                    rows.append(
+                        {
+                            "prompt": prompt,
+                            "chosen": continuation_messages(tree, good_path),
+                            "rejected": continuation_messages(tree, bad_path),
+                            "level": "continuation",
+                            **meta,
+                        }
+                    )
     return rows
 
 

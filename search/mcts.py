@@ -16,8 +16,9 @@ is deterministic for a seed either way.
 
 Speed: a chain of single-child nodes is always traversed whole, so every node of a chain has the statistics
 of its first node. The search runs on the tree with chains contracted (branch points and leaves only) and
-copies the statistics down the chains at the end; the contracted tree is built lazily, as far as the search
-reaches. This gives exactly the values of the plain algorithm
+copies the statistics down the chains at the end. In canonical preorder a chain is a run of consecutive
+positions, so the contraction is a few vectorised numpy passes. This gives exactly the values of the plain
+algorithm
 (:func:`select_child` and :func:`backup` are the plain steps, used as the reference in the tests).
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -144,21 +145,16 @@ def backup(path: Sequence[int], value: float, visits: list[int], value_sum: list
         value_sum[n] += value
 
 
-_MASK = (1 << 64) - 1
-
-
 def _tie_key(node: int, seed: int) -> int:
-    """A pseudo-random 64-bit key of ``node`` for ``seed`` (splitmix64 finaliser): fixes a random tie order."""
-    z = (node + 1 + seed * 0x9E3779B97F4A7C15) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    return z ^ (z >> 31)
+    """A pseudo-random 32-bit key of ``node`` for ``seed`` (multiplicative hashing): fixes a random tie order."""
+    return ((node ^ (seed * 0x9E3779B1 & 0xFFFFFFFF)) * 0x85EBCA6B) & 0xFFFFFFFF
 
 
 def _ordered(children: tuple[int, ...], tie_break: str, seed: int) -> tuple[int, ...]:
     if tie_break == "order" or len(children) < 2:
         return children
-    return tuple(sorted(children, key=lambda c: _tie_key(c, seed)))
+    mix = seed * 0x9E3779B1 & 0xFFFFFFFF
+    return tuple(sorted(children, key=lambda c: ((c ^ mix) * 0x85EBCA6B) & 0xFFFFFFFF))
 
 
 def tie_orders(tree: TrajectoryTree, tie_break: str, seed: int) -> list[tuple[int, ...]]:
@@ -177,6 +173,71 @@ def leaf_values(tree: TrajectoryTree) -> list[float]:
 # --------------------------------------------------------------------------------------------- search
 
 
+def _preorder_children(tree: TrajectoryTree) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, off, ids)``: the nodes in canonical preorder and the children in CSR form over positions in
+    that order (the identity and the tree's own arrays when its ids are canonical)."""
+    off, ids = tree.child_arrays()
+    n = len(tree)
+    if tree.is_canonical:
+        return np.arange(n, dtype=np.int64), off, ids.astype(np.int64)
+    order = np.asarray(tree.canonical_order(), dtype=np.int64)
+    pos = np.empty(n, dtype=np.int64)
+    pos[order] = np.arange(n)
+    counts = np.diff(off)[order]
+    off_p = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=off_p[1:])
+    src = np.repeat(off[order] - off_p[:-1], counts) + np.arange(off_p[-1])  # CSR slot of each child
+    return order, off_p, pos[ids[src]]
+
+
+def _contract(
+    tree: TrajectoryTree, tie_break: str, seed: int
+) -> tuple[list[list[int]], list[float], Any, Any]:
+    """The tree with single-child chains contracted, vectorised over canonical preorder positions.
+
+    In preorder a chain is a run of consecutive positions, so compressed node i (the chain starting at a
+    "head": the root or a child of a node with two or more children) covers positions ``heads[i]`` up to the
+    first position without exactly one child. Returns the children of every compressed node (in tie order),
+    the leaf value of every compressed node (the mean return at its chain's end; 0 when the end branches),
+    the compressed node of every position, and the preorder (position -> node id).
+    """
+    order, off, ids = _preorder_children(tree)
+    n = len(order)
+    nk = np.diff(off)
+    ar = np.arange(n)
+    end = np.minimum.accumulate(np.where(nk != 1, ar, n)[::-1])[::-1]  # chain end of every position
+    parent = np.repeat(ar, nk)  # parent position of each CSR slot
+    is_head = np.zeros(n, dtype=bool)
+    is_head[0] = True
+    is_head[ids] = nk[parent] >= 2
+    heads = np.flatnonzero(is_head)
+    cid = np.full(n, -1, dtype=np.int64)
+    cid[heads] = np.arange(len(heads))
+    # children of branching nodes, grouped by parent (CSR order), each group in tie order
+    sel = np.flatnonzero(nk[parent] >= 2)
+    if tie_break == "random" and len(sel):
+        mix = seed * 0x9E3779B1 & 0xFFFFFFFF
+        keys = ((order[ids[sel]].astype(np.uint64) ^ np.uint64(mix)) * np.uint64(0x85EBCA6B)) & np.uint64(
+            0xFFFFFFFF
+        )
+        sel = sel[np.argsort((parent[sel].astype(np.uint64) << np.uint64(32)) | keys, kind="stable")]
+    flat = cid[ids[sel]].tolist()
+    ends = end[heads]
+    branching = np.flatnonzero(nk[ends] >= 2)
+    starts = np.searchsorted(parent[sel], ends[branching]).tolist()  # parent[sel] ascends
+    stops = (np.asarray(starts, dtype=np.int64) + nk[ends[branching]]).tolist()
+    empty: list[int] = []
+    kids = [empty] * len(heads)  # leaves share one empty list (the search only reads it)
+    for i, a, b in zip(branching.tolist(), starts, stops, strict=True):
+        kids[i] = flat[a:b]
+    leaf_ends = np.flatnonzero(nk[ends] == 0)
+    leaf = [0.0] * len(heads)
+    for i, m in zip(leaf_ends.tolist(), tree.mean_returns(order[ends[leaf_ends]].tolist()), strict=True):
+        leaf[i] = m
+    comp = cid[np.maximum.accumulate(np.where(is_head, ar, 0))]  # compressed node of every position
+    return kids, leaf, comp, order
+
+
 def run_mcts(
     tree: TrajectoryTree,
     iterations: int = 1000,
@@ -192,44 +253,15 @@ def run_mcts(
     """
     if tie_break not in ("order", "random"):
         raise ValueError(f"tie_break must be 'random' or 'order', got {tie_break!r}")
-    off_a, ids_a = tree.child_arrays()
-    off, ids = off_a.tolist(), ids_a.tolist()
-    # Contracted tree, built lazily as the search reaches it: compressed node i stands for the chain that
-    # starts at tree node heads[i] and ends at ends[i], the first node without exactly one child.
-    heads: list[int] = []
-    ends: list[int] = []
-    kids: list[list[int] | None] = []
-    leaf: list[float] = []
-    vis: list[int] = []
-    val: list[float] = []
+    kids, leaf, comp, order = _contract(tree, tie_break, seed)
 
-    def add_chain(h: int) -> int:
-        e = h
-        while off[e + 1] - off[e] == 1:
-            e = ids[off[e]]
-        heads.append(h)
-        ends.append(e)
-        inner = off[e + 1] > off[e]
-        kids.append(None if inner else [])
-        leaf.append(0.0 if inner else tree.mean_return(e))
-        vis.append(0)
-        val.append(0.0)
-        return len(heads) - 1
-
-    def expand(i: int) -> list[int]:
-        e = ends[i]
-        ch = [add_chain(c) for c in _ordered(tuple(ids[off[e] : off[e + 1]]), tie_break, seed)]
-        kids[i] = ch
-        return ch
-
-    add_chain(ROOT)
+    vis = [0] * len(kids)
+    val = [0.0] * len(kids)
     log, sqrt, inf = math.log, math.sqrt, math.inf
     for _ in range(iterations):
         h = 0
         path = [0]
         ch = kids[0]
-        if ch is None:
-            ch = expand(0)
         while ch:
             n = vis[h]
             if n < len(ch):  # unvisited children first, in tie order (each earlier visit took the next one)
@@ -244,32 +276,16 @@ def run_mcts(
                         best, h = u, c
             path.append(h)
             ch = kids[h]
-            if ch is None:
-                ch = expand(h)
         v = leaf[h]
         for p in path:
             vis[p] += 1
             val[p] += v
 
     # every node of a chain has its head's statistics
-    nodes: list[int] = []
-    comp: list[int] = []
-    for i, h in enumerate(heads):
-        if not vis[i]:
-            continue
-        n = h
-        nodes.append(n)
-        comp.append(i)
-        while n != ends[i]:
-            n = ids[off[n]]
-            nodes.append(n)
-            comp.append(i)
-    visits = np.zeros(len(tree), dtype=np.int64)
-    value_sum = np.zeros(len(tree), dtype=np.float64)
-    idx = np.asarray(nodes, dtype=np.int64)
-    cidx = np.asarray(comp, dtype=np.int64)
-    visits[idx] = np.asarray(vis, dtype=np.int64)[cidx]
-    value_sum[idx] = np.asarray(val, dtype=np.float64)[cidx]
+    visits = np.empty(len(tree), dtype=np.int64)
+    value_sum = np.empty(len(tree), dtype=np.float64)
+    visits[order] = np.asarray(vis, dtype=np.int64)[comp]
+    value_sum[order] = np.asarray(val, dtype=np.float64)[comp]
     return MCTSResult(visits, value_sum, iterations)
 
 
@@ -333,10 +349,10 @@ def mcts_values(tree: TrajectoryTree) -> np.ndarray:
     Raises:
         ValueError: the tree has not been searched.
     """
-    if not tree.search_info and all(tree.mcts_visits(i) == 0 for i in range(len(tree))):
+    arrays = tree.search_arrays()
+    if arrays is None:
         raise ValueError(f"tree of task {tree.task_id!r} has no search values; run the search first")
-    visits = np.asarray([tree.mcts_visits(i) for i in range(len(tree))], dtype=np.float64)
-    sums = np.asarray([tree.mcts_value(i) for i in range(len(tree))], dtype=np.float64)
+    visits, sums = arrays
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(visits > 0, sums / np.maximum(visits, 1), np.nan)
 
@@ -354,7 +370,7 @@ def node_values(tree: TrajectoryTree, kind: ValueKind = "mcts") -> np.ndarray:
     raise ValueError(f"unknown value kind {kind!r} (expected mcts, mean, max or success)")
 
 
-def best_child(tree: TrajectoryTree, node: int, values: np.ndarray) -> int | None:
+def best_child(tree: TrajectoryTree, node: int, values: np.ndarray | Sequence[float]) -> int | None:
     """The child of highest value (first in canonical order among equals; NaN values skipped), or None."""
     best, best_v = None, -math.inf
     for c in tree.children(node):
@@ -364,7 +380,7 @@ def best_child(tree: TrajectoryTree, node: int, values: np.ndarray) -> int | Non
     return best
 
 
-def best_path(tree: TrajectoryTree, values: np.ndarray, start: int = ROOT) -> list[int]:
+def best_path(tree: TrajectoryTree, values: np.ndarray | Sequence[float], start: int = ROOT) -> list[int]:
     """Greedy path from ``start`` to a leaf by ``values`` (argmax per step); ``[start, ..., leaf]``."""
     path = [start]
     node = best_child(tree, start, values)

@@ -77,9 +77,18 @@ def test_mcts_equals_the_plain_algorithm_on_random_trees(make_traj) -> None:
         steps = [(rng.choice(["a", "b", "c"]), "s") for _ in range(rng.randint(1, 6))]
         ret = rng.choice([0.0, 0.25, 0.5, 1.0])
         trajs.append(make_traj(steps, ret, "won" if ret == 1.0 else "lost", seed=i))
-    tree = build_trees(trajs)["house/0"]
-    assert any(len(tree.children(n)) == 1 for n in range(len(tree)))  # chains are contracted
-    for tie_break, seed in [("order", 0), ("random", 0), ("random", 7)]:
+    canonical = build_trees(trajs)["house/0"]
+    assert any(len(canonical.children(n)) == 1 for n in range(len(canonical)))  # chains are contracted
+    insertion = TrajectoryTree("house/0")  # ids in insertion order: searched through a preorder view
+    insertion.extend(reversed(trajs))
+    assert not insertion.is_canonical
+    for tree, tie_break, seed in [
+        (canonical, "order", 0),
+        (canonical, "random", 0),
+        (canonical, "random", 7),
+        (insertion, "order", 0),
+        (insertion, "random", 3),
+    ]:
         orders = tie_orders(tree, tie_break, seed)
         visits, sums = [0] * len(tree), [0.0] * len(tree)
         for _ in range(300):

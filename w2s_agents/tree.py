@@ -240,6 +240,7 @@ class TrajectoryTree:
         self._children = None
         r = round(traj.return_ * _SCALE)
         succ = traj.success
+        succ_count = 1 if succ else 0
         s = self._model_id(traj.source.model)
         akc, okc, index = self._akc, self._okc, self._index
         visits, rets, succs, srcs = self._visits, self._ret, self._succ, self._src
@@ -268,7 +269,9 @@ class TrajectoryTree:
             oka[0] = okey
 
         node = 0
-        for step in traj.steps:
+        grew = False
+        key_append, depth_append = self._key.append, self._depth.append
+        for depth, step in enumerate(traj.steps, 1):
             a = step.action
             ak = akc.get(a)
             if ak is None:
@@ -281,10 +284,10 @@ class TrajectoryTree:
                 if ok2 is None:
                     ok2 = self._new_obs(o)
                 c = len(visits)
-                self._canonical = False
+                grew = True
                 index[key] = c
-                self._key.append(key)
-                self._depth.append(self._depth[node] + 1)
+                key_append(key)
+                depth_append(depth)
                 oka.append(ok2)
                 hint.append(o)
                 hint_key.append(ok2)
@@ -292,7 +295,7 @@ class TrajectoryTree:
                 trets.append(r)
                 visits.append(1)
                 rets.append(r)
-                succs.append(1 if succ else 0)
+                succs.append(succ_count)
                 srcs.append(s)
             else:
                 # the observation after a known step is nearly always the one seen before: compare, not hash
@@ -316,6 +319,8 @@ class TrajectoryTree:
                     trets[c] = r
             node = c
             okey = ok2
+        if grew:
+            self._canonical = False
         ends = self._terminal.get(node)
         if ends is None:
             ends = self._terminal[node] = [0] * len(END_REASONS)
@@ -391,6 +396,11 @@ class TrajectoryTree:
         """Mean final return of the trajectories through ``node`` (0 when none)."""
         v = self._visits[node]
         return self._ret[node] / _SCALE / v if v else 0.0
+
+    def mean_returns(self, nodes: Iterable[int]) -> list[float]:
+        """:meth:`mean_return` of several nodes."""
+        visits, rets = self._visits, self._ret
+        return [rets[n] / _SCALE / visits[n] if visits[n] else 0.0 for n in nodes]
 
     def successes(self, node: int) -> int:
         """Trajectories through ``node`` that were won."""
@@ -476,6 +486,26 @@ class TrajectoryTree:
             "terminal": self.terminal(node),
             "thought_return": max(self._tret[node], 0) / _SCALE,
         }
+
+    @property
+    def is_canonical(self) -> bool:
+        """Whether node ids are in canonical preorder (see :meth:`canonicalize`)."""
+        return self._canonical
+
+    def stat_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(visits, return_sum, successes)`` of every node as new numpy arrays (int64, float64, int64)."""
+        return (
+            np.asarray(self._visits, dtype=np.int64),
+            np.asarray(self._ret, dtype=np.float64) / _SCALE,
+            np.asarray(self._succ, dtype=np.int64),
+        )
+
+    def search_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(mcts_visits, mcts_value)`` of every node (int64, float64; shared, do not modify), or None
+        before any search."""
+        if self._mcts_visits is None or self._mcts_value is None:
+            return None
+        return self._mcts_visits, self._mcts_value
 
     def set_search_values(
         self, mcts_visits: Sequence[int] | np.ndarray, mcts_value: Sequence[float] | np.ndarray, **info: Any
