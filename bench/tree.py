@@ -320,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-task", type=int, default=2000, help="trajectories per task")
     ap.add_argument("--simulations", type=int, default=None, help="MCTS simulations timed (default 20,000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the parsed input in the garbage collector's generations during the builds",
+    )
     args = ap.parse_args(argv)
     n_traj = args.trajectories or (10_000 if args.quick else 100_000)
     sims = args.simulations or (5_000 if args.quick else 20_000)
@@ -342,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     # -- build (best of 2 each, alternating; the input data is moved out of the collector's way first so
     # that neither build pays for scanning the parsed trajectories)
     gc.collect()
-    gc.freeze()
+    if not args.no_freeze:
+        gc.freeze()
+    print(f"        parsed input {'left in' if args.no_freeze else 'frozen out of'} the garbage collector")
     t_base = t_add = t_canon = math.inf
     for _ in range(2):
         base_roots = trees = None

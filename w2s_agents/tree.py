@@ -11,10 +11,14 @@ Per node the tree keeps the data statistics of DESIGN section 4: ``visits`` (tra
 per model) and ``terminal`` (how the trajectories that ended at the node ended), plus the search statistics
 ``mcts_visits`` and ``mcts_value`` written by :mod:`w2s_agents.search`.
 
-Storage is a struct of arrays: one Python list per attribute indexed by node id, text stored once per distinct
-string, a dict ``(parent, action key, observation key) -> child`` for merging, and sparse dicts for the rare
-cases (nodes reached by several models, nodes where trajectories ended). Returns are summed in fixed point
-(units of 2**-32), so the sums, and the whole tree, do not depend on the order trajectories are added in.
+Storage is a struct of arrays: one Python list per attribute indexed by node id (texts are references to
+strings, not copies), a dict ``(parent, action key, observation key) -> child`` for merging, sparse dicts for
+the rare cases (nodes reached by several models, nodes where trajectories ended), and the children in CSR form
+(two numpy arrays, :meth:`TrajectoryTree.child_arrays`). Normalised keys are cached per raw text, and each node
+remembers the raw observation last seen after it, so a repeated step costs a string comparison rather than a
+hash of the observation. Returns are summed in fixed point (units of 2**-32, exact for the usual returns and
+within 2**-32 per trajectory otherwise), so the sums, and the whole tree, do not depend on the order
+trajectories are added in.
 
 The tree's texts are order-independent too: where merged steps differ in spelling, a node shows the smallest
 raw text of its key; its thought is that of the highest-return trajectory through it (smallest text on ties).
