@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from w2s_agents.types import Source, Step, Trajectory
+
 _HOME = Path(tempfile.mkdtemp(prefix="w2s-test-home-"))
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.update(
@@ -58,3 +60,79 @@ def game_texts() -> list[str]:
             texts.append(f"go {['north', 'south', 'east', 'west'][(i + j) % 4]}")
             texts.append(f"open {thing} box with {things[(j + 1) % len(things)]}")
     return texts
+
+
+# ------------------------------------------------------------------ trajectory trees and search
+
+TREE_INSTRUCTION = "Leave the house."
+
+
+def _make_traj(
+    steps: list[tuple[str, str] | tuple[str, str, str]],
+    ret: float,
+    end: str,
+    *,
+    model: str = "weak",
+    seed: int = 0,
+    task: str = "house/0",
+    initial: str = "start",
+    role: str = "weak",
+) -> Trajectory:
+    """A trajectory from ``(action, observation_after[, thought])`` tuples."""
+    return Trajectory(
+        task_id=task,
+        env_id="w2s/Fake-v0",
+        source=Source(model=model, role=role, seed=seed),
+        instruction=TREE_INSTRUCTION,
+        initial_observation=initial,
+        steps=tuple(Step(action=s[0], observation=s[1], thought=s[2] if len(s) > 2 else "") for s in steps),
+        return_=ret,
+        success=end == "won",
+        end=end,
+    )
+
+
+def _golden_trajectories() -> list[Trajectory]:
+    """Four episodes of one task; their tree (canonical ids) is::
+
+    0 root "start"
+    ├── 1 look                       (T4, error)
+    └── 2 take key  (T1, T2, T3)
+        ├── 3 go south               (T2, lost)
+        └── 4 open door (T1, T3)
+            ├── 5 go north           (T1, won)
+            └── 6 go west            (T3, truncated)
+    """
+    return [
+        _make_traj(
+            [
+                ("take key", "got key"),
+                ("open door", "door open"),
+                ("go north", "you win", "the exit is north"),
+            ],
+            1.0,
+            "won",
+            seed=1,
+        ),
+        _make_traj([("take key", "got key", "x"), ("go south", "you fall in a pit")], 0.0, "lost", seed=2),
+        _make_traj(
+            [("Take  Key", "got key", "grab it"), ("open door", "door open"), ("go west", "a wall")],
+            0.5,
+            "truncated",
+            model="strong",
+            seed=3,
+        ),
+        _make_traj([("look", "start")], 0.0, "error", seed=4),
+    ]
+
+
+@pytest.fixture
+def make_traj():
+    """Factory of small hand-written trajectories (see ``_make_traj``)."""
+    return _make_traj
+
+
+@pytest.fixture
+def golden_trajectories() -> list:
+    """Four hand-written episodes of one task whose tree, values and pairs the tests compute by hand."""
+    return _golden_trajectories()

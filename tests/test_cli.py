@@ -41,6 +41,17 @@ def test_console_script_is_installed_and_lists_commands() -> None:
     assert "w2s-agents 0.1.0" in subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
 
 
+# the least arguments each command that needs some parses with
+REQUIRED_ARGS = {
+    ("model", "tiny"): ["x"],
+    ("model", "info"): ["x"],
+    ("store", "check"): ["x"],
+    ("tree", "build"): ["x", "-o", "d"],
+    ("tree", "summary"): ["x"],
+    ("search",): ["x", "-o", "d"],
+}
+
+
 def test_every_listed_command_has_a_handler_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     commands = _subcommands(build_parser())
     leaves = [c for c in commands if not any(o[: len(c)] == c and len(o) > len(c) for o in commands)]
@@ -49,8 +60,7 @@ def test_every_listed_command_has_a_handler_and_help(capsys: pytest.CaptureFixtu
         with pytest.raises(SystemExit) as exit_:
             main([*cmd, "--help"])
         assert exit_.value.code == 0
-        ns = build_parser().parse_args([*cmd, *(["x"] if cmd in {("model", "tiny"), ("model", "info"),
-                                                                 ("store", "check")} else [])])  # fmt: skip
+        ns = build_parser().parse_args([*cmd, *REQUIRED_ARGS.get(cmd, [])])
         assert callable(ns.func), cmd
     capsys.readouterr()
 

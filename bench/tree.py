@@ -1,0 +1,434 @@
+"""Benchmark of trajectory trees and offline MCTS against a straightforward baseline, side by side in one run.
+
+Data: synthetic text games (one per task) with ~400-character room descriptions; a biased random "weak agent"
+plays 10 steps per episode. Trajectories are written as JSON lines and parsed back, so equal strings are
+distinct objects, as when reading a store. Measured on the same data in one run:
+
+* build: steps/s merging every trajectory into one tree per task (ours: ``TrajectoryTree.add``, every
+  statistic, then separately the canonical renumbering that ``build_trees`` adds; baseline: Python node
+  objects, children found by a linear scan comparing raw strings, visits and return sum only), and the
+  ratio; best of 2 each, with the parsed input frozen out of the garbage collector (``gc.freeze``);
+* memory: bytes per node of each tree structure, strings excluded (sizes of every non-string object the
+  trees hold, shared objects counted once);
+* MCTS: simulations/s on the tree closest to 10,000 nodes (ours: ``run_mcts``; baseline: node objects with
+  the UCB denominator recomputed as the sum of the children's visits at every selection), and the ratio;
+* pairs: TreeDPO rows/s (step and continuation level) from the searched trees.
+
+Run ``python bench/tree.py`` (full: 100,000 trajectories) or ``python bench/tree.py --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+import types
+from typing import Any
+
+import numpy as np
+
+from w2s_agents.search import best_path, node_values, run_mcts, search_tree, tree_pairs
+from w2s_agents.search.mcts import SearchConfig
+from w2s_agents.tree import TrajectoryTree
+from w2s_agents.types import Trajectory
+
+WORDS = [
+    "old",
+    "wooden",
+    "dusty",
+    "narrow",
+    "bright",
+    "dark",
+    "cold",
+    "damp",
+    "quiet",
+    "large",
+    "small",
+    "broken",
+    "shiny",
+    "heavy",
+    "red",
+    "green",
+    "blue",
+    "table",
+    "chair",
+    "shelf",
+    "lamp",
+    "rug",
+    "window",
+    "door",
+    "chest",
+    "bottle",
+    "book",
+    "key",
+    "coin",
+    "knife",
+    "box",
+    "candle",
+    "painting",
+    "mirror",
+    "north",
+    "south",
+    "east",
+    "west",
+    "corridor",
+    "kitchen",
+    "cellar",
+    "garden",
+    "attic",
+    "pantry",
+    "hallway",
+    "study",
+    "bedroom",
+    "library",
+]
+ACTIONS = [
+    "go north",
+    "go south",
+    "go east",
+    "go west",
+    "take key",
+    "take coin",
+    "open chest",
+    "open door",
+    "look",
+    "inventory",
+    "examine table",
+    "examine shelf",
+    "put key in box",
+    "light candle",
+    "read book",
+    "drop knife",
+    "unlock door with key",
+]
+
+
+def make_games(n_tasks: int, n_states: int, rng: random.Random) -> list[dict[str, Any]]:
+    """A random text game per task: states with ~400-char descriptions and 5 actions each."""
+    games = []
+    for t in range(n_tasks):
+        obs = []
+        for s in range(n_states):
+            words = []
+            while sum(len(w) + 1 for w in words) < 380:
+                words.append(rng.choice(WORDS))
+            obs.append(f"-= Room {s} of game {t} =- You are in a " + " ".join(words) + ".")
+        trans = []
+        for _s in range(n_states):
+            acts = rng.sample(ACTIONS, 5)
+            trans.append([(a, rng.randrange(n_states), rng.random()) for a in acts])
+        games.append({"task": f"bench-game/train/{t}", "obs": obs, "trans": trans, "goal": n_states - 1})
+    return games
+
+
+def play(game: dict[str, Any], seed: int, rng: random.Random, steps: int = 10) -> str:
+    """One episode of the biased weak agent as a JSON line of the trajectory format."""
+    state = 0
+    out_steps = []
+    reached = 0
+    won = False
+    for _ in range(steps):
+        options = game["trans"][state]
+        weights = [0.2 + w * w for _, _, w in options]  # preferences of the weak policy
+        action, nxt, _ = rng.choices(options, weights)[0]
+        state = nxt
+        if state % 7 == 0:
+            reached += 1
+        won = state == game["goal"]
+        out_steps.append(
+            {
+                "observation": game["obs"][state],
+                "thought": f"I should {action} because the room suggests it.",
+                "action": action,
+                "reward": 0.0,
+                "score": 0.0,
+            }
+        )
+        if won:
+            break
+    ret = 1.0 if won else min(reached, 4) / 5
+    return json.dumps(
+        {
+            "schema": "w2s.trajectory/1",
+            "task_id": game["task"],
+            "env_id": "w2s/Bench-v0",
+            "source": {"model": f"weak-{seed % 3}", "role": "weak", "sampler": f"s{seed % 6}", "seed": seed},
+            "instruction": "Find the treasure and bring it to the study.",
+            "initial_observation": game["obs"][0],
+            "steps": out_steps,
+            "return": ret,
+            "success": won,
+            "end": "won" if won else "truncated",
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+
+
+class BaselineNode:
+    """A tree node as in the paper's released code: a Python object with a list of children."""
+
+    def __init__(self, action: str, observation: str, thought: str, parent: BaselineNode | None) -> None:
+        self.action = action
+        self.observation = observation
+        self.thought = thought
+        self.parent = parent
+        self.children: list[BaselineNode] = []
+        self.visits = 0
+        self.reward_sum = 0.0
+        self.mcts_n = 0
+        self.mcts_q = 0.0
+
+
+def baseline_build(trajs: list[Trajectory]) -> dict[str, BaselineNode]:
+    """One tree per task; a child matches when its raw action and observation strings are equal."""
+    roots: dict[str, BaselineNode] = {}
+    for traj in trajs:
+        root = roots.get(traj.task_id)
+        if root is None:
+            root = roots[traj.task_id] = BaselineNode("", traj.initial_observation, "", None)
+        node = root
+        node.visits += 1
+        node.reward_sum += traj.return_
+        for step in traj.steps:
+            found = None
+            for child in node.children:
+                if child.action == step.action and child.observation == step.observation:
+                    found = child
+                    break
+            if found is None:
+                found = BaselineNode(step.action, step.observation, step.thought, node)
+                node.children.append(found)
+            found.visits += 1
+            found.reward_sum += traj.return_
+            node = found
+    return roots
+
+
+def baseline_mcts(root: BaselineNode, iterations: int, gamma: float = 1.41) -> None:
+    """The paper's MCTS on node objects: unvisited first, else UCB with C_M = sum of the children's visits."""
+    for _ in range(iterations):
+        node = root
+        path = [root]
+        while node.children:
+            unvisited = [c for c in node.children if c.mcts_n == 0]
+            if unvisited:
+                node = unvisited[0]
+            else:
+                total = sum(c.mcts_n for c in node.children)
+                node = max(
+                    node.children,
+                    key=lambda c, total=total: (
+                        c.mcts_q / c.mcts_n + gamma * math.sqrt(math.log(total) / c.mcts_n)
+                    ),
+                )
+            path.append(node)
+        value = node.reward_sum / node.visits
+        for n in path:
+            n.mcts_n += 1
+            n.mcts_q += value
+
+
+def baseline_reset(root: BaselineNode) -> None:
+    """Zero the search statistics of every node."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        node.mcts_n, node.mcts_q = 0, 0.0
+        stack.extend(node.children)
+
+
+def baseline_count(root: BaselineNode) -> int:
+    n, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        n += 1
+        stack.extend(node.children)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------- sizes
+
+
+def size_without_text(objs: list[Any]) -> int:
+    """Bytes of every object reachable from ``objs`` except strings (and code), each counted once."""
+    seen: set[int] = set()
+    stack = list(objs)
+    total = 0
+    skip = (str, types.FunctionType, types.BuiltinFunctionType, types.ModuleType, type)
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, skip):
+            continue
+        total += sys.getsizeof(o)
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        elif isinstance(o, np.ndarray):
+            pass  # getsizeof includes the buffer of an owning array
+        elif hasattr(o, "__dict__"):
+            stack.append(o.__dict__)
+    return total
+
+
+def add_all(trajs: list[Trajectory]) -> dict[str, TrajectoryTree]:
+    """Merge every trajectory into its task's tree (node ids in insertion order)."""
+    trees: dict[str, TrajectoryTree] = {}
+    for traj in trajs:
+        tree = trees.get(traj.task_id)
+        if tree is None:
+            tree = trees[traj.task_id] = TrajectoryTree(traj.task_id)
+        tree.add(traj)
+    return trees
+
+
+def machine() -> str:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores (nproc), CPU {cpu}, Python {platform.python_version()}, numpy {np.__version__}"
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small run (10,000 trajectories)")
+    ap.add_argument("--trajectories", type=int, default=None, help="number of trajectories (default 100,000)")
+    ap.add_argument("--per-task", type=int, default=2000, help="trajectories per task")
+    ap.add_argument("--simulations", type=int, default=None, help="MCTS simulations timed (default 20,000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the parsed input in the garbage collector's generations during the builds",
+    )
+    args = ap.parse_args(argv)
+    n_traj = args.trajectories or (10_000 if args.quick else 100_000)
+    sims = args.simulations or (5_000 if args.quick else 20_000)
+    per_task = min(args.per_task, n_traj)
+    rng = random.Random(args.seed)
+
+    print(f"machine: {machine()}")
+    t0 = time.perf_counter()
+    games = make_games(max(1, n_traj // per_task), 60, rng)
+    lines = [play(games[i % len(games)], i, rng) for i in range(n_traj)]
+    trajs = [Trajectory.from_dict(json.loads(line)) for line in lines]
+    del lines
+    steps = sum(t.num_steps for t in trajs)
+    mean_obs = np.mean([len(s.observation) for t in trajs[:1000] for s in t.steps])
+    print(
+        f"data: {n_traj:,} trajectories, {steps:,} steps, {len(games)} tasks, mean observation "
+        f"{mean_obs:.0f} chars (generated and parsed in {time.perf_counter() - t0:.1f} s)"
+    )
+
+    # -- build (best of 2 each, alternating; the input data is moved out of the collector's way first so
+    # that neither build pays for scanning the parsed trajectories)
+    gc.collect()
+    if not args.no_freeze:
+        gc.freeze()
+    print(f"        parsed input {'left in' if args.no_freeze else 'frozen out of'} the garbage collector")
+    t_base = t_add = t_canon = math.inf
+    for _ in range(2):
+        base_roots = trees = None
+        gc.collect()
+        base_roots, t = timed(baseline_build, trajs)
+        t_base = min(t_base, t)
+        base_roots = None
+        gc.collect()
+        trees, t = timed(add_all, trajs)
+        _, tc = timed(lambda trees=trees: [t.canonicalize() for t in trees.values()])
+        if t + tc < t_add + t_canon:
+            t_add, t_canon = t, tc
+    gc.collect()
+    base_roots = baseline_build(trajs)
+    n_nodes = sum(len(t) for t in trees.values())
+    n_base = sum(baseline_count(r) for r in base_roots.values())
+    print(
+        f"build   ours {steps / t_add:>12,.0f} steps/s  baseline {steps / t_base:>12,.0f} steps/s  "
+        f"ratio {t_base / t_add:5.2f}x   (merge + every statistic; {n_nodes:,} nodes; baseline {n_base:,})"
+    )
+    t_build = t_add + t_canon
+    print(
+        f"        ours {steps / t_build:>12,.0f} steps/s  with canonical node ids (+{t_canon:.2f} s)   "
+        f"ratio {t_base / t_build:5.2f}x"
+    )
+
+    # -- memory
+    ours_bytes = size_without_text(list(trees.values()))
+    base_bytes = size_without_text(list(base_roots.values()))
+    print(
+        f"memory  ours {ours_bytes / n_nodes:>8.0f} bytes/node     baseline {base_bytes / n_base:>8.0f} bytes/node "
+        "(strings excluded; ours as built)"
+    )
+
+    # -- MCTS on the tree closest to 10,000 nodes
+    task = min(trees, key=lambda k: abs(len(trees[k]) - 10_000))
+    tree: TrajectoryTree = trees[task]
+    root = base_roots[task]
+    for iters in (1000, sims):
+        t_o = t_b = math.inf
+        for _ in range(3):  # best of 3 for both, same conditions
+            gc.collect()
+            result, t = timed(run_mcts, tree, iters, 1.41, seed=0)
+            t_o = min(t_o, t)
+            baseline_reset(root)
+            gc.collect()
+            _, t = timed(baseline_mcts, root, iters)
+            t_b = min(t_b, t)
+        print(
+            f"mcts    ours {iters / t_o:>12,.0f} sims/s   baseline {iters / t_b:>12,.0f} sims/s   "
+            f"ratio {t_b / t_o:5.2f}x   ({iters:,} simulations, tree of {len(tree):,} nodes, "
+            f"{tree.summary().branch_points:,} branch points; best of 3)"
+        )
+    ours_path = [tree.action(n) for n in best_path(tree, result.values())]
+    base_path = []
+    node = root
+    while node.children:
+        node = max(node.children, key=lambda c: c.mcts_q / c.mcts_n if c.mcts_n else -1.0)
+        base_path.append(node.action)
+    print(f"        best paths after {sims:,} simulations agree: {ours_path[1:] == base_path}")
+
+    # -- pairs
+    cfg = SearchConfig()
+    for t in trees.values():
+        search_tree(t, cfg)
+    gc.collect()
+    t0 = time.perf_counter()
+    rows = 0
+    for t in trees.values():
+        rows += len(tree_pairs(t, node_values(t, "mcts"), margin=cfg.margin, per_node=cfg.pairs_per_node))
+    t_pairs = time.perf_counter() - t0
+    print(f"pairs   ours {rows / t_pairs:>12,.0f} rows/s   ({rows:,} rows from {len(trees)} trees)")
+    ours_bytes = size_without_text(list(trees.values()))
+    print(
+        f"memory  ours {ours_bytes / n_nodes:>8.0f} bytes/node after search (with the children lists "
+        "and search statistics)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

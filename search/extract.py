@@ -1,0 +1,288 @@
+"""Training data from searched trees: best-path SFT rows and preference pairs, as HF conversational rows.
+
+Rows follow DESIGN section 4 and load with ``datasets.load_dataset("json", data_files=...)``:
+
+* SFT (MCTS-SFT): ``{"messages": [...], "task_id", "node", "value", "return", "sources", "steps"}``: the whole
+  best path e* as one conversation ending on the agent's last action.
+* Pairs (TreeDPO): ``{"prompt": [...], "chosen": [...], "rejected": [...], "task_id", "node", "level",
+  "chosen_node", "rejected_node", "chosen_value", "rejected_value", "value_gap", "chosen_sources",
+  "rejected_sources"}``. At a divergence point (a node whose children acted on the same observation), two
+  children whose values differ by at least the margin give a pair; the prompt is the conversation up to that
+  observation, chosen/rejected are the better/worse child's action (``level="step"``) or that action followed
+  by its greedy best continuation (``level="continuation"``; observations appear as user turns inside it).
+* Expert-vs-failed pairs (the ETO scheme, for baselines and the ceiling): per task, an expert trajectory is
+  chosen and a failed trajectory of the same task rejected, both whole (``level="trajectory"``).
+
+Messages are built by :mod:`w2s_agents.messages`, the single renderer shared with trainers and the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from w2s_agents.messages import SYSTEM_PROMPT, Message, agent_message, task_messages
+from w2s_agents.tree import ROOT, TrajectoryTree, normalize_text
+from w2s_agents.types import Trajectory
+
+from .mcts import best_path
+
+__all__ = [
+    "best_path_row",
+    "context_messages",
+    "continuation_messages",
+    "expert_failure_pairs",
+    "tree_pairs",
+    "unique_rows",
+    "write_jsonl",
+]
+
+
+def context_messages(tree: TrajectoryTree, node: int, *, system: str | None = SYSTEM_PROMPT) -> list[Message]:
+    """The conversation up to the observation ``node``'s action was chosen on (that action excluded).
+
+    User turns are the observations each action on the path acted on; assistant turns the path's actions.
+    """
+    if node == ROOT:
+        raise ValueError("the root has no action; ask for the context of one of its children")
+    path = tree.path(node)[1:]
+    out = task_messages(tree.instruction, tree.observation_before(path[0]), system=system)
+    for prev, cur in pairwise(path):
+        out.append(agent_message(tree.action(prev), tree.thought(prev)))
+        out.append({"role": "user", "content": tree.observation_before(cur)})
+    return out
+
+
+def continuation_messages(tree: TrajectoryTree, nodes: Sequence[int]) -> list[Message]:
+    """Assistant turns of ``nodes`` (a downward path) with the observations between them as user turns."""
+    out: list[Message] = []
+    for i, n in enumerate(nodes):
+        if i:
+            out.append({"role": "user", "content": tree.observation_before(n)})
+        out.append(agent_message(tree.action(n), tree.thought(n)))
+    return out
+
+
+def _sources(tree: TrajectoryTree, node: int) -> list[str]:
+    return sorted(tree.sources(node))
+
+
+def best_path_row(
+    tree: TrajectoryTree, values: np.ndarray, *, min_return: float = 0.0, system: str | None = SYSTEM_PROMPT
+) -> dict[str, Any] | None:
+    """The SFT row of the tree's best path (greedy by ``values``), or None when the tree has no step or the
+    mean return at the path's leaf is below ``min_return``."""
+    path = best_path(tree, values)
+    if len(path) < 2:
+        return None
+    leaf = path[-1]
+    ret = tree.mean_return(leaf)
+    if ret < min_return:
+        return None
+    messages = context_messages(tree, path[1], system=system) + continuation_messages(tree, path[1:])
+    return {
+        "messages": messages,
+        "task_id": tree.task_id,
+        "node": leaf,
+        "value": float(values[leaf]),
+        "return": ret,
+        "sources": _sources(tree, leaf),
+        "steps": len(path) - 1,
+    }
+
+
+def tree_pairs(
+    tree: TrajectoryTree,
+    values: np.ndarray | Sequence[float],
+    *,
+    margin: float = 0.1,
+    per_node: int = 4,
+    step: bool = True,
+    continuation: bool = True,
+    system: str | None = SYSTEM_PROMPT,
+) -> list[dict[str, Any]]:
+    """TreeDPO pairs at every divergence point of ``tree``.
+
+    Children of a node are compared only when they acted on the same observation (same observation key).
+    Among those with known values, every (better, worse) pair with ``value gap >= margin`` is a candidate;
+    the ``per_node`` candidates of largest gap are kept (ties: the better child first in canonical order,
+    then the worse). Each kept pair gives a step-level row and/or a continuation-level row. Rows come in
+    canonical node order and never repeat: distinct (node, observation, chosen, rejected) give distinct
+    conversations, and a continuation row that would equal its step row (both children end the path) is
+    left out.
+    """
+    vals = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    off = tree.child_arrays()[0].tolist()
+    rows: list[dict[str, Any]] = []
+    for node in tree.canonical_order():
+        if off[node + 1] - off[node] < 2:
+            continue
+        groups: dict[Any, list[int]] = {}
+        for c in tree.children(node):
+            if vals[c] == vals[c]:  # not NaN
+                groups.setdefault(tree.obs_key_before(c), []).append(c)
+        for group in groups.values():
+            if len(group) < 2:
+                continue
+            candidates = []
+            for i, a in enumerate(group):
+                for j, b in enumerate(group):
+                    gap = vals[a] - vals[b]
+                    if gap >= margin and gap > 0:
+                        candidates.append((-gap, i, j, a, b))
+            candidates.sort()
+            prompt: list[Message] | None = None
+            for neg_gap, _, _, good, bad in candidates[:per_node]:
+                if prompt is None:
+                    prompt = context_messages(tree, good, system=system)
+                meta = {
+                    "task_id": tree.task_id,
+                    "node": node,
+                    "chosen_node": good,
+                    "rejected_node": bad,
+                    "chosen_value": float(vals[good]),
+                    "rejected_value": float(vals[bad]),
+                    "value_gap": -neg_gap,
+                    "chosen_sources": _sources(tree, good),
+                    "rejected_sources": _sources(tree, bad),
+                }
+                if step:
+                    chosen = [agent_message(tree.action(good), tree.thought(good))]
+                    rejected = [agent_message(tree.action(bad), tree.thought(bad))]
+                    rows.append(
+                        {"prompt": prompt, "chosen": chosen, "rejected": rejected, "level": "step", **meta}
+                    )
+                if continuation:
+                    good_path, bad_path = best_path(tree, vals, good), best_path(tree, vals, bad)
+                    if step and len(good_path) == 1 and len(bad_path) == 1:
+                        continue  # the same conversation as the step row
+                    rows.append(
+                        {
+                            "prompt": prompt,
+                            "chosen": continuation_messages(tree, good_path),
+                            "rejected": continuation_messages(tree, bad_path),
+                            "level": "continuation",
+                            **meta,
+                        }
+                    )
+    return rows
+
+
+def _append_unique(
+    rows: list[dict[str, Any]],
+    seen: set[str],
+    prompt: list[Message],
+    chosen: list[Message],
+    rejected: list[Message],
+    meta: dict[str, Any],
+) -> None:
+    key = json.dumps([prompt, chosen, rejected], ensure_ascii=False)
+    if key in seen:
+        return
+    seen.add(key)
+    rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **meta})
+
+
+def unique_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``rows`` without repeats of the same conversation (prompt/chosen/rejected, or messages), first kept."""
+    seen: set[str] = set()
+    for row in rows:
+        if "messages" in row:
+            key = json.dumps(row["messages"], ensure_ascii=False)
+        else:
+            key = json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            yield row
+
+
+def _trajectory_turns(traj: Trajectory) -> list[Message]:
+    out: list[Message] = []
+    for i, step in enumerate(traj.steps):
+        if i:
+            out.append({"role": "user", "content": traj.steps[i - 1].observation})
+        out.append(agent_message(step.action, step.thought))
+    return out
+
+
+def expert_failure_pairs(
+    trajectories: Iterable[Trajectory],
+    *,
+    chosen_roles: Sequence[str] = ("expert",),
+    margin: float = 0.1,
+    per_task: int = 4,
+    system: str | None = SYSTEM_PROMPT,
+) -> list[dict[str, Any]]:
+    """Trajectory-level pairs in the ETO scheme: an expert trajectory chosen, a failed one rejected.
+
+    Per task the chosen trajectory is the highest-return one whose role is in ``chosen_roles`` (ties: the
+    smallest episode key); rejected are the task's failed trajectories (not won) of any other role whose
+    return is at least ``margin`` lower and whose first observation is the same (normalised), lowest return
+    first, at most ``per_task`` (ties: smallest episode key). Tasks without such trajectories give no pair.
+    """
+    by_task: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        by_task.setdefault(t.task_id, []).append(t)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for task_id in sorted(by_task):
+        trajs = by_task[task_id]
+        experts = [t for t in trajs if t.source.role in chosen_roles and t.steps]
+        if not experts:
+            continue
+        best = min(experts, key=lambda t: (-t.return_, t.key))
+        first = normalize_text(best.initial_observation)
+        failed = [
+            t
+            for t in trajs
+            if t.source.role not in chosen_roles
+            and not t.success
+            and t.steps
+            and best.return_ - t.return_ >= margin
+            and normalize_text(t.initial_observation) == first
+        ]
+        failed.sort(key=lambda t: (t.return_, t.key))
+        prompt = task_messages(best.instruction, best.initial_observation, system=system)
+        chosen = _trajectory_turns(best)
+        for bad in failed[:per_task]:
+            meta = {
+                "task_id": task_id,
+                "node": ROOT,
+                "level": "trajectory",
+                "chosen_node": -1,
+                "rejected_node": -1,
+                "chosen_value": best.return_,
+                "rejected_value": bad.return_,
+                "value_gap": best.return_ - bad.return_,
+                "chosen_sources": [best.source.model],
+                "rejected_sources": [bad.source.model],
+            }
+            _append_unique(rows, seen, prompt, chosen, _trajectory_turns(bad), meta)
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
+    """Write rows as JSON lines atomically (temp file + rename); returns the number of rows."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+                n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n

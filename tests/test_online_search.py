@@ -1,0 +1,165 @@
+"""Online expansion with PUCT on a small fake text game whose optimal answer is known."""
+
+from __future__ import annotations
+
+import pytest
+
+from w2s_agents.search import (
+    OnlineSearchConfig,
+    PolicyOutput,
+    Proposal,
+    SearchEnv,
+    best_path,
+    expand_online,
+    node_values,
+    puct_score,
+)
+from w2s_agents.tree import TrajectoryTree, build_trees
+
+# (room, has key) -> {action: (next room, has key, score, terminated, won)}
+GAME = {
+    ("hall", False): {
+        "go north": ("kitchen", False, 0.0, False, False),
+        "go south": ("pit", False, 0.0, True, False),
+        "look": ("hall", False, 0.0, False, False),
+    },
+    ("kitchen", False): {
+        "take key": ("kitchen", True, 0.5, False, False),
+        "go south": ("hall", False, 0.0, False, False),
+    },
+    ("kitchen", True): {
+        "go east": ("vault", True, 1.0, True, True),
+        "go south": ("hall", True, 0.5, False, False),
+    },
+    ("hall", True): {
+        "go north": ("kitchen", True, 0.5, False, False),
+        "go south": ("pit", True, 0.5, True, False),
+    },
+}
+OPTIMAL = ["go north", "take key", "go east"]
+
+
+class FakeGame:
+    """Deterministic text game: find the key in the kitchen, then the vault east of it (score 1)."""
+
+    def __init__(self, max_steps: int = 8) -> None:
+        self.max_steps = max_steps
+        self.state = ("hall", False, 0.0, 0)
+
+    def _obs(self) -> str:
+        room, key, _, _ = self.state
+        return f"You are in the {room}." + (" You carry a key." if key else "")
+
+    def reset(self, *, seed=None, options=None):
+        assert options == {"task": "house/0"}
+        self.state = ("hall", False, 0.0, 0)
+        return self._obs(), {"admissible_commands": sorted(GAME[("hall", False)])}
+
+    def step(self, action: str):
+        room, key, score, steps = self.state
+        moves = GAME[(room, key)]
+        steps += 1
+        if action not in moves:
+            self.state = (room, key, score, steps)
+            return "Nothing happens.", 0.0, False, steps >= self.max_steps, {"score": score, "won": False}
+        room2, key2, score2, terminated, won = moves[action]
+        self.state = (room2, key2, score2, steps)
+        obs = "You win!" if won else ("You fall into a pit." if room2 == "pit" else self._obs())
+        info = {"score": score2, "max_score": 1.0, "won": won, "lost": terminated and not won}
+        return obs, score2 - score, terminated, steps >= self.max_steps and not terminated, info
+
+
+class ClonableGame(FakeGame):
+    def clone_state(self):
+        return self.state
+
+    def restore_state(self, state) -> None:
+        self.state = state
+
+
+def policy_for(prefer: dict[str, str]):
+    """A policy that puts 0.8 of its prior on ``prefer[room]`` and spreads the rest; 10 tokens a call."""
+
+    def policy(messages):
+        last = messages[-1]["content"]
+        room = "kitchen" if "kitchen" in last else "hall"
+        key = "key" in last
+        actions = sorted(GAME.get((room, key), {}))
+        liked = prefer.get(room)
+        props = [Proposal(a, 0.8 if a == liked else 0.2 / max(len(actions) - 1, 1)) for a in actions]
+        return PolicyOutput(tuple(props), tokens=10)
+
+    return policy
+
+
+UNIFORM = policy_for({})
+MISLEADING = policy_for({"hall": "go south", "kitchen": "go south"})
+
+
+def test_fake_game_fits_the_protocol() -> None:
+    assert isinstance(FakeGame(), SearchEnv)
+    assert puct_score(0.5, 0.25, 4, 1, 2.0) == 0.5 + 2.0 * 0.25 * 2 / 2
+
+
+@pytest.mark.parametrize("env_cls", [FakeGame, ClonableGame])
+@pytest.mark.parametrize("policy", [UNIFORM, MISLEADING])
+def test_online_search_finds_the_optimal_path(env_cls, policy) -> None:
+    tree = TrajectoryTree("house/0", instruction="Open the vault.")
+    result = expand_online(tree, env_cls(), policy, OnlineSearchConfig(iterations=40, max_depth=6))
+    path = best_path(tree, node_values(tree, "mcts"))
+    assert [tree.action(n) for n in path[1:]] == OPTIMAL
+    assert tree.terminal(path[-1]) == {"won": 1}
+    assert result.new_nodes == len(tree) - 1
+    assert all(t.source.role == "search" for t in result.trajectories)
+    assert all(set(tree.sources(n)) == {"search"} for n in range(len(tree)))
+
+
+def test_replay_and_clone_give_the_same_tree_clone_saves_steps() -> None:
+    cfg = OnlineSearchConfig(iterations=25, max_depth=6)
+    a, b = TrajectoryTree("house/0"), TrajectoryTree("house/0")
+    ra = expand_online(a, FakeGame(), UNIFORM, cfg)
+    rb = expand_online(b, ClonableGame(), UNIFORM, cfg)
+    assert a.to_json() == b.to_json()
+    assert rb.env_steps < ra.env_steps
+
+
+def test_online_search_is_deterministic() -> None:
+    cfg = OnlineSearchConfig(iterations=30, max_depth=6, seed=4)
+    a, b = TrajectoryTree("house/0"), TrajectoryTree("house/0")
+    expand_online(a, FakeGame(), MISLEADING, cfg)
+    expand_online(b, FakeGame(), MISLEADING, cfg)
+    assert a.to_json() == b.to_json()
+
+
+def test_budgets_are_respected() -> None:
+    tree = TrajectoryTree("house/0")
+    cfg = OnlineSearchConfig(iterations=1000, max_env_steps=30, max_depth=6)
+    r = expand_online(tree, FakeGame(), UNIFORM, cfg)
+    # no iteration starts over budget; the last replay may pass it by at most the depth limit
+    assert 30 <= r.env_steps <= 30 + cfg.max_depth
+    tree = TrajectoryTree("house/0")
+    r = expand_online(tree, FakeGame(), UNIFORM, OnlineSearchConfig(iterations=1000, max_tokens=55))
+    assert 55 <= r.tokens <= 55 + 10 and r.iterations < 1000
+
+
+def test_search_grows_a_data_tree_and_keeps_its_statistics(make_traj) -> None:
+    weak = [
+        make_traj(
+            [("go south", "You fall into a pit.")], 0.0, "lost", seed=1, initial="You are in the hall."
+        ),
+        make_traj(
+            [("go north", "You are in the kitchen."), ("go south", "You are in the hall.")],
+            0.0,
+            "truncated",
+            seed=2,
+            initial="You are in the hall.",
+        ),
+    ]
+    tree = build_trees(weak)["house/0"]
+    before = {n: tree.visits(n) for n in range(len(tree))}
+    assert before[0] == 2
+    expand_online(tree, ClonableGame(), UNIFORM, OnlineSearchConfig(iterations=30, max_depth=6))
+    path = best_path(tree, node_values(tree, "mcts"))
+    assert [tree.action(n) for n in path[1:]] == OPTIMAL
+    assert tree.sources(0)["weak"] == 2 and tree.sources(0)["search"] == tree.visits(0) - 2
+    assert tree.terminal(path[-1]) == {"won": tree.visits(path[-1])}

@@ -1,0 +1,65 @@
+"""Chat messages of an agent episode: the one place where a history becomes a conversation.
+
+The trainers, the search (best-path and pair extraction) and the rollout agent all render an episode as the
+same list of chat messages, so that a model is trained on exactly the prompt format it is run with::
+
+    [{"role": "system", "content": SYSTEM_PROMPT},
+     {"role": "user", "content": "Task: <instruction>\\n\\n<first observation>"},
+     {"role": "assistant", "content": "Thought: <thought>\\nAction: <action>"},   # or just the action
+     {"role": "user", "content": "<observation after the action>"},
+     ...]
+
+User turns are observations, assistant turns are the agent's thought and action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["SYSTEM_PROMPT", "Message", "agent_message", "episode_messages", "task_messages"]
+
+Message = dict[str, str]
+"""One chat message: ``{"role": "system" | "user" | "assistant", "content": text}``."""
+
+SYSTEM_PROMPT = (
+    "You are an agent acting in a text environment. Each turn you see an observation and answer with one "
+    "command. You may first reason in a line starting with 'Thought:', then give the command in a line "
+    "starting with 'Action:'."
+)
+"""Default system instruction of every conversation."""
+
+
+def task_messages(instruction: str, observation: str, *, system: str | None = SYSTEM_PROMPT) -> list[Message]:
+    """The opening of a conversation: the system instruction (unless ``system`` is None) and the task turn."""
+    out: list[Message] = []
+    if system is not None:
+        out.append({"role": "system", "content": system})
+    out.append({"role": "user", "content": f"Task: {instruction}\n\n{observation}"})
+    return out
+
+
+def agent_message(action: str, thought: str = "") -> Message:
+    """The assistant turn of one step: ``"Thought: ...\\nAction: ..."``, or the action alone without a thought."""
+    content = f"Thought: {thought}\nAction: {action}" if thought else action
+    return {"role": "assistant", "content": content}
+
+
+def episode_messages(
+    instruction: str,
+    initial_observation: str,
+    turns: Iterable[tuple[str, str, str]],
+    *,
+    system: str | None = SYSTEM_PROMPT,
+) -> list[Message]:
+    """A whole conversation from the task and ``(thought, action, observation_after)`` turns.
+
+    Every turn adds an assistant message and, when ``observation_after`` is not None, a user message with it;
+    pass None as the last observation to end on the agent's action (the form of an SFT row or a prompt
+    followed by a completion).
+    """
+    out = task_messages(instruction, initial_observation, system=system)
+    for thought, action, observation in turns:
+        out.append(agent_message(action, thought))
+        if observation is not None:
+            out.append({"role": "user", "content": observation})
+    return out

@@ -1,0 +1,884 @@
+"""Trajectory trees: the trajectories of one task, successes and failures alike, merged into one tree.
+
+The root is the task (instruction and first observation). A step of a trajectory joins an existing child of
+the node it starts from when its action matches after normalisation (strip, lowercase, collapse spaces) *and*
+the key of the observation it acted on matches (by default the normalised text; pass ``obs_key`` for envs with
+noisy observations). Children are found by one dict lookup, so inserting a trajectory costs O(length). A node
+therefore stands for "this action, taken on this observation, after this history".
+
+Per node the tree keeps the data statistics of DESIGN section 4: ``visits`` (trajectories through the node),
+``return_sum`` (their final returns), ``successes`` and ``failures`` (won / not won), ``sources`` (trajectories
+per model) and ``terminal`` (how the trajectories that ended at the node ended), plus the search statistics
+``mcts_visits`` and ``mcts_value`` written by :mod:`w2s_agents.search`.
+
+Storage is a struct of arrays: one Python list per attribute indexed by node id (texts are references to
+strings, not copies), a dict ``(parent, action key, observation key) -> child`` for merging, sparse dicts for
+the rare cases (nodes reached by several models, nodes where trajectories ended), and the children in CSR form
+(two numpy arrays, :meth:`TrajectoryTree.child_arrays`). Normalised keys are cached per raw text, and each node
+remembers the raw observation last seen after it, so a repeated step costs a string comparison rather than a
+hash of the observation. Returns are summed in fixed point (units of 2**-32, exact for the usual returns and
+within 2**-32 per trajectory otherwise), so the sums, and the whole tree, do not depend on the order
+trajectories are added in.
+
+The tree's texts are order-independent too: where merged steps differ in spelling, a node shows the smallest
+raw text of its key; its thought is that of the highest-return trajectory through it (smallest text on ties).
+:meth:`TrajectoryTree.canonicalize` renumbers nodes in preorder with children sorted by (action key,
+observation key); the builders, :meth:`~TrajectoryTree.to_networkx` and :meth:`~TrajectoryTree.save` apply it,
+so the same trajectories in any order give the same node ids and the same file.
+
+Trees are saved as versioned networkx node-link JSON (``w2s.tree/1``)::
+
+    {"schema": "w2s.tree/1", "directed": true, "multigraph": false,
+     "graph": {"task_id": ..., "env_id": ..., "instruction": ..., "sources": [...], "search": {...}},
+     "nodes": [{"id": 0, "depth": 0, "action": "", "thought": "", "observation": ..., "observation_before": "",
+                "visits": 12, "return_sum": 4.5, "successes": 4, "failures": 8, "sources": {"weak-sft": 12},
+                "mcts_visits": 1000, "mcts_value": 398.2, "terminal": {}, "thought_return": 0.0}, ...],
+     "edges": [{"source": 0, "target": 1}, ...]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from w2s_agents.errors import DataFormatError
+from w2s_agents.types import END_REASONS, Trajectory
+
+__all__ = [
+    "ROOT",
+    "TREE_SCHEMA",
+    "ObservationKey",
+    "TrajectoryTree",
+    "TreeSummary",
+    "build_trees",
+    "normalize_text",
+    "tree_filename",
+]
+
+logger = logging.getLogger(__name__)
+
+TREE_SCHEMA = "w2s.tree/1"
+"""Schema tag of saved trees; :meth:`TrajectoryTree.load` rejects any other value."""
+
+ROOT = 0
+"""Node id of the root (the task) in every tree."""
+
+ObservationKey = Callable[[str], Hashable]
+"""Maps an observation to the key steps merge on; keys must be hashable and mutually orderable."""
+
+_SCALE = 1 << 32  # fixed-point unit of summed returns
+# per-node lists other than _key, permuted together by canonicalize()
+_NODE_LISTS = (
+    "_depth",
+    "_oka",
+    "_hint",
+    "_hint_key",
+    "_thought",
+    "_tret",
+    "_visits",
+    "_ret",
+    "_succ",
+    "_src",
+)
+_END_INDEX = {name: i for i, name in enumerate(END_REASONS)}
+
+
+def normalize_text(text: str) -> str:
+    """Strip, lowercase and collapse runs of whitespace to one space (the default action and observation key)."""
+    return " ".join(text.split()).lower()
+
+
+@dataclass(frozen=True)
+class TreeSummary:
+    """Shape and outcome counts of one tree."""
+
+    task_id: str
+    nodes: int
+    """Number of nodes, root included."""
+    depth: int
+    """Depth of the deepest node (the root has depth 0)."""
+    leaves: int
+    """Nodes without children."""
+    trajectories: int
+    """Trajectories merged into the tree (the root's visits)."""
+    successes: int
+    failures: int
+    mean_return: float
+    branch_points: int
+    """Nodes with two or more children (where pairs can be taken)."""
+    branching_mean: float
+    """Mean number of children over the nodes that have any."""
+    branching_max: int
+    sources: Mapping[str, int]
+    """Trajectories per model."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping."""
+        d = dict(self.__dict__)
+        d["sources"] = dict(self.sources)
+        return d
+
+
+class TrajectoryTree:
+    """The trajectories of one task merged into a tree with per-node statistics.
+
+    Args:
+        task_id: the task every added trajectory must belong to.
+        env_id: the env of the task (taken from the first trajectory when empty).
+        instruction: the task's goal (taken from the trajectories when empty).
+        obs_key: key of an observation for merging (default :func:`normalize_text`); keys must be hashable
+            and orderable (children are sorted by them).
+
+    Node ids are integers, ``ROOT`` (0) being the task. Attributes are read with the accessor methods
+    (:meth:`action`, :meth:`visits`, ...) or all at once with :meth:`node`.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        *,
+        env_id: str = "",
+        instruction: str = "",
+        obs_key: ObservationKey | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.env_id = env_id
+        self.instruction = instruction
+        self.obs_key: ObservationKey = obs_key or normalize_text
+        # struct of arrays, indexed by node id
+        self._key: list[tuple[int, Any, Any]] = [(-1, "", None)]  # (parent, action key, obs key acted on)
+        self._depth: list[int] = [0]
+        self._oka: list[Any] = [None]  # key of the observation after the action (root: first observation)
+        # a raw observation seen after the node's action and its key: a cache hint, not part of the tree
+        self._hint: list[str | None] = [None]
+        self._hint_key: list[Any] = [None]
+        self._thought: list[str] = [""]
+        self._tret: list[int] = [-1]  # fixed-point return of the trajectory whose thought is kept
+        self._visits: list[int] = [0]
+        self._ret: list[int] = [0]  # fixed-point return sums
+        self._succ: list[int] = [0]
+        self._src: list[int] = [-1]  # index of the only model through the node, -1 when several (or none)
+        self._src_mixed: dict[int, dict[int, int]] = {}  # node -> model index -> count, where several
+        self._terminal: dict[int, list[int]] = {}  # node -> counts per END_REASONS, where trajectories ended
+        self._index: dict[tuple[int, Any, Any], int] = {}
+        # text tables: raw -> key, key -> smallest raw text (the node's displayed text)
+        self._akc: dict[str, str] = {}
+        self._okc: dict[str, Any] = {}
+        self._action_text: dict[str, str] = {"": ""}
+        self._obs_text: dict[Any, str] = {}
+        self._obs_intern: dict[Any, Any] = {}
+        self._models: list[str] = []
+        self._model_index: dict[str, int] = {}
+        self._children: tuple[np.ndarray, np.ndarray] | None = None  # CSR, see child_arrays()
+        self._canonical = True  # ids are in canonical preorder (true until a node is added)
+        self._mcts_visits: np.ndarray | None = None
+        self._mcts_value: np.ndarray | None = None
+        self.search_info: dict[str, Any] = {}
+        """Settings of the last search that wrote ``mcts_*`` values (saved with the tree)."""
+
+    # ------------------------------------------------------------------------------------------- building
+
+    def _new_action(self, raw: str) -> str:
+        key = normalize_text(raw)
+        old = self._action_text.get(key)
+        if old is None or raw < old:
+            self._action_text[key] = raw
+        self._akc[raw] = key
+        return key
+
+    def _new_obs(self, raw: str) -> Any:
+        key = self.obs_key(raw)
+        key = self._obs_intern.setdefault(key, key)
+        old = self._obs_text.get(key)
+        if old is None or raw < old:
+            self._obs_text[key] = raw
+        self._okc[raw] = key
+        return key
+
+    def _model_id(self, model: str) -> int:
+        s = self._model_index.get(model)
+        if s is None:
+            s = self._model_index[model] = len(self._models)
+            self._models.append(model)
+        return s
+
+    def _mix_source(self, node: int, s: int) -> None:
+        """Count model ``s`` at ``node`` whose visits were just incremented, when it is not the only one."""
+        only = self._src[node]
+        if only >= 0:
+            self._src_mixed[node] = {only: self._visits[node] - 1, s: 1}
+            self._src[node] = -1
+        else:
+            d = self._src_mixed.setdefault(node, {})
+            d[s] = d.get(s, 0) + 1
+
+    def add(self, traj: Trajectory) -> int:
+        """Merge one trajectory into the tree; returns the id of the node it ended at.
+
+        Raises:
+            ValueError: the trajectory belongs to another task.
+        """
+        if traj.task_id != self.task_id:
+            raise ValueError(
+                f"trajectory of task {traj.task_id!r} added to the tree of task {self.task_id!r}"
+            )
+        if not self.env_id:
+            self.env_id = traj.env_id
+        if traj.instruction != self.instruction and (
+            not self.instruction or traj.instruction < self.instruction
+        ):
+            self.instruction = traj.instruction  # smallest wins: order-independent
+        self._children = None
+        r = round(traj.return_ * _SCALE)
+        succ = traj.success
+        succ_count = 1 if succ else 0
+        s = self._model_id(traj.source.model)
+        akc, okc, index = self._akc, self._okc, self._index
+        visits, rets, succs, srcs = self._visits, self._ret, self._succ, self._src
+        oka, thoughts, trets = self._oka, self._thought, self._tret
+        hint, hint_key = self._hint, self._hint_key
+
+        # the root: the task itself
+        o = traj.initial_observation
+        if o is hint[0] or o == hint[0]:
+            okey = hint_key[0]
+        else:
+            okey = okc.get(o)
+            if okey is None:
+                okey = self._new_obs(o)
+            hint[0], hint_key[0] = o, okey
+        visits[0] += 1
+        rets[0] += r
+        if succ:
+            succs[0] += 1
+        if srcs[0] != s:
+            if visits[0] == 1:
+                srcs[0] = s
+            else:
+                self._mix_source(0, s)
+        if oka[0] is None or (okey is not oka[0] and okey < oka[0]):
+            oka[0] = okey
+
+        node = 0
+        grew = False
+        key_append, depth_append = self._key.append, self._depth.append
+        for depth, step in enumerate(traj.steps, 1):
+            a = step.action
+            ak = akc.get(a)
+            if ak is None:
+                ak = self._new_action(a)
+            o = step.observation
+            key = (node, ak, okey)
+            c = index.get(key)
+            if c is None:
+                ok2 = okc.get(o)
+                if ok2 is None:
+                    ok2 = self._new_obs(o)
+                c = len(visits)
+                grew = True
+                index[key] = c
+                key_append(key)
+                depth_append(depth)
+                oka.append(ok2)
+                hint.append(o)
+                hint_key.append(ok2)
+                thoughts.append(step.thought)
+                trets.append(r)
+                visits.append(1)
+                rets.append(r)
+                succs.append(succ_count)
+                srcs.append(s)
+            else:
+                # the observation after a known step is nearly always the one seen before: compare, not hash
+                h = hint[c]
+                if o is h or o == h:
+                    ok2 = hint_key[c]
+                else:
+                    ok2 = okc.get(o)
+                    if ok2 is None:
+                        ok2 = self._new_obs(o)
+                    if ok2 is not oka[c] and ok2 < oka[c]:
+                        oka[c] = ok2
+                visits[c] += 1
+                rets[c] += r
+                if succ:
+                    succs[c] += 1
+                if srcs[c] != s:
+                    self._mix_source(c, s)
+                if r >= trets[c] and (r > trets[c] or step.thought < thoughts[c]):
+                    thoughts[c] = step.thought
+                    trets[c] = r
+            node = c
+            okey = ok2
+        if grew:
+            self._canonical = False
+        ends = self._terminal.get(node)
+        if ends is None:
+            ends = self._terminal[node] = [0] * len(END_REASONS)
+        ends[_END_INDEX[traj.end]] += 1
+        return node
+
+    def extend(self, trajectories: Iterable[Trajectory]) -> int:
+        """Merge several trajectories; returns how many were added."""
+        n = 0
+        for traj in trajectories:
+            self.add(traj)
+            n += 1
+        return n
+
+    # -------------------------------------------------------------------------------------------- queries
+
+    def __len__(self) -> int:
+        return len(self._visits)
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes, root included."""
+        return len(self._visits)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Models whose trajectories are in the tree, in order of first appearance."""
+        return tuple(self._models)
+
+    def parent(self, node: int) -> int:
+        """Parent id (-1 for the root)."""
+        return self._key[node][0]
+
+    def depth(self, node: int) -> int:
+        """Number of actions from the root to ``node``."""
+        return self._depth[node]
+
+    def action_key(self, node: int) -> str:
+        """Normalised action of ``node`` ("" for the root)."""
+        return self._key[node][1]
+
+    def obs_key_before(self, node: int) -> Any:
+        """Key of the observation the node's action was chosen on (None for the root)."""
+        return self._key[node][2]
+
+    def action(self, node: int) -> str:
+        """The action as sent (the smallest raw spelling of its normalised form; "" for the root)."""
+        return self._action_text[self._key[node][1]]
+
+    def thought(self, node: int) -> str:
+        """The thought before the action (from the highest-return trajectory through the node)."""
+        return self._thought[node]
+
+    def observation(self, node: int) -> str:
+        """The observation after the node's action (for the root: the first observation)."""
+        k = self._oka[node]
+        return "" if k is None else self._obs_text[k]
+
+    def observation_before(self, node: int) -> str:
+        """The observation the node's action was chosen on ("" for the root)."""
+        k = self._key[node][2]
+        return "" if k is None else self._obs_text[k]
+
+    def visits(self, node: int) -> int:
+        """Trajectories through ``node``."""
+        return self._visits[node]
+
+    def return_sum(self, node: int) -> float:
+        """Sum of the final returns of the trajectories through ``node``."""
+        return self._ret[node] / _SCALE
+
+    def mean_return(self, node: int) -> float:
+        """Mean final return of the trajectories through ``node`` (0 when none)."""
+        v = self._visits[node]
+        return self._ret[node] / _SCALE / v if v else 0.0
+
+    def mean_returns(self, nodes: Iterable[int]) -> list[float]:
+        """:meth:`mean_return` of several nodes."""
+        visits, rets = self._visits, self._ret
+        return [rets[n] / _SCALE / visits[n] if visits[n] else 0.0 for n in nodes]
+
+    def successes(self, node: int) -> int:
+        """Trajectories through ``node`` that were won."""
+        return self._succ[node]
+
+    def failures(self, node: int) -> int:
+        """Trajectories through ``node`` that were not won (lost, truncated or failed): visits - successes."""
+        return self._visits[node] - self._succ[node]
+
+    def sources(self, node: int) -> dict[str, int]:
+        """Trajectories through ``node`` per model, sorted by model name."""
+        s = self._src[node]
+        if s >= 0:
+            return {self._models[s]: self._visits[node]}
+        mixed = self._src_mixed.get(node, {})
+        return {self._models[i]: n for i, n in sorted(mixed.items(), key=lambda kv: self._models[kv[0]])}
+
+    def terminal(self, node: int) -> dict[str, int]:
+        """How the trajectories that ended at ``node`` ended (outcome -> count; empty when none ended here)."""
+        ends = self._terminal.get(node)
+        if ends is None:
+            return {}
+        return {name: n for name, n in zip(END_REASONS, ends, strict=True) if n}
+
+    def mcts_visits(self, node: int) -> int:
+        """Simulations of the last search through ``node`` (0 before any search)."""
+        return 0 if self._mcts_visits is None else int(self._mcts_visits[node])
+
+    def mcts_value(self, node: int) -> float:
+        """Sum of the values backed up through ``node`` by the last search (r_M; 0 before any search)."""
+        return 0.0 if self._mcts_value is None else float(self._mcts_value[node])
+
+    def children(self, node: int) -> tuple[int, ...]:
+        """Children of ``node`` in canonical order (by action key, then observation key)."""
+        off, ids = self.child_arrays()
+        return tuple(ids[off[node] : off[node + 1]].tolist())
+
+    def child_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Children of every node in CSR form: ``ids[off[n]:off[n + 1]]`` are ``n``'s children in canonical
+        order (``off``: int64, one more entry than nodes; ``ids``: int32). A shared cache; do not modify."""
+        if self._children is None:
+            self._children = self._build_children()
+        return self._children
+
+    def _build_children(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self._visits)
+        parents = np.fromiter((k[0] for k in self._key[1:]), dtype=np.int64, count=n - 1)
+        ids = (np.argsort(parents, kind="stable") + 1).astype(np.int32)  # grouped by parent, ascending ids
+        counts = np.bincount(parents, minlength=n)
+        off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=off[1:])
+        if not self._canonical:  # sort each group of siblings by (action key, observation key)
+            keys = self._key
+            for p in np.flatnonzero(counts >= 2).tolist():
+                a, b = off[p], off[p + 1]
+                ids[a:b] = sorted(ids[a:b].tolist(), key=lambda c: keys[c][1:])
+        return off, ids
+
+    def path(self, node: int) -> list[int]:
+        """Node ids from the root to ``node``, both included."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self._key[node][0]
+        out.reverse()
+        return out
+
+    def node(self, node: int) -> dict[str, Any]:
+        """Every attribute of ``node`` (the node attributes of the saved format)."""
+        return {
+            "depth": self._depth[node],
+            "action": self.action(node),
+            "thought": self._thought[node],
+            "observation": self.observation(node),
+            "observation_before": self.observation_before(node),
+            "visits": self._visits[node],
+            "return_sum": self.return_sum(node),
+            "successes": self._succ[node],
+            "failures": self.failures(node),
+            "sources": self.sources(node),
+            "mcts_visits": self.mcts_visits(node),
+            "mcts_value": self.mcts_value(node),
+            "terminal": self.terminal(node),
+            "thought_return": max(self._tret[node], 0) / _SCALE,
+        }
+
+    @property
+    def is_canonical(self) -> bool:
+        """Whether node ids are in canonical preorder (see :meth:`canonicalize`)."""
+        return self._canonical
+
+    def stat_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(visits, return_sum, successes)`` of every node as new numpy arrays (int64, float64, int64)."""
+        return (
+            np.asarray(self._visits, dtype=np.int64),
+            np.asarray(self._ret, dtype=np.float64) / _SCALE,
+            np.asarray(self._succ, dtype=np.int64),
+        )
+
+    def search_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(mcts_visits, mcts_value)`` of every node (int64, float64; shared, do not modify), or None
+        before any search."""
+        if self._mcts_visits is None or self._mcts_value is None:
+            return None
+        return self._mcts_visits, self._mcts_value
+
+    def set_search_values(
+        self, mcts_visits: Sequence[int] | np.ndarray, mcts_value: Sequence[float] | np.ndarray, **info: Any
+    ) -> None:
+        """Store the statistics of a search (one entry per node) and the settings that produced them."""
+        v = np.asarray(mcts_visits, dtype=np.int64)
+        w = np.asarray(mcts_value, dtype=np.float64)
+        if v.shape != (len(self),) or w.shape != (len(self),):
+            raise ValueError(f"search values need {len(self)} entries per array, got {v.shape} and {w.shape}")
+        self._mcts_visits, self._mcts_value = v, w
+        self.search_info = dict(info)
+
+    def summary(self) -> TreeSummary:
+        """Node, leaf and outcome counts and branching statistics."""
+        n = len(self)
+        counts = np.bincount(np.asarray([k[0] for k in self._key[1:]], dtype=np.int64), minlength=n)
+        inner = counts[counts > 0]
+        visits = self._visits[0]
+        return TreeSummary(
+            task_id=self.task_id,
+            nodes=n,
+            depth=max(self._depth),
+            leaves=int((counts == 0).sum()),
+            trajectories=visits,
+            successes=self._succ[0],
+            failures=visits - self._succ[0],
+            mean_return=self.mean_return(0),
+            branch_points=int((counts >= 2).sum()),
+            branching_mean=float(inner.mean()) if inner.size else 0.0,
+            branching_max=int(counts.max()) if n else 0,
+            sources=self.sources(0),
+        )
+
+    # ---------------------------------------------------------------------------------- canonical ids
+
+    def canonical_order(self) -> list[int]:
+        """Node ids in preorder with children in canonical order (the numbering of saved trees)."""
+        off_a, ids_a = self.child_arrays()
+        off, ids = off_a.tolist(), ids_a.tolist()
+        order: list[int] = []
+        stack = [0]
+        pop, push, visit = stack.pop, stack.extend, order.append
+        while stack:
+            n = pop()
+            visit(n)
+            a, b = off[n], off[n + 1]
+            if a != b:
+                push(ids[b - 1 : a - 1 if a else None : -1])
+        return order
+
+    def canonicalize(self) -> None:
+        """Renumber the nodes in canonical preorder, so that ids do not depend on insertion order.
+
+        Ids held from before the call refer to other nodes afterwards.
+        """
+        if self._canonical:
+            return
+        order = self.canonical_order()
+        n = len(order)
+        if order == list(range(n)):
+            self._canonical = True
+            return
+        new_id = [0] * n
+        for i, old in enumerate(order):
+            new_id[old] = i
+        pick = itemgetter(*order) if n > 1 else (lambda values: (values[0],))
+        self._key = [(-1, "", None)] + [(new_id[k[0]], k[1], k[2]) for k in pick(self._key)[1:]]
+        for name in _NODE_LISTS:
+            setattr(self, name, list(pick(getattr(self, name))))
+        self._src_mixed = {new_id[n]: d for n, d in self._src_mixed.items()}
+        self._terminal = {new_id[n]: e for n, e in self._terminal.items()}
+        self._index = dict(zip(self._key[1:], range(1, n), strict=True))
+        if self._mcts_visits is not None and self._mcts_value is not None:
+            perm = np.asarray(order, dtype=np.int64)
+            self._mcts_visits = self._mcts_visits[perm]
+            self._mcts_value = self._mcts_value[perm]
+        self._canonical = True
+        self._children = self._build_children()  # no sorting now that ids are canonical
+
+    # -------------------------------------------------------------------------------------- networkx
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The tree as a ``networkx.DiGraph`` (canonical ids; node attributes of :meth:`node`).
+
+        The graph attributes hold ``task_id``, ``env_id``, ``instruction``, ``sources`` (models) and
+        ``search`` (settings of the last search).
+        """
+        self.canonicalize()
+        g = nx.DiGraph(
+            task_id=self.task_id,
+            env_id=self.env_id,
+            instruction=self.instruction,
+            sources=sorted(self._models),
+            search=dict(self.search_info),
+        )
+        for n in range(len(self)):
+            g.add_node(n, **self.node(n))
+        for n in range(1, len(self)):
+            g.add_edge(self._key[n][0], n)
+        return g
+
+    @classmethod
+    def from_networkx(cls, graph: nx.DiGraph, *, obs_key: ObservationKey | None = None) -> TrajectoryTree:
+        """Rebuild a tree from :meth:`to_networkx` output.
+
+        Raises:
+            DataFormatError: the graph is not a tree rooted at node 0 or a node attribute is missing or invalid.
+        """
+        nodes = [{"id": n, **attrs} for n, attrs in graph.nodes(data=True)]
+        edges = [{"source": u, "target": v} for u, v in graph.edges()]
+        return cls._from_records(dict(graph.graph), nodes, edges, "graph", obs_key)
+
+    @classmethod
+    def _from_records(
+        cls,
+        gattrs: Mapping[str, Any],
+        nodes: Sequence[Mapping[str, Any]],
+        edges: Sequence[Mapping[str, Any]],
+        where: str,
+        obs_key: ObservationKey | None,
+    ) -> TrajectoryTree:
+        def fail(msg: str) -> DataFormatError:
+            return DataFormatError(f"{where}: {msg}")
+
+        task_id = gattrs.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise fail("graph attribute 'task_id' must be a non-empty string")
+        for name in ("env_id", "instruction"):
+            if not isinstance(gattrs.get(name, ""), str):
+                raise fail(f"graph attribute '{name}' must be a string")
+        tree = cls(
+            task_id,
+            env_id=gattrs.get("env_id", ""),
+            instruction=gattrs.get("instruction", ""),
+            obs_key=obs_key,
+        )
+        n = len(nodes)
+        if n == 0:
+            raise fail("no nodes (a tree has at least its root)")
+        by_id: dict[int, Mapping[str, Any]] = {}
+        for i, rec in enumerate(nodes):
+            nid = rec.get("id") if isinstance(rec, Mapping) else None
+            if not isinstance(nid, int) or isinstance(nid, bool) or not 0 <= nid < n or nid in by_id:
+                raise fail(f"nodes[{i}]: id must be a unique integer in 0..{n - 1}, got {nid!r}")
+            by_id[nid] = rec
+        parent = [-1] * n
+        for i, e in enumerate(edges):
+            u, v = (e.get("source"), e.get("target")) if isinstance(e, Mapping) else (None, None)
+            if u not in by_id or v not in by_id or v == 0:
+                raise fail(
+                    f"edges[{i}]: source and target must be node ids (target not the root), got {u!r}->{v!r}"
+                )
+            if parent[v] != -1:
+                raise fail(f"node {v}: more than one parent")
+            parent[v] = u
+        for v in range(1, n):
+            if parent[v] == -1:
+                raise fail(f"node {v}: no parent (not connected to the root)")
+        depth = [-1] * n
+        depth[0] = 0
+        # ids are canonical preorder in saved files, but accept any order: resolve depths iteratively
+        for v in range(1, n):
+            chain = []
+            u = v
+            while depth[u] < 0:
+                chain.append(u)
+                u = parent[u]
+                if len(chain) > n:
+                    raise fail(f"node {v}: its parents form a cycle")
+            for w in reversed(chain):
+                depth[w] = depth[parent[w]] + 1
+        order = sorted(range(n), key=lambda v: (depth[v], v))
+        new_id = {old: i for i, old in enumerate(order)}
+        tree._key, tree._depth, tree._oka, tree._hint, tree._hint_key = [], [], [], [], []
+        tree._canonical = False
+        tree._thought, tree._tret, tree._visits, tree._ret, tree._succ, tree._src = [], [], [], [], [], []
+        mv: list[int] = []
+        mval: list[float] = []
+        for old in order:
+            rec = by_id[old]
+            attrs = _check_node(rec, old, fail)
+            if attrs["depth"] != depth[old]:
+                raise fail(f"node {old}: depth {attrs['depth']} but it is {depth[old]} edges below the root")
+            i = new_id[old]
+            if old == 0:
+                okey, akey = None, ""
+            else:
+                okey = tree._new_obs(attrs["observation_before"])
+                akey = tree._new_action(attrs["action"])
+            after = tree._new_obs(attrs["observation"])
+            tree._oka.append(after)
+            tree._hint.append(attrs["observation"])
+            tree._hint_key.append(after)
+            key = (new_id[parent[old]] if old else -1, akey, okey)
+            if old and key in tree._index:
+                raise fail(
+                    f"node {old}: same action and observation as its sibling {order[tree._index[key]]}"
+                )
+            if old:
+                tree._index[key] = i
+            tree._key.append(key)
+            tree._depth.append(depth[old])
+            tree._thought.append(attrs["thought"])
+            tree._tret.append(round(attrs["thought_return"] * _SCALE) if old else -1)
+            tree._visits.append(attrs["visits"])
+            tree._ret.append(round(attrs["return_sum"] * _SCALE))
+            tree._succ.append(attrs["successes"])
+            srcs = attrs["sources"]
+            ids = {tree._model_id(m): c for m, c in sorted(srcs.items())}
+            if len(ids) == 1 and next(iter(ids.values())) == attrs["visits"]:
+                tree._src.append(next(iter(ids)))
+            else:
+                tree._src.append(-1)
+                if ids:
+                    tree._src_mixed[i] = ids
+            if attrs["terminal"]:
+                tree._terminal[i] = [attrs["terminal"].get(name, 0) for name in END_REASONS]
+            mv.append(attrs["mcts_visits"])
+            mval.append(attrs["mcts_value"])
+        for model in gattrs.get("sources", []) or []:
+            if isinstance(model, str):
+                tree._model_id(model)
+        if any(mv) or any(mval):
+            tree._mcts_visits = np.asarray(mv, dtype=np.int64)
+            tree._mcts_value = np.asarray(mval, dtype=np.float64)
+        search = gattrs.get("search", {})
+        tree.search_info = dict(search) if isinstance(search, Mapping) else {}
+        tree.canonicalize()
+        return tree
+
+    # ------------------------------------------------------------------------------------ persistence
+
+    def to_json(self) -> dict[str, Any]:
+        """The saved form: node-link JSON with the schema tag."""
+        g = self.to_networkx()
+        return {
+            "schema": TREE_SCHEMA,
+            "directed": True,
+            "multigraph": False,
+            "graph": dict(g.graph),
+            "nodes": [{"id": n, **attrs} for n, attrs in g.nodes(data=True)],
+            "edges": [{"source": u, "target": v} for u, v in g.edges()],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the tree as versioned node-link JSON, atomically (temp file + rename); returns the path."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(self.to_json(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, obs_key: ObservationKey | None = None) -> TrajectoryTree:
+        """Read a tree written by :meth:`save`.
+
+        Raises:
+            DataFormatError: the file is missing, not JSON, of another schema version, or not a valid tree
+                (the message names the file and the problem).
+        """
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataFormatError(f"tree file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataFormatError(f"{p}: cannot read tree file: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(data, dict):
+            raise DataFormatError(f"{p}: a tree file must hold a JSON object, got {type(data).__name__}")
+        schema = data.get("schema")
+        if schema != TREE_SCHEMA:
+            what = "missing field 'schema'" if schema is None else f"unsupported tree schema {schema!r}"
+            raise DataFormatError(f"{p}: {what} (this version reads {TREE_SCHEMA!r})")
+        nodes, edges = data.get("nodes"), data.get("edges")
+        if not isinstance(nodes, list) or not isinstance(edges, list):
+            raise DataFormatError(f"{p}: 'nodes' and 'edges' must be lists")
+        gattrs = data.get("graph")
+        if not isinstance(gattrs, dict):
+            raise DataFormatError(f"{p}: 'graph' must be an object")
+        return cls._from_records(gattrs, nodes, edges, str(p), obs_key)
+
+    def __repr__(self) -> str:
+        return f"TrajectoryTree({self.task_id!r}, nodes={len(self)}, trajectories={self._visits[0]})"
+
+
+_NODE_FIELDS: dict[str, tuple[type, ...]] = {
+    "depth": (int,),
+    "action": (str,),
+    "thought": (str,),
+    "observation": (str,),
+    "observation_before": (str,),
+    "visits": (int,),
+    "return_sum": (int, float),
+    "successes": (int,),
+    "failures": (int,),
+    "sources": (dict,),
+    "mcts_visits": (int,),
+    "mcts_value": (int, float),
+    "terminal": (dict,),
+    "thought_return": (int, float),
+}
+
+
+def _check_node(rec: Mapping[str, Any], nid: int, fail: Callable[[str], DataFormatError]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, types in _NODE_FIELDS.items():
+        if name not in rec:
+            raise fail(f"node {nid}: missing attribute '{name}'")
+        v = rec[name]
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise fail(
+                f"node {nid}: attribute '{name}' must be {' or '.join(t.__name__ for t in types)}, got {v!r}"
+            )
+        if isinstance(v, float) and not math.isfinite(v):
+            raise fail(f"node {nid}: attribute '{name}' must be finite, got {v!r}")
+        out[name] = v
+    if out["visits"] < 0 or not 0 <= out["successes"] <= out["visits"]:
+        raise fail(f"node {nid}: need 0 <= successes <= visits, got {out['successes']} and {out['visits']}")
+    if out["failures"] != out["visits"] - out["successes"]:
+        raise fail(f"node {nid}: failures {out['failures']} != visits - successes")
+    for name in ("sources", "terminal"):
+        for k, c in out[name].items():
+            if not isinstance(k, str) or not isinstance(c, int) or isinstance(c, bool) or c < 0:
+                raise fail(f"node {nid}: attribute '{name}' must map names to counts, got {k!r}: {c!r}")
+    if sum(out["sources"].values()) != out["visits"]:
+        raise fail(
+            f"node {nid}: source counts sum to {sum(out['sources'].values())}, not visits {out['visits']}"
+        )
+    bad = set(out["terminal"]) - set(END_REASONS)
+    if bad:
+        raise fail(
+            f"node {nid}: unknown terminal outcome {sorted(bad)[0]!r} (expected {', '.join(END_REASONS)})"
+        )
+    return out
+
+
+def build_trees(
+    trajectories: Iterable[Trajectory], *, obs_key: ObservationKey | None = None
+) -> dict[str, TrajectoryTree]:
+    """One canonical tree per task from any number of trajectories; returns ``{task_id: tree}`` sorted by task."""
+    trees: dict[str, TrajectoryTree] = {}
+    for traj in trajectories:
+        tree = trees.get(traj.task_id)
+        if tree is None:
+            tree = trees[traj.task_id] = TrajectoryTree(traj.task_id, obs_key=obs_key)
+        tree.add(traj)
+    for tree in trees.values():
+        tree.canonicalize()
+    return {k: trees[k] for k in sorted(trees)}
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def tree_filename(task_id: str) -> str:
+    """A safe, unique file name for the tree of ``task_id``: readable part plus a short hash of the id."""
+    readable = _UNSAFE.sub("_", task_id).strip("._")[:80] or "task"
+    digest = hashlib.sha1(task_id.encode("utf-8")).hexdigest()[:8]
+    return f"{readable}-{digest}.json"
