@@ -6,8 +6,8 @@
 
 * ``reset(seed=, options={"task": id})`` returns ``(observation, info)``;
 * ``step(action)`` returns ``(observation, reward, terminated, truncated, info)`` where ``reward`` is the change
-  of the normalised score (so an episode's return is its final score, in [0, 1]), ``terminated`` is won or
-  lost and ``truncated`` is the step limit;
+  of the normalised score (the first step also gets any score the task starts with, so an episode's return is
+  exactly its final score, in [0, 1]), ``terminated`` is won or lost and ``truncated`` is the step limit;
 * ``info`` always holds ``task_id``, ``won``, ``lost``, ``score`` (normalised, in [0, 1]), ``raw_score`` and
   ``max_score`` (the engine's own units), ``admissible_commands`` (a list, or ``None`` when not computed) and
   ``expert_plan`` (the expert's remaining commands, or ``None`` when unknown); ``reset`` adds ``instruction``;
@@ -285,7 +285,8 @@ class TextEnv(gym.Env[str, str]):
             logger.debug("step after the end of the episode of %s; call reset()", self._task_id)
             return self._result(self._status, 0.0)
         command = clean_action(action)
-        previous = self._status.score
+        # the first step is also credited with any score the task starts with, so the return is the final score
+        previous = self._status.score if self._actions else 0.0
         self._status = self._engine_step(command)
         self._actions.append(command)
         result = self._result(self._status, self._status.score - previous)

@@ -47,6 +47,16 @@ _EPISODE_ATTRS = (
 )
 
 
+def _strip_prompt(text: str) -> str:
+    """The game's answer without the interpreter's trailing ``>`` prompt and status line
+    (``">  -= Kitchen =-0/3"``), which are screen furniture rather than part of the answer."""
+    text = text.rstrip()
+    head, sep, last = text.rpartition("\n")
+    if last.lstrip().startswith(">"):
+        text = head.rstrip() if sep else ""
+    return text.strip("\n")
+
+
 def _copy_value(value: Any) -> Any:
     from textworld.core import GameState
     from textworld.generator.game import GameProgression
@@ -166,7 +176,7 @@ class TextWorldEnv(TextEnv):
                 plan = ()
         admissible = tuple(gs["admissible_commands"]) if self.admissible_commands else None
         return EngineStatus(
-            observation=gs.get("feedback") or "",
+            observation=_strip_prompt(gs.get("feedback") or ""),
             raw_score=float(gs.get("score") or 0),
             max_score=self._max_score,
             won=bool(gs.get("won")),

@@ -52,7 +52,9 @@ def game_texts() -> list[str]:
         for j, thing in enumerate(things):
             texts.append(f"-= {room.title()} =- You are in a {room}. You see a {thing} on the table.")
             texts.append(f"take {thing}")
-            texts.append(f"You take the {thing} from the table. Your score has just gone up by {i + j} points.")
+            texts.append(
+                f"You take the {thing} from the table. Your score has just gone up by {i + j} points."
+            )
             texts.append(f"go {['north', 'south', 'east', 'west'][(i + j) % 4]}")
             texts.append(f"open {thing} box with {things[(j + 1) % len(things)]}")
     return texts
