@@ -166,7 +166,8 @@ class TextEnv(gym.Env[str, str]):
     ``default_task``.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "human"]}
+    # render_fps is nominal (text is rendered once per step); gymnasium's checker expects it to be declared
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "human"], "render_fps": 1}
     env_id: ClassVar[str] = ""
 
     def __init__(self, task: str | None = None, *, max_steps: int = 100, render_mode: str | None = None):

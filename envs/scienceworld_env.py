@@ -74,12 +74,20 @@ class _Simulator:
         except Exception:  # the JVM may already be gone
             logger.debug("py4j shutdown failed", exc_info=True)
         env.close = lambda: None  # the package's __del__ calls close(), which would shut down a second time
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except Exception:  # pragma: no cover - a JVM that ignores SIGTERM
-                proc.kill()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except Exception:  # pragma: no cover - a JVM that ignores SIGTERM
+                    proc.kill()
+                    proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        tempdir = getattr(env, "_obj_tree_tempdir", None)
+        if tempdir is not None:
+            tempdir.cleanup()
         logger.info("stopped the ScienceWorld JVM")
 
 

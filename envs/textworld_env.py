@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,7 @@ class TextWorldEnv(TextEnv):
         return self.cache.get(suite.game_spec(split, index))
 
     def _load_task(self, task_id: str) -> str:
+        import jericho
         import textworld
 
         path = self.game_path(task_id)
@@ -154,7 +156,10 @@ class TextWorldEnv(TextEnv):
             policy_commands=self.expert_plan,
             extras=["walkthrough"],
         )
-        self._tw = textworld.start(str(path), request_infos=infos)
+        with warnings.catch_warnings():
+            # Jericho warns that it cannot read score and moves of TextWorld games; TextWorld tracks both itself
+            warnings.simplefilter("ignore", jericho.UnsupportedGameWarning)
+            self._tw = textworld.start(str(path), request_infos=infos)
         self._game_path = path
         game = self._tw._wrapped_env._game
         self._walkthrough = tuple(game.metadata.get("walkthrough") or game.walkthrough or ())
