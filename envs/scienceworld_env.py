@@ -246,18 +246,15 @@ class ScienceWorldEnv(TextEnv):
     def _engine_step(self, command: str) -> EngineStatus:
         n = len(self._actions)
         self._on_gold = self._on_gold and n < len(self._gold) and self._gold[n] == command
+        if self._loaded is not None and not self._sim.running:
+            self._recover("found dead")
         try:
             server = self._ensure_loaded()
             observation = server.step(command)
         except Exception as exc:
             if self._sim.running:
                 raise
-            logger.warning("the ScienceWorld JVM died (%s); restarting it and replaying %d actions", exc, n)
-            actions = list(self._actions)
-            on_gold = self._on_gold
-            self.replay(actions)
-            self._actions = actions
-            self._on_gold = on_gold
+            self._recover(f"died: {exc}")
             server = self._ensure_loaded()
             observation = server.step(command)
         self._pending = 1
@@ -265,6 +262,20 @@ class ScienceWorldEnv(TextEnv):
             return self._report(observation, server)
         finally:
             self._pending = 0
+
+    def _recover(self, why: str) -> None:
+        """Restart the JVM and rebuild the episode by replaying its actions."""
+        logger.warning(
+            "the ScienceWorld JVM %s; restarting it and replaying %d actions of %s",
+            why,
+            len(self._actions),
+            self._task_id,
+        )
+        # the episode keeps its gold path: a reload may generate a different (equally valid) one
+        actions, on_gold, gold = list(self._actions), self._on_gold, self._gold
+        self._sim.stop()
+        self.replay(actions)
+        self._actions, self._on_gold, self._gold = actions, on_gold, gold
 
     # ------------------------------------------------------------------------------ lifecycle
 
