@@ -19,8 +19,10 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from w2s_agents.envs.suites import GameSpec
 from w2s_agents.errors import W2SError
@@ -120,8 +122,7 @@ class GameCache:
 
 def _make_and_compile(spec: GameSpec, out: Path) -> Path:
     """Generate ``spec``'s game and compile it to ``out`` (a ``.z8`` path); returns the compiled file."""
-    import textworld
-    import textworld.challenges
+    import jericho
     from textworld.generator import compile_game
     from textworld.generator.game import GameOptions
 
@@ -130,6 +131,23 @@ def _make_and_compile(spec: GameSpec, out: Path) -> Path:
     options.path = str(out)
     options.file_ext = ".z8"
     options.force_recompile = True
+    with warnings.catch_warnings():
+        # some challenges play their game in Jericho to record the walkthrough; Jericho then warns that it
+        # cannot read the score of TextWorld games (TextWorld tracks it itself)
+        warnings.simplefilter("ignore", jericho.UnsupportedGameWarning)
+        game = _make_game(spec, options)
+    game.metadata["w2s_spec"] = {
+        "challenge": spec.challenge,
+        "seed": spec.seed,
+        "settings": dict(spec.settings),
+    }
+    return Path(compile_game(game, options))
+
+
+def _make_game(spec: GameSpec, options: Any) -> Any:
+    import textworld
+    import textworld.challenges
+
     settings = dict(spec.settings)
     if spec.challenge == "custom":
         options.nb_rooms = settings["world_size"]
@@ -140,5 +158,4 @@ def _make_and_compile(spec: GameSpec, out: Path) -> Path:
     else:
         _, make, _ = textworld.challenges.CHALLENGES[spec.challenge]
         game = make(settings, options)
-    game.metadata["w2s_spec"] = {"challenge": spec.challenge, "seed": spec.seed, "settings": settings}
-    return Path(compile_game(game, options))
+    return game
