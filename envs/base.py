@@ -212,8 +212,9 @@ class TextEnv(gym.Env[str, str]):
         """An exact snapshot of the engine, or ``None`` to restore by replay (the default)."""
         return None
 
-    def _engine_restore(self, snapshot: Any) -> None:
-        """Put the engine back into ``snapshot`` (from :meth:`_engine_snapshot`, never ``None``)."""
+    def _engine_restore(self, snapshot: Any) -> bool:
+        """Put the engine back into ``snapshot`` (from :meth:`_engine_snapshot`, never ``None``); return
+        ``False`` when this engine cannot apply it (the state is then restored by replay)."""
         raise NotImplementedError
 
     @abstractmethod
@@ -356,9 +357,7 @@ class TextEnv(gym.Env[str, str]):
             self._instruction = self._load_task(state.task_id)
             self._task_id = state.task_id
             self._engine_reset()  # a freshly loaded engine must be started before it takes a snapshot
-        if state.engine is not None:
-            self._engine_restore(state.engine)
-        else:
+        if state.engine is None or not self._engine_restore(state.engine):
             self.replay(state.actions)
         self._actions = list(state.actions)
         self._status = state.status

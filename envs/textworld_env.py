@@ -33,6 +33,9 @@ __all__ = ["TextWorldEnv"]
 
 logger = logging.getLogger(__name__)
 
+_ENGINE_SEED = 20_240_917
+"""Seed of the Z-machine's random generator (Jericho treats 0 as "unseeded")."""
+
 # Episode-dependent attributes of TextWorld's wrapper stack (TWInform7 -> StateTracking -> Inform7Data ->
 # GameData -> JerichoEnv); the rest (game, Inform7 helpers, requested infos) is fixed per game.
 _EPISODE_ATTRS = (
@@ -160,6 +163,8 @@ class TextWorldEnv(TextEnv):
             # Jericho warns that it cannot read score and moves of TextWorld games; TextWorld tracks both itself
             warnings.simplefilter("ignore", jericho.UnsupportedGameWarning)
             self._tw = textworld.start(str(path), request_infos=infos)
+        # a fixed interpreter seed: TextWorld games are deterministic, and so must be their replays
+        self._tw.seed(_ENGINE_SEED)
         self._game_path = path
         game = self._tw._wrapped_env._game
         self._walkthrough = tuple(game.metadata.get("walkthrough") or game.walkthrough or ())
@@ -218,17 +223,22 @@ class TextWorldEnv(TextEnv):
             {name: _copy_value(vars(layer)[name]) for name in _EPISODE_ATTRS if name in vars(layer)}
             for layer in layers
         ]
-        return self._game_path, layers[-1]._jericho.get_state(), saved
+        # the game is named by its file name (the spec hash for generated games), so a state restores on
+        # an env whose cache lives elsewhere
+        return self._game_path.name, layers[-1]._jericho.get_state(), saved
 
-    def _engine_restore(self, snapshot: Any) -> None:
-        game_path, machine, saved = snapshot
-        if game_path != self._game_path:  # a state of another game file with the same task id
-            raise UnknownTaskError(f"saved state is of game {game_path}, the env plays {self._game_path}")
+    def _engine_restore(self, snapshot: Any) -> bool:
+        game_name, machine, saved = snapshot
+        if self._game_path is None or game_name != self._game_path.name:
+            # the same task id names another game file here (e.g. a user's .z8 path that changed): replay
+            logger.debug("state of game %s restored by replay on %s", game_name, self._game_path)
+            return False
         layers = self._layers()
         for layer, attrs in zip(layers, saved, strict=True):
             for name, value in attrs.items():
                 setattr(layer, name, _copy_value(value))
         layers[-1]._jericho.set_state(machine)
+        return True
 
     def copy_engine(self) -> Any:
         """TextWorld's own ``Environment.copy()`` of the running game (for comparison benchmarks)."""

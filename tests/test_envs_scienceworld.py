@@ -129,3 +129,19 @@ def test_close_stops_the_jvm() -> None:
     assert proc.poll() is not None
     e.reset(options={"task": "boil/0"})  # starts a new one
     e.close()
+
+
+def test_demos_of_a_scienceworld_suite(tmp_path) -> None:
+    from w2s_agents.envs.demos import export_demos
+    from w2s_agents.envs.suites import register_suite
+    from w2s_agents.store import read_trajectories
+
+    register_suite(
+        ScienceWorldSuite("test-sw-demos", tasks=("chemistry-mix", "find-plant"), sizes={"train": 1})
+    )
+    out = tmp_path / "sw.jsonl"
+    written, won = export_demos("test-sw-demos", "train", out, admissible_commands=False)
+    assert (written, won) == (2, 2)
+    trajs = list(read_trajectories(out))
+    assert [t.task_id.split("/")[0] for t in trajs] == ["chemistry-mix", "find-plant"]
+    assert all(t.success and t.return_ == 1.0 and t.env_id == "w2s/ScienceWorld-v0" for t in trajs)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from w2s_agents.envs.base import OBSERVATION_MAX_CHARS, UnknownTaskError, clean_action
 from w2s_agents.envs.suites import GameSpec, TextWorldSuite
@@ -244,3 +247,48 @@ def test_observations_fit_the_space(env: TextWorldEnv) -> None:
     assert env.observation_space.max_length == OBSERVATION_MAX_CHARS
     assert env.observation_space.contains(obs)
     assert not obs.rstrip().endswith(">")  # the interpreter's prompt is not part of the observation
+
+
+_POOL = ["look", "inventory", "", "xyzzy", "go north", "go east", "go west", "take all", "open door"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prefix=st.lists(st.integers(min_value=0, max_value=40), max_size=10),
+    continuation=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=8),
+)
+def test_restore_property(env: TextWorldEnv, prefix: list[int], continuation: list[int]) -> None:
+    """Hypothesis: any prefix and continuation (indices into walkthrough + admissible commands + junk)."""
+
+    def pick(i: int, info: dict) -> str:
+        pool = list(info["expert_plan"] or []) + _POOL + list(info["admissible_commands"] or [])
+        return pool[i % len(pool)]
+
+    _, info = env.reset(options={"task": "test-tw-simple/train/0"})
+    for i in prefix:
+        *_, info = env.step(pick(i, info))
+    state = env.clone_state()
+    first, actions = [], []
+    for i in continuation:
+        actions.append(pick(i, first[-1][4] if first else info))
+        first.append(env.step(actions[-1]))
+    env.restore_state(state)
+    assert [env.step(a) for a in actions] == first
+
+
+def test_state_restores_on_an_env_with_another_cache(env: TextWorldEnv, tmp_path: Path) -> None:
+    task = "test-tw-treasure_hunter/train/1"
+    _, info = env.reset(options={"task": task})
+    env.step("look")
+    state = env.clone_state()
+    first = _play(env, ["inventory", *info["expert_plan"]])
+    src = env.game_path(task)
+    dst = tmp_path / src.parent.name
+    dst.mkdir()
+    for suffix in (".z8", ".json"):
+        shutil.copy(src.with_suffix(suffix), dst / src.with_suffix(suffix).name)
+    other = TextWorldEnv(cache_dir=tmp_path)
+    other.restore_state(state)
+    assert other._game_path != env._game_path
+    assert _play(other, ["inventory", *info["expert_plan"]]) == first
+    other.close()
