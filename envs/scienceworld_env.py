@@ -212,7 +212,8 @@ class ScienceWorldEnv(TextEnv):
             self._load(*self._parse(self._task_id))
         return server
 
-    def _report(self, observation: str, server: Any) -> EngineStatus:
+    def _report(self, observation: str, server: Any, taken: int) -> EngineStatus:
+        """The engine status after ``taken`` actions of the episode."""
         score = float(server.getScore())
         completed = bool(server.getCompleted())
         won = score >= 1.0 - 1e-9
@@ -222,7 +223,7 @@ class ScienceWorldEnv(TextEnv):
             admissible = tuple(str(a) for a in server.getValidActionObjectCombinations())
         plan = None
         if self.expert_plan and self._on_gold:
-            plan = () if (won or lost) else self._gold[len(self._actions) + self._pending :]
+            plan = () if (won or lost) else self._gold[taken:]
         return EngineStatus(
             observation=str(observation),
             raw_score=score,
@@ -233,15 +234,12 @@ class ScienceWorldEnv(TextEnv):
             expert_plan=plan,
         )
 
-    _pending = 0  # 1 while the step being reported is not yet in self._actions
-
     def _engine_reset(self) -> EngineStatus:
         server = self._ensure_loaded()
         server.reset()
         self._on_gold = True
-        self._pending = 0
         # the simulator reports score and completion only after a first step: "look around", as the package does
-        return self._report(server.step("look around"), server)
+        return self._report(server.step("look around"), server, 0)
 
     def _engine_step(self, command: str) -> EngineStatus:
         n = len(self._actions)
@@ -257,11 +255,7 @@ class ScienceWorldEnv(TextEnv):
             self._recover(f"died: {exc}")
             server = self._ensure_loaded()
             observation = server.step(command)
-        self._pending = 1
-        try:
-            return self._report(observation, server)
-        finally:
-            self._pending = 0
+        return self._report(observation, server, n + 1)
 
     def _recover(self, why: str) -> None:
         """Restart the JVM and rebuild the episode by replaying its actions."""
