@@ -50,8 +50,9 @@ logger = logging.getLogger(__name__)
 ACTION_MAX_CHARS = 190
 """Longest command sent to an engine; Z-machine interpreters read at most ~198 bytes of input."""
 
-ACTION_CHARSET = "".join(chr(c) for c in range(0x20, 0x7F))
-"""Characters of a command as the engine receives it: printable ASCII (what text-game parsers read)."""
+ACTION_CHARSET = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "\\")
+"""Characters of a command as the engine receives it: printable ASCII (what text-game parsers read) except the
+backslash, on which the Z-machine interpreter under TextWorld crashes or hangs."""
 
 OBSERVATION_MAX_CHARS = 65_536
 """Longest observation returned; engine text beyond it is cut (a room description is a few kB)."""
@@ -69,7 +70,7 @@ OBSERVATION_CHARSET = _observation_charset()
 """Characters an observation may contain; anything else is replaced by ``?`` (see :func:`fit_observation`)."""
 _OBSERVATION_CHARS = frozenset(OBSERVATION_CHARSET)
 
-_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_NOT_SENDABLE = re.compile(r"[^\x20-\x5b\x5d-\x7e]+")  # outside ACTION_CHARSET
 _SPACES = re.compile(r" {2,}")
 
 
@@ -77,8 +78,9 @@ def clean_action(action: Any) -> str:
     """The command an engine receives for ``action``: printable ASCII, one line, at most
     :data:`ACTION_MAX_CHARS` characters.
 
-    Accented letters lose their accents (``"clé"`` -> ``"cle"``), other non-ASCII characters and control
-    characters (newlines, NUL, escapes) become spaces, runs of spaces collapse, and text beyond the limit is cut.
+    Accented letters lose their accents (``"clé"`` -> ``"cle"``), other non-ASCII characters, control
+    characters (newlines, NUL, escapes) and backslashes become spaces, runs of spaces collapse, and text beyond
+    the limit is cut.
     Never raises: ``bytes`` are decoded leniently and any other object is converted with ``str``.
     """
     if isinstance(action, bytes):
@@ -89,7 +91,7 @@ def clean_action(action: Any) -> str:
         action = action[: 4 * ACTION_MAX_CHARS]
     if not action.isascii():
         action = unicodedata.normalize("NFKD", action).encode("ascii", "ignore").decode("ascii")
-    text = _SPACES.sub(" ", _NOT_PRINTABLE.sub(" ", action)).strip()
+    text = _SPACES.sub(" ", _NOT_SENDABLE.sub(" ", action)).strip()
     return text[:ACTION_MAX_CHARS].rstrip()
 
 

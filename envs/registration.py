@@ -121,5 +121,10 @@ def make_env(env_id: str, **kwargs: Any) -> Any:
         raise W2SError(f"unknown env id {env_id!r}; registered text envs: {known}")
     try:
         return gym.make(env_id, **kwargs)
-    except (ImportError, AttributeError, gym.error.Error) as exc:
+    except (
+        ImportError,
+        AttributeError,
+        TypeError,
+        gym.error.Error,
+    ) as exc:  # TypeError: a bad constructor argument
         raise W2SError(f"cannot create env {env_id} ({_ENTRIES[env_id].entry_point}): {exc}") from exc

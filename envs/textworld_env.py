@@ -157,7 +157,6 @@ class TextWorldEnv(TextEnv):
             lost=True,
             admissible_commands=self.admissible_commands,
             policy_commands=self.expert_plan,
-            extras=["walkthrough"],
         )
         with warnings.catch_warnings():
             # Jericho warns that it cannot read score and moves of TextWorld games; TextWorld tracks both itself

@@ -121,6 +121,11 @@ def test_plugin_env_registers_and_appears_in_w2s_envs(
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("toy/Counter-v0  toy_plugin:CounterEnv  (toy-plugin 0.1)") for line in lines)
     assert any(line.startswith("w2s/TextWorld-v0") for line in lines)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("down\nup\nup\nup\n"))
+    assert main(["envs", "play", "toy/Counter-v0"]) == 0
+    assert "[won after 4 steps, return 1.000]" in capsys.readouterr().out
+    assert main(["envs", "play", "toy/Counter-v0", "--cache-dir", "x"]) == 2
+    assert "cannot create env toy/Counter-v0" in capsys.readouterr().err
 
 
 def test_cli_play_reads_commands_from_stdin(

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from w2s_agents.envs.base import OBSERVATION_MAX_CHARS, UnknownTaskError, clean_action
+from w2s_agents.envs.base import ACTION_CHARSET, OBSERVATION_MAX_CHARS, UnknownTaskError, clean_action
 from w2s_agents.envs.suites import GameSpec, TextWorldSuite
 from w2s_agents.envs.textworld_env import TextWorldEnv
 from w2s_agents.envs.textworld_games import GameCache
@@ -31,6 +31,8 @@ BAD_ACTIONS = [
     "take all",
     "\ud800 lone surrogate",
     "!@#$%^&*()_+{}|:<>?",
+    "\\",  # the Z-machine interpreter crashes or hangs on backslashes
+    "take \\ coin \\\\ \\n",
 ]
 
 
@@ -183,12 +185,32 @@ def test_malformed_actions_never_raise(env: TextWorldEnv) -> None:
         env.step(action)  # type: ignore[arg-type]
 
 
+def test_random_printable_actions_never_crash_the_interpreter(env: TextWorldEnv) -> None:
+    """Random text from the whole printable range (the action space's samples, plus backslashes and
+    punctuation runs) must not crash or hang the Z-machine."""
+    env.reset(options={"task": "test-tw-coin_collector/train/0"})
+    env.action_space.seed(0)
+    rng = random.Random(0)
+    printable = [chr(c) for c in range(0x20, 0x7F)]
+    for i in range(300):
+        if i % 2:
+            action = env.action_space.sample()
+        else:
+            action = "".join(rng.choice(printable) for _ in range(rng.randint(1, 200)))
+        obs, *_ = env.step(action)
+        assert isinstance(obs, str)
+        if env.clone_state().done:
+            env.reset()
+
+
 def test_clean_action() -> None:
     assert clean_action("  Take  the\tkey\n") == "Take the key"
     assert clean_action("clé") == "cle"
     assert clean_action("a\x00b") == "a b"
     assert len(clean_action("x" * 10_000)) <= 190
     assert clean_action("☃") == ""
+    assert clean_action("take \\ coin") == "take coin"
+    assert all(c in ACTION_CHARSET for c in clean_action("".join(map(chr, range(300)))))
 
 
 def test_same_spec_twice_gives_identical_games_the_second_time_from_cache(tmp_path: Path) -> None:

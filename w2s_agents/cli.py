@@ -124,8 +124,11 @@ def _cmd_model_info(ns: argparse.Namespace) -> int:
 
 
 def _env_kwargs(ns: argparse.Namespace) -> dict:
-    kwargs: dict = {"max_steps": ns.max_steps, "admissible_commands": not ns.no_admissible}
-    if getattr(ns, "cache_dir", None):
+    """Constructor arguments from the command line: only those given, so plugin envs need not accept them."""
+    kwargs: dict = {"max_steps": ns.max_steps}
+    if ns.no_admissible:
+        kwargs["admissible_commands"] = False
+    if ns.cache_dir:
         kwargs["cache_dir"] = ns.cache_dir
     return kwargs
 
@@ -168,10 +171,7 @@ def _cmd_envs_tasks(ns: argparse.Namespace) -> int:
 def _cmd_envs_play(ns: argparse.Namespace) -> int:
     from w2s_agents.envs import make_env
 
-    kwargs = _env_kwargs(ns)
-    if ns.env_id != "w2s/TextWorld-v0":
-        kwargs.pop("cache_dir", None)
-    env = make_env(ns.env_id, **kwargs)
+    env = make_env(ns.env_id, **_env_kwargs(ns))
     try:
         obs, info = env.reset(options={"task": ns.task} if ns.task else None)
         print(f"# {info['task_id']}: {info.get('instruction', '')}")
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--show-admissible", action="store_true", help="print the admissible commands each turn")
     p.add_argument("--no-admissible", action="store_true", help="do not compute admissible commands")
-    p.add_argument("--cache-dir", default=None, help="TextWorld game cache folder")
+    p.add_argument("--cache-dir", default=None, help="game cache folder (TextWorld)")
     p.set_defaults(func=_cmd_envs_play)
     p = envs_sub.add_parser(
         "demos",
