@@ -136,3 +136,39 @@ def make_traj():
 def golden_trajectories() -> list:
     """Four hand-written episodes of one task whose tree, values and pairs the tests compute by hand."""
     return _golden_trajectories()
+
+
+# ------------------------------------------------------------------ text environments
+
+@pytest.fixture(scope="session")
+def game_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TextWorld game cache shared by the tests of one session (games are generated once)."""
+    return tmp_path_factory.mktemp("games")
+
+
+@pytest.fixture(scope="session")
+def tw_test_suites() -> dict:
+    """One tiny registered TextWorld suite per game recipe (``test-tw-simple``, ..., ``test-custom``), keyed by
+    challenge name; 2 train, 1 valid and 1 test game each."""
+    from w2s_agents.envs.suites import TextWorldSuite, register_suite
+
+    recipes = [
+        ("tw-simple", {}),
+        ("tw-coin_collector", {"level": 2}),
+        ("tw-treasure_hunter", {"level": 2}),
+        ("tw-cooking", {"recipe": 1, "take": 1, "go": 1, "open": True}),
+        ("custom", {"world_size": 3, "nb_objects": 6, "quest_length": 3}),
+    ]
+    return {
+        challenge: register_suite(
+            TextWorldSuite(
+                f"test-{challenge}",
+                challenge,
+                settings,
+                sizes={"train": 2, "valid": 1, "test": 1},
+                seed=1000,
+                description=f"tiny {challenge} suite for tests",
+            )
+        )
+        for challenge, settings in recipes
+    }

@@ -1,0 +1,156 @@
+"""Expert demonstrations: the walkthrough (TextWorld) or gold path (ScienceWorld) of each task, played in the
+env and written as trajectories (role ``expert``) in the JSONL format of :mod:`w2s_agents.types`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from w2s_agents.envs.base import TextEnv
+from w2s_agents.envs.suites import ScienceWorldSuite, TextWorldSuite, get_suite
+from w2s_agents.errors import W2SError
+from w2s_agents.log import progress
+from w2s_agents.store import TrajectoryStore
+from w2s_agents.types import Source, Step, Trajectory
+
+__all__ = ["EXPERT_SOURCE", "expert_trajectory", "export_demos", "suite_env", "suite_task_ids"]
+
+logger = logging.getLogger(__name__)
+
+EXPERT_SOURCE = Source(model="expert", role="expert", sampler="walkthrough")
+"""Source of every expert demonstration."""
+
+
+def expert_trajectory(env: TextEnv, task_id: str) -> Trajectory:
+    """Play the expert plan of ``task_id`` from the reset and return the episode.
+
+    Ends when the plan is exhausted, the game ends or the env's step limit is reached; the trajectory records
+    whatever happened (an expert plan that fails to win is kept, with ``success`` false, and logged).
+
+    Raises:
+        W2SError: the env reports no expert plan for the task.
+    """
+    observation, info = env.reset(options={"task": task_id})
+    plan = info.get("expert_plan")
+    if plan is None:
+        raise W2SError(f"{env.env_id} has no expert plan for task {task_id} (was expert_plan turned off?)")
+    steps: list[Step] = []
+    admissible = info.get("admissible_commands")
+    terminated = truncated = False
+    for action in plan:
+        obs, reward, terminated, truncated, info = env.step(action)
+        steps.append(
+            Step(
+                action=action,
+                observation=obs,
+                reward=reward,
+                score=info["score"],
+                admissible=tuple(admissible) if admissible is not None else None,
+            )
+        )
+        admissible = info.get("admissible_commands")
+        if terminated or truncated:
+            break
+    won = bool(info["won"])
+    end = "won" if won else "lost" if info["lost"] else "truncated"
+    if not won:
+        logger.warning("the expert plan of %s ends %s with score %.3f", task_id, end, info["score"])
+    return Trajectory(
+        task_id=task_id,
+        env_id=env.env_id,
+        source=EXPERT_SOURCE,
+        instruction=env.instruction,
+        initial_observation=observation,
+        steps=tuple(steps),
+        return_=min(1.0, max(0.0, float(info["score"]))),
+        success=won,
+        end=end,
+    )
+
+
+def suite_env(suite_name: str, **env_kwargs: Any) -> TextEnv:
+    """A new env of the kind the suite ``suite_name`` needs (``env_kwargs`` go to its constructor)."""
+    suite = get_suite(suite_name)
+    if isinstance(suite, TextWorldSuite):
+        from w2s_agents.envs.textworld_env import TextWorldEnv
+
+        return TextWorldEnv(**env_kwargs)
+    from w2s_agents.envs.scienceworld_env import ScienceWorldEnv
+
+    return ScienceWorldEnv(simplifications=suite.simplifications, **env_kwargs)
+
+
+def suite_task_ids(suite_name: str, split: str, env: TextEnv | None = None) -> list[str]:
+    """Task ids of ``split`` of a registered suite (ScienceWorld suites need ``env`` or start a JVM)."""
+    suite = get_suite(suite_name)
+    if isinstance(suite, TextWorldSuite):
+        return suite.task_ids(split)
+    assert isinstance(suite, ScienceWorldSuite)
+    from w2s_agents.envs.scienceworld_env import ScienceWorldEnv
+
+    if isinstance(env, ScienceWorldEnv):
+        return env.suite_task_ids(suite, split)
+    sw = ScienceWorldEnv(simplifications=suite.simplifications, admissible_commands=False)
+    try:
+        return sw.suite_task_ids(suite, split)
+    finally:
+        sw.close()
+
+
+def export_demos(
+    suite_name: str,
+    split: str,
+    path: str | os.PathLike[str],
+    *,
+    limit: int | None = None,
+    max_steps: int = 200,
+    admissible_commands: bool = True,
+    **env_kwargs: Any,
+) -> tuple[int, int]:
+    """Write the expert trajectory of every task of a suite split to the JSONL file ``path``.
+
+    Tasks already in the file are skipped, so an interrupted export resumes where it stopped.
+
+    Args:
+        suite_name: a registered suite.
+        split: ``train``, ``valid`` or ``test``.
+        path: trajectory file (appended to).
+        limit: only the first ``limit`` tasks of the split.
+        max_steps: step limit of the expert episodes.
+        admissible_commands: record the admissible commands of each step.
+        env_kwargs: further env constructor arguments (e.g. ``cache_dir``).
+
+    Returns:
+        ``(written, won)``: trajectories written by this call and how many of them won.
+    """
+    env = suite_env(suite_name, max_steps=max_steps, admissible_commands=admissible_commands, **env_kwargs)
+    written = won = 0
+    start = time.perf_counter()
+    try:
+        task_ids = suite_task_ids(suite_name, split, env)
+        if limit is not None:
+            task_ids = task_ids[:limit]
+        with TrajectoryStore(Path(path)) as store:
+            done = {key.task_id for key in store.keys if key.model == EXPERT_SOURCE.model}
+            for task_id in progress(task_ids, desc=f"demos {suite_name}/{split}", unit="task"):
+                if task_id in done:
+                    continue
+                traj = expert_trajectory(env, task_id)
+                store.append(traj)
+                written += 1
+                won += traj.success
+    finally:
+        env.close()
+    logger.info(
+        "wrote %d expert trajectories of %s/%s to %s (%d won) in %.1fs",
+        written,
+        suite_name,
+        split,
+        path,
+        won,
+        time.perf_counter() - start,
+    )
+    return written, won

@@ -1,0 +1,130 @@
+"""Registering text envs with gymnasium: the built-in ones and third-party plugins.
+
+The built-in envs are registered by versioned id with a lazy ``"module:Class"`` entry point, so registering
+imports neither TextWorld nor ScienceWorld:
+
+======================  ==========================================================
+``w2s/TextWorld-v0``    :class:`w2s_agents.envs.textworld_env.TextWorldEnv`
+``w2s/ScienceWorld-v0`` :class:`w2s_agents.envs.scienceworld_env.ScienceWorldEnv`
+======================  ==========================================================
+
+A third-party package adds an env by declaring an entry point in the ``w2s_agents.envs`` group, named by the
+env id, whose value is the env class::
+
+    [project.entry-points."w2s_agents.envs"]
+    "acme/Lab-v0" = "acme_envs.lab:LabEnv"
+
+:func:`register_envs` (run when ``w2s_agents.envs`` is imported) registers every such entry point with gymnasium,
+after which ``gymnasium.make("acme/Lab-v0")``, :func:`make_env` and ``w2s envs`` know it. A plugin that fails to
+register is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import gymnasium as gym
+
+from w2s_agents.errors import W2SError
+
+__all__ = ["BUILTIN_ENVS", "ENTRY_POINT_GROUP", "EnvEntry", "make_env", "register_envs", "registered_envs"]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "w2s_agents.envs"
+"""Package entry-point group through which third-party envs plug in."""
+
+BUILTIN_ENVS: dict[str, str] = {
+    "w2s/TextWorld-v0": "w2s_agents.envs.textworld_env:TextWorldEnv",
+    "w2s/ScienceWorld-v0": "w2s_agents.envs.scienceworld_env:ScienceWorldEnv",
+}
+
+
+@dataclass(frozen=True)
+class EnvEntry:
+    """A text env known to w2s-agents."""
+
+    env_id: str
+    entry_point: str
+    """``"module:Class"`` of the env."""
+    source: str
+    """``builtin`` or the distribution that declared the plugin (``name version``)."""
+
+
+_ENTRIES: dict[str, EnvEntry] = {}
+
+
+def _register(entry: EnvEntry) -> None:
+    existing = gym.registry.get(entry.env_id)
+    if existing is not None and existing.entry_point != entry.entry_point:
+        logger.warning(
+            "env id %s is already registered with gymnasium as %s; %s (%s) is ignored",
+            entry.env_id,
+            existing.entry_point,
+            entry.entry_point,
+            entry.source,
+        )
+        return
+    if existing is None:
+        # the envs enforce their own step limit (truncated at max_steps), so no TimeLimit wrapper
+        gym.register(id=entry.env_id, entry_point=entry.entry_point)
+    _ENTRIES[entry.env_id] = entry
+
+
+def register_envs() -> list[EnvEntry]:
+    """Register the built-in envs and every plugin of the ``w2s_agents.envs`` entry-point group with gymnasium.
+
+    Idempotent; safe to call again after installing a plugin. Returns the known envs (see
+    :func:`registered_envs`).
+    """
+    for env_id, entry_point in BUILTIN_ENVS.items():
+        _register(EnvEntry(env_id, entry_point, "builtin"))
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in BUILTIN_ENVS:
+            continue  # this package's own declaration of a built-in env
+        dist = getattr(ep, "dist", None)
+        source = f"{dist.name} {dist.version}" if dist is not None else "plugin"
+        if ":" not in ep.value:
+            logger.warning(
+                "plugin env %s from %s: entry point %r is not 'module:Class'", ep.name, source, ep.value
+            )
+            continue
+        try:
+            _register(EnvEntry(ep.name, ep.value, source))
+        except Exception as exc:  # a malformed id must not break the other envs
+            logger.warning("plugin env %s from %s could not be registered: %s", ep.name, source, exc)
+    return registered_envs()
+
+
+def registered_envs() -> list[EnvEntry]:
+    """The text envs registered by :func:`register_envs`, sorted by id."""
+    return [_ENTRIES[k] for k in sorted(_ENTRIES)]
+
+
+def make_env(env_id: str, **kwargs: Any) -> Any:
+    """Create the text env ``env_id`` with gymnasium (``kwargs`` go to the env's constructor).
+
+    Returns the gymnasium-wrapped env; ``env.unwrapped`` is the :class:`~w2s_agents.envs.base.TextEnv` with
+    ``clone_state`` / ``restore_state``.
+
+    Raises:
+        W2SError: ``env_id`` is not a registered text env (the message lists the known ids), or its plugin
+            cannot be imported.
+    """
+    if env_id not in _ENTRIES:
+        register_envs()
+    if env_id not in _ENTRIES:
+        known = ", ".join(e.env_id for e in registered_envs())
+        raise W2SError(f"unknown env id {env_id!r}; registered text envs: {known}")
+    try:
+        return gym.make(env_id, **kwargs)
+    except (
+        ImportError,
+        AttributeError,
+        TypeError,
+        gym.error.Error,
+    ) as exc:  # TypeError: a bad constructor argument
+        raise W2SError(f"cannot create env {env_id} ({_ENTRIES[env_id].entry_point}): {exc}") from exc

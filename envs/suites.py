@@ -1,0 +1,298 @@
+"""Task suites: named sets of tasks with train / valid / test splits.
+
+A TextWorld suite (:class:`TextWorldSuite`) is a game recipe (:class:`GameSpec` without a seed) and a number of
+games per split; game ``i`` of a split is generated with seed ``seed + SPLIT_SEED_OFFSET[split] + i``, so the
+splits come from disjoint seed ranges and the same suite always gives the same games. Its task ids are
+``"<suite>/<split>/<index>"``, e.g. ``"tw-simple/train/0"``.
+
+A ScienceWorld suite (:class:`ScienceWorldSuite`) is a set of ScienceWorld tasks with the variation splits that
+the ``scienceworld`` package defines (its dev split is this project's ``valid``); task ids are
+``"<task>/<variation>"``, e.g. ``"boil/3"``.
+
+Suites are looked up by name (:func:`get_suite`); :func:`register_suite` adds one (e.g. a small suite for tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from w2s_agents.errors import ConfigError
+
+__all__ = [
+    "CHALLENGES",
+    "SPLITS",
+    "SPLIT_SEED_OFFSET",
+    "GameSpec",
+    "ScienceWorldSuite",
+    "Suite",
+    "TextWorldSuite",
+    "get_suite",
+    "parse_textworld_task",
+    "register_suite",
+    "suite_names",
+]
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+SPLIT_SEED_OFFSET: Mapping[str, int] = {"train": 0, "valid": 1_000_000, "test": 2_000_000}
+"""Game ``i`` of a split has seed ``suite.seed + SPLIT_SEED_OFFSET[split] + i``; a split holds < 1e6 games."""
+
+CHALLENGES: Mapping[str, Mapping[str, Any]] = {
+    # TextWorld's challenge settings with this project's defaults (see `tw-make <challenge> --help`).
+    "tw-simple": {"rewards": "dense", "goal": "detailed", "test": False},
+    "tw-coin_collector": {"level": 1},
+    "tw-treasure_hunter": {"level": 1},
+    "tw-cooking": {
+        "recipe": 1,
+        "take": 1,
+        "go": 1,
+        "open": False,
+        "cook": False,
+        "cut": False,
+        "drop": False,
+        "recipe_seed": 0,
+        "split": "train",
+    },
+    # A random world and quest from TextWorld's generic generator.
+    "custom": {"world_size": 3, "nb_objects": 5, "quest_length": 3, "quest_breadth": 1},
+}
+"""Game recipes: challenge name -> its settings and their default values."""
+
+
+@dataclass(frozen=True)
+class GameSpec:
+    """Everything that determines one generated TextWorld game; its :meth:`key` names the cached files.
+
+    Raises:
+        ConfigError: an unknown challenge, an unknown setting or a setting of the wrong type.
+    """
+
+    challenge: str
+    """One of :data:`CHALLENGES` (``tw-simple``, ``tw-coin_collector``, ``tw-treasure_hunter``, ``tw-cooking``,
+    ``custom``)."""
+    seed: int
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """Challenge settings; missing ones take the defaults of :data:`CHALLENGES` (filled in on creation)."""
+
+    def __post_init__(self) -> None:
+        if self.challenge not in CHALLENGES:
+            raise ConfigError(
+                f"unknown TextWorld challenge {self.challenge!r}; valid: {', '.join(sorted(CHALLENGES))}"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"game seed must be a non-negative integer, got {self.seed!r}")
+        object.__setattr__(self, "settings", _check_settings(self.challenge, self.settings))
+
+    def key(self) -> str:
+        """A 16-hex-digit hash of the spec and of the TextWorld version (games differ between versions)."""
+        import textworld
+
+        canonical = json.dumps(
+            {
+                "challenge": self.challenge,
+                "seed": self.seed,
+                "settings": dict(self.settings),
+                "textworld": textworld.__version__,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_settings(challenge: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(settings, Mapping):
+        raise ConfigError(
+            f"settings of challenge {challenge} must be a mapping, got {type(settings).__name__}"
+        )
+    defaults = CHALLENGES[challenge]
+    out = dict(defaults)
+    for key, value in settings.items():
+        if key not in defaults:
+            raise ConfigError(
+                f"unknown setting {key!r} for TextWorld challenge {challenge}; valid: {', '.join(defaults)}"
+            )
+        want = type(defaults[key])
+        if type(value) is not want:
+            raise ConfigError(
+                f"setting {key!r} of TextWorld challenge {challenge} must be {want.__name__}, got {value!r}"
+            )
+        out[key] = value
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class TextWorldSuite:
+    """A named set of generated TextWorld games with train / valid / test splits.
+
+    For ``tw-cooking`` the game's own ``split`` setting follows the suite split (the cooking challenge keeps
+    disjoint ingredients and recipes per split).
+    """
+
+    name: str
+    challenge: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    sizes: Mapping[str, int] = field(default_factory=lambda: {"train": 100, "valid": 20, "test": 50})
+    """Number of games per split."""
+    seed: int = 0
+    """First seed of the train split (see :data:`SPLIT_SEED_OFFSET`)."""
+    description: str = ""
+    env_id: str = "w2s/TextWorld-v0"
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        GameSpec(self.challenge, 0, self.settings)  # validates challenge and settings
+        _check_sizes(self.name, self.sizes)
+
+    def game_spec(self, split: str, index: int) -> GameSpec:
+        """The spec of game ``index`` of ``split``.
+
+        Raises:
+            ConfigError: an unknown split or an index outside the split.
+        """
+        size = _split_size(self.name, self.sizes, split)
+        if not 0 <= index < size:
+            raise ConfigError(f"suite {self.name} split {split} has games 0..{size - 1}, not {index}")
+        settings = dict(self.settings)
+        if self.challenge == "tw-cooking":
+            settings["split"] = split
+        return GameSpec(self.challenge, self.seed + SPLIT_SEED_OFFSET[split] + index, settings)
+
+    def task_ids(self, split: str) -> list[str]:
+        """Task ids of ``split`` in order (``<suite>/<split>/<index>``)."""
+        return [f"{self.name}/{split}/{i}" for i in range(_split_size(self.name, self.sizes, split))]
+
+
+@dataclass(frozen=True)
+class ScienceWorldSuite:
+    """A set of ScienceWorld tasks; split ``s`` holds, for each task, the first ``sizes[s]`` variations of the
+    package's split (all of them when ``sizes[s]`` is ``None``)."""
+
+    name: str
+    tasks: tuple[str, ...] = ()
+    """ScienceWorld task names; empty means all 30 tasks."""
+    sizes: Mapping[str, int | None] = field(
+        default_factory=lambda: {"train": None, "valid": None, "test": None}
+    )
+    simplifications: str = "easy"
+    """ScienceWorld simplification string passed to ``load`` (``"easy"`` or a comma list, ``""`` for none)."""
+    description: str = ""
+    env_id: str = "w2s/ScienceWorld-v0"
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        _check_sizes(self.name, self.sizes, allow_none=True)
+
+
+Suite = TextWorldSuite | ScienceWorldSuite
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name.strip() != name:
+        raise ConfigError(f"suite name must be a non-empty string without '/' or spaces, got {name!r}")
+
+
+def _check_sizes(name: str, sizes: Mapping[str, Any], *, allow_none: bool = False) -> None:
+    for split, size in sizes.items():
+        if split not in SPLITS:
+            raise ConfigError(f"suite {name}: unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        if size is None and allow_none:
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 1_000_000:
+            raise ConfigError(
+                f"suite {name}: size of split {split} must be an integer in [0, 1e6), got {size!r}"
+            )
+
+
+def _split_size(name: str, sizes: Mapping[str, int], split: str) -> int:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    return sizes.get(split, 0)
+
+
+_SUITES: dict[str, Suite] = {}
+
+
+def register_suite(suite: Suite, *, replace: bool = False) -> Suite:
+    """Make ``suite`` available by name to :func:`get_suite` and to the envs' task ids.
+
+    Raises:
+        ConfigError: a different suite of that name exists and ``replace`` is false.
+    """
+    old = _SUITES.get(suite.name)
+    if old is not None and old != suite and not replace:
+        raise ConfigError(f"a different suite named {suite.name!r} is already registered")
+    _SUITES[suite.name] = suite
+    return suite
+
+
+def get_suite(name: str) -> Suite:
+    """The registered suite called ``name``.
+
+    Raises:
+        ConfigError: no such suite (the message lists the registered ones).
+    """
+    try:
+        return _SUITES[name]
+    except KeyError:
+        raise ConfigError(f"unknown task suite {name!r}; registered: {', '.join(suite_names())}") from None
+
+
+def suite_names() -> list[str]:
+    """Names of the registered suites, sorted."""
+    return sorted(_SUITES)
+
+
+def parse_textworld_task(task_id: str) -> tuple[TextWorldSuite, str, int]:
+    """Split a TextWorld task id ``<suite>/<split>/<index>`` into (suite, split, index).
+
+    Raises:
+        ConfigError: the id is malformed, names an unknown or non-TextWorld suite, or is out of range.
+    """
+    parts = task_id.split("/")
+    if len(parts) != 3 or not parts[2].isdigit():
+        tw = [n for n in suite_names() if isinstance(_SUITES[n], TextWorldSuite)]
+        raise ConfigError(
+            f"bad TextWorld task id {task_id!r}: expected <suite>/<split>/<index> (e.g. tw-simple/train/0) "
+            f"with suite one of {', '.join(tw)}, or the path of a .z8 game file"
+        )
+    suite = get_suite(parts[0])
+    if not isinstance(suite, TextWorldSuite):
+        raise ConfigError(f"suite {parts[0]!r} is not a TextWorld suite")
+    index = int(parts[2])
+    suite.game_spec(parts[1], index)  # validates split and range
+    return suite, parts[1], index
+
+
+for _suite in (
+    TextWorldSuite("tw-simple", "tw-simple", description="TextWorld's simple house game, dense rewards"),
+    TextWorldSuite(
+        "tw-coin_collector", "tw-coin_collector", {"level": 5}, description="find the coin (level 5)"
+    ),
+    TextWorldSuite(
+        "tw-treasure_hunter", "tw-treasure_hunter", {"level": 5}, description="find the object (level 5)"
+    ),
+    TextWorldSuite(
+        "tw-cooking",
+        "tw-cooking",
+        {"recipe": 2, "take": 2, "go": 6, "open": True, "cut": True, "cook": True},
+        description="cook a two-ingredient recipe in a six-room house",
+    ),
+    TextWorldSuite(
+        "tw-custom",
+        "custom",
+        {"world_size": 5, "nb_objects": 10, "quest_length": 5},
+        description="random five-room worlds with quests of length 5",
+    ),
+    ScienceWorldSuite("sciworld", description="all 30 ScienceWorld tasks, the package's variation splits"),
+    ScienceWorldSuite(
+        "sciworld-small",
+        sizes={"train": 10, "valid": 3, "test": 5},
+        description="all 30 ScienceWorld tasks, at most 10 / 3 / 5 variations each",
+    ),
+):
+    register_suite(_suite)
