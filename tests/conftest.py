@@ -140,6 +140,7 @@ def golden_trajectories() -> list:
 
 # ------------------------------------------------------------------ text environments
 
+
 @pytest.fixture(scope="session")
 def game_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A TextWorld game cache shared by the tests of one session (games are generated once)."""
