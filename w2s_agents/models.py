@@ -391,7 +391,12 @@ def load_model(
         raise ModelLoadError(f"{p}: no config.json here; not a saved Hugging Face model directory")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    from w2s_agents.log import progress_enabled
+
+    if not progress_enabled():  # transformers' weight-loading bar follows the project's progress switch
+        hf_logging.disable_progress_bar()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
