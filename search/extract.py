@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from w2s_agents.atomic import atomic_write
 from w2s_agents.messages import SYSTEM_PROMPT, Message, agent_message, task_messages
 from w2s_agents.tree import ROOT, TrajectoryTree, normalize_text
 from w2s_agents.types import Trajectory
@@ -270,19 +269,9 @@ def expert_failure_pairs(
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
     """Write rows as JSON lines atomically (temp file + rename); returns the number of rows."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-                n += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            n += 1
     return n

@@ -64,3 +64,16 @@ def test_progress_respects_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     bar.update(2)
     assert bar.n == 2 and not bar.disable
     bar.close()
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path) -> None:
+    from w2s_agents.atomic import atomic_write
+
+    target = tmp_path / "sub" / "f.txt"
+    with atomic_write(target) as fh:
+        fh.write("old")
+    with pytest.raises(RuntimeError), atomic_write(target) as fh:
+        fh.write("half of the new")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["f.txt"]  # no temporary file left

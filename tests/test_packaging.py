@@ -86,7 +86,7 @@ def _imports(path: Path) -> set[str]:
 
 # DESIGN section 3: core modules (data model, persistence, config; not seeding, which seeds torch) never import envs/search/trainers (nor the heavy ML stack); search never
 # imports torch. Lazy imports inside functions count too: the rule is about what a module may depend on.
-CORE = ["types", "store", "config", "errors", "log", "tree"]
+CORE = ["types", "store", "config", "errors", "log", "tree", "atomic", "messages"]
 FORBIDDEN_IN_CORE = ("torch", "transformers", "ray", "textworld", "scienceworld", "gymnasium", "peft", "trl",
                      "w2s_agents.envs", "w2s_agents.search", "w2s_agents.trainers")  # fmt: skip
 

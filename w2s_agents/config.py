@@ -25,7 +25,6 @@ import difflib
 import hashlib
 import json
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +33,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import ConfigError
 
 __all__ = [
@@ -434,20 +434,9 @@ def config_hash(cfg: Any) -> str:
 
 def save_config(cfg: Any, directory: str | os.PathLike[str], name: str = "config.yaml") -> Path:
     """Write the resolved config as YAML into ``directory`` atomically (temp file + rename) and return its path."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    target = d / name
-    header = f"# resolved w2s-agents config (hash {config_hash(cfg)})\n"
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(header + dump_config(cfg))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    target = Path(directory) / name
+    with atomic_write(target) as fh:
+        fh.write(f"# resolved w2s-agents config (hash {config_hash(cfg)})\n" + dump_config(cfg))
     return target
 
 

@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -54,6 +53,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import DataFormatError
 from w2s_agents.types import END_REASONS, Trajectory
 
@@ -757,18 +757,9 @@ class TrajectoryTree:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the tree as versioned node-link JSON, atomically (temp file + rename); returns the path."""
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps(self.to_json(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(p) as fh:
+            fh.write(data)
         return p
 
     @classmethod
