@@ -284,13 +284,15 @@ def size_without_text(objs: list[Any]) -> int:
 
 
 def add_all(trajs: list[Trajectory]) -> dict[str, TrajectoryTree]:
-    """Merge every trajectory into its task's tree (node ids in insertion order)."""
+    """Merge every trajectory into its task's tree (node ids in insertion order), statistics summed."""
     trees: dict[str, TrajectoryTree] = {}
     for traj in trajs:
         tree = trees.get(traj.task_id)
         if tree is None:
             tree = trees[traj.task_id] = TrajectoryTree(traj.task_id)
         tree.add(traj)
+    for tree in trees.values():
+        tree.update_statistics()  # sum the statistics that add() defers, inside the timed build
     return trees
 
 
