@@ -14,11 +14,17 @@ per model) and ``terminal`` (how the trajectories that ended at the node ended),
 Storage is a struct of arrays: one Python list per attribute indexed by node id (texts are references to
 strings, not copies), a dict ``(parent, action key, observation key) -> child`` for merging, sparse dicts for
 the rare cases (nodes reached by several models, nodes where trajectories ended), and the children in CSR form
-(two numpy arrays, :meth:`TrajectoryTree.child_arrays`). Normalised keys are cached per raw text, and each node
-remembers the raw observation last seen after it, so a repeated step costs a string comparison rather than a
-hash of the observation. Returns are summed in fixed point (units of 2**-32, exact for the usual returns and
-within 2**-32 per trajectory otherwise), so the sums, and the whole tree, do not depend on the order
-trajectories are added in.
+(two numpy arrays, :meth:`TrajectoryTree.child_arrays`). Normalised keys are cached per raw text, and the
+observation after a known step is first compared with the displayed text of the node's observation key, so a
+repeated step costs a string comparison rather than a hash of the observation. Returns are summed in fixed
+point (units of 2**-32, exact for the usual returns and within 2**-32 per trajectory otherwise), so the sums,
+and the whole tree, do not depend on the order trajectories are added in.
+
+:meth:`TrajectoryTree.add` merges the steps and keeps the thoughts at once, but only records each trajectory's
+path of node ids for the counted statistics (visits, return sums, successes, sources, terminal outcomes and
+depths): they are summed the next time any of them is read (every reader does it first, or
+:meth:`~TrajectoryTree.update_statistics`), with numpy when many steps are pending and one by one when few are,
+so the results are those of adding the statistics step by step.
 
 The tree's texts are order-independent too: where merged steps differ in spelling, a node shows the smallest
 raw text of its key; its thought is that of the highest-return trajectory through it (smallest text on ties).
@@ -84,8 +90,6 @@ _SCALE = 1 << 32  # fixed-point unit of summed returns
 _NODE_LISTS = (
     "_depth",
     "_oka",
-    "_hint",
-    "_hint_key",
     "_thought",
     "_tret",
     "_visits",
@@ -94,6 +98,9 @@ _NODE_LISTS = (
     "_src",
 )
 _END_INDEX = {name: i for i, name in enumerate(END_REASONS)}
+_N_END = len(END_REASONS)
+_DENSE_MODELS = 32  # up to this many models, the counts per model of a node are a list (else a dict)
+_BULK_STEPS = 2048  # pending steps from which statistics are summed with numpy rather than one by one
 
 
 def normalize_text(text: str) -> str:
@@ -162,17 +169,21 @@ class TrajectoryTree:
         self._key: list[tuple[int, Any, Any]] = [(-1, "", None)]  # (parent, action key, obs key acted on)
         self._depth: list[int] = [0]
         self._oka: list[Any] = [None]  # key of the observation after the action (root: first observation)
-        # a raw observation seen after the node's action and its key: a cache hint, not part of the tree
-        self._hint: list[str | None] = [None]
-        self._hint_key: list[Any] = [None]
         self._thought: list[str] = [""]
         self._tret: list[int] = [-1]  # fixed-point return of the trajectory whose thought is kept
         self._visits: list[int] = [0]
         self._ret: list[int] = [0]  # fixed-point return sums
         self._succ: list[int] = [0]
         self._src: list[int] = [-1]  # index of the only model through the node, -1 when several (or none)
-        self._src_mixed: dict[int, dict[int, int]] = {}  # node -> model index -> count, where several
+        # node -> count per model index (a list, possibly shorter than the models; a dict where loaded from a
+        # file, which keeps explicit zero counts), where several models went through the node
+        self._src_mixed: dict[int, list[int] | dict[int, int]] = {}
         self._terminal: dict[int, list[int]] = {}  # node -> counts per END_REASONS, where trajectories ended
+        # trajectories added since the statistics were last summed (see _flush): their paths, concatenated
+        # (the root at the start of each path is marked by a negative code: see add)
+        self._pend_nodes: list[int] = []
+        self._pend_ret: list[int] = []  # fixed-point return of each pending trajectory
+        self._ret_bound = 0  # upper bound of every |return sum| (the sum of every |return| added)
         self._index: dict[tuple[int, Any, Any], int] = {}
         # text tables: raw -> key, key -> smallest raw text (the node's displayed text)
         self._akc: dict[str, str] = {}
@@ -219,11 +230,196 @@ class TrajectoryTree:
         """Count model ``s`` at ``node`` whose visits were just incremented, when it is not the only one."""
         only = self._src[node]
         if only >= 0:
-            self._src_mixed[node] = {only: self._visits[node] - 1, s: 1}
+            row = [0] * len(self._models)
+            row[only] = self._visits[node] - 1
+            row[s] = 1
+            self._src_mixed[node] = row
             self._src[node] = -1
+            return
+        row = self._src_mixed.get(node)
+        if row is None:
+            row = self._src_mixed[node] = [0] * len(self._models)
+        if isinstance(row, dict):
+            row[s] = row.get(s, 0) + 1
+            return
+        if s >= len(row):
+            row.extend([0] * (s + 1 - len(row)))
+        row[s] += 1
+
+    def update_statistics(self) -> None:
+        """Sum the statistics of the trajectories added since the last read into the per-node totals.
+
+        :meth:`add` records only each trajectory's path; every method that reads visits, returns, successes
+        or sources calls this first, so calling it is never needed for correct results (it only moves the
+        cost)."""
+        if self._pend_ret:
+            self._flush()
+
+    def _flush(self) -> None:
+        flat, rets = self._pend_nodes, self._pend_ret
+        if not rets:
+            return
+        self._pend_nodes, self._pend_ret = [], []
+        self._ret_bound += sum(map(abs, rets))
+        n = len(self._key)
+        fresh = len(self._visits) == 1 and self._visits[0] == 0  # nothing summed yet
+        grow = n - len(self._visits)
+        if grow:
+            self._visits.extend([0] * grow)
+            self._ret.extend([0] * grow)
+            self._succ.extend([0] * grow)
+            self._src.extend([-1] * grow)
+            self._depth.extend([-1] * grow)
+        if len(flat) < _BULK_STEPS or 4 * len(flat) < n or self._ret_bound >= 1 << 62:
+            self._flush_loop(flat, rets)
         else:
-            d = self._src_mixed.setdefault(node, {})
-            d[s] = d.get(s, 0) + 1
+            self._flush_bulk(flat, rets, fresh)
+
+    def _end(self, node: int, end: int) -> None:
+        ends = self._terminal.get(node)
+        if ends is None:
+            ends = self._terminal[node] = [0] * _N_END
+        ends[end] += 1
+
+    def _flush_loop(self, flat: list[int], rets: list[int]) -> None:
+        """Few pending steps: update the touched nodes one by one."""
+        visits, ret, succs, srcs, depths = self._visits, self._ret, self._succ, self._src, self._depth
+        t = end = -1
+        r = won = s = depth = prev = 0
+        for c in flat:
+            if c < 0:  # the root, at the start of the next trajectory
+                if t >= 0:
+                    self._end(prev, end)
+                t += 1
+                code, end = divmod(~c, _N_END)
+                s, won = code >> 1, code & 1
+                r, c, depth = rets[t], 0, 0
+            else:
+                depth += 1
+                depths[c] = depth
+            v = visits[c] = visits[c] + 1
+            ret[c] += r
+            if won:
+                succs[c] += 1
+            if srcs[c] != s:
+                if v == 1:
+                    srcs[c] = s
+                else:
+                    self._mix_source(c, s)
+            prev = c
+        self._end(prev, end)
+
+    def _flush_bulk(self, flat: list[int], rets: list[int], fresh: bool) -> None:
+        """Many pending steps: count them with numpy (exact: integer counts and fixed-point sums in int64)."""
+        n, k = len(self._key), len(flat)
+        nodes = np.array(flat, dtype=np.int64)
+        starts = np.flatnonzero(nodes < 0)
+        code, end = np.divmod(~nodes[starts], _N_END)
+        nodes[starts] = 0
+        traj = np.zeros(k, dtype=np.int64)
+        traj[starts[1:]] = 1
+        np.cumsum(traj, out=traj)  # trajectory of each pending step
+        depths = np.zeros(n, dtype=np.int64) if fresh else np.asarray(self._depth, dtype=np.int64)
+        depths[nodes] = np.arange(k, dtype=np.int64) - starts[traj]
+        # how the trajectories ended, at their last nodes
+        last = nodes[np.append(starts[1:], k) - 1]
+        end_nodes, which = np.unique(last, return_inverse=True)
+        table = np.zeros((len(end_nodes), _N_END), dtype=np.int64)
+        np.add.at(table, (which, end), 1)
+        terminal = self._terminal
+        rows = table.tolist()
+        if terminal:
+            for i, c in enumerate(end_nodes.tolist()):
+                old = terminal.get(c)
+                if old is not None:
+                    rows[i] = [x + y for x, y in zip(old, rows[i], strict=True)]
+        terminal.update(zip(end_nodes.tolist(), rows, strict=True))
+        won = (code & 1).astype(bool)[traj]
+        model = (code >> 1)[traj]
+        add_visits = np.bincount(nodes, minlength=n)
+        add_ret = np.zeros(n, dtype=np.int64)
+        np.add.at(add_ret, nodes, np.array(rets, dtype=np.int64)[traj])
+        add_succ = np.bincount(nodes[won], minlength=n)
+        old_visits = np.zeros(n, dtype=np.int64) if fresh else np.asarray(self._visits, dtype=np.int64)
+        # sources: per node, the (model, count) pairs of the pending steps
+        m = len(self._models)
+        pairs = nodes * m + model
+        if n * m <= 4 * (len(flat) + n):
+            pair_counts = np.bincount(pairs, minlength=n * m)
+            pairs = np.flatnonzero(pair_counts)
+            pair_counts = pair_counts[pairs]
+        else:
+            pairs, pair_counts = np.unique(pairs, return_counts=True)
+        pair_node, pair_model = np.divmod(pairs, m)  # sorted by node
+        kinds = np.bincount(pair_node, minlength=n)
+        only = np.full(n, -1, dtype=np.int64)
+        only[pair_node] = pair_model  # the model of the nodes with one kind
+        old_src = np.full(n, -1, dtype=np.int64) if fresh else np.asarray(self._src, dtype=np.int64)
+        single = kinds == 1
+        first = single & (old_visits == 0)  # new to the tree: one model
+        same = single & (old_visits > 0) & (old_src == only)  # one model, the one it had
+        is_mixed = (kinds > 0) & ~first & ~same
+        src = old_src.copy()
+        src[first] = only[first]
+        src[is_mixed] = -1
+        src_mixed = self._src_mixed
+        if m > _DENSE_MODELS:  # many models: sparse rows, pair by pair
+            for c, s, x, s0, v0 in zip(
+                pair_node[is_mixed[pair_node]].tolist(),
+                pair_model[is_mixed[pair_node]].tolist(),
+                pair_counts[is_mixed[pair_node]].tolist(),
+                old_src[pair_node[is_mixed[pair_node]]].tolist(),
+                old_visits[pair_node[is_mixed[pair_node]]].tolist(),
+                strict=True,
+            ):
+                row = src_mixed.get(c)
+                if row is None:
+                    row = src_mixed[c] = {s0: v0} if v0 else {}
+                elif not isinstance(row, dict):
+                    row = src_mixed[c] = {i: y for i, y in enumerate(row) if y}
+                row[s] = row.get(s, 0) + x
+            self._set_stats(fresh, old_visits, add_visits, add_ret, add_succ, src, depths)
+            return
+        # the mixed nodes' counts per model: pending pairs, plus the visits of the one model they had
+        mixed = np.flatnonzero(is_mixed)
+        row_of = np.zeros(n, dtype=np.int64)
+        row_of[mixed] = np.arange(len(mixed))
+        sel = is_mixed[pair_node]
+        table = np.zeros((len(mixed), m), dtype=np.int64)
+        np.add.at(table, (row_of[pair_node[sel]], pair_model[sel]), pair_counts[sel])
+        had_one = np.flatnonzero((old_src[mixed] >= 0) & (old_visits[mixed] > 0))
+        table[had_one, old_src[mixed[had_one]]] += old_visits[mixed[had_one]]
+        rows = table.tolist()
+        for i in np.flatnonzero((old_src[mixed] < 0) & (old_visits[mixed] > 0)).tolist():
+            old = src_mixed[int(mixed[i])]  # already mixed: add the counts it has
+            if isinstance(old, dict):
+                for j, x in enumerate(rows[i]):
+                    if x:
+                        old[j] = old.get(j, 0) + x
+                rows[i] = old
+            else:
+                rows[i] = [x + y for x, y in zip(rows[i], old + [0] * (m - len(old)), strict=True)]
+        src_mixed.update(zip(mixed.tolist(), rows, strict=True))
+        self._set_stats(fresh, old_visits, add_visits, add_ret, add_succ, src, depths)
+
+    def _set_stats(
+        self,
+        fresh: bool,
+        old_visits: np.ndarray,
+        add_visits: np.ndarray,
+        add_ret: np.ndarray,
+        add_succ: np.ndarray,
+        src: np.ndarray,
+        depths: np.ndarray,
+    ) -> None:
+        if fresh:
+            self._visits, self._ret, self._succ = add_visits.tolist(), add_ret.tolist(), add_succ.tolist()
+        else:
+            self._visits = (old_visits + add_visits).tolist()
+            self._ret = (np.asarray(self._ret, dtype=np.int64) + add_ret).tolist()
+            self._succ = (np.asarray(self._succ, dtype=np.int64) + add_succ).tolist()
+        self._src = src.tolist()
+        self._depth = depths.tolist()
 
     def add(self, traj: Trajectory) -> int:
         """Merge one trajectory into the tree; returns the id of the node it ended at.
@@ -241,94 +437,69 @@ class TrajectoryTree:
             not self.instruction or traj.instruction < self.instruction
         ):
             self.instruction = traj.instruction  # smallest wins: order-independent
-        self._children = None
         r = round(traj.return_ * _SCALE)
-        succ = traj.success
-        succ_count = 1 if succ else 0
-        s = self._model_id(traj.source.model)
-        akc, okc, index = self._akc, self._okc, self._index
-        visits, rets, succs, srcs = self._visits, self._ret, self._succ, self._src
+        model = traj.source.model
+        s = self._model_index.get(model)
+        if s is None:
+            s = self._model_id(model)
+        akc, okc, obs_text, index, keys = self._akc, self._okc, self._obs_text, self._index, self._key
         oka, thoughts, trets = self._oka, self._thought, self._tret
-        hint, hint_key = self._hint, self._hint_key
+        flat_append = self._pend_nodes.append
+        # an observation is first compared with the displayed text of the key expected at the node (it is
+        # nearly always that text): a string comparison with a shared, cached string rather than a hash
 
         # the root: the task itself
         o = traj.initial_observation
-        if o is hint[0] or o == hint[0]:
-            okey = hint_key[0]
-        else:
+        okey = oka[0]
+        if okey is None or o != obs_text[okey]:
             okey = okc.get(o)
             if okey is None:
                 okey = self._new_obs(o)
-            hint[0], hint_key[0] = o, okey
-        visits[0] += 1
-        rets[0] += r
-        if succ:
-            succs[0] += 1
-        if srcs[0] != s:
-            if visits[0] == 1:
-                srcs[0] = s
-            else:
-                self._mix_source(0, s)
-        if oka[0] is None or (okey is not oka[0] and okey < oka[0]):
-            oka[0] = okey
+            if oka[0] is None or (okey is not oka[0] and okey < oka[0]):
+                oka[0] = okey
+        # the root starts the trajectory's path, marked by ~code (negative): model, success and how it ended
+        flat_append(~(((s << 1) | (1 if traj.success else 0)) * _N_END + _END_INDEX[traj.end]))
+        self._pend_ret.append(r)
 
         node = 0
-        grew = False
-        key_append, depth_append = self._key.append, self._depth.append
-        for depth, step in enumerate(traj.steps, 1):
+        n0 = len(keys)
+        for step in traj.steps:
             a = step.action
             ak = akc.get(a)
             if ak is None:
                 ak = self._new_action(a)
-            o = step.observation
             key = (node, ak, okey)
             c = index.get(key)
+            o = step.observation
             if c is None:
-                ok2 = okc.get(o)
-                if ok2 is None:
-                    ok2 = self._new_obs(o)
-                c = len(visits)
-                grew = True
-                index[key] = c
-                key_append(key)
-                depth_append(depth)
-                oka.append(ok2)
-                hint.append(o)
-                hint_key.append(ok2)
+                okey = okc.get(o)
+                if okey is None:
+                    okey = self._new_obs(o)
+                c = index[key] = len(keys)
+                keys.append(key)
+                oka.append(okey)
                 thoughts.append(step.thought)
                 trets.append(r)
-                visits.append(1)
-                rets.append(r)
-                succs.append(succ_count)
-                srcs.append(s)
             else:
-                # the observation after a known step is nearly always the one seen before: compare, not hash
-                h = hint[c]
-                if o is h or o == h:
-                    ok2 = hint_key[c]
+                ok2 = oka[c]
+                if o == obs_text[ok2]:
+                    okey = ok2
                 else:
-                    ok2 = okc.get(o)
-                    if ok2 is None:
-                        ok2 = self._new_obs(o)
-                    if ok2 is not oka[c] and ok2 < oka[c]:
-                        oka[c] = ok2
-                visits[c] += 1
-                rets[c] += r
-                if succ:
-                    succs[c] += 1
-                if srcs[c] != s:
-                    self._mix_source(c, s)
-                if r >= trets[c] and (r > trets[c] or step.thought < thoughts[c]):
+                    okey = okc.get(o)
+                    if okey is None:
+                        okey = self._new_obs(o)
+                    if okey is not ok2 and okey < ok2:
+                        oka[c] = okey
+                t = trets[c]
+                if r >= t and (r > t or step.thought < thoughts[c]):
                     thoughts[c] = step.thought
                     trets[c] = r
+            flat_append(c)
             node = c
-            okey = ok2
-        if grew:
+        if len(keys) != n0:
             self._canonical = False
-        ends = self._terminal.get(node)
-        if ends is None:
-            ends = self._terminal[node] = [0] * len(END_REASONS)
-        ends[_END_INDEX[traj.end]] += 1
+            self._children = None
+        # visits, return sums, successes, sources, depths and ends are summed when next read (see _flush)
         return node
 
     def extend(self, trajectories: Iterable[Trajectory]) -> int:
@@ -342,12 +513,12 @@ class TrajectoryTree:
     # -------------------------------------------------------------------------------------------- queries
 
     def __len__(self) -> int:
-        return len(self._visits)
+        return len(self._key)
 
     @property
     def num_nodes(self) -> int:
         """Number of nodes, root included."""
-        return len(self._visits)
+        return len(self._key)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -360,6 +531,8 @@ class TrajectoryTree:
 
     def depth(self, node: int) -> int:
         """Number of actions from the root to ``node``."""
+        if self._pend_ret:
+            self._flush()
         return self._depth[node]
 
     def action_key(self, node: int) -> str:
@@ -390,40 +563,57 @@ class TrajectoryTree:
 
     def visits(self, node: int) -> int:
         """Trajectories through ``node``."""
+        if self._pend_ret:
+            self._flush()
         return self._visits[node]
 
     def return_sum(self, node: int) -> float:
         """Sum of the final returns of the trajectories through ``node``."""
+        if self._pend_ret:
+            self._flush()
         return self._ret[node] / _SCALE
 
     def mean_return(self, node: int) -> float:
         """Mean final return of the trajectories through ``node`` (0 when none)."""
+        if self._pend_ret:
+            self._flush()
         v = self._visits[node]
         return self._ret[node] / _SCALE / v if v else 0.0
 
     def mean_returns(self, nodes: Iterable[int]) -> list[float]:
         """:meth:`mean_return` of several nodes."""
+        if self._pend_ret:
+            self._flush()
         visits, rets = self._visits, self._ret
         return [rets[n] / _SCALE / visits[n] if visits[n] else 0.0 for n in nodes]
 
     def successes(self, node: int) -> int:
         """Trajectories through ``node`` that were won."""
+        if self._pend_ret:
+            self._flush()
         return self._succ[node]
 
     def failures(self, node: int) -> int:
         """Trajectories through ``node`` that were not won (lost, truncated or failed): visits - successes."""
+        if self._pend_ret:
+            self._flush()
         return self._visits[node] - self._succ[node]
 
     def sources(self, node: int) -> dict[str, int]:
         """Trajectories through ``node`` per model, sorted by model name."""
+        if self._pend_ret:
+            self._flush()
         s = self._src[node]
         if s >= 0:
             return {self._models[s]: self._visits[node]}
-        mixed = self._src_mixed.get(node, {})
-        return {self._models[i]: n for i, n in sorted(mixed.items(), key=lambda kv: self._models[kv[0]])}
+        row = self._src_mixed.get(node, {})
+        items = row.items() if isinstance(row, dict) else [(i, n) for i, n in enumerate(row) if n]
+        return {self._models[i]: n for i, n in sorted(items, key=lambda kv: self._models[kv[0]])}
 
     def terminal(self, node: int) -> dict[str, int]:
         """How the trajectories that ended at ``node`` ended (outcome -> count; empty when none ended here)."""
+        if self._pend_ret:
+            self._flush()
         ends = self._terminal.get(node)
         if ends is None:
             return {}
@@ -450,7 +640,7 @@ class TrajectoryTree:
         return self._children
 
     def _build_children(self) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self._visits)
+        n = len(self._key)
         parents = np.fromiter((k[0] for k in self._key[1:]), dtype=np.int64, count=n - 1)
         ids = (np.argsort(parents, kind="stable") + 1).astype(np.int32)  # grouped by parent, ascending ids
         counts = np.bincount(parents, minlength=n)
@@ -474,6 +664,8 @@ class TrajectoryTree:
 
     def node(self, node: int) -> dict[str, Any]:
         """Every attribute of ``node`` (the node attributes of the saved format)."""
+        if self._pend_ret:
+            self._flush()
         return {
             "depth": self._depth[node],
             "action": self.action(node),
@@ -498,6 +690,8 @@ class TrajectoryTree:
 
     def stat_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(visits, return_sum, successes)`` of every node as new numpy arrays (int64, float64, int64)."""
+        if self._pend_ret:
+            self._flush()
         return (
             np.asarray(self._visits, dtype=np.int64),
             np.asarray(self._ret, dtype=np.float64) / _SCALE,
@@ -524,6 +718,8 @@ class TrajectoryTree:
 
     def summary(self) -> TreeSummary:
         """Node, leaf and outcome counts and branching statistics."""
+        if self._pend_ret:
+            self._flush()
         n = len(self)
         counts = np.bincount(np.asarray([k[0] for k in self._key[1:]], dtype=np.int64), minlength=n)
         inner = counts[counts > 0]
@@ -565,6 +761,8 @@ class TrajectoryTree:
 
         Ids held from before the call refer to other nodes afterwards.
         """
+        if self._pend_ret:
+            self._flush()
         if self._canonical:
             return
         order = self.canonical_order()
@@ -683,7 +881,7 @@ class TrajectoryTree:
                 depth[w] = depth[parent[w]] + 1
         order = sorted(range(n), key=lambda v: (depth[v], v))
         new_id = {old: i for i, old in enumerate(order)}
-        tree._key, tree._depth, tree._oka, tree._hint, tree._hint_key = [], [], [], [], []
+        tree._key, tree._depth, tree._oka = [], [], []
         tree._canonical = False
         tree._thought, tree._tret, tree._visits, tree._ret, tree._succ, tree._src = [], [], [], [], [], []
         mv: list[int] = []
@@ -701,8 +899,6 @@ class TrajectoryTree:
                 akey = tree._new_action(attrs["action"])
             after = tree._new_obs(attrs["observation"])
             tree._oka.append(after)
-            tree._hint.append(attrs["observation"])
-            tree._hint_key.append(after)
             key = (new_id[parent[old]] if old else -1, akey, okey)
             if old and key in tree._index:
                 raise fail(
@@ -735,6 +931,7 @@ class TrajectoryTree:
         if any(mv) or any(mval):
             tree._mcts_visits = np.asarray(mv, dtype=np.int64)
             tree._mcts_value = np.asarray(mval, dtype=np.float64)
+        tree._ret_bound = max(map(abs, tree._ret))
         search = gattrs.get("search", {})
         tree.search_info = dict(search) if isinstance(search, Mapping) else {}
         tree.canonicalize()
@@ -796,6 +993,7 @@ class TrajectoryTree:
         return cls._from_records(gattrs, nodes, edges, str(p), obs_key)
 
     def __repr__(self) -> str:
+        self.update_statistics()
         return f"TrajectoryTree({self.task_id!r}, nodes={len(self)}, trajectories={self._visits[0]})"
 
 
