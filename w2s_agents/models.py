@@ -320,11 +320,6 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
 
-    @property
-    def name(self) -> str:
-        """Short name of the model (its folder's name)."""
-        return self.path.name
-
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` becomes ``cuda`` when a GPU is visible, else ``cpu``; other values are checked and returned.
