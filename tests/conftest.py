@@ -184,7 +184,7 @@ PLANTED_OBSERVATION = "<img src=x onerror=\"window.__pwned = 'observation'\"> & 
 PLANTED_THOUGHT = "</script><script>window.__pwned = 'thought'</script><!-- \u2028 \u2029"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def viz_trajectories() -> list[Trajectory]:
     """The golden episodes plus episodes of two more models, one of them with planted markup (see PLANTED_*)."""
     trajs = _golden_trajectories()
@@ -208,7 +208,7 @@ def viz_trajectories() -> list[Trajectory]:
     return trajs
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def planted() -> dict[str, str]:
     """The planted markup of ``viz_trajectories``: ``{"action": ..., "observation": ..., "thought": ...}``."""
     return {"action": PLANTED_ACTION, "observation": PLANTED_OBSERVATION, "thought": PLANTED_THOUGHT}

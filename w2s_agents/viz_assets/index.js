@@ -102,7 +102,7 @@
   wrap.appendChild(table);
   document.body.appendChild(wrap);
 
-  var sortCol = 0, sortDir = 1;
+  var sortCol = 1, sortDir = 1; // by file
   function render() {
     var needle = filter.value.trim().toLowerCase();
     var rows = trees.filter(function (t) {

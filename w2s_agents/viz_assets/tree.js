@@ -292,7 +292,7 @@
     append(el("span", "item"), el("span", "legend-best", "best"), el("span", null, "best path")),
     append(el("span", "item"), el("span", "badge chosen", "\u25b2"), el("span", null, "chosen (TreeDPO)")),
     append(el("span", "item"), el("span", "badge rejected", "\u25bc"), el("span", null, "rejected")),
-    append(el("span", "item"), el("span", "badge div", "\u2442"), el("span", null, "pairs taken here")),
+    append(el("span", "item"), el("span", "badge div", "\u25c6"), el("span", null, "pairs taken here")),
     append(el("span", "item"), el("span", "keys", "\u2191\u2193 move \u00b7 \u2192 expand/child \u00b7 \u2190 collapse/parent \u00b7 Enter toggle \u00b7 / search"))
   );
   function updateLegend() { legendLabel.textContent = M.value_labels[colorKind] + ":"; }
@@ -346,7 +346,7 @@
     var badges = "";
     if (pairsChosen[n]) badges += "\u25b2";
     if (pairsRejected[n]) badges += "\u25bc";
-    if (pairsAt[n]) badges += "\u2442";
+    if (pairsAt[n]) badges += "\u25c6";
     p.bd.textContent = badges;
     var v = D.values[colorKind][n];
     p.st.textContent = "n=" + D.visits[n] + (v === null ? "" : " v=" + fmt(v, 2)) +
@@ -735,6 +735,7 @@
   if (start && +start[1] < N) select(+start[1], { hash: false });
   else { renderRows(); showPanel(0); }
 
-  window.__w2s = { ready: true, nodes: N, firstRenderMs: performance.now() - t0, startedAt: t0 };
+  var now = performance.now();
+  window.__w2s = { ready: true, nodes: N, firstRenderMs: now - t0, readyAt: now };
   document.body.dataset.ready = "1";
 })();
