@@ -223,6 +223,18 @@ def test_run_index_links_a_page_per_tree_and_lists_bad_files(
     assert cap.err.count("w2s: error: ") == 1 and "zbad.json" in cap.err
     assert sorted(p.name for p in out.iterdir()) == ["index.html", "trees__tree0.html", "trees__tree1.html"]
 
+    # with the pair rows that `w2s search` wrote (one file for every task of the run)
+    tree0 = TrajectoryTree.load(run / "trees" / "tree0.json")
+    rows = tree_pairs(tree0, node_values(tree0, "mcts"), margin=0.5)
+    write_jsonl(rows, tmp_path / "pairs.jsonl")
+    assert main(["viz", str(run), "-o", str(out), "--pairs", str(tmp_path / "pairs.jsonl")]) == 1
+    data = _embedded((out / "trees__tree0.html").read_text(encoding="utf-8"))
+    assert {tuple(p[:3]) for p in data["pairs"]} == {
+        (r["node"], r["chosen_node"], r["rejected_node"]) for r in rows
+    }
+    assert data["meta"]["pairs_origin"] == "pair rows"
+    assert _embedded((out / "trees__tree1.html").read_text(encoding="utf-8"))["pairs"] == []
+
 
 def test_trees_are_found_below_a_run_without_a_trees_folder(tmp_path: Path, tree) -> None:
     run = tmp_path / "run"

@@ -46,6 +46,7 @@ from w2s_agents import __version__
 from w2s_agents.atomic import atomic_write
 from w2s_agents.config import check, option
 from w2s_agents.errors import DataFormatError, W2SError
+from w2s_agents.log import progress
 from w2s_agents.search import (
     SearchConfig,
     ValueKind,
@@ -381,6 +382,9 @@ def tree_view_data(
         index_href: link back to a run index page.
         file: the tree's file as shown on the page (default: the path given as ``tree``).
 
+    The tree is put in canonical order first (:meth:`~w2s_agents.tree.TrajectoryTree.canonicalize`; trees
+    read from files already are), the numbering that node ids in pair and SFT rows refer to.
+
     Raises:
         DataFormatError: the tree file, or a pair / SFT row, is invalid or does not match the tree.
         W2SError: ``value="mcts"`` on a tree without search values.
@@ -659,17 +663,19 @@ def render_run_index(
     *,
     search: SearchConfig | None = None,
     value: ValueKind | None = None,
-    pairs: str | os.PathLike[str] | None = None,
-    paths: str | os.PathLike[str] | None = None,
+    pairs: str | os.PathLike[str] | Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    paths: str | os.PathLike[str] | Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     config: VizConfig | None = None,
 ) -> tuple[Path, list[TreeIndexEntry]]:
     """Write a viewer page for every tree of a run and an index page over them; returns the index's path and
     one entry per tree file found (see :func:`find_tree_files`).
 
     Pages go to ``out_dir`` (default ``run_dir/viz``), the index as ``out_dir/index.html`` and each tree's page
-    beside it, linked from it. A tree file that cannot be read is listed on the index with its error (one
-    line naming the file and the problem) and gets no page; the caller decides whether that is a failure.
-    ``pairs`` / ``paths`` files hold the rows of all the run's tasks; each page shows those of its own.
+    beside it, linked from it. A tree that cannot be shown (its file is invalid, rows of ``pairs`` / ``paths``
+    do not fit it, or ``value="mcts"`` on a tree without search values) is listed on the index with its error
+    (one line naming the file and the problem) and gets no page; the caller decides whether that is a failure.
+    ``pairs`` / ``paths`` (files, or what :func:`read_pair_rows` / :func:`read_path_rows` return) hold the rows
+    of all the run's tasks; each page shows those of its own.
 
     Raises:
         W2SError: ``run_dir`` is not a folder or holds no tree file.
@@ -682,10 +688,8 @@ def render_run_index(
         raise W2SError(
             f"no tree files in run folder {root} (looked for trees/*.json, then w2s.tree files below it)"
         )
-    pair_rows = read_pair_rows(pairs) if pairs is not None else None
-    path_rows = read_path_rows(paths) if paths is not None else None
-    from w2s_agents.log import progress
-
+    pair_rows = read_pair_rows(pairs) if isinstance(pairs, (str, os.PathLike)) else pairs
+    path_rows = read_path_rows(paths) if isinstance(paths, (str, os.PathLike)) else paths
     entries: list[TreeIndexEntry] = []
     taken: set[str] = set()
     for f in progress(files, desc="tree pages", unit="tree"):
@@ -700,12 +704,8 @@ def render_run_index(
             _write_text(
                 out / page, _page(f"{tree.task_id} - w2s tree", ["viewer.css"], "tree.js", data, "w2s-tree")
             )
-        except (DataFormatError, W2SError) as exc:
-            if isinstance(exc, DataFormatError) and pairs is not None and str(pairs) in str(exc):
-                raise
-            if isinstance(exc, DataFormatError) and paths is not None and str(paths) in str(exc):
-                raise
-            logger.warning("%s", exc)
+        except W2SError as exc:  # the tree file, or rows of the pairs / paths files that do not fit it
+            logger.debug("%s", exc)
             entries.append(TreeIndexEntry(file=str(rel), page=None, error=str(exc)))
             continue
         values = data["values"][data["meta"]["value"]]
