@@ -235,6 +235,12 @@ def test_run_index_links_a_page_per_tree_and_lists_bad_files(
     assert data["meta"]["pairs_origin"] == "pair rows"
     assert _embedded((out / "trees__tree1.html").read_text(encoding="utf-8"))["pairs"] == []
 
+    # figures of every tree of the run
+    capsys.readouterr()
+    assert main(["viz", str(run), "--format", "svg", "-o", str(tmp_path / "figs"), "--depth", "1"]) == 1
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["trees__tree0.svg", "trees__tree1.svg"]
+    assert capsys.readouterr().err.count("w2s: error: ") == 1
+
 
 def test_trees_are_found_below_a_run_without_a_trees_folder(tmp_path: Path, tree) -> None:
     run = tmp_path / "run"
