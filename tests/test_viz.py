@@ -307,3 +307,6 @@ def test_cli_writes_pages_and_figures(tmp_path: Path, tree, capsys) -> None:
     capsys.readouterr()
     assert main(["viz", str(path), "--set", "expand_depth=-1"]) == 2
     assert "'expand_depth' must be >= 0" in capsys.readouterr().err
+    (tmp_path / "figs").mkdir()
+    assert main(["viz", str(path), "--format", "png", "--dpi", "40", "-o", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "t.png").read_bytes()[:4] == b"\x89PNG"

@@ -198,6 +198,14 @@ def test_pairs_and_outcomes_are_marked(page: Page, tree) -> None:
     page.page.click("#expand-all")
     assert page.rows_with("chosen") == {r["chosen_node"] for r in pairs}
     assert page.rows_with("rejected") == {r["rejected_node"] for r in pairs}
+    badges = page.page.eval_on_selector_all(
+        "#tree .row", "rs => rs.map(r => [+r.dataset.node, r.querySelector('.bd').textContent])"
+    )
+    for n, text in badges:
+        chosen = any(r["chosen_node"] == n for r in pairs)
+        rejected = any(r["rejected_node"] == n for r in pairs)
+        at = any(r["node"] == n for r in pairs)
+        assert text == "\u25b2" * chosen + "\u25bc" * rejected + "\u25c6" * at, n
     won = {n for n in range(len(tree)) if tree.terminal(n) and set(tree.terminal(n)) == {"won"}}
     assert page.rows_with("end-won") == won
     failed = {n for n in range(len(tree)) if tree.terminal(n) and "won" not in tree.terminal(n)}

@@ -406,6 +406,8 @@ def _cmd_viz(ns: argparse.Namespace) -> int:
     search_cfg = load_config(SearchConfig, ns.search_config, search_over)
     target = Path(ns.target)
     fmt = ns.format
+    if ns.dpi < 10:
+        raise W2SError(f"--dpi must be at least 10, got {ns.dpi}")
     pairs = read_pair_rows(ns.pairs) if ns.pairs else None
     paths = read_path_rows(ns.paths) if ns.paths else None
     common = {"search": search_cfg, "value": ns.value, "pairs": pairs, "paths": paths, "config": viz_cfg}
@@ -413,6 +415,8 @@ def _cmd_viz(ns: argparse.Namespace) -> int:
     if target.is_file():
         tree = TrajectoryTree.load(target)
         out = Path(ns.out) if ns.out else target.with_suffix(f".{fmt}")
+        if out.is_dir():
+            out = out / target.with_suffix(f".{fmt}").name
         if fmt == "html":
             render_tree_html(tree, out, title=ns.title, file=str(target), **common)
         else:

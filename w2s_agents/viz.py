@@ -1088,6 +1088,8 @@ def export_static(
     fmt = format or out.suffix.lstrip(".").lower()
     if fmt not in ("svg", "png"):
         raise ValueError(f"unknown figure format {fmt!r} (expected svg or png)")
+    if dpi < 10:
+        raise ValueError(f"dpi must be at least 10, got {dpi}")
     tree, _ = _as_tree(tree)
     data = tree_view_data(tree, search=search, value=value, pairs=pairs, paths=paths, config=cfg)
     fig = _static_figure(tree, data, cfg)

@@ -311,9 +311,11 @@
     var mk = el("span", "mk");
     var act = el("span", "act");
     var bd = el("span", "bd");
+    var bc = el("span", "badge chosen"), br = el("span", "badge rejected"), bv = el("span", "badge div");
+    append(bd, bc, br, bv);
     var st = el("span", "st");
     append(r, ind, tog, sw, mk, act, bd, st);
-    r._p = { ind: ind, tog: tog, sw: sw, mk: mk, act: act, bd: bd, st: st, node: -1 };
+    r._p = { ind: ind, tog: tog, sw: sw, mk: mk, act: act, bc: bc, br: br, bv: bv, st: st, node: -1 };
     treeEl.appendChild(r);
     return r;
   }
@@ -343,11 +345,9 @@
     p.mk.textContent = MARKS[outcome[n]];
     p.mk.className = MARK_CLASS[outcome[n]];
     p.act.textContent = n === 0 ? "\u25a3 " + M.task_id : oneLine(S[D.action[n]], 400);
-    var badges = "";
-    if (pairsChosen[n]) badges += "\u25b2";
-    if (pairsRejected[n]) badges += "\u25bc";
-    if (pairsAt[n]) badges += "\u25c6";
-    p.bd.textContent = badges;
+    p.bc.textContent = pairsChosen[n] ? "\u25b2" : "";
+    p.br.textContent = pairsRejected[n] ? "\u25bc" : "";
+    p.bv.textContent = pairsAt[n] ? "\u25c6" : "";
     var v = D.values[colorKind][n];
     p.st.textContent = "n=" + D.visits[n] + (v === null ? "" : " v=" + fmt(v, 2)) +
       (nkids[n] && !expanded[n] ? " \u00b7 " + nkids[n] + (nkids[n] === 1 ? " child" : " children") : "");
