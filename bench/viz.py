@@ -54,6 +54,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TARGET_MS = 2000.0
+QUERY = "open"  # an action word of many nodes: a search that expands much of the tree
 WORDS = ["old", "wooden", "dusty", "narrow", "bright", "dark", "cold", "damp", "quiet", "large", "small", "broken", "shiny", "heavy", "red", "green", "blue", "table", "chair", "shelf", "lamp", "rug", "window", "door", "chest", "bottle", "book", "key", "coin", "knife", "box", "candle", "painting", "mirror"]  # fmt: skip
 ACTIONS = ["go north", "go south", "go east", "go west", "take key", "take coin", "open chest", "open door",
            "look", "inventory", "examine table", "examine shelf", "put key in box", "light candle", "read book",
@@ -141,11 +142,6 @@ def make_tree(min_nodes: int, seed: int = 0) -> TrajectoryTree:
     tree.canonicalize()
     search_tree(tree, SearchConfig(iterations=1000))
     return tree
-
-
-def frequent_word(tree: TrajectoryTree) -> str:
-    """An action word that matches many nodes (a search that expands much of the tree)."""
-    return "open"
 
 
 def measure(browser, path: Path, kind: str, query: str, repeat: int) -> dict[str, float]:
@@ -265,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"page: {size:,} bytes ({size / s.nodes:.0f} per node), {gz:,} gzipped; written by render_tree_html "
           f"in {render_s:.2f} s")  # fmt: skip
 
-    query = frequent_word(tree)
+    query = QUERY
     hits = sum(query in tree.action(n).lower() for n in range(1, len(tree)))
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
