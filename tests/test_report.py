@@ -1,0 +1,75 @@
+"""The run report from a metrics dict: table rows, weak-to-strong section, plots."""
+
+from __future__ import annotations
+
+from w2s_agents.report import METRICS_SCHEMA, write_report
+from w2s_agents.stats import Interval, bootstrap_interval, misfit, transfer
+
+
+def metrics() -> dict:
+    def model(values):
+        return {
+            "return": bootstrap_interval(values).as_dict(),
+            "success": bootstrap_interval([v == 1.0 for v in values]).as_dict(),
+            "steps": bootstrap_interval([5, 7, 9, 11][: len(values)]).as_dict(),
+            "episodes": len(values),
+        }
+
+    return {
+        "schema": METRICS_SCHEMA,
+        "run": "demo",
+        "suite": "tw-simple",
+        "split": "test",
+        "tasks": 4,
+        "seeds": [0, 1, 2],
+        "models": {
+            "ceiling": model([1.0, 1.0, 1.0, 0.5]),
+            "weak-sft": model([0.0, 0.5, 0.0, 0.5]),
+            "w2s-mcts": model([1.0, 0.5, 1.0, 0.5]),
+            "strong-sft": model([0.5, 0.5, 1.0, 0.0]),
+            "w2s-treedpo": model([0.5, 0.5, 0.5, 0.5]),
+        },
+        "pgr": {"w2s-mcts": Interval(0.8, 0.5, 1.1, 12).as_dict()},
+        "gain": {"w2s-mcts": 0.5},
+        "misfit": {"w2s-mcts": misfit([[0.5, 0.5]], [[0.2, 0.8]]).as_dict()},
+        "transfer": {
+            "w2s-mcts": transfer({"a": False, "b": False}, {"a": True}, {"a": True, "b": False}).as_dict()
+        },
+        "search_cost": {"env_steps": 1200, "tokens": 34000},
+        "trees": {
+            "trees": 2,
+            "per_tree": [{"nodes": 10, "depth": 4, "success_leaves": 1}, {"nodes": 30, "depth": 6}],
+        },
+        "curves": {"weak-sft": {"loss": [[1, 2.0], [2, 1.5]], "valid": [[1, 0.2], [2, 0.4]]}},
+    }
+
+
+def test_report_has_every_row_in_the_paper_order(tmp_path):
+    path = write_report(metrics(), tmp_path)
+    text = path.read_text()
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and "model" not in line and "---" not in line
+    ]
+    labels = [r.split("|")[1].strip() for r in rows[:5]]
+    assert labels == ["Weak SFT", "Strong SFT", "W2S-TreeDPO", "W2S-MCTS", "Ceiling"]
+    assert "| Weak SFT | 25.0 [" in text  # mean return 0.25 x100
+    assert "4 held-out test tasks of `tw-simple`, seeds 0, 1, 2" in text
+    w2s_row = next(r for r in rows if r.startswith("| W2S-MCTS | 0.80 [0.50, 1.10]"))
+    assert "0.50 (1/2)" in w2s_row  # correction: a of {a, b}
+    assert "| env_steps | 1200 |" in text
+    for name in ("returns", "curves", "trees"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{name}](plots/{name}.png)" in text
+
+
+def test_report_without_optional_sections(tmp_path):
+    m = {
+        "schema": METRICS_SCHEMA,
+        "models": {"weak-sft": {"return": {"estimate": 0.5, "low": 0.4, "high": 0.6, "n": 3}}},
+    }
+    text = write_report(m, tmp_path, plots=False).read_text()
+    assert "| Weak SFT | 50.0 [40.0, 60.0] | n/a | n/a | n/a |" in text
+    assert "Weak-to-strong" not in text and not (tmp_path / "plots").exists()

@@ -1,0 +1,260 @@
+"""The run report: ``report.md`` with the paper's table rows and PNG plots, from ``metrics.json``.
+
+The report is a pure function of the metrics (a dict, schema ``w2s.metrics/1``), so it can be rebuilt at any
+time (``w2s report RUN_DIR``) and tested without running models. Layout of the metrics::
+
+    {"schema": "w2s.metrics/1", "run": name, "suite": ..., "split": "test", "tasks": n, "seeds": [...],
+     "models": {name: {"label": ..., "return": Interval, "success": Interval, "steps": Interval,
+                       "episodes": n, "tokens": n}},
+     "pgr": {w2s name: Interval}, "gain": {w2s name: float}, "misfit": {w2s name: Misfit},
+     "transfer": {w2s name: Transfer}, "search_cost": {...}, "trees": {...},
+     "curves": {training name: {"loss": [[step, loss], ...], "valid": [[epoch, value], ...]}}}
+
+Intervals are dicts with ``estimate``, ``low``, ``high``, ``n``, ``level`` (see :mod:`w2s_agents.stats`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from w2s_agents.atomic import atomic_write
+from w2s_agents.stats import Interval
+
+__all__ = ["METRICS_SCHEMA", "MODEL_LABELS", "TABLE_ORDER", "interval", "plot_metrics", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_SCHEMA = "w2s.metrics/1"
+MODEL_LABELS: Mapping[str, str] = {
+    "weak-sft": "Weak SFT",
+    "strong-sft": "Strong SFT",
+    "w2s-treedpo": "W2S-TreeDPO",
+    "w2s-mcts": "W2S-MCTS",
+    "w2s-mcts-treedpo": "W2S-MCTS+TreeDPO",
+    "ceiling": "Ceiling",
+}
+"""Display names of the models of a run, in the paper's vocabulary."""
+TABLE_ORDER: tuple[str, ...] = tuple(MODEL_LABELS)
+"""Row order of the results table (models not listed come after, by name)."""
+
+
+def interval(data: Mapping[str, Any] | None) -> Interval:
+    """An :class:`Interval` from its JSON dict (NaN when missing)."""
+    if not data:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    return Interval(
+        float(data.get("estimate", math.nan)),
+        float(data.get("low", math.nan)),
+        float(data.get("high", math.nan)),
+        int(data.get("n", 0)),
+        float(data.get("level", 0.95)),
+    )
+
+
+def _ordered_models(models: Mapping[str, Any]) -> list[str]:
+    known = [m for m in TABLE_ORDER if m in models]
+    return known + sorted(m for m in models if m not in MODEL_LABELS)
+
+
+def _label(name: str, models: Mapping[str, Any]) -> str:
+    return str(models.get(name, {}).get("label") or MODEL_LABELS.get(name, name))
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _results_section(metrics: Mapping[str, Any]) -> list[str]:
+    models = metrics.get("models", {})
+    level = 95
+    rows = []
+    for name in _ordered_models(models):
+        m = models[name]
+        ret = interval(m.get("return"))
+        level = round(ret.level * 100)
+        rows.append(
+            [
+                _label(name, models),
+                ret.format(1, scale=100),
+                interval(m.get("success")).format(1, scale=100),
+                interval(m.get("steps")).format(1),
+                _num(m.get("episodes")),
+            ]
+        )
+    where = (
+        f"{metrics.get('tasks', '?')} held-out {metrics.get('split', 'test')} tasks of `{metrics.get('suite', '?')}`, "
+        f"seeds {', '.join(map(str, metrics.get('seeds', []))) or '?'}"
+    )
+    lines = [f"## Results on {where}", ""]
+    lines += _table(
+        ["model", f"average return x100 ({level}% CI)", "success rate % (CI)", "mean steps (CI)", "episodes"],
+        rows,
+    )
+    return [*lines, ""]
+
+
+def _w2s_section(metrics: Mapping[str, Any]) -> list[str]:
+    models = metrics.get("models", {})
+    pgrs = metrics.get("pgr", {})
+    if not pgrs:
+        return []
+    rows = []
+    for name in _ordered_models(pgrs):
+        mis = metrics.get("misfit", {}).get(name, {})
+        tr = metrics.get("transfer", {}).get(name, {})
+        rows.append(
+            [
+                _label(name, models),
+                interval(pgrs.get(name)).format(2),
+                _num(metrics.get("gain", {}).get(name)),
+                _num(mis.get("disagreement")),
+                _num(mis.get("kl")),
+                f"{_num(tr.get('correction'), 2)} ({tr.get('corrected', 0)}/{tr.get('weak_failed', 0)})",
+                f"{_num(tr.get('expansion'), 2)} ({tr.get('expanded', 0)}/{tr.get('uncovered', 0)})",
+            ]
+        )
+    lines = [
+        "## Weak-to-strong",
+        "",
+        "PGR = (R_w2s - R_weak) / (R_ceiling - R_weak) on average return (n/a unless the ceiling beats weak SFT). "
+        "Gain = R_w2s - R_weak. Misfit: on held-out states of weak trajectories, the share where the W2S agent's "
+        "most likely action differs from the weak agent's, and mean KL(pi_weak || pi_w2s) over admissible "
+        "actions. Correction: train tasks the weak agent fails that the W2S agent solves; expansion: train tasks "
+        "where no weak exploration trajectory succeeded that the W2S agent solves.",
+        "",
+    ]
+    lines += _table(
+        ["model", "PGR (CI)", "gain", "misfit: disagreement", "misfit: KL", "correction", "expansion"], rows
+    )
+    return [*lines, ""]
+
+
+def _dict_section(title: str, data: Mapping[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    rows = [[str(k), _num(v)] for k, v in data.items() if not isinstance(v, (dict, list))]
+    return [f"## {title}", "", *_table(["", "value"], rows), ""]
+
+
+def plot_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write the report's PNG plots into ``out_dir`` and return their paths.
+
+    ``returns.png``: average return per model with its interval; ``curves.png``: training loss and validation
+    curves; ``trees.png``: per-tree nodes, depth and successful leaves (when the metrics hold them).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    models = metrics.get("models", {})
+    names = _ordered_models(models)
+    if names:
+        ivs = [interval(models[n].get("return")) for n in names]
+        est = [0.0 if not math.isfinite(i.estimate) else i.estimate for i in ivs]
+        err_lo = [max(0.0, e - i.low) if math.isfinite(i.low) else 0.0 for e, i in zip(est, ivs, strict=True)]
+        err_hi = [
+            max(0.0, i.high - e) if math.isfinite(i.high) else 0.0 for e, i in zip(est, ivs, strict=True)
+        ]
+        fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.5))
+        colors = [
+            "#8c8c8c" if n in ("weak-sft", "strong-sft") else "#2b7bba" if n != "ceiling" else "#444444"
+            for n in names
+        ]
+        ax.bar(range(len(names)), est, yerr=[err_lo, err_hi], capsize=4, color=colors)
+        ax.set_xticks(range(len(names)), [_label(n, models) for n in names], rotation=20, ha="right")
+        ax.set_ylabel("average return")
+        ax.set_ylim(0, max(1.05, max(est) * 1.1))
+        ax.set_title("Held-out return per model (95% CI)")
+        fig.tight_layout()
+        written.append(_save(fig, out / "returns.png"))
+
+    curves = metrics.get("curves", {})
+    if curves:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        for name, c in curves.items():
+            loss = c.get("loss") or []
+            if loss:
+                ax1.plot([p[0] for p in loss], [p[1] for p in loss], label=name)
+            valid = c.get("valid") or []
+            if valid:
+                ax2.plot([p[0] for p in valid], [p[1] for p in valid], marker="o", label=name)
+        ax1.set_xlabel("optimizer step")
+        ax1.set_ylabel("training loss")
+        ax1.legend(fontsize=7)
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("validation")
+        if ax2.lines:
+            ax2.legend(fontsize=7)
+        fig.suptitle("Learning curves")
+        fig.tight_layout()
+        written.append(_save(fig, out / "curves.png"))
+
+    per_tree = (metrics.get("trees") or {}).get("per_tree") or []
+    if per_tree:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+        for ax, key, title in zip(
+            axes,
+            ("nodes", "depth", "success_leaves"),
+            ("nodes per tree", "depth", "successful leaves"),
+            strict=True,
+        ):
+            ax.hist([t.get(key, 0) for t in per_tree], bins=min(20, max(3, len(per_tree))), color="#2b7bba")
+            ax.set_title(title)
+        fig.suptitle(f"Trajectory trees ({len(per_tree)})")
+        fig.tight_layout()
+        written.append(_save(fig, out / "trees.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(metrics: Mapping[str, Any], run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path:
+    """Write ``report.md`` (and its plots under ``plots/``) into ``run_dir``; return the report's path."""
+    run_dir = Path(run_dir)
+    if metrics.get("schema") != METRICS_SCHEMA:
+        logger.warning("metrics schema %r, expected %r", metrics.get("schema"), METRICS_SCHEMA)
+    lines = [f"# w2s-agents run `{metrics.get('run', run_dir.name)}`", ""]
+    head = {k: metrics.get(k) for k in ("config_hash", "device", "finished") if metrics.get(k) is not None}
+    if head:
+        lines += [", ".join(f"{k}: `{v}`" for k, v in head.items()), ""]
+    lines += _results_section(metrics)
+    lines += _w2s_section(metrics)
+    lines += _dict_section("Search cost", metrics.get("search_cost"))
+    tree_stats = {k: v for k, v in (metrics.get("trees") or {}).items() if k != "per_tree"}
+    lines += _dict_section("Trajectory trees", tree_stats)
+    if plots:
+        paths = plot_metrics(metrics, run_dir / "plots")
+        if paths:
+            lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in paths] + [""]
+    target = run_dir / "report.md"
+    with atomic_write(target) as fh:
+        fh.write("\n".join(lines))
+    return target
