@@ -20,7 +20,7 @@ network, no other script). The script puts every text from envs and models into 
 never as markup.
 
 Public API: :func:`render_tree_html`, :func:`render_run_index`, :func:`export_static`, :func:`tree_view_data`,
-:func:`find_tree_files`, :func:`read_pair_rows`, :func:`read_path_rows`, :class:`VizConfig`.
+:func:`find_tree_files`, :func:`read_pair_rows`, :func:`read_path_rows`, :func:`embed_json`, :class:`VizConfig`.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ __all__ = [
     "VIZ_SCHEMA",
     "TreeIndexEntry",
     "VizConfig",
+    "embed_json",
     "export_static",
     "find_tree_files",
     "read_pair_rows",
