@@ -5,14 +5,18 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint format run clean
+.PHONY: setup chromium test lint format run clean
 
 setup: $(VENV)/.w2s-installed
 
 $(VENV)/.w2s-installed: pyproject.toml scripts/setup-env.sh
 	W2S_VENV=$(VENV) bash scripts/setup-env.sh
 
-test: setup
+# the browser tests of the tree viewer need Debian's chromium (installed when missing; see the script)
+chromium:
+	bash scripts/setup-chromium.sh
+
+test: setup chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

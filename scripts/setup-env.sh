@@ -65,5 +65,7 @@ if ! have_gpu && [ "$cuda_after" != "$cuda_before" ]; then
   echo "$cuda_after" >&2
   exit 1
 fi
+# the browser tests of the tree viewer need Debian's chromium: installed here when missing and possible
+bash scripts/setup-chromium.sh || say "WARNING: Chromium is missing; the browser tests will fail until it is installed"
 touch "$VENV/.w2s-installed"
 say "ready: $VENV (torch $torch_after); activate with: source $VENV/bin/activate"

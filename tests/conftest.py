@@ -173,3 +173,73 @@ def tw_test_suites() -> dict:
         )
         for challenge, settings in recipes
     }
+
+
+# ------------------------------------------------------------------ search visualisation
+
+# Markup planted in env and model text: the viewer must show it as text and run none of it. Each payload sets
+# window.__pwned if it ever runs.
+PLANTED_ACTION = "<script>window.__pwned = 'action'</script>"
+PLANTED_OBSERVATION = "<img src=x onerror=\"window.__pwned = 'observation'\"> & </script><b>bold</b>"
+PLANTED_THOUGHT = "</script><script>window.__pwned = 'thought'</script><!-- \u2028 \u2029"
+
+
+@pytest.fixture(scope="session")
+def viz_trajectories() -> list[Trajectory]:
+    """The golden episodes plus episodes of two more models, one of them with planted markup (see PLANTED_*)."""
+    trajs = _golden_trajectories()
+    trajs.append(
+        _make_traj(
+            [(PLANTED_ACTION, PLANTED_OBSERVATION, PLANTED_THOUGHT)], 0.25, "lost", model="evil", seed=5
+        )
+    )
+    trajs.append(
+        _make_traj(
+            [("take key", "got key"), ("open door", "door open"), ("go north", "you win")],
+            1.0,
+            "won",
+            model="strong",
+            seed=6,
+        )
+    )
+    trajs.append(
+        _make_traj([("take key", "got key"), ("dance", "nothing happens")], 0.0, "truncated", seed=7)
+    )
+    return trajs
+
+
+@pytest.fixture(scope="session")
+def planted() -> dict[str, str]:
+    """The planted markup of ``viz_trajectories``: ``{"action": ..., "observation": ..., "thought": ...}``."""
+    return {"action": PLANTED_ACTION, "observation": PLANTED_OBSERVATION, "thought": PLANTED_THOUGHT}
+
+
+_ARTIFACTS: list[tuple[str, Path]] = []
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder for files tests keep for people to look at (screenshots): ``$W2S_TEST_ARTIFACTS`` when set (CI
+    sets tests/artifacts), else a folder under pytest's temporary base (pytest keeps the last runs')."""
+    env = os.environ.get("W2S_TEST_ARTIFACTS")
+    path = Path(env) if env else tmp_path_factory.mktemp("artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def keep_artifact():
+    """``keep_artifact(what, path)``: list ``path`` as a kept test artefact at the end of the run."""
+
+    def keep(what: str, path: Path) -> None:
+        _ARTIFACTS.append((what, path))
+        print(f"test artefact: {what}: {path}")
+
+    return keep
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # pytest hook: where the kept artefacts are
+    if _ARTIFACTS:
+        terminalreporter.section("test artefacts")
+        for what, path in _ARTIFACTS:
+            terminalreporter.write_line(f"{what}: {path}")

@@ -69,6 +69,8 @@ def test_wheel_holds_only_the_w2s_agents_namespace(tmp_path: Path) -> None:
     for sub in ("envs", "search", "trainers"):
         assert f"w2s_agents/{sub}/__init__.py" in names
     assert "w2s_agents/py.typed" in names
+    for asset in ("tree.js", "index.js", "viewer.css"):  # the viewer pages inline these package data files
+        assert f"w2s_agents/viz_assets/{asset}" in names
     entry_points = zipfile.ZipFile(wheel).read("w2s_agents-0.1.0.dist-info/entry_points.txt").decode()
     assert "w2s = w2s_agents.cli:main" in entry_points
 
