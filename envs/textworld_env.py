@@ -18,6 +18,7 @@ fraction of a millisecond plus a copy of the quest progression.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -61,6 +62,19 @@ def _strip_prompt(text: str) -> str:
     return text.strip("\n")
 
 
+_BANNER_CHARS = frozenset(" _|\\/$<>")
+
+
+def _strip_banner(text: str) -> str:
+    """The opening text without TextWorld's title art: the leading lines drawn only with ``_|\\/$<>`` and
+    spaces (about 1,300 characters that carry no information and cost an agent hundreds of tokens)."""
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines) and all(c in _BANNER_CHARS for c in lines[i]):
+        i += 1
+    return "\n".join(lines[i:]) if i else text
+
+
 def _copy_value(value: Any) -> Any:
     from textworld.core import GameState
     from textworld.generator.game import GameProgression
@@ -82,6 +96,7 @@ class TextWorldEnv(TextEnv):
         max_steps: step limit of an episode.
         admissible_commands: compute the admissible commands at every step.
         expert_plan: report the expert's remaining plan at every step.
+        banner: keep TextWorld's title art at the top of the first observation (dropped by default).
         cache_dir: where generated games are cached (default: ``$W2S_CACHE/games`` or
             ``~/.cache/w2s-agents/games``).
         render_mode: ``None``, ``"ansi"`` or ``"human"``.
@@ -96,12 +111,14 @@ class TextWorldEnv(TextEnv):
         max_steps: int = 100,
         admissible_commands: bool = True,
         expert_plan: bool = True,
+        banner: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__(task, max_steps=max_steps, render_mode=render_mode)
         self.admissible_commands = bool(admissible_commands)
         self.expert_plan = bool(expert_plan)
+        self.banner = bool(banner)
         self.cache = GameCache(cache_dir)
         self._game_path: Path | None = None
         self._tw: Any = None  # textworld Environment (wrapper stack)
@@ -196,7 +213,10 @@ class TextWorldEnv(TextEnv):
 
     def _engine_reset(self) -> EngineStatus:
         gs = self._tw.reset()
-        return self._report(gs, 0)
+        status = self._report(gs, 0)
+        if not self.banner:
+            status = dataclasses.replace(status, observation=_strip_banner(status.observation))
+        return status
 
     def _engine_step(self, command: str) -> EngineStatus:
         gs, _, _ = self._tw.step(command)

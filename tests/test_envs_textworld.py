@@ -314,3 +314,15 @@ def test_state_restores_on_an_env_with_another_cache(env: TextWorldEnv, tmp_path
     assert other._game_path != env._game_path
     assert _play(other, ["inventory", *info["expert_plan"]]) == first
     other.close()
+
+
+def test_first_observation_drops_the_title_art(game_cache_dir):
+    from w2s_agents.envs import make_env
+
+    plain = make_env("w2s/TextWorld-v0", cache_dir=game_cache_dir)
+    with_banner = make_env("w2s/TextWorld-v0", cache_dir=game_cache_dir, banner=True)
+    obs, _ = plain.reset(options={"task": "tw-simple/train/0"})
+    full, _ = with_banner.reset(options={"task": "tw-simple/train/0"})
+    assert "$$$$" in full and "$$$$" not in obs
+    assert full.endswith(obs) and len(obs) < len(full) - 1000
+    assert any(c.isalpha() for c in obs.split("\n", 1)[0])  # the text starts at once
