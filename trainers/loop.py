@@ -291,7 +291,11 @@ class Trainer:
         lm = load_model(self.model_path, device=str(self.device), dtype=param_dtype)
         model, self.tokenizer = lm.model, lm.tokenizer
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:  # pragma: no cover - older transformers
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         if cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
