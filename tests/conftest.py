@@ -230,7 +230,8 @@ def sft_rows() -> list[dict]:
 
 @pytest.fixture
 def pair_rows() -> list[dict]:
-    """Twelve preference pairs of six tasks: step pairs and continuation pairs (an observation inside)."""
+    """Twelve preference pairs of six tasks: step pairs and continuation pairs (an observation inside); by
+    ``i % 3`` both sources on both sides (easy), weak-a alone (easy), weak-b chosen over weak-a (hard)."""
     from w2s_agents.messages import agent_message, episode_messages
 
     rows = []
@@ -247,7 +248,7 @@ def pair_rows() -> list[dict]:
         rows.append({
             "prompt": prompt, "chosen": chosen, "rejected": [agent_message("go south")],
             "level": "continuation" if i % 2 else "step", "task_id": f"game/{i % 6}",
-            "chosen_sources": ["weak-a"] if i % 3 else ["weak-a", "weak-b"],
-            "rejected_sources": ["weak-b"] if i % 3 else ["weak-a", "weak-b"],
+            "chosen_sources": [["weak-a", "weak-b"], ["weak-a"], ["weak-b"]][i % 3],
+            "rejected_sources": [["weak-a", "weak-b"], ["weak-a"], ["weak-a"]][i % 3],
         })  # fmt: skip
     return rows

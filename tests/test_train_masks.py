@@ -203,7 +203,8 @@ def test_rows_are_validated_with_file_and_line(tmp_path: Path, sft_rows, pair_ro
         load_pairs(tmp_path / "missing.jsonl")
     rows = load_pairs(pair_rows)
     assert rows[0].sources == ("weak-a", "weak-b") and rows[0].easy  # both branches from both sources
-    assert rows[1].sources == ("weak-a", "weak-b") and not rows[1].easy
+    assert rows[1].sources == ("weak-a",) and rows[1].easy
+    assert rows[2].sources == ("weak-a", "weak-b") and not rows[2].easy  # the branches' sources differ
 
 
 def test_trajectory_files_become_sft_rows(tmp_path: Path) -> None:
