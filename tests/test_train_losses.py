@@ -187,12 +187,12 @@ def test_source_weights_take_a_clipped_renormalised_gradient_step() -> None:
     w.accumulate(grad, [0, 1], 1.0)  # 1.5 each
     w.accumulate(grad, [], 5.0)  # no source: no gradient
     np.testing.assert_allclose(grad, [7.5, 1.5, 0.0])
-    w.step(grad, n_rows=3)
+    w.step(grad / 3)
     raw = np.array([1 / 3 - 0.1 * 2.5, 1 / 3 - 0.1 * 0.5, 1 / 3])
     np.testing.assert_allclose(w.alpha, raw / raw.sum())
     assert w.alpha.sum() == pytest.approx(1.0) and w.alpha[0] < w.alpha[1] < w.alpha[2]
     prev = w.alpha.copy()
-    w.step(np.array([100.0, 0.0, 0.0]), n_rows=1)  # a huge step clips at min_weight, then renormalises
+    w.step(np.array([100.0, 0.0, 0.0]))  # a huge step clips at min_weight, then renormalises
     expected = np.array([1e-6, prev[1], prev[2]])
     np.testing.assert_allclose(w.alpha, expected / expected.sum())
     assert w.alpha.sum() == pytest.approx(1.0)

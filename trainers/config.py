@@ -69,7 +69,9 @@ class SourceOptions:
         "learn one weight per source (weak model) jointly with the model: a row's loss is scaled by "
         "K * mean weight of its sources; the weights take a gradient step, are clipped and renormalised",
     )
-    weight_lr: float = option(0.05, "step size of the source weights' gradient step")
+    weight_lr: float = option(
+        0.01, "step size of the source weights' gradient step (the gradient is about the mean loss per unit)"
+    )
     min_weight: float = option(1e-6, "the weights are clipped at this value before renormalising")
     easy_first: bool = option(
         False,

@@ -7,8 +7,8 @@ normalised loss, clip, step, and checkpoint every ``checkpoint_every`` steps and
 validating. The data order of an epoch depends only on the seed and the epoch, so a resumed run takes
 exactly the batches the interrupted one would have taken.
 
-Several GPUs: run under ``accelerate launch``; the policy is wrapped by DDP through accelerate's
-:class:`~accelerate.Accelerator`, the micro-batches of a step are dealt round-robin to the processes, and
+Several GPUs: run under ``accelerate launch`` (or ``torchrun``); accelerate's process state joins the process
+group, the policy is wrapped by DDP, the micro-batches of a step are dealt round-robin to the processes, and
 only the main process writes files.
 """
 
@@ -223,6 +223,61 @@ def _lr_lambda(total: int, warmup: int, kind: str) -> Callable[[int], float]:
     return f
 
 
+class _Processes:
+    """The processes of a run (one, or several under ``accelerate launch`` / ``torchrun``) through accelerate's
+    :class:`~accelerate.PartialState`, which joins the process group; gradients are synchronised by DDP.
+
+    Deliberately not :class:`~accelerate.Accelerator`: its mixed-precision setting is process-global and an
+    earlier user of it in the same process (e.g. a Hugging Face ``Trainer``) would silently change ours."""
+
+    def __init__(self, cpu: bool) -> None:
+        from accelerate import PartialState
+
+        self.state = PartialState(cpu=cpu)
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.is_main = self.state.is_main_process
+
+    def wait(self) -> None:
+        """Barrier across the processes."""
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduced mean of ``t`` (``t`` itself with one process)."""
+        if self.world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduced sum of ``t``."""
+        if self.world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+        return t
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process."""
+        if self.world == 1:
+            return obj
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """``module`` under DDP when there are several processes."""
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce (micro-batches before the last of a step)."""
+        return module.no_sync() if self.world > 1 else contextlib.nullcontext()
+
+
 class Trainer:
     """One training run of ``method`` on tokenized ``examples`` (see the module docstring).
 
@@ -269,19 +324,21 @@ class Trainer:
         self.resume = resume
         self.skipped_rows = skipped_rows
         self.objective: Objective = make_dpo_objective(config.beta) if config.is_dpo else sft_objective
+        self.log = logger
 
     # ------------------------------------------------------------------ set-up
 
     def _setup(self) -> None:
-        from accelerate import Accelerator
-
         from w2s_agents.models import load_model, resolve_device
 
         cfg = self.cfg
         want = resolve_device(cfg.device)
-        self.acc = Accelerator(cpu=want.type == "cpu")
-        self.device = self.acc.device if self.acc.num_processes > 1 else want
-        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.procs = _Processes(cpu=want.type == "cpu")
+        self.device = self.procs.state.device if self.procs.world > 1 else want
+        self.rank, self.world = self.procs.rank, self.procs.world
+        if not self.procs.is_main:  # one process reports; the others only warn
+            self.log = logging.getLogger(f"{__name__}.rank{self.rank}")
+            self.log.setLevel(logging.WARNING)
         cuda = self.device.type == "cuda"
         bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
         self.autocast_dtype = torch.bfloat16 if bf16 else None
@@ -342,7 +399,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(self.total_steps, warmup, cfg.lr_scheduler)
         )
-        self.scorer = self.acc.prepare_model(logps_module.TokenScorer(model), device_placement=False)
+        self.scorer = self.procs.wrap(logps_module.TokenScorer(model), self.device)
         self.weights = (
             SourceWeights(self.source_names, lr=cfg.sources.weight_lr, min_weight=cfg.sources.min_weight)
             if cfg.sources.weights and self.source_names
@@ -370,16 +427,16 @@ class Trainer:
         }
 
     def _resume(self) -> dict[str, Any]:
-        if self.acc.is_main_process:
+        if self.procs.is_main:
             remove_stale(self.out_dir)
-        self.acc.wait_for_everyone()
+        self.procs.wait()
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is not None and not self.resume:
-            if self.acc.is_main_process:
-                logger.warning("resume is off: removing the checkpoints and result in %s", self.out_dir)
+            if self.procs.is_main:
+                self.log.warning("resume is off: removing the checkpoints and result in %s", self.out_dir)
                 shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
                 (self.out_dir / RESULT_FILE).unlink(missing_ok=True)
-            self.acc.wait_for_everyone()
+            self.procs.wait()
             ckpt = None
         if ckpt is None:
             return self._fresh_state()
@@ -397,7 +454,7 @@ class Trainer:
             restore_rng(torch.load(rng_file, weights_only=False))
         if self.weights is not None and state.get("source_weights"):
             self.weights.load_state_dict(state["source_weights"])
-        logger.info(
+        self.log.info(
             "resuming %s from %s (step %d, epoch %d)", self.method, ckpt, state["step"], state["epoch"]
         )
         return state
@@ -418,7 +475,7 @@ class Trainer:
         for j, batch_exs in enumerate(exs):
             batch = collate(batch_exs, self.pad_id, self.device)
             sync = j == len(exs) - 1  # gradients are all-reduced once per step, on the last micro-batch
-            with contextlib.nullcontext() if sync else self.acc.no_sync(self.scorer):
+            with contextlib.nullcontext() if sync else self.procs.no_sync(self.scorer):
                 with self._autocast():
                     per_row = self.objective(self.scorer, batch)
                     if self.weights is not None:
@@ -437,7 +494,7 @@ class Trainer:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if self.world > 1:
-            loss_sum = self.acc.reduce(loss_sum, reduction="mean")
+            loss_sum = self.procs.mean(loss_sum)
         loss_value = float(loss_sum)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             last = latest_checkpoint(self.out_dir)
@@ -451,11 +508,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if grad_w is not None:
-            n_rows = float(sum(len(b) for b in exs))
-            if self.world > 1:
-                packed = self.acc.reduce(torch.tensor([*grad_w, n_rows], device=self.device), reduction="sum")
-                grad_w, n_rows = packed[:-1].cpu().numpy(), float(packed[-1])
-            self.weights.step(grad_w, n_rows)
+            grad = grad_w / norm  # the gradient of this process's loss (normalised as the model's)
+            if self.world > 1:  # DDP averaged the processes' losses; so are the weights' gradients
+                grad = self.procs.mean(torch.tensor(grad, device=self.device)).cpu().numpy()
+            self.weights.step(grad)
         return loss_value, grad_norm
 
     # ------------------------------------------------------------------ validation and checkpoints
@@ -467,15 +523,11 @@ class Trainer:
         model.eval()
         try:
             if self.valid_fn is not None:
-                value: list[Any] = [None]
-                if self.acc.is_main_process:
+                value = None
+                if self.procs.is_main:  # rollouts run once; the score is shared
                     with torch.no_grad():
-                        value[0] = float(self.valid_fn(model, self.tokenizer))
-                if self.world > 1:
-                    from accelerate.utils import broadcast_object_list
-
-                    broadcast_object_list(value)
-                metric, result = "valid_success", float(value[0])
+                        value = float(self.valid_fn(model, self.tokenizer))
+                metric, result = "valid_success", float(self.procs.broadcast(value))
             else:
                 total, units = 0.0, 0.0
                 bs = self.cfg.batch_size
@@ -507,25 +559,22 @@ class Trainer:
         final: Path | None = None
         if self.weights is not None:
             state["source_weights"] = self.weights.state_dict()
-        if self.acc.is_main_process:
+        if self.procs.is_main:
             tmp, final = new_checkpoint_dir(self.out_dir, step)
         if self.world > 1:
-            from accelerate.utils import broadcast_object_list
-
-            holder = [str(tmp) if tmp else None, str(final) if final else None]
-            broadcast_object_list(holder)
-            tmp, final = Path(holder[0]), Path(holder[1])
+            names = self.procs.broadcast([str(tmp), str(final)])
+            tmp, final = Path(names[0]), Path(names[1])
         assert tmp is not None and final is not None
         torch.save(capture_rng(), tmp / f"rng-{self.rank}.pt")
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+        self.procs.wait()
+        if self.procs.is_main:
             write_checkpoint(
                 tmp, final, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state
             )
             best = state["best"]["step"] if state["best"] else None
             rotate_checkpoints(self.out_dir, self.cfg.keep_checkpoints, {best} if best is not None else set())
             self._write_curves(state)
-        self.acc.wait_for_everyone()
+        self.procs.wait()
         return final
 
     def _write_curves(self, state: dict[str, Any]) -> None:
@@ -559,11 +608,11 @@ class Trainer:
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._setup()
-        if self.acc.is_main_process:
+        if self.procs.is_main:
             save_config(cfg, self.out_dir, "train_config.yaml")
         state = self._resume()
         A, W = cfg.grad_accum, self.world
-        logger.info(
+        self.log.info(
             "%s: %d rows, %d steps (%d per epoch), %d trainable parameters, device %s%s",
             self.method,
             len(self.examples),
@@ -573,7 +622,11 @@ class Trainer:
             self.device,
             f" x{W} processes" if W > 1 else "",
         )
-        bar = progress(total=self.total_steps, initial=state["step"], desc=self.method, unit="step")
+        bar = progress(
+            total=self.total_steps, initial=state["step"], desc=self.method, unit="step", leave=self.procs.is_main
+        )
+        if not self.procs.is_main:
+            bar.disable = True
         try:
             while state["step"] < self.total_steps and not state["stopped_early"]:
                 order = epoch_order(len(self.examples), cfg.seed, state["epoch"], self.easy)
@@ -591,7 +644,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
                     if step % cfg.log_every == 0 or step == 1:
-                        logger.info(
+                        self.log.info(
                             "%s step %d/%d epoch %d loss %.4f lr %.3g grad-norm %.3g %.0f tok/s",
                             self.method,
                             step,
@@ -619,7 +672,7 @@ class Trainer:
         measured = self._validate()
         if self.weights is not None:
             state["source_weights_history"].append({"step": state["step"], **self.weights.as_dict()})
-            logger.info(
+            self.log.info(
                 "source weights after step %d: %s",
                 state["step"],
                 ", ".join(f"{k}={v:.4f}" for k, v in self.weights.as_dict().items()),
@@ -637,7 +690,7 @@ class Trainer:
             state["bad_epochs"] = 0
         else:
             state["bad_epochs"] += 1
-        logger.info(
+        self.log.info(
             "%s epoch %d step %d: %s %.4f (best %.4f at step %d)",
             self.method,
             state["epoch"],
@@ -649,7 +702,7 @@ class Trainer:
         )
         patience = self.cfg.early_stopping_patience
         if patience and state["bad_epochs"] >= patience and state["step"] < self.total_steps:
-            logger.info("%s: no better %s for %d epochs; stopping early", self.method, metric, patience)
+            self.log.info("%s: no better %s for %d epochs; stopping early", self.method, metric, patience)
             state["stopped_early"] = True
 
     def _finish(self, state: dict[str, Any]) -> TrainResult:
@@ -659,10 +712,10 @@ class Trainer:
         export_step = best["step"] if (cfg.export == "best" and best) else state["step"]
         if export_step != state["step"]:
             load_trainable(self.model, dirs[export_step] / "trainable.safetensors")
-            logger.info("exporting the best checkpoint (step %d) instead of the last", export_step)
+            self.log.info("exporting the best checkpoint (step %d) instead of the last", export_step)
         model_dir = self.out_dir / "model"
         adapter_dir = self.out_dir / "adapter" if cfg.lora.enabled else None
-        if self.acc.is_main_process:
+        if self.procs.is_main:
             export_model(
                 self.model,
                 self.tokenizer,
@@ -676,10 +729,10 @@ class Trainer:
                     "fingerprint": self.fingerprint,
                 },
             )
-        self.acc.wait_for_everyone()
+        self.procs.wait()
         tokens = state["tokens"]
         if self.world > 1:
-            tokens = int(self.acc.reduce(torch.tensor(tokens, device=self.device), reduction="sum"))
+            tokens = int(self.procs.sum(torch.tensor(tokens, device=self.device)))
         seconds = state["train_seconds"]
         result = TrainResult(
             method=self.method,
@@ -705,9 +758,9 @@ class Trainer:
             skipped_rows=self.skipped_rows,
             fingerprint=self.fingerprint,
         )
-        if self.acc.is_main_process:
+        if self.procs.is_main:
             result.save()
-        logger.info(
+        self.log.info(
             "%s finished: %d steps, final loss %.4f, %.0f tokens/s; model exported to %s",
             self.method,
             result.steps,

@@ -77,11 +77,12 @@ class SourceWeights:
         if len(sources):
             grad[list(sources)] += loss * self.k / len(sources)
 
-    def step(self, grad: np.ndarray, n_rows: float) -> None:
-        """One gradient step ``alpha -= lr * grad / n_rows``, clip at ``min_weight``, renormalise to sum 1."""
-        if n_rows <= 0:
-            return
-        alpha = self.alpha - self.lr * grad / n_rows
+    def step(self, grad: np.ndarray) -> None:
+        """One gradient step ``alpha -= lr * grad``, clip at ``min_weight``, renormalise to sum 1.
+
+        ``grad`` is the :meth:`accumulate` sum divided by the step's loss normaliser (its agent tokens, agent
+        turns or pairs), i.e. the gradient of the loss that trained the model."""
+        alpha = self.alpha - self.lr * grad
         alpha = np.maximum(alpha, self.min_weight)
         self.alpha = alpha / alpha.sum()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import Counter
@@ -410,6 +411,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         result = train_sft(
             job.model, job.data, job.out_dir, cfg, valid_rows_or_path=job.valid_data or None, resume=job.resume
         )
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun the main process reports
+        return 0
     first, last = result.loss_curve[0][1], result.loss_curve[-1][1]
     print(
         f"{result.out_dir}: {result.method}, {result.rows} rows ({result.skipped_rows} too long), "
