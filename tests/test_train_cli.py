@@ -87,3 +87,11 @@ def test_train_errors_are_one_line(train_models, pair_rows, tmp_path, capsys) ->
     assert main(["train", "sft", str(cfg), "train.max_steps=1"]) == 2
     assert "rows[0]" not in (err := capsys.readouterr().err) and "an SFT row needs 'messages'" in err
     assert f"{pairs}:1:" in err
+
+
+def test_docs_list_every_train_config_key() -> None:
+    from w2s_agents.config import describe_config
+
+    text = (REPO / "docs" / "training.md").read_text()
+    missing = [key for key, *_ in describe_config(TrainJobConfig) if f"| `{key}` |" not in text]
+    assert missing == []

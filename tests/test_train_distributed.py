@@ -37,9 +37,12 @@ def test_two_processes_equal_one_with_accumulation(train_models, pair_rows, tmp_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the two processes
     single = from_dict(TrainConfig, {**train, "method": "dpo", "grad_accum": 2})
-    one = train_dpo(
-        train_models["policy"], pairs, tmp_path / "one", single, reference_path=train_models["policy"]
-    )
+    try:
+        one = train_dpo(
+            train_models["policy"], pairs, tmp_path / "one", single, reference_path=train_models["policy"]
+        )
+    finally:
+        torch.set_num_threads(threads)
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert ddp["steps"] == one.steps == 6
     for (s1, a), (s2, b) in zip(one.loss_curve, ddp["loss_curve"], strict=True):

@@ -93,6 +93,14 @@ def _raw_rows(rows_or_path: RowsInput) -> list[tuple[dict[str, Any], str]]:
     return out
 
 
+def _describe(rows_or_path: RowsInput) -> str:
+    if isinstance(rows_or_path, (str, os.PathLike)):
+        return str(rows_or_path)
+    if _is_path_list(rows_or_path):
+        return ", ".join(str(p) for p in rows_or_path) or "no files"
+    return "the rows given"
+
+
 def _check_messages(value: Any, key: str, origin: str) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise DataFormatError(f"{origin}: '{key}' must be a non-empty list of messages")
@@ -182,7 +190,8 @@ def load_sft_rows(rows_or_path: RowsInput, *, success_only: bool = True) -> list
     if skipped:
         logger.info("left out %d trajectories (not won or without steps)", skipped)
     if not out:
-        raise DataFormatError("no SFT rows in the training data")
+        more = f" ({skipped} trajectories not won or without steps)" if skipped else ""
+        raise DataFormatError(f"no SFT rows in {_describe(rows_or_path)}{more}")
     return out
 
 
@@ -210,7 +219,10 @@ def load_pairs(pairs_or_path: RowsInput) -> list[Row]:
         sources, easy = row_sources(data, origin)
         out.append(Row(data, origin, sources, easy))
     if not out:
-        raise DataFormatError("no preference pairs in the training data")
+        raise DataFormatError(
+            f"no preference pairs in {_describe(pairs_or_path)} (pairs need trees with branches: several "
+            "trajectories per task)"
+        )
     return out
 
 

@@ -623,7 +623,11 @@ class Trainer:
             f" x{W} processes" if W > 1 else "",
         )
         bar = progress(
-            total=self.total_steps, initial=state["step"], desc=self.method, unit="step", leave=self.procs.is_main
+            total=self.total_steps,
+            initial=state["step"],
+            desc=self.method,
+            unit="step",
+            leave=self.procs.is_main,
         )
         if not self.procs.is_main:
             bar.disable = True

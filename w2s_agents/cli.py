@@ -409,7 +409,12 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         )
     else:
         result = train_sft(
-            job.model, job.data, job.out_dir, cfg, valid_rows_or_path=job.valid_data or None, resume=job.resume
+            job.model,
+            job.data,
+            job.out_dir,
+            cfg,
+            valid_rows_or_path=job.valid_data or None,
+            resume=job.resume,
         )
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun the main process reports
         return 0
