@@ -208,3 +208,24 @@ def test_gradient_checkpointing_and_bf16_autocast(train_models, sft_rows, tmp_pa
         plain.loss_curve[0][1], rel=0.05
     )  # same loss, bf16 precision
     assert load_model(bf16.model_dir).dtype == torch.float32  # exported in the dtype of the source model
+
+
+def test_a_lora_run_resumes_to_the_same_adapters(train_models, sft_rows, tmp_path) -> None:
+    import shutil
+
+    lora = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    config = cfg(epochs=2, lr=2e-2, lora=lora, checkpoint_every=1, keep_checkpoints=10)
+    out = tmp_path / "lora-resume"
+    whole = train_sft(train_models["policy"], sft_rows, out, config)
+    adapters = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    merged = load_file(str(whole.model_dir / "model.safetensors"))
+    for name in ("result.json", "model", "adapter", "checkpoints/step-00000006", "checkpoints/step-00000005"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = train_sft(train_models["policy"], sft_rows, out, config)  # from step 4, dropout RNG restored
+    assert resumed.loss_curve == whole.loss_curve
+    again = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(adapters[k], again[k]) for k in adapters)
+    assert all(
+        torch.equal(merged[k], t) for k, t in load_file(str(resumed.model_dir / "model.safetensors")).items()
+    )

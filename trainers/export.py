@@ -31,35 +31,55 @@ def _replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def _merged(adapter_dir: Path, base_path: Path, dtype: torch.dtype) -> nn.Module:
+    """The base model freshly loaded on the CPU in ``dtype`` with the adapters merged into it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
 def export_model(
     model: nn.Module,
     tokenizer: Any,
     out: Path,
     *,
     adapter_dir: Path | None = None,
+    base_path: Path | None = None,
     dtype: torch.dtype = torch.float32,
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` and ``tokenizer`` to ``out`` with ``save_pretrained``, loadable by ``load_model``.
 
-    A PEFT model first saves its adapters to ``adapter_dir`` (when given) and is then merged into its base
-    weights (``merge_and_unload``; this consumes the PEFT wrapper). The weights are saved in ``dtype``. Both
-    folders are written under temporary names and renamed when complete.
+    A PEFT model saves its adapters to ``adapter_dir``; they are then merged into the base weights: into a
+    fresh copy of the base model loaded from ``base_path`` on the CPU in ``dtype`` when it is given (exact even
+    when training held the frozen base in lower precision; ``model`` is left as it was), else into ``model``
+    itself (``merge_and_unload`` consumes its PEFT wrapper). The weights are saved in ``dtype``. Both folders
+    are written under temporary names and renamed when complete.
 
     Returns:
         ``out``.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
-        if adapter_dir is not None:
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{adapter_dir.name}.tmp-"))
-            try:
-                model.save_pretrained(tmp)
-                _replace_dir(tmp, adapter_dir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        model = model.merge_and_unload()
+        keep = adapter_dir is not None
+        adapter_dir = (
+            adapter_dir or Path(tempfile.mkdtemp(dir=out.parent, prefix=".adapter.tmp-")) / "adapter"
+        )
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{adapter_dir.name}.tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            _replace_dir(tmp, adapter_dir)
+            model = (
+                _merged(adapter_dir, base_path, dtype) if base_path is not None else model.merge_and_unload()
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if not keep:
+                shutil.rmtree(adapter_dir.parent, ignore_errors=True)
     model = model.to(dtype)
     if getattr(model.config, "use_cache", None) is False:  # turned off for gradient checkpointing
         model.config.use_cache = True

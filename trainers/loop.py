@@ -157,11 +157,14 @@ def epoch_order(n: int, seed: int, epoch: int, easy: np.ndarray | None = None) -
 
 
 def run_fingerprint(config: TrainConfig, model_path: str | Path, *parts: str) -> str:
-    """Identity of a run: the config (bookkeeping keys aside), the model folder and data fingerprints."""
+    """Identity of a run: the config (bookkeeping keys aside), the model folder (path, config, weight files'
+    sizes and times) and data fingerprints."""
     import hashlib
 
+    from .reference import model_identity
+
     cfg = {k: v for k, v in config_to_dict(config).items() if k not in BOOKKEEPING_KEYS}
-    text = json.dumps([cfg, str(Path(model_path).resolve()), *parts], sort_keys=True)
+    text = json.dumps([cfg, model_identity(model_path), *parts], sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -526,7 +529,9 @@ class Trainer:
                 value = None
                 if self.procs.is_main:  # rollouts run once; the score is shared
                     with torch.no_grad():
-                        value = float(self.valid_fn(model, self.tokenizer))
+                        value = self.valid_fn(model, self.tokenizer)
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        raise W2SError(f"valid_fn must return a number (higher is better), got {value!r}")
                 metric, result = "valid_success", float(self.procs.broadcast(value))
             else:
                 total, units = 0.0, 0.0
@@ -725,6 +730,7 @@ class Trainer:
                 self.tokenizer,
                 model_dir,
                 adapter_dir=adapter_dir,
+                base_path=self.model_path,
                 dtype=_saved_dtype(self.model_path),
                 meta={
                     "method": self.method,
