@@ -427,6 +427,7 @@ class Trainer:
             "train_seconds": 0.0,
             "source_weights": None,
             "source_weights_history": [],
+            "processes": self.world,
         }
 
     def _resume(self) -> dict[str, Any]:
@@ -449,6 +450,15 @@ class Trainer:
                 f"{self.out_dir} holds checkpoints of another run (config, data or model differ: fingerprint "
                 f"{state.get('fingerprint')} vs {self.fingerprint}); use another out_dir or resume: false"
             )
+        if state.get("processes", 1) != self.world:
+            self.log.warning(
+                "%s was checkpointed with %s processes and resumes with %d: the micro-batches of each step "
+                "differ from an uninterrupted run from here on",
+                ckpt,
+                state.get("processes", 1),
+                self.world,
+            )
+            state["processes"] = self.world
         load_trainable(self.model, ckpt / "trainable.safetensors")
         self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt"))
