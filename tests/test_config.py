@@ -221,10 +221,15 @@ def test_describe_config_lists_every_leaf_with_help() -> None:
 
 
 def test_every_shipped_config_loads(repo_root: Path) -> None:
+    from w2s_agents.trainers import TrainJobConfig
+
     files = sorted((repo_root / "configs").glob("*.yaml"))
     assert files, "configs/ holds no YAML"
     for f in files:
-        load_experiment(f)
+        if f.name.startswith("train-"):  # `w2s train` configs
+            load_config(TrainJobConfig, f)
+        else:
+            load_experiment(f)
 
 
 def test_quickstart_yaml_is_the_embedded_default(repo_root: Path) -> None:
