@@ -173,3 +173,32 @@ def tw_test_suites() -> dict:
         )
         for challenge, settings in recipes
     }
+
+
+# ------------------------------------------------------------------ agents
+
+
+@pytest.fixture(scope="session")
+def nano_model_dir(tmp_path_factory: pytest.TempPathFactory, game_texts: list[str]) -> Path:
+    """A tiny random-weight ``nano`` Llama model whose tokenizer knows the game text and the agent prompts."""
+    from w2s_agents.messages import SYSTEM_PROMPT
+    from w2s_agents.models import create_tiny_model
+
+    texts = [
+        *game_texts,
+        SYSTEM_PROMPT,
+        "Thought: I should look around.\nAction: look",
+        "Admissible commands now:",
+    ]
+    return create_tiny_model(tmp_path_factory.mktemp("models") / "nano", texts, preset="nano", vocab_size=512)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread (much faster than two on a machine whose cores are busy)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
