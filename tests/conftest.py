@@ -179,6 +179,20 @@ def tw_test_suites() -> dict:
 
 
 @pytest.fixture(scope="session")
+def tw_game_files(game_cache_dir: Path, tw_test_suites: dict) -> list[str]:
+    """Paths of the four ``test-tw-simple`` games (compiled ``.z8`` files, usable as task ids in any process)."""
+    from w2s_agents.envs.textworld_games import GameCache
+
+    suite = tw_test_suites["tw-simple"]
+    cache = GameCache(game_cache_dir)
+    return [
+        str(cache.get(suite.game_spec(split, i)))
+        for split in ("train", "valid", "test")
+        for i in range(suite.sizes[split])
+    ]
+
+
+@pytest.fixture(scope="session")
 def nano_model_dir(tmp_path_factory: pytest.TempPathFactory, game_texts: list[str]) -> Path:
     """A tiny random-weight ``nano`` Llama model whose tokenizer knows the game text and the agent prompts."""
     from w2s_agents.messages import SYSTEM_PROMPT

@@ -103,6 +103,7 @@ class RolloutConfig:
         help="env constructor arguments; built-in envs default to max_steps, admissible_commands and no expert plan",
     )
     output: Path | None = option(None, "trajectory file; null: <run dir>/trajectories.jsonl")
+    threads: int = option(0, "torch threads of this process (0: torch's default)")
     workers: int = option(0, "Ray workers (each with a model replica and envs); 0 runs in this process")
     ray_address: str | None = option(
         None, "address of a running Ray cluster ('auto' finds a local one); null starts a local instance"
@@ -129,6 +130,7 @@ class RolloutConfig:
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
         check(self.episode_retries >= 0, "episode_retries", f"must be >= 0, got {self.episode_retries}")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.worker_cpus > 0, "worker_cpus", f"must be > 0, got {self.worker_cpus}")
         check(self.worker_gpus >= 0, "worker_gpus", f"must be >= 0, got {self.worker_gpus}")
@@ -340,8 +342,14 @@ def run_episodes(
         raise ValueError("batch_size and max_steps must be >= 1 and episode_retries >= 0")
     make = env.make if isinstance(env, EnvSpec) else env
     pending: deque[tuple[EpisodeSpec, int]] = deque((spec, 0) for spec in episodes)
-    free_envs: list[Any] = []
+    free_envs: list[tuple[Any, str]] = []  # (env, the task it played last): reuse favours the same task
     live: list[_Live] = []
+
+    def take_env(task_id: str) -> Any:
+        for i in range(len(free_envs) - 1, -1, -1):
+            if free_envs[i][1] == task_id:  # a TextWorld env reloads its game only for another task
+                return free_envs.pop(i)[0]
+        return free_envs.pop()[0] if free_envs else make()
 
     def discard(e: Any) -> None:
         try:
@@ -381,7 +389,7 @@ def run_episodes(
                 spec, attempt = pending.popleft()
                 ep = _Live(spec, attempt)
                 try:
-                    ep.env = free_envs.pop() if free_envs else make()
+                    ep.env = take_env(spec.task_id)
                     obs, info = ep.env.reset(seed=spec.seed, options={"task": spec.task_id})
                 except Exception as exc:
                     traj = failed(ep, exc, "reset")
@@ -418,7 +426,7 @@ def run_episodes(
                 ep.admissible = _admissible(info)
                 if terminated or truncated or len(ep.steps) >= max_steps:
                     end = "won" if info.get("won") else "lost" if info.get("lost") else "truncated"
-                    free_envs.append(ep.env)
+                    free_envs.append((ep.env, ep.spec.task_id))
                     yield _trajectory(agent, ep, end, float(info.get("score", 0.0)))
                 else:
                     still.append(ep)
@@ -427,7 +435,7 @@ def run_episodes(
         for ep in live:
             if ep.env is not None:
                 discard(ep.env)
-        for e in free_envs:
+        for e, _ in free_envs:
             discard(e)
 
 
@@ -726,6 +734,7 @@ class RolloutJobConfig:
 _OPERATIONAL_KEYS = {
     "run.log_level",
     "rollout.workers",
+    "rollout.threads",
     "rollout.ray_address",
     "rollout.worker_cpus",
     "rollout.worker_gpus",
@@ -861,10 +870,14 @@ def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
     from w2s_agents.store import TrajectoryStore
 
     run_dir = cfg.run.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_resume(cfg, run_dir)
-    save_config(cfg, run_dir)
     r = cfg.rollout
+    output = r.output if r.output is not None else run_dir / "trajectories.jsonl"
+    if output.is_file() and output.stat().st_size > 0:
+        _check_resume(cfg, run_dir)
+    if r.threads:
+        import torch
+
+        torch.set_num_threads(r.threads)
     tasks = resolve_tasks(r)
     env_id = get_suite(r.suite).env_id
     if cfg.model.path is not None:
@@ -875,8 +888,8 @@ def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
             env = _env_spec(env_id, r.env_kwargs, cfg.agent, r.max_steps, tasks)
             _build_tiny_model(cfg, tasks, env, model_path)
     agent = Agent(load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype), cfg.agent)
-    output = r.output if r.output is not None else run_dir / "trajectories.jsonl"
     with TrajectoryStore(output) as store:
+        save_config(cfg, run_dir)  # once the store is ours: the config its episodes come from
         summary = collect(
             tasks,
             agent,
