@@ -122,6 +122,7 @@ def test_prompt_is_the_messages_format(nano) -> None:
         system=system_prompt(state.admissible, state.grammar, max_admissible=100),
     )
     assert prompt.messages == messages and prompt.turns_dropped == 0
+    assert agent.prompts.incremental  # assembled from cached per-message ids, equal to rendering it whole
     text = nano.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt.ids == nano.tokenizer(text, add_special_tokens=False)["input_ids"]
     plain = Agent(nano, AgentConfig(prompt_grammar=False, prompt_admissible=False)).prompts.build(
@@ -145,6 +146,36 @@ def test_history_is_fitted_by_dropping_the_oldest_turns(nano) -> None:
     # the fewest turns are dropped: keeping one more would not fit
     longer = agent.prompts.messages(state, drop=prompt.turns_dropped - 1)
     assert len(agent.prompts.encode_messages(longer)) > budget
+
+
+# system instruction folded into the first user turn (as Llama-2 style templates do): not message by message
+FOLDED_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\n' }}"
+    "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ m['content'] + '<|end|>\n' }}{% elif m['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + m['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def test_templates_that_are_not_message_by_message_render_whole_prompts(nano) -> None:
+    import copy
+    import dataclasses
+
+    tok = copy.deepcopy(nano.tokenizer)
+    tok.chat_template = FOLDED_TEMPLATE
+    lm = dataclasses.replace(nano, tokenizer=tok)
+    agent = Agent(lm, AgentConfig())
+    assert not agent.prompts.incremental
+    state = _state(turns=10)
+    for budget in (100_000, 330, 300):
+        prompt = agent.prompts.build(state, budget)
+        text = tok.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        assert prompt.ids == tok(text, add_special_tokens=False)["input_ids"] and len(prompt.ids) <= budget
+        if budget < 100_000:
+            assert prompt.turns_dropped > 0
+            longer = agent.prompts.messages(state, drop=prompt.turns_dropped - 1)
+            assert len(agent.prompts.encode_messages(longer)) > budget
 
 
 def test_long_texts_are_cut_but_instruction_and_current_observation_stay(nano) -> None:

@@ -68,6 +68,9 @@ class Corridor:
         self.task = options["task"]
         self.length = int(self.task.split("/")[1])
         self.pos = self.moves = 0
+        if self.failures.get((self.task, 0), 0) > 0:
+            self.failures[self.task, 0] -= 1
+            raise RuntimeError("cannot load the game")
         return f"You are in room 0 of {self.length}.", {**self._info(), "instruction": "Reach the last room."}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
@@ -194,10 +197,9 @@ def test_env_failures_restart_the_episode_or_store_an_error(agent: Agent, tmp_pa
         )
     )
     assert failures == {("corridor/3", 2): 0}
-    assert sorted(map(_plain, flaky), key=str) == sorted(
-        map(_plain, clean), key=str
-    )  # restarted from scratch
-    broken = {("corridor/2", 1): 99}
+    # restarted from scratch, the episode retraces the clean run
+    assert sorted(map(_plain, flaky), key=str) == sorted(map(_plain, clean), key=str)
+    broken = {("corridor/2", 1): 99, ("corridor/4", 0): 99}
     made: list[Corridor] = []
 
     def factory() -> Corridor:
@@ -206,7 +208,7 @@ def test_env_failures_restart_the_episode_or_store_an_error(agent: Agent, tmp_pa
 
     with TrajectoryStore(tmp_path / "e.jsonl") as store:
         s = collect(
-            ["corridor/2", "corridor/3"],
+            ["corridor/2", "corridor/3", "corridor/4"],
             agent,
             SAMPLERS[:1],
             store,
@@ -215,7 +217,11 @@ def test_env_failures_restart_the_episode_or_store_an_error(agent: Agent, tmp_pa
             episode_retries=2,
         )
     trajs = {t.task_id: t for t in read_trajectories(tmp_path / "e.jsonl")}
-    assert s.errors == 1 and s.episodes == 2 and broken[("corridor/2", 1)] == 96  # 1 try + 2 restarts
+    assert s.errors == 2 and s.episodes == 3
+    assert broken == {("corridor/2", 1): 96, ("corridor/4", 0): 96}  # 1 try + 2 restarts each
+    no_game = trajs["corridor/4"]  # failed before the env could tell its id, instruction or first observation
+    assert no_game.end == "error" and no_game.env_id == "unknown" and no_game.initial_observation == ""
+    assert no_game.extra["error"] == "reset: RuntimeError: cannot load the game"
     err = trajs["corridor/2"]
     assert err.end == "error" and not err.success and err.steps == ()
     assert err.extra["error"] == "step 1: RuntimeError: engine crashed at move 1"

@@ -31,9 +31,10 @@ import math
 import random
 import re
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -123,7 +124,9 @@ class AgentConfig:
     )
     max_new_tokens: int = option(64, "generate mode: longest answer in tokens")
     score_batch_size: int = option(
-        16, "choose mode: most rows (a prompt with candidates packed behind it) per forward pass"
+        0,
+        "choose mode: most rows (a prompt with its candidates packed behind it) per forward pass; 0: 4 on a CPU "
+        "(long rows are compute-bound there and larger batches only add memory traffic), 16 on a GPU",
     )
     score_block_tokens: int = option(
         256, "choose mode: most candidate tokens packed behind one copy of a prompt (bounds the logits kept)"
@@ -168,7 +171,7 @@ class AgentConfig:
             "max_new_tokens",
             f"must be below max_context_tokens ({self.max_context_tokens}), got {self.max_new_tokens}",
         )
-        check(self.score_batch_size >= 1, "score_batch_size", f"must be >= 1, got {self.score_batch_size}")
+        check(self.score_batch_size >= 0, "score_batch_size", f"must be >= 0, got {self.score_batch_size}")
         check(
             self.score_block_tokens >= 1, "score_block_tokens", f"must be >= 1, got {self.score_block_tokens}"
         )
@@ -364,6 +367,78 @@ class Prompt:
     """What else was cut to fit (``admissible``, ``initial_observation``, ``observation``, ``instruction``)."""
 
 
+_PROBE_SYSTEM: Message = {"role": "system", "content": "probe"}
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """How a chat template renders a conversation message by message (see :func:`_template_segments`)."""
+
+    tokenizer: Any
+    system_prefix: str
+    """The rendering of the probe system message alone."""
+    gen_ids: tuple[int, ...]
+    """Tokens of the generation prompt (the opening of the assistant's answer)."""
+    bos_ids: tuple[int, ...] = ()
+    """Tokens before the first message (none: the first message's piece holds the template's opening)."""
+
+    def piece(self, message: Message, first: bool) -> str:
+        """The text ``message`` adds to a conversation (after a system message unless it comes first; the first
+        message's piece includes the template's opening, such as a bos token)."""
+        render = self.tokenizer.apply_chat_template
+        if first:
+            full, base = render([message], tokenize=False), ""
+        else:
+            full, base = render([_PROBE_SYSTEM, message], tokenize=False), self.system_prefix
+        if not full.startswith(base):  # pragma: no cover - excluded by the probe of _template_segments
+            raise W2SError("the chat template renders messages differently by position")
+        return full[len(base) :]
+
+
+def _template_segments(tokenizer: Any) -> _Segments | None:
+    """The message-by-message form of the tokenizer's chat template, or None when it has none.
+
+    A conversation's ids can then be assembled from cached per-message ids, which is exact when (checked on a
+    probe conversation) the template renders each message independently of the others, and every message and
+    the generation prompt start with a special token, at which tokenization always splits.
+    """
+    try:
+        render = tokenizer.apply_chat_template
+
+        def ids(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        seg = _Segments(tokenizer, render([_PROBE_SYSTEM], tokenize=False), ())
+        user: Message = {"role": "user", "content": "u"}
+        closed = render([_PROBE_SYSTEM, user], tokenize=False)
+        opened = render([_PROBE_SYSTEM, user], tokenize=False, add_generation_prompt=True)
+        if not opened.startswith(closed):
+            return None
+        gen = opened[len(closed) :]
+        probe: list[Message] = [
+            {"role": "system", "content": "You act.\n\nCommands: look, go X"},
+            {"role": "user", "content": "Task: leave\n\n-= Room =-\nYou are here.  "},
+            {"role": "assistant", "content": "Thought: a door\nAction: open door"},
+            {"role": "user", "content": "\nThe door opens.\n"},
+            {"role": "assistant", "content": "go north"},
+            {"role": "user", "content": " Outside. 3 points"},
+        ]
+        pieces = [seg.piece(m, i == 0) for i, m in enumerate(probe)]
+        whole = render(probe, tokenize=False, add_generation_prompt=True)
+        if "".join(pieces) + gen != whole:
+            return None
+        parts = [ids(p) for p in [*pieces, gen]]
+        special = set(tokenizer.all_special_ids)
+        if any(not p or p[0] not in special for p in parts):
+            return None
+        if ids(whole) != [t for p in parts for t in p]:
+            return None
+        return _Segments(tokenizer, seg.system_prefix, tuple(parts[-1]))
+    except Exception:  # a template that refuses these conversations: render whole prompts
+        logger.debug("chat template probe failed", exc_info=True)
+        return None
+
+
 class PromptBuilder:
     """Renders :class:`EpisodeState` as token ids through the tokenizer's chat template, fitted to a budget.
 
@@ -378,6 +453,31 @@ class PromptBuilder:
         self.config = config
         self._counts: dict[str, int] = {}
         self._overhead: int | None = None
+        self._pieces: dict[tuple[str, str, bool], array] = {}
+        self._piece_tokens = 0
+        self._segments = _template_segments(tokenizer)
+        if self._segments is None:
+            logger.info("the chat template is not message-by-message; prompts are rendered whole (slower)")
+
+    @property
+    def incremental(self) -> bool:
+        """Whether prompts are assembled from cached per-message token ids (exact for this template)."""
+        return self._segments is not None
+
+    def _piece(self, message: Message, first: bool) -> array:
+        """Token ids one message adds to a conversation (cached by role and text)."""
+        key = (message["role"], message["content"], first)
+        ids = self._pieces.get(key)
+        if ids is None:
+            assert self._segments is not None
+            text = self._segments.piece(message, first)
+            ids = array("l", self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if self._piece_tokens > 4_000_000:  # bound the cache (8 bytes a token)
+                self._pieces.clear()
+                self._piece_tokens = 0
+            self._pieces[key] = ids
+            self._piece_tokens += len(ids)
+        return ids
 
     def messages(
         self,
@@ -410,6 +510,12 @@ class PromptBuilder:
 
     def encode_messages(self, messages: list[Message]) -> list[int]:
         """Token ids of a conversation followed by the opening of the agent's answer."""
+        if self._segments is not None and messages and messages[0]["role"] == "system":
+            out = array("l", self._segments.bos_ids)
+            for i, m in enumerate(messages):
+                out.extend(self._piece(m, i == 0))
+            out.extend(self._segments.gen_ids)
+            return out.tolist()
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -439,7 +545,25 @@ class PromptBuilder:
             W2SError: not even the shortened instruction, observation and system instruction fit.
         """
         n = len(state.turns)
-        if n <= 1:
+        if self._segments is not None:
+            # exact arithmetic on cached per-message ids: drop the fewest oldest turns that make it fit
+            msgs = self.messages(state)
+            pieces = [self._piece(m, i == 0) for i, m in enumerate(msgs)]
+            seg = self._segments
+            total = len(seg.bos_ids) + len(seg.gen_ids) + sum(len(p) for p in pieces)
+            d = 0
+            while total > budget and d < n - 1:
+                total -= len(pieces[2 + 2 * d]) + len(pieces[3 + 2 * d])
+                d += 1
+            if total <= budget:
+                kept = msgs[:2] + msgs[2 + 2 * d :]
+                out = array("l", seg.bos_ids)
+                for p in pieces[:2] + pieces[2 + 2 * d :]:
+                    out.extend(p)
+                out.extend(seg.gen_ids)
+                return Prompt(out.tolist(), kept, turns_dropped=d)
+            drop = max(0, n - 1)
+        elif n <= 1:
             msgs = self.messages(state)
             ids = self.encode_messages(msgs)
             if len(ids) <= budget:
@@ -632,7 +756,7 @@ class Agent:
         cfg = self.config
         kwargs = {
             "pad_id": self.pad_id,
-            "batch_rows": cfg.score_batch_size,
+            "batch_rows": cfg.score_batch_size or (4 if self.lm.device.type == "cpu" else 16),
             "block_tokens": cfg.score_block_tokens,
             "share_prompt": cfg.share_prompt,
         }

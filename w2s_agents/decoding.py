@@ -199,6 +199,8 @@ def _packed_logprobs(
             size += n
         if group:
             rows.append((e, group))
+    # rows of similar length share a forward pass: less padding
+    rows.sort(key=lambda r: len(prompts[r[0]]) + sum(len(candidates[r[0]][j]) for j in r[1]))
     out: dict[tuple[int, int], CandidateLogprobs] = {}
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start : start + batch_rows]
@@ -331,39 +333,48 @@ def pick_tokens(
     Row ``i`` with ``temperatures[i] == 0`` takes the argmax (ties: the lowest index). Otherwise the row's
     distribution is ``softmax(scores / T)`` cut to its nucleus (the most probable indices whose cumulative
     probability first reaches ``top_p``; ties in index order) and renormalised, and the index is the inverse
-    of its cumulative distribution at ``uniforms[i]`` in [0, 1). Computed in float64, so the choice depends
-    only on the row's scores and its draw.
+    of its cumulative distribution at ``uniforms[i]`` in [0, 1). Computed in float64 on the scores' device
+    (CPU for MPS), so a row's choice depends only on its scores and its draw.
 
     Returns:
         A long tensor of shape ``[rows]`` on the CPU.
+
+    Raises:
+        ValueError: a row has no finite score, or a sampled row has no draw in [0, 1).
     """
     rows = scores.shape[0]
     if not (len(temperatures) == len(top_ps) == len(uniforms) == rows):
         raise ValueError("pick_tokens needs one temperature, top_p and draw per row")
-    scores = scores.detach().to("cpu", torch.float64)
-    out = torch.empty(rows, dtype=torch.long)
-    for i in range(rows):
-        row = scores[i]
-        if not torch.isfinite(row).any():
-            raise ValueError(f"row {i} has no finite score to choose from")
-        t = float(temperatures[i])
-        if t == 0.0:
-            out[i] = int(torch.argmax(row))
-            continue
+    if scores.device.type == "mps":  # no float64 there
+        scores = scores.cpu()
+    scores = scores.detach()
+    finite = torch.isfinite(scores).any(dim=-1)
+    if not bool(finite.all()):
+        raise ValueError(f"row {int((~finite).nonzero()[0])} has no finite score to choose from")
+    out = torch.argmax(scores, dim=-1).cpu()  # greedy rows; replaced below for sampled ones
+    sampled = [i for i, t in enumerate(temperatures) if float(t) != 0.0]
+    if not sampled:
+        return out
+    for i in sampled:
         u = uniforms[i]
         if u is None or not 0.0 <= u < 1.0:
-            raise ValueError(f"row {i} samples (temperature {t}) but has no uniform draw in [0, 1): {u!r}")
-        probs = torch.softmax(row / t, dim=-1)
-        order = torch.sort(probs, descending=True, stable=True)
-        sorted_p = order.values
-        cum = sorted_p.cumsum(0)
-        keep = (cum - sorted_p) < float(top_ps[i])
-        keep[0] = True
-        kept = sorted_p[keep]
-        cdf = kept.cumsum(0)
-        k = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
-        k = min(k, kept.numel() - 1)
-        out[i] = int(order.indices[keep][k])
+            raise ValueError(
+                f"row {i} samples (temperature {temperatures[i]}) but has no uniform draw in [0, 1): {u!r}"
+            )
+    dev = scores.device
+    f64 = torch.float64
+    sel = torch.tensor(sampled, dtype=torch.long, device=dev)
+    temp = torch.tensor([float(temperatures[i]) for i in sampled], dtype=f64, device=dev)
+    top_p = torch.tensor([float(top_ps[i]) for i in sampled], dtype=f64, device=dev)
+    u = torch.tensor([float(uniforms[i]) for i in sampled], dtype=f64, device=dev)  # type: ignore[arg-type]
+    probs = torch.softmax(scores.index_select(0, sel).to(f64) / temp[:, None], dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    keep = (sorted_p.cumsum(dim=-1) - sorted_p) < top_p[:, None]
+    keep[:, 0] = True
+    cdf = (sorted_p * keep).cumsum(dim=-1)
+    k = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    k = torch.minimum(k, keep.sum(dim=-1, keepdim=True) - 1)  # u * total rounding up to the total
+    out[sel.cpu()] = order.gather(1, k).squeeze(1).cpu()
     return out
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "RolloutConfig",
     "RolloutJobConfig",
     "RolloutSummary",
+    "build_task_model",
     "collect",
     "episode_seed",
     "load_job",
@@ -196,7 +197,8 @@ class EpisodeSpec:
     task_id: str
     sampler: Sampler = field(compare=False)
     seed: int
-    sampler_name: str = ""
+    sampler_name: str = field(init=False, default="")
+    """The sampler's name (what episodes are ordered and keyed by)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler_name", self.sampler.name)
@@ -243,12 +245,12 @@ class _Live:
         "turns",
     )
 
-    def __init__(self, spec: EpisodeSpec, attempt: int) -> None:
+    def __init__(self, spec: EpisodeSpec, attempt: int, env_id: str) -> None:
         self.spec = spec
         self.attempt = attempt
         self.rng = random.Random(episode_seed(spec.task_id, spec.sampler.name, spec.seed))
         self.env: Any = None
-        self.env_id = ""
+        self.env_id = env_id
         self.grammar: str | None = None
         self.instruction = ""
         self.initial = ""
@@ -341,6 +343,8 @@ def run_episodes(
     if batch_size < 1 or max_steps < 1 or episode_retries < 0:
         raise ValueError("batch_size and max_steps must be >= 1 and episode_retries >= 0")
     make = env.make if isinstance(env, EnvSpec) else env
+    # the env id of an episode whose env failed before telling its own
+    default_env_id = env.env_id if isinstance(env, EnvSpec) else getattr(env, "env_id", "") or "unknown"
     pending: deque[tuple[EpisodeSpec, int]] = deque((spec, 0) for spec in episodes)
     free_envs: list[tuple[Any, str]] = []  # (env, the task it played last): reuse favours the same task
     live: list[_Live] = []
@@ -387,7 +391,7 @@ def run_episodes(
         while pending or live:
             while pending and len(live) < batch_size:
                 spec, attempt = pending.popleft()
-                ep = _Live(spec, attempt)
+                ep = _Live(spec, attempt, default_env_id)
                 try:
                     ep.env = take_env(spec.task_id)
                     obs, info = ep.env.reset(seed=spec.seed, options={"task": spec.task_id})
@@ -400,7 +404,7 @@ def run_episodes(
                 ep.env_id = (
                     getattr(base, "env_id", "")
                     or getattr(getattr(ep.env, "spec", None), "id", "")
-                    or "unknown"
+                    or ep.env_id
                 )
                 ep.grammar = getattr(base, "command_grammar", "") or None
                 ep.instruction = str(info.get("instruction", getattr(base, "instruction", "")))
@@ -820,22 +824,39 @@ def _check_resume(cfg: RolloutJobConfig, run_dir: Path) -> None:
         )
 
 
-def _build_tiny_model(cfg: RolloutJobConfig, tasks: Sequence[str], env: EnvSpec, out: Path) -> Path:
-    """A tiny random-init model whose tokenizer is trained on the tasks' expert demonstrations."""
+def build_task_model(
+    out: str | Path,
+    tasks: Sequence[str],
+    env: EnvSpec,
+    *,
+    preset: str = "nano",
+    vocab_size: int = 2048,
+    seed: int = 0,
+    max_tasks: int = 20,
+) -> Path:
+    """A tiny random-weight model whose tokenizer is trained on the text of the tasks' expert plays.
+
+    The texts are the instruction, observations, actions and admissible commands of the expert trajectory of
+    each of the first ``max_tasks`` tasks, and the system instruction with the env's command grammar.
+
+    Returns:
+        The model folder (see :func:`w2s_agents.models.create_tiny_model`).
+
+    Raises:
+        W2SError: the env has no expert plan for a task.
+    """
     from w2s_agents.envs.demos import expert_trajectory
     from w2s_agents.messages import system_prompt
     from w2s_agents.models import create_tiny_model
 
     texts: list[str] = []
-    kwargs = (
-        {**env.kwargs, "expert_plan": True, "admissible_commands": True}
-        if env.env_id in BUILTIN_ENV_IDS
-        else dict(env.kwargs)
-    )
+    kwargs = dict(env.kwargs)
+    if env.env_id in BUILTIN_ENV_IDS:
+        kwargs.update(expert_plan=True, admissible_commands=True)
     e = replace(env, kwargs=kwargs).make()
     try:
         base = e.unwrapped
-        for task in tasks[:20]:
+        for task in tasks[:max_tasks]:
             traj = expert_trajectory(base, task)
             texts += [traj.instruction, traj.initial_observation]
             for s in traj.steps:
@@ -845,14 +866,12 @@ def _build_tiny_model(cfg: RolloutJobConfig, tasks: Sequence[str], env: EnvSpec,
         e.close()
     logger.info(
         "building a tiny %s model in %s from %d texts of %d tasks",
-        cfg.model.tiny_preset,
+        preset,
         out,
         len(texts),
-        min(len(tasks), 20),
+        min(len(tasks), max_tasks),
     )
-    return create_tiny_model(
-        out, texts, preset=cfg.model.tiny_preset, vocab_size=cfg.model.vocab_size, seed=cfg.run.seed
-    )
+    return create_tiny_model(out, texts, preset=preset, vocab_size=vocab_size, seed=seed)
 
 
 def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
@@ -886,7 +905,10 @@ def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
         model_path = run_dir / "model"
         if not (model_path / "config.json").is_file():
             env = _env_spec(env_id, r.env_kwargs, cfg.agent, r.max_steps, tasks)
-            _build_tiny_model(cfg, tasks, env, model_path)
+            m = cfg.model
+            build_task_model(
+                model_path, tasks, env, preset=m.tiny_preset, vocab_size=m.vocab_size, seed=cfg.run.seed
+            )
     agent = Agent(load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype), cfg.agent)
     with TrajectoryStore(output) as store:
         save_config(cfg, run_dir)  # once the store is ours: the config its episodes come from
