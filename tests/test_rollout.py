@@ -111,9 +111,16 @@ TASKS = ["corridor/2", "corridor/3", "corridor/5"]
 def test_collect_runs_every_episode_once_and_resumes(agent: Agent, tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     seen: list[str] = []
+    made: list[Corridor] = []
+
+    def factory() -> Corridor:
+        made.append(Corridor())
+        return made[-1]
+
     with TrajectoryStore(path) as store:
-        s = collect(TASKS, agent, SAMPLERS, store, env=Corridor, seeds=3, max_steps=6, batch_size=4, shard_size=5,
+        s = collect(TASKS, agent, SAMPLERS, store, env=factory, seeds=3, max_steps=6, batch_size=4, shard_size=5,
                     on_episode=lambda t, summ: seen.append(t.task_id))  # fmt: skip
+    assert len(made) == 4 and all(e.closed == 1 for e in made)  # 6 shards share 4 envs, closed at the end
     want = {EpisodeKey(t, "nano", sm.name, seed) for t in TASKS for sm in SAMPLERS for seed in range(3)}
     trajs = list(read_trajectories(path))
     assert {t.key for t in trajs} == want and len(trajs) == 27 == len(seen)

@@ -125,11 +125,13 @@ class RolloutWorker:
         import torch
 
         from w2s_agents.log import setup_logging
+        from w2s_agents.rollout import EnvPool
 
         setup_logging(os.environ.get("W2S_WORKER_LOG_LEVEL", "WARNING"))
         torch.set_num_threads(threads)
         self.agent = agent.load()
         self.env = env
+        self.pool = EnvPool(env.make)  # envs live as long as the worker, across shards
         self.runner = dict(runner)
 
     def pid(self) -> int:
@@ -140,7 +142,7 @@ class RolloutWorker:
         """Run a shard, yielding each trajectory as it ends."""
         from w2s_agents.rollout import run_episodes
 
-        yield from run_episodes(self.agent, self.env, shard, **self.runner)
+        yield from run_episodes(self.agent, self.env, shard, pool=self.pool, **self.runner)
 
 
 _DEATH = (

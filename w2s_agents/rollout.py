@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from w2s_agents.agent import Agent, AgentConfig, Decision, EpisodeState, Sampler
 from w2s_agents.config import check, config_to_dict, load_yaml, option, save_config
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentSpec",
+    "EnvPool",
     "EnvSpec",
     "EpisodeSpec",
     "RolloutConfig",
@@ -81,7 +82,7 @@ class RolloutConfig:
     """Which episodes to run and how (a section of a bigger experiment config)."""
 
     suite: str = option("tw-simple", "task suite (`w2s envs suites`)")
-    split: str = option("train", "split of the suite: train, valid or test")
+    split: Literal["train", "valid", "test"] = option("train", "split of the suite")
     tasks: int | None = option(None, "run the first N tasks of the split; null: all of them")
     task_ids: list[str] = option(
         default_factory=list,
@@ -116,11 +117,6 @@ class RolloutConfig:
     ray_log_to_driver: bool = option(False, "show Ray workers' output in this process")
 
     def __post_init__(self) -> None:
-        check(
-            self.split in ("train", "valid", "test"),
-            "split",
-            f"must be train, valid or test, got {self.split!r}",
-        )
         check(self.tasks is None or self.tasks >= 1, "tasks", f"must be >= 1 or null, got {self.tasks}")
         check(len(self.samplers) >= 1, "samplers", "must list at least one sampler")
         names = [s.name for s in self.samplers]
@@ -317,6 +313,47 @@ def _trajectory(agent: Agent, live: _Live, end: str, score: float, error: str = 
     )
 
 
+class EnvPool:
+    """Envs kept for reuse between episodes and between calls of :func:`run_episodes` (a Ray worker keeps one
+    for its life). An env is handed out preferably to an episode of the task it played last, since a TextWorld
+    env reloads its game only for another task.
+
+    Args:
+        make: creates a new env.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+        self._free: list[tuple[Any, str]] = []  # (env, the task it played last)
+
+    def take(self, task_id: str) -> Any:
+        """A free env (one that last played ``task_id`` if any), or a new one."""
+        for i in range(len(self._free) - 1, -1, -1):
+            if self._free[i][1] == task_id:
+                return self._free.pop(i)[0]
+        return self._free.pop()[0] if self._free else self.make()
+
+    def give(self, env: Any, task_id: str) -> None:
+        """Return a healthy env after an episode of ``task_id``."""
+        self._free.append((env, task_id))
+
+    @staticmethod
+    def discard(env: Any) -> None:
+        """Close an env that failed (or is no longer needed), ignoring errors from a broken one."""
+        try:
+            env.close()
+        except Exception:
+            logger.debug("closing an env raised", exc_info=True)
+
+    def close(self) -> None:
+        """Close every free env."""
+        while self._free:
+            self.discard(self._free.pop()[0])
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+
 def run_episodes(
     agent: Agent,
     env: EnvSpec | Callable[[], Any],
@@ -325,6 +362,7 @@ def run_episodes(
     batch_size: int = 16,
     max_steps: int = 50,
     episode_retries: int = 2,
+    pool: EnvPool | None = None,
 ) -> Iterator[Trajectory]:
     """Run ``episodes`` in order with at most ``batch_size`` live at once; yield each trajectory as it ends.
 
@@ -339,6 +377,8 @@ def run_episodes(
         batch_size: most live episodes (and envs).
         max_steps: step limit of an episode.
         episode_retries: restarts of an episode whose env raised; then it is yielded with ``end: error``.
+        pool: envs to take from and return to (kept open afterwards); None uses a pool of this call, closed at
+            the end.
     """
     if batch_size < 1 or max_steps < 1 or episode_retries < 0:
         raise ValueError("batch_size and max_steps must be >= 1 and episode_retries >= 0")
@@ -346,25 +386,14 @@ def run_episodes(
     # the env id of an episode whose env failed before telling its own
     default_env_id = env.env_id if isinstance(env, EnvSpec) else getattr(env, "env_id", "") or "unknown"
     pending: deque[tuple[EpisodeSpec, int]] = deque((spec, 0) for spec in episodes)
-    free_envs: list[tuple[Any, str]] = []  # (env, the task it played last): reuse favours the same task
+    own_pool = pool is None
+    envs = EnvPool(make) if pool is None else pool
     live: list[_Live] = []
-
-    def take_env(task_id: str) -> Any:
-        for i in range(len(free_envs) - 1, -1, -1):
-            if free_envs[i][1] == task_id:  # a TextWorld env reloads its game only for another task
-                return free_envs.pop(i)[0]
-        return free_envs.pop()[0] if free_envs else make()
-
-    def discard(e: Any) -> None:
-        try:
-            e.close()
-        except Exception:  # a broken env may fail to close too
-            logger.debug("closing a failed env raised", exc_info=True)
 
     def failed(ep: _Live, exc: BaseException, where: str) -> Trajectory | None:
         """Handle an env error: retry the episode from scratch, or give its error trajectory."""
         if ep.env is not None:
-            discard(ep.env)
+            envs.discard(ep.env)
             ep.env = None
         msg = f"{where}: {type(exc).__name__}: {exc}"
         if ep.attempt < episode_retries:
@@ -393,7 +422,7 @@ def run_episodes(
                 spec, attempt = pending.popleft()
                 ep = _Live(spec, attempt, default_env_id)
                 try:
-                    ep.env = take_env(spec.task_id)
+                    ep.env = envs.take(spec.task_id)
                     obs, info = ep.env.reset(seed=spec.seed, options={"task": spec.task_id})
                 except Exception as exc:
                     traj = failed(ep, exc, "reset")
@@ -430,17 +459,17 @@ def run_episodes(
                 ep.admissible = _admissible(info)
                 if terminated or truncated or len(ep.steps) >= max_steps:
                     end = "won" if info.get("won") else "lost" if info.get("lost") else "truncated"
-                    free_envs.append((ep.env, ep.spec.task_id))
+                    envs.give(ep.env, ep.spec.task_id)
                     yield _trajectory(agent, ep, end, float(info.get("score", 0.0)))
                 else:
                     still.append(ep)
             live = still
     finally:
-        for ep in live:
+        for ep in live:  # stopped early (an error, or the caller closed the generator)
             if ep.env is not None:
-                discard(ep.env)
-        for e, _ in free_envs:
-            discard(e)
+                envs.discard(ep.env)
+        if own_pool:
+            envs.close()
 
 
 # ------------------------------------------------------------------------------------------- collect
@@ -664,16 +693,21 @@ def collect(
                 env_source: EnvSpec | Callable[[], Any] = env
             else:
                 env_source = _env_spec(env, env_kwargs, agent.config, max_steps, tasks)
-            for shard in shards:
-                for traj in run_episodes(
-                    agent,
-                    env_source,
-                    shard,
-                    batch_size=batch_size,
-                    max_steps=max_steps,
-                    episode_retries=episode_retries,
-                ):
-                    write(traj)
+            pool = EnvPool(env_source.make if isinstance(env_source, EnvSpec) else env_source)
+            try:
+                for shard in shards:
+                    for traj in run_episodes(
+                        agent,
+                        env_source,
+                        shard,
+                        batch_size=batch_size,
+                        max_steps=max_steps,
+                        episode_retries=episode_retries,
+                        pool=pool,
+                    ):
+                        write(traj)
+            finally:
+                pool.close()
         else:
             if not isinstance(env, (str, EnvSpec)):
                 raise W2SError(
