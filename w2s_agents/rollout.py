@@ -105,7 +105,9 @@ class RolloutConfig:
         help="env constructor arguments; built-in envs default to max_steps, admissible_commands and no expert plan",
     )
     output: Path | None = option(None, "trajectory file; null: <run dir>/trajectories.jsonl")
-    threads: int = option(0, "torch threads of this process (0: torch's default)")
+    threads: int = option(
+        1, "torch threads of this process (0: torch's default); scale a CPU rollout with workers instead"
+    )
     workers: int = option(0, "Ray workers (each with a model replica and envs); 0 runs in this process")
     ray_address: str | None = option(
         None, "address of a running Ray cluster ('auto' finds a local one); null starts a local instance"
@@ -720,7 +722,7 @@ def collect(
                 model_path=str(agent.lm.path),
                 config=replace(agent.config, name=agent.name),
                 device="cuda" if worker_gpus > 0 else "cpu",
-                dtype=str(agent.lm.dtype).removeprefix("torch.") if worker_gpus > 0 else "float32",
+                dtype="auto" if worker_gpus > 0 else "float32",
             )
             options = RayOptions(
                 workers=workers,
