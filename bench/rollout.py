@@ -9,9 +9,12 @@ Measured side by side in one run and printed as ratios (the machine's load chang
   before the timing), counted from the first to the last episode (steady state) and over the whole call
   (worker start-up included).
 
-Usage: ``python bench/rollout.py [--quick] [--preset weak] [--cache-dir DIR] [--no-ray]``. Target: batched at least
-4x the one-at-a-time rate on a CPU. Torch runs one thread per process (as Ray workers do), so both sides use the
-same compute.
+* with ``--large-model`` (for a GPU): actions/s of a ~0.5B-parameter random-init Llama in bf16, 16 states at once
+  vs one at a time, both modes (no envs in the loop).
+
+Usage: ``python bench/rollout.py [--quick] [--preset weak] [--cache-dir DIR] [--no-ray] [--large-model [--only-large]]``.
+Target: batched at least 4x the one-at-a-time rate on a CPU. Torch runs one thread per process (as Ray workers
+do), so both sides use the same compute.
 """
 
 from __future__ import annotations
@@ -111,6 +114,75 @@ def bench_ray(model: Path, env_kwargs: dict, tasks: list[str], quick: bool) -> d
     return out
 
 
+def bench_large(
+    model: Path, env, tasks: list[str], device: str, hidden: int, layers: int, rounds: int
+) -> dict:
+    """Actions/s of a large random-init model (bf16 on CUDA), 16 states at once vs one at a time (no envs)."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from w2s_agents.agent import Agent, AgentConfig, EpisodeState, Sampler
+    from w2s_agents.envs.demos import expert_trajectory
+    from w2s_agents.models import LoadedModel, count_parameters, load_model
+
+    tok = load_model(model).tokenizer
+    heads = max(1, hidden // 64)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4) if heads % 4 == 0 else heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(dev):
+        lm_model = LlamaForCausalLM(config).to(dtype).eval()
+    lm = LoadedModel(lm_model, tok, model, dev, dtype)
+    e = env.make()
+    try:
+        trajs = [expert_trajectory(e.unwrapped, t) for t in tasks]
+    finally:
+        e.close()
+    # 16 states at different depths of the expert plays, each with its admissible commands
+    states = [
+        EpisodeState.from_trajectory(t, i % t.num_steps, grammar="look") for i, t in enumerate(trajs * 4)
+    ][:16]
+    out: dict = {"parameters": count_parameters(lm_model), "device": str(dev), "dtype": str(dtype)}
+    for mode in ("choose", "generate"):
+        agent = Agent(lm, AgentConfig(mode=mode, max_context_tokens=2048))
+        samplers = [Sampler(temperature=1.0)] * 16
+
+        def run(batch: bool, agent=agent, samplers=samplers) -> float:
+            rngs = [random.Random(i) for i in range(16)]
+            start = time.perf_counter()
+            if batch:
+                agent.act(states, samplers, rngs)
+            else:
+                for i in range(16):
+                    agent.act(states[i : i + 1], samplers[i : i + 1], rngs[i : i + 1])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return 16 / (time.perf_counter() - start)
+
+        run(True)  # warm-up (kernels, caches)
+        batched, single = [], []
+        for _ in range(rounds):
+            batched.append(run(True))
+            single.append(run(False))
+        out[mode] = (statistics.median(batched), statistics.median(single))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
@@ -119,6 +191,15 @@ def main() -> None:
     )
     parser.add_argument("--cache-dir", default=None, help="TextWorld game cache (default: the user cache)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray part")
+    parser.add_argument(
+        "--large-model",
+        action="store_true",
+        help="also measure a ~0.5B-parameter random-init model (bf16 on CUDA), batched vs single actions/s",
+    )
+    parser.add_argument("--device", default="cuda", help="device of the large model (cuda, or cpu to try it)")
+    parser.add_argument("--large-hidden", type=int, default=1024, help="hidden size of the large model")
+    parser.add_argument("--large-layers", type=int, default=28, help="layers of the large model (28: ~0.4B)")
+    parser.add_argument("--only-large", action="store_true", help="skip the CPU parts")
     args = parser.parse_args()
 
     import torch
@@ -145,6 +226,18 @@ def main() -> None:
 
         params = sum(p.numel() for p in load_model(model).model.parameters())
         print(f"model: tiny {args.preset} ({params:,} parameters), tasks {', '.join(tasks)}")
+        if args.large_model:
+            g = bench_large(model, env, tasks, args.device, args.large_hidden, args.large_layers, 3)
+            print(
+                f"\nlarge random-init model: {g['parameters']:,} parameters on {g['device']} ({g['dtype']}), 16 states:"
+            )
+            for mode in ("choose", "generate"):
+                b, s1 = g[mode]
+                print(
+                    f"  {mode:8s} batched {b:7.1f} actions/s   single {s1:7.1f} actions/s   ratio {b / s1:.2f}x"
+                )
+        if args.only_large:
+            return
         r = bench_batching(model, env, tasks, args.quick, rounds=1 if args.quick else 2)
         print("\nbatched agent over 16 envs vs one env at a time (same 16 episodes, same model):")
         for (mode, context), x in r.items():

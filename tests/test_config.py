@@ -221,10 +221,13 @@ def test_describe_config_lists_every_leaf_with_help() -> None:
 
 
 def test_every_shipped_config_loads(repo_root: Path) -> None:
+    from w2s_agents.rollout import load_job
+
     files = sorted((repo_root / "configs").glob("*.yaml"))
     assert files, "configs/ holds no YAML"
     for f in files:
-        load_experiment(f)
+        # each with the loader of the command it is for: `w2s rollout` for rollout-*.yaml
+        (load_job if f.name.startswith("rollout-") else load_experiment)(f)
 
 
 def test_quickstart_yaml_is_the_embedded_default(repo_root: Path) -> None:

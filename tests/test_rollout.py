@@ -66,6 +66,8 @@ class Corridor:
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
         self.task = options["task"]
+        if not self.task.startswith("corridor/"):
+            raise W2SError(f"unknown task {self.task!r}")
         self.length = int(self.task.split("/")[1])
         self.pos = self.moves = 0
         if self.failures.get((self.task, 0), 0) > 0:
@@ -234,6 +236,13 @@ def test_env_failures_restart_the_episode_or_store_an_error(agent: Agent, tmp_pa
     assert err.extra["error"] == "step 1: RuntimeError: engine crashed at move 1"
     assert trajs["corridor/3"].end != "error"
     assert all(e.closed for e in made)  # every env was closed (failed ones at once, the rest at the end)
+    # an unknown task is the user's error: it stops the run at once instead of storing error episodes
+    with (
+        TrajectoryStore(tmp_path / "u.jsonl") as store,
+        pytest.raises(W2SError, match="unknown task 'maze/1'"),
+    ):
+        collect(["corridor/2", "maze/1"], agent, SAMPLERS[:1], store, env=Corridor, max_steps=2, batch_size=1)
+    assert [t.task_id for t in read_trajectories(tmp_path / "u.jsonl")] == ["corridor/2"]
 
 
 def test_unparseable_answers_become_empty_commands(nano_model_dir: Path, tmp_path: Path) -> None:

@@ -59,6 +59,9 @@ class RayOptions:
     log_to_driver: bool = False
     temp_dir: str | None = None
     """Ray's temporary folder for a local instance; None: a fresh short folder removed at the end."""
+    start_timeout_s: float = 600.0
+    """How long a worker may take to start (load its model) before the run fails; a cluster without the CPUs or
+    GPUs asked for would otherwise wait for ever."""
 
 
 def _short_tmp_root() -> str:
@@ -215,7 +218,14 @@ def run_shards(
             slots = []
             for actor in actors:
                 try:
-                    pid = ray.get(actor.pid.remote())
+                    pid = ray.get(actor.pid.remote(), timeout=options.start_timeout_s)
+                except ray.exceptions.GetTimeoutError as exc:
+                    for a in actors:
+                        ray.kill(a)
+                    raise W2SError(
+                        f"a rollout worker did not start within {options.start_timeout_s:.0f} s (does the Ray "
+                        f"cluster have {options.worker_cpus} CPUs and {options.worker_gpus} GPUs free for it?)"
+                    ) from exc
                 except ray.exceptions.RayError as exc:
                     for a in actors:
                         ray.kill(a)

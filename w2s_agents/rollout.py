@@ -23,8 +23,10 @@ With ``workers >= 1`` the shards run on Ray (:mod:`w2s_agents.distributed`): eac
 and its envs; the driver is the only writer of the store; a worker that dies has its unfinished episodes re-run
 on another (new) worker.
 
-An env that raises is replaced and its episode restarted from scratch (``episode_retries`` times); an episode
-that keeps failing is stored with ``end: error`` and the error message in ``extra.error``.
+An env that raises in ``reset`` or ``step`` is replaced and its episode restarted from scratch
+(``episode_retries`` times); an episode that keeps failing is stored with ``end: error`` and the error message in
+``extra.error``. An env that cannot be made, or a :class:`~w2s_agents.errors.W2SError` from ``reset`` (an unknown
+task id), stops the run instead: it would fail every episode the same way.
 """
 
 from __future__ import annotations
@@ -423,9 +425,14 @@ def run_episodes(
             while pending and len(live) < batch_size:
                 spec, attempt = pending.popleft()
                 ep = _Live(spec, attempt, default_env_id)
+                ep.env = envs.take(
+                    spec.task_id
+                )  # an env that cannot be made is a set-up error: it stops the run
                 try:
-                    ep.env = envs.take(spec.task_id)
                     obs, info = ep.env.reset(seed=spec.seed, options={"task": spec.task_id})
+                except W2SError:  # a user error (an unknown task id): retrying would not help
+                    envs.discard(ep.env)
+                    raise
                 except Exception as exc:
                     traj = failed(ep, exc, "reset")
                     if traj is not None:
