@@ -20,6 +20,7 @@ do), so both sides use the same compute.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -148,7 +149,7 @@ def bench_large(
     with torch.device(dev):
         lm_model = LlamaForCausalLM(config).to(dtype).eval()
     lm = LoadedModel(lm_model, tok, model, dev, dtype)
-    e = env.make()
+    e = dataclasses.replace(env, kwargs={**env.kwargs, "expert_plan": True}).make()
     try:
         trajs = [expert_trajectory(e.unwrapped, t) for t in tasks]
     finally:
