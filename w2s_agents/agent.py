@@ -364,7 +364,7 @@ class Prompt:
     turns_dropped: int = 0
     """Oldest turns left out to fit the context."""
     shortened: tuple[str, ...] = ()
-    """What else was cut to fit (``admissible``, ``initial_observation``, ``observation``, ``instruction``)."""
+    """What else was cut to fit (``admissible``, ``initial_observation``, ``observation``)."""
 
 
 _PROBE_SYSTEM: Message = {"role": "system", "content": "probe"}
@@ -444,8 +444,9 @@ class PromptBuilder:
 
     Fitting, in order, until the prompt fits ``budget`` tokens: drop the fewest oldest turns that make it fit (the
     last turn, which holds the current observation, stays); leave the admissible list out of the system instruction;
-    shorten the first observation (when it is not the current one), then the current observation, then the
-    instruction, each to its tail. A prompt that still does not fit raises :class:`W2SError`.
+    shorten the first observation (when it is not the current one), then, as a last resort, the current
+    observation, each to its tail. The instruction is never cut: a prompt that still does not fit raises
+    :class:`W2SError`.
     """
 
     def __init__(self, tokenizer: object, config: AgentConfig) -> None:
@@ -611,19 +612,15 @@ class PromptBuilder:
         )
         if n > 0:
             steps.append("initial")
-        steps += ["current", "instruction"]
-        texts = {
-            "initial": state.initial_observation,
-            "current": state.observation,
-            "instruction": state.instruction,
-        }
+        steps.append("current")  # the instruction is never cut
+        texts = {"initial": state.initial_observation, "current": state.observation}
         for what in steps:
             if what == "admissible":
                 overrides["admissible"] = False
                 shortened.append("admissible")
             else:
                 overrides[what] = self._shorten(state, overrides, what, texts[what], budget)
-                shortened.append({"initial": "initial_observation", "current": "observation"}.get(what, what))
+                shortened.append({"initial": "initial_observation", "current": "observation"}[what])
             msgs = self.messages(state, **overrides)  # type: ignore[arg-type]
             ids = self.encode_messages(msgs)
             if len(ids) <= budget:
