@@ -881,27 +881,15 @@ class Agent:
             raise ValueError("act needs one sampler and one random stream per state")
         decisions: list[Decision | None] = [None] * len(states)
         choose = [i for i, s in enumerate(states) if self.config.mode == "choose" and s.admissible]
-        generate = [i for i in range(len(states)) if i not in set(choose)]
-        if choose:
-            for i, d in zip(
-                choose,
-                self._act_choose(
-                    [states[i] for i in choose], [samplers[i] for i in choose], [rngs[i] for i in choose]
-                ),
-                strict=True,
-            ):
-                decisions[i] = d
-        if generate:
-            for i, d in zip(
-                generate,
-                self._act_generate(
-                    [states[i] for i in generate],
-                    [samplers[i] for i in generate],
-                    [rngs[i] for i in generate],
-                ),
-                strict=True,
-            ):
-                decisions[i] = d
+        chosen = set(choose)
+        generate = [i for i in range(len(states)) if i not in chosen]  # incl. states without known commands
+        for rows, decide in ((choose, self._act_choose), (generate, self._act_generate)):
+            if rows:
+                batch = decide(
+                    [states[i] for i in rows], [samplers[i] for i in rows], [rngs[i] for i in rows]
+                )
+                for i, d in zip(rows, batch, strict=True):
+                    decisions[i] = d
         return [d for d in decisions if d is not None]
 
     def _act_choose(
