@@ -386,8 +386,8 @@ def _cmd_search(ns: argparse.Namespace) -> int:
 def _cmd_rollout(ns: argparse.Namespace) -> int:
     from w2s_agents.rollout import load_job, run_job
 
-    path, overrides = _split_config_args(ns.args)
-    if path is None:
+    path, overrides = _split_config_args([ns.config, *ns.overrides])
+    if path is None or "=" in ns.config:
         raise W2SError(
             "w2s rollout needs a config file (e.g. configs/rollout-tiny.yaml) before KEY=VALUE overrides"
         )
@@ -503,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hold yet, writing each as it ends. Sections: run, model, agent, rollout (see configs/rollout-tiny.yaml "
         "and docs/rollout.md). Running the same command again resumes.",
     )
-    p.add_argument("args", nargs="+", metavar="CONFIG [KEY=VALUE ...]")
+    p.add_argument("config", metavar="CONFIG", help="YAML file (e.g. configs/rollout-tiny.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a key, e.g. rollout.workers=2")
     p.set_defaults(func=_cmd_rollout)
 
     p_store = sub.add_parser("store", help="check trajectory files")

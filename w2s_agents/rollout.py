@@ -845,20 +845,19 @@ def _check_resume(cfg: RolloutJobConfig, run_dir: Path) -> None:
     if not saved.is_file():
         return
     try:
-        old = _flatten(load_yaml(saved))
+        earlier = load_yaml(saved)
     except (ConfigError, OSError) as exc:
         raise ConfigError(f"{saved}: cannot read the config of the earlier run: {exc}") from None
-    new = _flatten(config_to_dict(cfg))
+    now = config_to_dict(cfg)
+    old, new = _flatten(earlier), _flatten(now)
     differ = sorted(k for k in set(old) | set(new) if k not in _OPERATIONAL_KEYS and old.get(k) != new.get(k))
     # samplers may be added or removed, but a name must keep its settings (it is part of the episode keys)
-    old_samplers = {
-        s.get("name"): s for s in (load_yaml(saved).get("rollout", {}) or {}).get("samplers", []) or []
-    }
-    for s in config_to_dict(cfg)["rollout"]["samplers"]:
-        if s["name"] in old_samplers and dict(old_samplers[s["name"]]) != s:
-            differ.append(f"rollout.samplers[{s['name']}]")
-            old[f"rollout.samplers[{s['name']}]"] = dict(old_samplers[s["name"]])
-            new[f"rollout.samplers[{s['name']}]"] = s
+    old_samplers = {s.get("name"): dict(s) for s in ((earlier.get("rollout") or {}).get("samplers") or [])}
+    for s in now["rollout"]["samplers"]:
+        key = f"rollout.samplers[{s['name']}]"
+        if s["name"] in old_samplers and old_samplers[s["name"]] != s:
+            differ.append(key)
+            old[key], new[key] = old_samplers[s["name"]], s
     if differ:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differ[:5])
         raise ConfigError(
