@@ -328,7 +328,7 @@ def _job(tmp_path: Path, model: Path | None, tasks: list[str], **rollout: Any) -
             "tiny_preset": "nano",
             "vocab_size": 400,
         },
-        "agent": {"mode": "choose", "max_context_tokens": 768},
+        "agent": {"mode": "choose", "max_context_tokens": 1024},
         "rollout": {
             "suite": "tw-simple",
             "task_ids": tasks,
@@ -346,31 +346,45 @@ def _job(tmp_path: Path, model: Path | None, tasks: list[str], **rollout: Any) -
     return path
 
 
-def test_rollout_sigkilled_half_way_then_rerun(
-    nano_model_dir: Path, tw_game_files: list[str], tmp_path: Path, capsys
-) -> None:
-    cfg = _job(tmp_path, nano_model_dir, tw_game_files[:2])
-    store = tmp_path / "runs" / "job" / "trajectories.jsonl"
+def _stop_rollout_at(cfg: Path, store: Path, records: int, sig: int) -> tuple[int, str]:
+    """Run ``w2s rollout cfg`` in a subprocess and send it ``sig`` once the store holds ``records`` episodes;
+    return its exit status and standard error."""
     env = {**os.environ, "W2S_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "w2s_agents", "rollout", str(cfg)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if store.exists() and scan_store(store).records >= 6:
+            if store.exists() and scan_store(store).records >= records:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, (
-            f"the rollout ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            f"the rollout ended before the signal: {proc.stderr.read().decode()[-2000:]}"
         )
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        os.kill(proc.pid, sig)
+        status = proc.wait(timeout=60)
+        return status, proc.stderr.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
+
+
+def test_rollout_sigkilled_half_way_then_rerun(
+    nano_model_dir: Path, tw_game_files: list[str], tmp_path: Path, capsys
+) -> None:
+    cfg = _job(tmp_path, nano_model_dir, tw_game_files[:2])
+    store = tmp_path / "runs" / "job" / "trajectories.jsonl"
+    # a scheduler's SIGTERM: an orderly stop with what is finished stored
+    status, err = _stop_rollout_at(cfg, store, 3, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM and "terminated; finished episodes are stored" in err
+    termed_at = scan_store(store).records
+    assert 3 <= termed_at < 24 and scan_store(store).torn_bytes == 0
+    # SIGKILL: no chance to clean up; at most the line being written is torn
+    status, _ = _stop_rollout_at(cfg, store, termed_at + 4, signal.SIGKILL)
+    assert status == -signal.SIGKILL
     killed_at = scan_store(store).records
-    assert 6 <= killed_at < 24
+    assert termed_at + 4 <= killed_at < 24
     assert main(["rollout", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert f"{24 - killed_at} episodes run, {killed_at} already stored (24 planned)" in out
@@ -386,6 +400,8 @@ def test_rollout_sigkilled_half_way_then_rerun(
     assert len(keys) == 24 and set(keys) == want
     assert main(["rollout", str(cfg)]) == 0
     assert "0 episodes run, 24 already stored" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs" / "job" / "rollout-summary.json").read_text())
+    assert (summary["planned"], summary["episodes"], summary["skipped"]) == (24, 0, 24)
 
 
 def test_rollout_command_builds_a_tiny_model_and_refuses_bad_input(

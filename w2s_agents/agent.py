@@ -364,7 +364,7 @@ class Prompt:
     turns_dropped: int = 0
     """Oldest turns left out to fit the context."""
     shortened: tuple[str, ...] = ()
-    """What else was cut to fit (``admissible``, ``initial_observation``, ``observation``)."""
+    """What else was cut to fit (``admissible``, ``grammar``, ``initial_observation``, ``observation``)."""
 
 
 _PROBE_SYSTEM: Message = {"role": "system", "content": "probe"}
@@ -443,8 +443,8 @@ class PromptBuilder:
     """Renders :class:`EpisodeState` as token ids through the tokenizer's chat template, fitted to a budget.
 
     Fitting, in order, until the prompt fits ``budget`` tokens: drop the fewest oldest turns that make it fit (the
-    last turn, which holds the current observation, stays); leave the admissible list out of the system instruction;
-    shorten the first observation (when it is not the current one), then, as a last resort, the current
+    last turn, which holds the current observation, stays); leave the admissible list, then the command grammar out
+    of the system instruction; shorten the first observation (when it is not the current one), then, as a last resort, the current
     observation, each to its tail. The instruction is never cut: a prompt that still does not fit raises
     :class:`W2SError`.
     """
@@ -486,15 +486,16 @@ class PromptBuilder:
         *,
         drop: int = 0,
         admissible: bool = True,
+        grammar: bool = True,
         initial: str | None = None,
         current: str | None = None,
-        instruction: str | None = None,
     ) -> list[Message]:
-        """The conversation of ``state`` with the ``drop`` oldest turns left out and optional text overrides."""
+        """The conversation of ``state`` with the ``drop`` oldest turns left out, the admissible list or the
+        grammar left out of the system instruction, and shortened observations."""
         cfg = self.config
         system = system_prompt(
             state.admissible if (cfg.prompt_admissible and admissible) else None,
-            state.grammar if cfg.prompt_grammar else None,
+            state.grammar if (cfg.prompt_grammar and grammar) else None,
             max_admissible=cfg.max_admissible_in_prompt,
         )
         turns = list(state.turns[drop:])
@@ -505,9 +506,7 @@ class PromptBuilder:
             else:
                 initial = current
         first = state.initial_observation if initial is None else initial
-        return episode_messages(
-            state.instruction if instruction is None else instruction, first, turns, system=system
-        )
+        return episode_messages(state.instruction, first, turns, system=system)
 
     def encode_messages(self, messages: list[Message]) -> list[int]:
         """Token ids of a conversation followed by the opening of the agent's answer."""
@@ -607,17 +606,19 @@ class PromptBuilder:
             drop = n - 1
         overrides: dict[str, object] = {"drop": drop}
         shortened: list[str] = []
-        steps: list[str] = (
-            ["admissible"] if state.admissible is not None and self.config.prompt_admissible else []
-        )
+        steps: list[str] = []
+        if state.admissible is not None and self.config.prompt_admissible:
+            steps.append("admissible")
+        if state.grammar and self.config.prompt_grammar:
+            steps.append("grammar")
         if n > 0:
             steps.append("initial")
         steps.append("current")  # the instruction is never cut
         texts = {"initial": state.initial_observation, "current": state.observation}
         for what in steps:
-            if what == "admissible":
-                overrides["admissible"] = False
-                shortened.append("admissible")
+            if what in ("admissible", "grammar"):
+                overrides[what] = False
+                shortened.append(what)
             else:
                 overrides[what] = self._shorten(state, overrides, what, texts[what], budget)
                 shortened.append({"initial": "initial_observation", "current": "observation"}[what])

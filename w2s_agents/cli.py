@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 from collections import Counter
@@ -383,6 +384,11 @@ def _cmd_search(ns: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- rollout
 
 
+def _terminate(signum: int, frame: object) -> None:
+    print("w2s: terminated; finished episodes are stored, run the same command to resume", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def _cmd_rollout(ns: argparse.Namespace) -> int:
     from w2s_agents.rollout import load_job, run_job
 
@@ -392,7 +398,12 @@ def _cmd_rollout(ns: argparse.Namespace) -> int:
             "w2s rollout needs a config file (e.g. configs/rollout-tiny.yaml) before KEY=VALUE overrides"
         )
     cfg = load_job(path, overrides)
-    summary, output = run_job(cfg)
+    # a scheduler's SIGTERM (preemption) stops the run in order: the store is closed, Ray shut down
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        summary, output = run_job(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     s = summary
     print(
         f"{output}: {s.episodes} episodes run, {s.skipped} already stored ({s.planned} planned); "

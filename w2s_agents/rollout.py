@@ -31,6 +31,7 @@ task id), stops the run instead: it would fail every episode the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from w2s_agents.agent import Agent, AgentConfig, Decision, EpisodeState, Sampler
+from w2s_agents.atomic import atomic_write
 from w2s_agents.config import check, config_to_dict, load_yaml, option, save_config
 from w2s_agents.errors import ConfigError, W2SError
 from w2s_agents.experiment import RunConfig
@@ -974,4 +976,7 @@ def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
             max_worker_restarts=r.max_worker_restarts,
             ray_log_to_driver=r.ray_log_to_driver,
         )
+    with atomic_write(run_dir / "rollout-summary.json") as fh:  # what the last invocation did
+        json.dump({"trajectories": str(output), **summary.to_dict()}, fh, indent=2)
+        fh.write("\n")
     return summary, output
