@@ -26,6 +26,7 @@ def _ray_dirs() -> dict[str, object]:
     return {
         "/tmp/ray": sorted(os.listdir(tmp_ray)) if tmp_ray.exists() else None,
         "~/.ray": (Path.home() / ".ray").exists(),
+        "private temp folders": sorted(p.name for p in Path("/tmp").glob("w2sray-*")),
     }
 
 
@@ -40,7 +41,7 @@ def ray_instance():
 
         assert ray.cluster_resources().get("CPU") == 2
         yield
-    assert _ray_dirs() == before, "Ray left files in /tmp/ray or ~/.ray"
+    assert _ray_dirs() == before, "Ray left files in /tmp/ray, ~/.ray or its temporary folder"
 
 
 @pytest.fixture(scope="module")
