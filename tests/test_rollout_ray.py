@@ -26,7 +26,10 @@ def _ray_dirs() -> dict[str, object]:
     return {
         "/tmp/ray": sorted(os.listdir(tmp_ray)) if tmp_ray.exists() else None,
         "~/.ray": (Path.home() / ".ray").exists(),
-        "private temp folders": sorted(p.name for p in Path("/tmp").glob("w2sray-*")),
+        # Ray's session folders end with the driver's pid: only this process's count
+        "private temp folders": sorted(
+            p.name for p in Path("/tmp").glob("w2sray-*") if any(p.glob(f"session_*_{os.getpid()}"))
+        ),
     }
 
 
