@@ -5,8 +5,9 @@ many live episodes at once (:meth:`Agent.act`), one batched model call per step:
 
 * ``choose`` mode scores every admissible command by its log-likelihood as the agent's answer (the assistant turn
   ``"<command><end of turn>"``); all candidates of a state are packed behind one copy of its prompt, so one
-  forward pass (of at most ``score_batch_size`` rows) scores many states and their candidates. The action is the argmax (temperature 0) or a sample of
-  ``softmax(score / T)`` cut to its top-p nucleus. A state without admissible commands is decided by generation.
+  forward pass (of at most ``score_batch_size`` rows) scores many states and their candidates. The action is the
+  argmax (temperature 0) or a sample of ``softmax(score / T)`` cut to its top-p nucleus. A state without
+  admissible commands is decided by generation.
 * ``generate`` mode decodes a ReAct answer ``Thought: ...\\nAction: ...`` with a KV cache for all episodes
   together and parses it with :func:`parse_react`; an output without an action is recorded as unparseable and the
   env receives an empty command, which it answers with its own invalid-command message.
@@ -14,7 +15,7 @@ many live episodes at once (:meth:`Agent.act`), one batched model call per step:
 Prompts are the conversations of :mod:`w2s_agents.messages` (the format trainers render), with the system
 instruction of :func:`w2s_agents.messages.system_prompt` (command grammar and admissible commands, as configured),
 fitted to ``max_context_tokens`` by dropping the oldest action/observation turns, never the task turn's
-instruction nor the current observation.
+instruction nor the current observation (see :class:`PromptBuilder`).
 
 Contrastive decoding (DESIGN section 6) is an option of both modes: with an amateur model (same tokenizer), a
 token's score is ``(1 + lambda) * log p_A - lambda * log p_B`` where the expert ``p_A`` finds it plausible
