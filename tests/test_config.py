@@ -221,12 +221,16 @@ def test_describe_config_lists_every_leaf_with_help() -> None:
 
 
 def test_every_shipped_config_loads(repo_root: Path) -> None:
+    from w2s_agents.rollout import load_job
     from w2s_agents.trainers import TrainJobConfig
 
     files = sorted((repo_root / "configs").glob("*.yaml"))
     assert files, "configs/ holds no YAML"
     for f in files:
-        if f.name.startswith("train-"):  # `w2s train` configs
+        # each with the loader of the command it is for: rollout-* `w2s rollout`, train-* `w2s train`
+        if f.name.startswith("rollout-"):
+            load_job(f)
+        elif f.name.startswith("train-"):
             load_config(TrainJobConfig, f)
         else:
             load_experiment(f)
