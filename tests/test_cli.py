@@ -50,6 +50,7 @@ REQUIRED_ARGS = {
     ("tree", "summary"): ["x"],
     ("search",): ["x", "-o", "d"],
     ("viz",): ["x"],
+    ("report",): ["x"],
     ("envs", "tasks"): ["x"],
     ("envs", "play"): ["x"],
     ("envs", "demos"): ["x", "-o", "f"],
