@@ -13,6 +13,7 @@
   ``expert_plan`` (the expert's remaining commands, or ``None`` when unknown); ``reset`` adds ``instruction``;
 * any action text is accepted: it is cleaned (:func:`clean_action`) before it reaches the engine, so empty,
   huge, non-ASCII or control-character input gets the game's own answer and costs a step, never an exception;
+* ``command_grammar`` describes the command language for an agent's system instruction (empty when unknown);
 * ``clone_state()`` / ``restore_state(state)`` save and restore everything the next steps depend on: exactly
   when the engine can snapshot itself, otherwise by resetting and replaying the action prefix.
 """
@@ -171,6 +172,9 @@ class TextEnv(gym.Env[str, str]):
     # render_fps is nominal (text is rendered once per step); gymnasium's checker expects it to be declared
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "human"], "render_fps": 1}
     env_id: ClassVar[str] = ""
+    command_grammar: ClassVar[str] = ""
+    """The command language in a few lines (verbs and argument patterns) for an agent's instructions; empty
+    when the env does not describe it."""
 
     def __init__(self, task: str | None = None, *, max_steps: int = 100, render_mode: str | None = None):
         if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:

@@ -104,6 +104,12 @@ class ScienceWorldEnv(TextEnv):
     """
 
     env_id = "w2s/ScienceWorld-v0"
+    command_grammar = (
+        "look around, look at OBJ, look in OBJ, inventory, task, go to LOC, teleport to LOC (with the 'easy' "
+        "simplifications), open OBJ, close OBJ, activate OBJ, deactivate OBJ, pick up OBJ, put down OBJ, "
+        "move OBJ to OBJ, pour OBJ in OBJ, dunk OBJ in OBJ, mix OBJ, use OBJ on OBJ, read OBJ, eat OBJ, "
+        "flush OBJ, focus on OBJ, wait, wait1"
+    )
 
     def __init__(
         self,

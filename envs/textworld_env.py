@@ -103,6 +103,11 @@ class TextWorldEnv(TextEnv):
     """
 
     env_id = "w2s/TextWorld-v0"
+    command_grammar = (
+        "look, inventory, go north|south|east|west, examine X, take X, take X from Y, drop X, put X on Y, "
+        "insert X into Y, open X, close X, unlock X with Y, lock X with Y, eat X; cooking games add "
+        "prepare meal, cook X with Y, slice|dice|chop X with Y"
+    )
 
     def __init__(
         self,

@@ -243,3 +243,44 @@ def pytest_terminal_summary(terminalreporter) -> None:  # pytest hook: where the
         terminalreporter.section("test artefacts")
         for what, path in _ARTIFACTS:
             terminalreporter.write_line(f"{what}: {path}")
+# ------------------------------------------------------------------ agents
+
+
+@pytest.fixture(scope="session")
+def tw_game_files(game_cache_dir: Path, tw_test_suites: dict) -> list[str]:
+    """Paths of the four ``test-tw-simple`` games (compiled ``.z8`` files, usable as task ids in any process)."""
+    from w2s_agents.envs.textworld_games import GameCache
+
+    suite = tw_test_suites["tw-simple"]
+    cache = GameCache(game_cache_dir)
+    return [
+        str(cache.get(suite.game_spec(split, i)))
+        for split in ("train", "valid", "test")
+        for i in range(suite.sizes[split])
+    ]
+
+
+@pytest.fixture(scope="session")
+def nano_model_dir(tmp_path_factory: pytest.TempPathFactory, game_texts: list[str]) -> Path:
+    """A tiny random-weight ``nano`` Llama model whose tokenizer knows the game text and the agent prompts."""
+    from w2s_agents.messages import SYSTEM_PROMPT
+    from w2s_agents.models import create_tiny_model
+
+    texts = [
+        *game_texts,
+        SYSTEM_PROMPT,
+        "Thought: I should look around.\nAction: look",
+        "Admissible commands now:",
+    ]
+    return create_tiny_model(tmp_path_factory.mktemp("models") / "nano", texts, preset="nano", vocab_size=512)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread (much faster than two on a machine whose cores are busy)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -118,6 +118,16 @@ def test_search_never_imports_torch_and_nothing_imports_bare_names() -> None:
             assert not bare, f"{path.relative_to(REPO)} imports {sorted(bare)}; use w2s_agents.<name>"
 
 
+def test_only_the_distributed_module_imports_ray() -> None:
+    importers = sorted(
+        str(path.relative_to(REPO))
+        for folder in ("w2s_agents", "envs", "search", "trainers")
+        for path in (REPO / folder).rglob("*.py")
+        if any(m.split(".")[0] == "ray" for m in _imports(path))
+    )
+    assert importers == ["w2s_agents/distributed.py"]
+
+
 def test_light_imports_do_not_load_torch() -> None:
     code = "import sys, w2s_agents, w2s_agents.cli, w2s_agents.experiment; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -495,6 +495,30 @@ def _cmd_viz(ns: argparse.Namespace) -> int:
         out = export_static(tree, out_dir / f"{name}.{fmt}", fmt, dpi=ns.dpi, **common)
         print(f"{out}: {fmt} of task {tree.task_id} ({len(tree)} nodes)")
     return status
+# ------------------------------------------------------------------------------------------- rollout
+
+
+def _cmd_rollout(ns: argparse.Namespace) -> int:
+    from w2s_agents.rollout import load_job, run_job
+
+    path, overrides = _split_config_args(ns.args)
+    if path is None:
+        raise W2SError(
+            "w2s rollout needs a config file (e.g. configs/rollout-tiny.yaml) before KEY=VALUE overrides"
+        )
+    cfg = load_job(path, overrides)
+    summary, output = run_job(cfg)
+    s = summary
+    print(
+        f"{output}: {s.episodes} episodes run, {s.skipped} already stored ({s.planned} planned); "
+        f"{s.steps} steps, success {s.success_rate:.3f}, mean return {s.mean_return:.3f}"
+    )
+    print(
+        f"  ends {dict(sorted(s.ends.items()))}, unparseable steps {s.unparseable}, tokens in {s.tokens_in:,} "
+        f"out {s.tokens_out:,}, {s.wall_s:.1f} s ({s.steps_per_s:.1f} steps/s)"
+        + (f", {s.workers} Ray workers ({s.worker_failures} died)" if s.workers else "")
+    )
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -603,6 +627,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-admissible", action="store_true", help="do not record admissible commands")
     p.add_argument("--cache-dir", default=None, help="TextWorld game cache folder")
     p.set_defaults(func=_cmd_envs_demos)
+
+    p = sub.add_parser(
+        "rollout",
+        help="run an LLM agent on a task suite and store its trajectories (resumable; Ray with workers > 0)",
+        description="Run every (task, sampler, seed) episode of the config that the trajectory file does not "
+        "hold yet, writing each as it ends. Sections: run, model, agent, rollout (see configs/rollout-tiny.yaml "
+        "and docs/rollout.md). Running the same command again resumes.",
+    )
+    p.add_argument("args", nargs="+", metavar="CONFIG [KEY=VALUE ...]")
+    p.set_defaults(func=_cmd_rollout)
 
     p_store = sub.add_parser("store", help="check trajectory files")
     store_sub = p_store.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)

@@ -9,14 +9,24 @@ same list of chat messages, so that a model is trained on exactly the prompt for
      {"role": "user", "content": "<observation after the action>"},
      ...]
 
-User turns are observations, assistant turns are the agent's thought and action.
+User turns are observations, assistant turns are the agent's thought and action. The system instruction may
+also describe the env's command language and list the commands admissible in the current state
+(:func:`system_prompt`); whoever renders a conversation for training and whoever runs the trained model must
+make the same choice, so both call :func:`system_prompt` with the same arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-__all__ = ["SYSTEM_PROMPT", "Message", "agent_message", "episode_messages", "task_messages"]
+__all__ = [
+    "SYSTEM_PROMPT",
+    "Message",
+    "agent_message",
+    "episode_messages",
+    "system_prompt",
+    "task_messages",
+]
 
 Message = dict[str, str]
 """One chat message: ``{"role": "system" | "user" | "assistant", "content": text}``."""
@@ -27,6 +37,36 @@ SYSTEM_PROMPT = (
     "starting with 'Action:'."
 )
 """Default system instruction of every conversation."""
+
+
+def system_prompt(
+    admissible: Sequence[str] | None = None, grammar: str | None = None, *, max_admissible: int | None = None
+) -> str:
+    """The system instruction, extended with the env's command language and the admissible commands.
+
+    Without ``admissible`` and ``grammar`` it is exactly :data:`SYSTEM_PROMPT`. Otherwise a ``Commands:``
+    paragraph (``grammar``) and an ``Admissible commands now:`` list (one command a line, in the given order)
+    follow it.
+
+    Args:
+        admissible: the commands the env accepts in the current state, or None when unknown or not shown.
+        grammar: a short description of the command language (``TextEnv.command_grammar``), or None / empty.
+        max_admissible: show at most this many commands, followed by a line ``(N more)``; None shows all.
+    """
+    parts = [SYSTEM_PROMPT]
+    if grammar:
+        parts.append(f"Commands: {grammar}")
+    if admissible is not None:
+        shown = list(admissible)
+        more = 0
+        if max_admissible is not None and len(shown) > max_admissible:
+            more = len(shown) - max_admissible
+            shown = shown[:max_admissible]
+        lines = ["Admissible commands now:", *shown]
+        if more:
+            lines.append(f"({more} more)")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def task_messages(instruction: str, observation: str, *, system: str | None = SYSTEM_PROMPT) -> list[Message]:
