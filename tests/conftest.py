@@ -284,3 +284,80 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+# ------------------------------------------------------------------ trainers
+
+ROOMS = ["kitchen", "cellar", "garden", "attic", "pantry", "hallway"]
+THINGS = ["apple", "key", "lamp", "coin", "knife", "box"]
+
+
+def _agent_episode(i: int) -> tuple[str, str, list[tuple[str, str, str | None]]]:
+    """A small three-step episode of a text game: (instruction, first observation, turns)."""
+    room, thing = ROOMS[i % len(ROOMS)], THINGS[(i // len(ROOMS)) % len(THINGS)]
+    turns = [
+        ("I should look around first", "look", f"You are in the {room}. You see a {thing}."),
+        ("", f"take {thing}", f"You take the {thing}."),
+        (f"the {thing} goes north", "go north", None),
+    ]
+    return f"Bring the {thing} north.", f"-= {room.title()} =- You are in a {room}.", turns
+
+
+@pytest.fixture(scope="session")
+def train_texts() -> list[str]:
+    """Text of the agent conversations of the trainer tests (system prompt, observations, actions)."""
+    from w2s_agents.messages import SYSTEM_PROMPT, episode_messages
+
+    texts = [SYSTEM_PROMPT] * 3
+    for i in range(36):
+        texts.extend(m["content"] for m in episode_messages(*_agent_episode(i)))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def train_models(tmp_path_factory: pytest.TempPathFactory, train_texts: list[str]) -> dict[str, Path]:
+    """Tiny (nano) models for the trainer tests: ``policy`` and ``weak``, whose tokenizers were trained on
+    different text (different vocabularies and merges)."""
+    from w2s_agents.models import create_tiny_model
+
+    root = tmp_path_factory.mktemp("train-models")
+    policy = create_tiny_model(root / "policy", train_texts, preset="nano", vocab_size=600, seed=1)
+    other = [t.upper() for t in train_texts] + [t[::-1] for t in train_texts] + train_texts[:20]
+    weak = create_tiny_model(root / "weak", other, preset="nano", vocab_size=400, seed=2)
+    return {"policy": policy, "weak": weak}
+
+
+@pytest.fixture
+def sft_rows() -> list[dict]:
+    """Twelve SFT rows (three agent turns each) of six tasks, from two sources."""
+    from w2s_agents.messages import episode_messages
+
+    return [
+        {"messages": episode_messages(*_agent_episode(i)), "task_id": f"game/{i % 6}",
+         "sources": ["weak-a" if i % 3 else "weak-b"]}
+        for i in range(12)
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def pair_rows() -> list[dict]:
+    """Twelve preference pairs of six tasks: step pairs and continuation pairs (an observation inside); by
+    ``i % 3`` both sources on both sides (easy), weak-a alone (easy), weak-b chosen over weak-a (hard)."""
+    from w2s_agents.messages import agent_message, episode_messages
+
+    rows = []
+    for i in range(12):
+        instruction, first, turns = _agent_episode(i)
+        thing = THINGS[(i // len(ROOMS)) % len(THINGS)]
+        prompt = episode_messages(instruction, first, [turns[0]])
+        chosen = [agent_message(f"take {thing}")]
+        if i % 2:  # continuation level: the action, its observation, the next action
+            chosen += [
+                {"role": "user", "content": f"You take the {thing}."},
+                agent_message("go north", "done"),
+            ]
+        rows.append({
+            "prompt": prompt, "chosen": chosen, "rejected": [agent_message("go south")],
+            "level": "continuation" if i % 2 else "step", "task_id": f"game/{i % 6}",
+            "chosen_sources": [["weak-a", "weak-b"], ["weak-a"], ["weak-b"]][i % 3],
+            "rejected_sources": [["weak-a", "weak-b"], ["weak-a"], ["weak-a"]][i % 3],
+        })  # fmt: skip
+    return rows

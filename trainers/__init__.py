@@ -1,5 +1,63 @@
 """Fine-tuning of agents for w2s-agents (installed as ``w2s_agents.trainers``).
 
-SFT, TreeDPO and MCTS-SFT on conversational rows extracted from searched trees. Import this package as
+SFT, TreeDPO and MCTS-SFT on conversational rows extracted from searched trees, on CPU (float32) or CUDA
+(bfloat16), with LoRA (PEFT) or full fine-tuning, resumable from atomic checkpoints. Import this package as
 ``w2s_agents.trainers``, never as ``trainers``.
+
+    from w2s_agents.trainers import TrainConfig, train_dpo, train_sft
+
+    sft = train_sft("models/strong", "data/sft.jsonl", "runs/mcts-sft", TrainConfig(method="mcts-sft"))
+    dpo = train_dpo(sft.model_dir, "data/pairs.jsonl", "runs/dpo", TrainConfig(method="dpo"),
+                    reference_path="runs/weak-sft/model")
+    load_model(dpo.model_dir)
 """
+
+from .checkpoint import latest_checkpoint
+from .config import METHOD_LR, LoraOptions, SourceOptions, TrainConfig, TrainJobConfig
+from .data import load_pairs, load_sft_rows, sft_row_from_trajectory, split_by_task
+from .dpo import REFERENCE_FILE, encode_pairs, resolve_reference, train_dpo
+from .export import export_model
+from .logps import TokenScorer, sequence_logps, token_logps
+from .loop import NonFiniteLossError, Trainer, epoch_order
+from .losses import SourceWeights, dpo_loss, dpo_margins
+from .masks import ChatEncoder, EncodedConversation, PairPlan, fit_conversation, fit_pair, pair_messages
+from .reference import reference_logps
+from .result import TrainResult
+from .sft import encode_sft_rows, train_sft
+
+__all__ = [
+    "METHOD_LR",
+    "REFERENCE_FILE",
+    "ChatEncoder",
+    "EncodedConversation",
+    "LoraOptions",
+    "NonFiniteLossError",
+    "PairPlan",
+    "SourceOptions",
+    "SourceWeights",
+    "TokenScorer",
+    "TrainConfig",
+    "TrainJobConfig",
+    "TrainResult",
+    "Trainer",
+    "dpo_loss",
+    "dpo_margins",
+    "encode_pairs",
+    "encode_sft_rows",
+    "epoch_order",
+    "export_model",
+    "fit_conversation",
+    "fit_pair",
+    "latest_checkpoint",
+    "load_pairs",
+    "load_sft_rows",
+    "pair_messages",
+    "reference_logps",
+    "resolve_reference",
+    "sequence_logps",
+    "sft_row_from_trajectory",
+    "split_by_task",
+    "token_logps",
+    "train_dpo",
+    "train_sft",
+]

@@ -1,0 +1,179 @@
+"""TreeDPO: sigmoid DPO on preference pairs taken where the branches of a searched tree diverge.
+
+The reference (the weak SFT agent by default, as in the paper; the strong SFT agent or any model folder as
+options) scores each pair once, with its own tokenizer, before training (:mod:`.reference`); the policy is
+then trained with ``L = -log sigmoid(beta * margin)`` on the same messages tokenized its own way. Step-level
+pairs compare one agent turn; continuation-level pairs compare agent turns interleaved with observations,
+and only the agent turns carry loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from w2s_agents.errors import ConfigError
+
+from .config import TrainConfig
+from .data import Row, RowsInput, data_fingerprint, load_pairs, split_by_task
+from .loop import Example, Trainer, ValidFn, finished_result, load_tokenizer, run_fingerprint
+from .masks import ChatEncoder, pair_messages
+from .reference import RefPair, model_identity, reference_logps
+from .result import TrainResult
+
+__all__ = ["REFERENCE_FILE", "encode_pairs", "resolve_reference", "train_dpo"]
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference.jsonl"
+"""The cached pairs with their reference log-probs, in the run's folder (``reference-valid.jsonl`` for the
+validation pairs)."""
+
+
+def resolve_reference(
+    reference: str, *, weak: str | os.PathLike[str] | None, strong: str | os.PathLike[str] | None
+) -> str:
+    """The model folder that ``TrainConfig.reference`` names: ``weak``, ``strong`` or a path.
+
+    Raises:
+        ConfigError: ``weak`` or ``strong`` is asked for but that model is not given.
+    """
+    if reference == "weak":
+        if weak is None:
+            raise ConfigError("'reference' is weak but no weak model folder is given")
+        return str(weak)
+    if reference == "strong":
+        if strong is None:
+            raise ConfigError("'reference' is strong but no strong model folder is given")
+        return str(strong)
+    return reference
+
+
+def encode_pairs(
+    pairs: Sequence[RefPair], encoder: ChatEncoder, config: TrainConfig, source_index: dict[str, int]
+) -> tuple[list[Example], int]:
+    """Tokenize each pair's chosen and rejected conversation with the policy's tokenizer (cut as planned).
+
+    Returns ``(examples, skipped)``; a pair is skipped when it is longer than ``max_length`` (possible only
+    for pairs whose reference log-probs came with the rows, uncut) or when a side has no agent token.
+    """
+    out: list[Example] = []
+    skipped = 0
+    for p in pairs:
+        chosen, rejected, score_from = pair_messages(p.row.data, p.plan)
+        enc_c = encoder.encode(chosen, score_from=score_from, origin=p.row.origin)
+        enc_r = encoder.encode(rejected, score_from=score_from, origin=p.row.origin)
+        too_long = max(len(enc_c), len(enc_r)) > config.max_length
+        if too_long or not enc_c.n_loss_tokens or not enc_r.n_loss_tokens:
+            skipped += 1
+            continue
+        sources = tuple(source_index[s] for s in p.row.sources if s in source_index)
+        out.append(Example((enc_c, enc_r), 1.0, sources, p.row.easy, (p.ref_chosen, p.ref_rejected)))
+    if skipped:
+        logger.warning("%d pairs longer than max_length %d (uncut rows); skipped", skipped, config.max_length)
+    return out, skipped
+
+
+def _reference_device(config: TrainConfig) -> torch.device:
+    from w2s_agents.models import resolve_device
+
+    dev = resolve_device(config.device)
+    local = os.environ.get("LOCAL_RANK")
+    if dev.type == "cuda" and local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(local))
+    return dev
+
+
+def train_dpo(
+    model_path: str | os.PathLike[str],
+    pairs_or_path: RowsInput,
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    *,
+    reference_path: str | os.PathLike[str] | None,
+    valid_fn: ValidFn | None = None,
+    valid_pairs_or_path: RowsInput | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Train the model in ``model_path`` with TreeDPO on preference pairs.
+
+    Args:
+        model_path: local folder of the initial policy (usually the strong SFT agent).
+        pairs_or_path: ``{"prompt", "chosen", "rejected", ...}`` rows or ``.jsonl`` file(s) of them.
+        out_dir: the run's folder (``reference.jsonl`` cache, checkpoints, curves, ``model/``).
+        config: hyperparameters (default ``TrainConfig(method="dpo")``); ``method`` must be dpo.
+        reference_path: local folder of the reference model (resolve ``config.reference`` with
+            :func:`resolve_reference`); None uses ``ref_chosen_logp`` / ``ref_rejected_logp`` already on the
+            rows.
+        valid_fn: ``valid_fn(model, tokenizer) -> score`` (higher is better) run each epoch.
+        valid_pairs_or_path: validation pairs for the validation DPO loss (used without ``valid_fn``);
+            without either, ``config.valid_fraction`` of the tasks is held out.
+        resume: continue from the newest checkpoint of this run in ``out_dir``.
+
+    Raises:
+        DataFormatError: a malformed pair (``file:line``).
+        ModelLoadError: a model folder cannot be loaded.
+        NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
+        W2SError: ``out_dir`` holds another run's checkpoints.
+    """
+    cfg = config or TrainConfig(method="dpo")
+    if not cfg.is_dpo:
+        raise ConfigError(f"train_dpo trains method dpo, got method {cfg.method} (use train_sft)")
+    rows = load_pairs(pairs_or_path)
+    valid_rows: list[Row] = []
+    if valid_pairs_or_path is not None:
+        valid_rows = load_pairs(valid_pairs_or_path)
+    elif valid_fn is None:
+        rows, valid_rows = split_by_task(rows, cfg.valid_fraction, cfg.seed)
+    out = Path(out_dir)
+    ref_id = model_identity(reference_path) if reference_path is not None else "rows"
+    fingerprint = run_fingerprint(
+        cfg, model_path, data_fingerprint(rows), data_fingerprint(valid_rows), ref_id
+    )
+    if resume and (done := finished_result(out, fingerprint)) is not None:
+        logger.info("%s: this run already finished; returning its result", out)
+        return done
+    tokenizer = load_tokenizer(model_path)
+    main = int(os.environ.get("RANK", "0")) == 0
+    device = _reference_device(cfg)
+    pairs, skipped = reference_logps(
+        rows,
+        reference_path=reference_path,
+        policy_tokenizer=tokenizer,
+        config=cfg,
+        cache_file=out / REFERENCE_FILE,
+        device=device,
+        write=main,
+    )
+    valid_pairs: list[RefPair] = []
+    if valid_rows:
+        valid_pairs, _ = reference_logps(
+            valid_rows,
+            reference_path=reference_path,
+            policy_tokenizer=tokenizer,
+            config=cfg,
+            cache_file=out / "reference-valid.jsonl",
+            device=device,
+            write=main,
+        )
+    encoder = ChatEncoder(tokenizer, name=str(model_path))
+    names = sorted({s for p in pairs for s in p.row.sources})
+    examples, more_skipped = encode_pairs(pairs, encoder, cfg, {n: i for i, n in enumerate(names)})
+    valid_examples, _ = encode_pairs(valid_pairs, encoder, cfg, {})
+    return Trainer(
+        method=cfg.method,
+        model_path=model_path,
+        out_dir=out,
+        config=cfg,
+        examples=examples,
+        valid_examples=valid_examples,
+        valid_fn=valid_fn,
+        fingerprint=fingerprint,
+        source_names=names,
+        resume=resume,
+        skipped_rows=skipped + more_skipped,
+    ).run()

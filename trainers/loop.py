@@ -1,0 +1,771 @@
+"""The training loop shared by SFT, MCTS-SFT and TreeDPO.
+
+One loop, read top to bottom in :meth:`Trainer.run`: load the policy (LoRA adapters added when asked), build
+AdamW and the learning-rate schedule, resume from the newest checkpoint of the run, then for each optimizer
+step take ``grad_accum`` micro-batches of the epoch's seeded order, accumulate the gradient of the
+normalised loss, clip, step, and checkpoint every ``checkpoint_every`` steps and at each epoch's end after
+validating. The data order of an epoch depends only on the seed and the epoch, so a resumed run takes
+exactly the batches the interrupted one would have taken.
+
+Several GPUs: run under ``accelerate launch`` (or ``torchrun``); accelerate's process state joins the process
+group, the policy is wrapped by DDP, the micro-batches of a step are dealt round-robin to the processes, and
+only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from w2s_agents.atomic import atomic_write
+from w2s_agents.config import config_to_dict, save_config
+from w2s_agents.errors import ModelLoadError, W2SError
+from w2s_agents.log import progress
+from w2s_agents.seeding import derive_seed, seed_everything
+
+from . import logps as logps_module
+from .checkpoint import (
+    capture_rng,
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_trainable,
+    new_checkpoint_dir,
+    read_state,
+    remove_stale,
+    restore_rng,
+    rotate_checkpoints,
+    write_checkpoint,
+)
+from .config import BOOKKEEPING_KEYS, TrainConfig
+from .export import export_model
+from .losses import SourceWeights, dpo_loss
+from .masks import EncodedConversation
+from .result import RESULT_FILE, TrainResult
+
+__all__ = [
+    "CURVES_FILE",
+    "Example",
+    "NonFiniteLossError",
+    "Trainer",
+    "ValidFn",
+    "epoch_order",
+    "finished_result",
+    "load_tokenizer",
+    "run_fingerprint",
+]
+
+logger = logging.getLogger(__name__)
+
+CURVES_FILE = "curves.json"
+SOURCE_WEIGHTS_FILE = "source_weights.json"
+
+ValidFn = Callable[[nn.Module, Any], float]
+"""``valid_fn(model, tokenizer) -> score``: higher is better (e.g. the success rate of rollouts)."""
+
+
+class NonFiniteLossError(W2SError):
+    """The loss or the gradient norm became NaN or infinite; training stopped without saving that state."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row after tokenization: one conversation (SFT) or a chosen and a rejected one (DPO)."""
+
+    seqs: tuple[EncodedConversation, ...]
+    units: float  # its share of the loss normaliser: agent tokens, agent turns, or 1 per pair
+    sources: tuple[int, ...] = ()  # indices of the row's sources in the run's source list
+    easy: bool = True
+    ref: tuple[float, float] | None = None  # reference log-probs (chosen, rejected) of a pair
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of all its sequences."""
+        return sum(len(s) for s in self.seqs)
+
+
+class Objective(Protocol):
+    """The per-row loss of a method."""
+
+    def __call__(self, scorer: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-row losses ``(B,)``, each the row's summed loss (divided by the step's normaliser later)."""
+        ...
+
+
+def sft_objective(scorer: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Negative log-likelihood of each row's agent tokens (summed)."""
+    token = scorer(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+    return -token.sum(dim=-1)
+
+
+def make_dpo_objective(beta: float) -> Objective:
+    """The sigmoid DPO loss of each pair; a batch holds the chosen sequences first, then the rejected."""
+
+    def dpo_objective(scorer: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        token = scorer(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+        chosen, rejected = token.sum(dim=-1).chunk(2)
+        return dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta)
+
+    return dpo_objective
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of a micro-batch; pairs give ``[chosen_1..B, rejected_1..B]``.
+
+    The attention and target masks come from each sequence's own length and loss mask, never from comparing
+    ids with the pad id (which may equal the end-of-turn token that carries loss).
+    """
+    n_seq = len(examples[0].seqs)
+    seqs = [ex.seqs[k] for k in range(n_seq) for ex in examples]
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    attn = np.zeros((len(seqs), width), dtype=np.int64)
+    target = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s.input_ids
+        attn[i, : len(s)] = 1
+        target[i, : len(s)] = s.loss_mask
+    batch = {
+        "input_ids": torch.from_numpy(ids).to(device),
+        "attention_mask": torch.from_numpy(attn).to(device),
+        "target_mask": torch.from_numpy(target).to(device),
+    }
+    if examples[0].ref is not None:
+        ref = torch.tensor([ex.ref for ex in examples], dtype=torch.float32, device=device)
+        batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0], ref[:, 1]
+    return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int, easy: np.ndarray | None = None) -> np.ndarray:
+    """The order of the rows in ``epoch``: a permutation seeded by ``(seed, epoch)``; with ``easy`` given, the
+    easy rows first and then the others, each group permuted."""
+    rng = np.random.default_rng(derive_seed(seed, "order", epoch))
+    if easy is None:
+        return rng.permutation(n)
+    return np.concatenate([rng.permutation(np.flatnonzero(easy)), rng.permutation(np.flatnonzero(~easy))])
+
+
+def run_fingerprint(config: TrainConfig, model_path: str | Path, *parts: str) -> str:
+    """Identity of a run: the config (bookkeeping keys aside), the model folder and data fingerprints."""
+    import hashlib
+
+    cfg = {k: v for k, v in config_to_dict(config).items() if k not in BOOKKEEPING_KEYS}
+    text = json.dumps([cfg, str(Path(model_path).resolve()), *parts], sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def finished_result(out_dir: Path, fingerprint: str) -> TrainResult | None:
+    """The saved result of a finished run with this fingerprint whose exported model still exists."""
+    path = out_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = TrainResult.load(out_dir)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if result.fingerprint == fingerprint and (result.model_dir / "config.json").is_file():
+        return result
+    return None
+
+
+def load_tokenizer(model_path: str | Path) -> Any:
+    """The tokenizer of a local model folder (pad = eos when it has no pad token).
+
+    Raises:
+        ModelLoadError: the folder does not exist or holds no loadable tokenizer.
+    """
+    p = Path(model_path).expanduser()
+    if not p.is_dir():
+        raise ModelLoadError(f"model path '{model_path}' is not a local directory")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{p}: cannot load the tokenizer: {str(exc).strip().splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _saved_dtype(model_path: Path) -> torch.dtype:
+    """The dtype a model folder's weights were saved in (its config.json), float32 when unknown."""
+    try:
+        cfg = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def _lr_lambda(total: int, warmup: int, kind: str) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress_
+        return 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+    return f
+
+
+class _Processes:
+    """The processes of a run (one, or several under ``accelerate launch`` / ``torchrun``) through accelerate's
+    :class:`~accelerate.PartialState`, which joins the process group; gradients are synchronised by DDP.
+
+    Deliberately not :class:`~accelerate.Accelerator`: its mixed-precision setting is process-global and an
+    earlier user of it in the same process (e.g. a Hugging Face ``Trainer``) would silently change ours."""
+
+    def __init__(self, cpu: bool) -> None:
+        from accelerate import PartialState
+
+        self.state = PartialState(cpu=cpu)
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.is_main = self.state.is_main_process
+
+    def wait(self) -> None:
+        """Barrier across the processes."""
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduced mean of ``t`` (``t`` itself with one process)."""
+        if self.world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduced sum of ``t``."""
+        if self.world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+        return t
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process."""
+        if self.world == 1:
+            return obj
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """``module`` under DDP when there are several processes."""
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce (micro-batches before the last of a step)."""
+        return module.no_sync() if self.world > 1 else contextlib.nullcontext()
+
+
+class Trainer:
+    """One training run of ``method`` on tokenized ``examples`` (see the module docstring).
+
+    Args:
+        method: sft, dpo or mcts-sft (names outputs and logs).
+        model_path: local folder of the initial policy.
+        out_dir: the run's folder.
+        config: hyperparameters.
+        examples: training rows, tokenized with the policy's tokenizer.
+        valid_examples: rows of the validation loss (used when ``valid_fn`` is None).
+        valid_fn: ``valid_fn(model, tokenizer) -> score`` (higher is better), called each epoch.
+        fingerprint: identity of the run; checkpoints of another run in ``out_dir`` are refused.
+        source_names: the sources that ``Example.sources`` index.
+        resume: continue from the newest checkpoint (else existing checkpoints are removed).
+        skipped_rows: rows left out before tokenization (too long), reported in the result.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        model_path: str | Path,
+        out_dir: str | Path,
+        config: TrainConfig,
+        examples: Sequence[Example],
+        valid_examples: Sequence[Example] = (),
+        valid_fn: ValidFn | None = None,
+        fingerprint: str,
+        source_names: Sequence[str] = (),
+        resume: bool = True,
+        skipped_rows: int = 0,
+    ) -> None:
+        if not examples:
+            raise W2SError("no training rows left (all were too long for max_length, or the data is empty)")
+        self.method = method
+        self.model_path = Path(model_path).expanduser()
+        self.out_dir = Path(out_dir)
+        self.cfg = config
+        self.examples = list(examples)
+        self.valid_examples = list(valid_examples)
+        self.valid_fn = valid_fn
+        self.fingerprint = fingerprint
+        self.source_names = list(source_names)
+        self.resume = resume
+        self.skipped_rows = skipped_rows
+        self.objective: Objective = make_dpo_objective(config.beta) if config.is_dpo else sft_objective
+        self.log = logger
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup(self) -> None:
+        from w2s_agents.models import load_model, resolve_device
+
+        cfg = self.cfg
+        want = resolve_device(cfg.device)
+        self.procs = _Processes(cpu=want.type == "cpu")
+        self.device = self.procs.state.device if self.procs.world > 1 else want
+        self.rank, self.world = self.procs.rank, self.procs.world
+        if not self.procs.is_main:  # one process reports; the others only warn
+            self.log = logging.getLogger(f"{__name__}.rank{self.rank}")
+            self.log.setLevel(logging.WARNING)
+        cuda = self.device.type == "cuda"
+        bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        # trainable weights stay float32 under bf16 autocast; frozen LoRA base weights may be bf16
+        param_dtype = "bfloat16" if (bf16 and cfg.lora.enabled) else "float32"
+        seed_everything(cfg.seed)
+        lm = load_model(self.model_path, device=str(self.device), dtype=param_dtype)
+        model, self.tokenizer = lm.model, lm.tokenizer
+        if cfg.gradient_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:  # pragma: no cover - older transformers
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.config.use_cache = False
+        if cfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            targets = cfg.lora.target_modules
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.lora.r,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        model.train()
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=cfg.learning_rate,
+            betas=tuple(cfg.adam_betas),
+            eps=1e-8,
+            fused=cuda or None,
+        )
+        n = len(self.examples)
+        micro = math.ceil(n / cfg.batch_size)
+        if self.world > 1:
+            micro -= micro % self.world
+            if micro == 0:
+                raise W2SError(
+                    f"{n} rows give fewer micro-batches of {cfg.batch_size} than the {self.world} processes"
+                )
+        self.micro_per_epoch = micro
+        self.steps_per_epoch = math.ceil(micro / (cfg.grad_accum * self.world))
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(self.total_steps, warmup, cfg.lr_scheduler)
+        )
+        self.scorer = self.procs.wrap(logps_module.TokenScorer(model), self.device)
+        self.weights = (
+            SourceWeights(self.source_names, lr=cfg.sources.weight_lr, min_weight=cfg.sources.min_weight)
+            if cfg.sources.weights and self.source_names
+            else None
+        )
+        self.easy = np.array([ex.easy for ex in self.examples]) if cfg.sources.easy_first else None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _fresh_state(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "fingerprint": self.fingerprint,
+            "step": 0,
+            "epoch": 0,
+            "micro": 0,  # next micro-batch of the epoch
+            "loss_curve": [],
+            "valid_curve": [],
+            "best": None,  # {"step", "value", "metric"}
+            "bad_epochs": 0,
+            "stopped_early": False,
+            "tokens": 0,
+            "train_seconds": 0.0,
+            "source_weights": None,
+            "source_weights_history": [],
+        }
+
+    def _resume(self) -> dict[str, Any]:
+        if self.procs.is_main:
+            remove_stale(self.out_dir)
+        self.procs.wait()
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is not None and not self.resume:
+            if self.procs.is_main:
+                self.log.warning("resume is off: removing the checkpoints and result in %s", self.out_dir)
+                shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+                (self.out_dir / RESULT_FILE).unlink(missing_ok=True)
+            self.procs.wait()
+            ckpt = None
+        if ckpt is None:
+            return self._fresh_state()
+        state = read_state(ckpt)
+        if state.get("fingerprint") != self.fingerprint:
+            raise W2SError(
+                f"{self.out_dir} holds checkpoints of another run (config, data or model differ: fingerprint "
+                f"{state.get('fingerprint')} vs {self.fingerprint}); use another out_dir or resume: false"
+            )
+        load_trainable(self.model, ckpt / "trainable.safetensors")
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt"))
+        rng_file = ckpt / f"rng-{self.rank}.pt"
+        if rng_file.is_file():
+            restore_rng(torch.load(rng_file, weights_only=False))
+        if self.weights is not None and state.get("source_weights"):
+            self.weights.load_state_dict(state["source_weights"])
+        self.log.info(
+            "resuming %s from %s (step %d, epoch %d)", self.method, ckpt, state["step"], state["epoch"]
+        )
+        return state
+
+    # ------------------------------------------------------------------ steps
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _step(self, micro_batches: Sequence[np.ndarray], state: dict[str, Any]) -> tuple[float, float]:
+        """One optimizer step over this process's micro-batches; returns (loss, gradient norm)."""
+        exs = [[self.examples[i] for i in mb] for mb in micro_batches]
+        norm = sum(ex.units for batch in exs for ex in batch) or 1.0
+        loss_sum = torch.zeros((), device=self.device)
+        grad_w = np.zeros(len(self.source_names)) if self.weights is not None else None
+        for j, batch_exs in enumerate(exs):
+            batch = collate(batch_exs, self.pad_id, self.device)
+            sync = j == len(exs) - 1  # gradients are all-reduced once per step, on the last micro-batch
+            with contextlib.nullcontext() if sync else self.procs.no_sync(self.scorer):
+                with self._autocast():
+                    per_row = self.objective(self.scorer, batch)
+                    if self.weights is not None:
+                        w = torch.tensor(
+                            [self.weights.row_weight(ex.sources) for ex in batch_exs], device=self.device
+                        )
+                        loss = (per_row * w).sum() / norm
+                    else:
+                        loss = per_row.sum() / norm
+                loss.backward()
+            loss_sum += loss.detach()
+            state["tokens"] += sum(ex.tokens for ex in batch_exs)
+            if grad_w is not None:
+                for ex, value in zip(batch_exs, per_row.detach().float().cpu().tolist(), strict=True):
+                    self.weights.accumulate(grad_w, ex.sources, value)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if self.world > 1:
+            loss_sum = self.procs.mean(loss_sum)
+        loss_value = float(loss_sum)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            last = latest_checkpoint(self.out_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise NonFiniteLossError(
+                f"non-finite {what} ({loss_value if what == 'loss' else grad_norm}) at step {state['step'] + 1} "
+                f"(epoch {state['epoch'] + 1}) of {self.method} in {self.out_dir}; training stopped; {kept}"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if grad_w is not None:
+            grad = grad_w / norm  # the gradient of this process's loss (normalised as the model's)
+            if self.world > 1:  # DDP averaged the processes' losses; so are the weights' gradients
+                grad = self.procs.mean(torch.tensor(grad, device=self.device)).cpu().numpy()
+            self.weights.step(grad)
+        return loss_value, grad_norm
+
+    # ------------------------------------------------------------------ validation and checkpoints
+
+    def _validate(self) -> tuple[str, float] | None:
+        if self.valid_fn is None and not self.valid_examples:
+            return None
+        model = self.model
+        model.eval()
+        try:
+            if self.valid_fn is not None:
+                value = None
+                if self.procs.is_main:  # rollouts run once; the score is shared
+                    with torch.no_grad():
+                        value = float(self.valid_fn(model, self.tokenizer))
+                metric, result = "valid_success", float(self.procs.broadcast(value))
+            else:
+                total, units = 0.0, 0.0
+                bs = self.cfg.batch_size
+                with torch.no_grad():
+                    for i in range(0, len(self.valid_examples), bs):
+                        chunk = self.valid_examples[i : i + bs]
+                        with self._autocast():
+                            per_row = self.objective(
+                                self.model_forward, collate(chunk, self.pad_id, self.device)
+                            )
+                        total += float(per_row.sum())
+                        units += sum(ex.units for ex in chunk)
+                metric, result = "valid_loss", total / max(units, 1.0)
+        finally:
+            model.train()
+        if not math.isfinite(result):
+            raise NonFiniteLossError(f"validation of {self.method} in {self.out_dir} gave {result}")
+        return metric, result
+
+    def model_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """Token log-probs through the unwrapped model (validation: no distributed wrapper involved)."""
+        return logps_module.token_logps(self.model, input_ids, attention_mask, target)
+
+    def _save(self, state: dict[str, Any]) -> Path | None:
+        step = state["step"]
+        tmp: Path | None = None
+        final: Path | None = None
+        if self.weights is not None:
+            state["source_weights"] = self.weights.state_dict()
+        if self.procs.is_main:
+            tmp, final = new_checkpoint_dir(self.out_dir, step)
+        if self.world > 1:
+            names = self.procs.broadcast([str(tmp), str(final)])
+            tmp, final = Path(names[0]), Path(names[1])
+        assert tmp is not None and final is not None
+        torch.save(capture_rng(), tmp / f"rng-{self.rank}.pt")
+        self.procs.wait()
+        if self.procs.is_main:
+            write_checkpoint(
+                tmp, final, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state
+            )
+            best = state["best"]["step"] if state["best"] else None
+            rotate_checkpoints(self.out_dir, self.cfg.keep_checkpoints, {best} if best is not None else set())
+            self._write_curves(state)
+        self.procs.wait()
+        return final
+
+    def _write_curves(self, state: dict[str, Any]) -> None:
+        curves = {
+            "method": self.method,
+            "loss": state["loss_curve"],
+            "valid": state["valid_curve"],
+            "best": state["best"],
+        }
+        with atomic_write(self.out_dir / CURVES_FILE) as fh:
+            fh.write(json.dumps(curves, allow_nan=False) + "\n")
+        if self.weights is not None:
+            with atomic_write(self.out_dir / SOURCE_WEIGHTS_FILE) as fh:
+                fh.write(
+                    json.dumps(
+                        {"weights": self.weights.as_dict(), "history": state["source_weights_history"]},
+                        indent=1,
+                    )
+                    + "\n"
+                )
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> TrainResult:
+        """Train (resuming where a previous run stopped), export the model and return the result.
+
+        Raises:
+            NonFiniteLossError: the loss or gradient became NaN/inf (the last good checkpoint is kept).
+            W2SError: ``out_dir`` holds another run's checkpoints, or bad input.
+        """
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._setup()
+        if self.procs.is_main:
+            save_config(cfg, self.out_dir, "train_config.yaml")
+        state = self._resume()
+        A, W = cfg.grad_accum, self.world
+        self.log.info(
+            "%s: %d rows, %d steps (%d per epoch), %d trainable parameters, device %s%s",
+            self.method,
+            len(self.examples),
+            self.total_steps,
+            self.steps_per_epoch,
+            sum(p.numel() for p in self.params),
+            self.device,
+            f" x{W} processes" if W > 1 else "",
+        )
+        bar = progress(
+            total=self.total_steps, initial=state["step"], desc=self.method, unit="step", leave=self.procs.is_main
+        )
+        if not self.procs.is_main:
+            bar.disable = True
+        try:
+            while state["step"] < self.total_steps and not state["stopped_early"]:
+                order = epoch_order(len(self.examples), cfg.seed, state["epoch"], self.easy)
+                bs = cfg.batch_size
+                batches = [order[i * bs : (i + 1) * bs] for i in range(self.micro_per_epoch)]
+                while state["micro"] < self.micro_per_epoch and state["step"] < self.total_steps:
+                    window = batches[state["micro"] : state["micro"] + A * W]
+                    t0 = time.perf_counter()
+                    loss, grad_norm = self._step(window[self.rank :: W], state)
+                    state["train_seconds"] += time.perf_counter() - t0
+                    state["micro"] += len(window)
+                    state["step"] += 1
+                    step = state["step"]
+                    state["loss_curve"].append([step, loss])
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if step % cfg.log_every == 0 or step == 1:
+                        self.log.info(
+                            "%s step %d/%d epoch %d loss %.4f lr %.3g grad-norm %.3g %.0f tok/s",
+                            self.method,
+                            step,
+                            self.total_steps,
+                            state["epoch"] + 1,
+                            loss,
+                            self.scheduler.get_last_lr()[0],
+                            grad_norm,
+                            state["tokens"] / max(state["train_seconds"], 1e-9),
+                        )
+                    epoch_done = state["micro"] >= self.micro_per_epoch
+                    last = step >= self.total_steps
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not (epoch_done or last):
+                        self._save(state)
+                if state["micro"] >= self.micro_per_epoch:
+                    state["epoch"] += 1
+                    state["micro"] = 0
+                self._end_of_epoch(state)  # at an epoch's end, or where max_steps ends inside one
+                self._save(state)
+        finally:
+            bar.close()
+        return self._finish(state)
+
+    def _end_of_epoch(self, state: dict[str, Any]) -> None:
+        measured = self._validate()
+        if self.weights is not None:
+            state["source_weights_history"].append({"step": state["step"], **self.weights.as_dict()})
+            self.log.info(
+                "source weights after step %d: %s",
+                state["step"],
+                ", ".join(f"{k}={v:.4f}" for k, v in self.weights.as_dict().items()),
+            )
+        if measured is None:
+            return
+        metric, value = measured
+        entry = {"epoch": state["epoch"], "step": state["step"], "metric": metric, "value": value}
+        state["valid_curve"].append(entry)
+        best = state["best"]
+        higher = metric == "valid_success"
+        better = best is None or (value > best["value"] if higher else value < best["value"])
+        if better:
+            state["best"] = {"step": state["step"], "value": value, "metric": metric}
+            state["bad_epochs"] = 0
+        else:
+            state["bad_epochs"] += 1
+        self.log.info(
+            "%s epoch %d step %d: %s %.4f (best %.4f at step %d)",
+            self.method,
+            state["epoch"],
+            state["step"],
+            metric,
+            value,
+            state["best"]["value"],
+            state["best"]["step"],
+        )
+        patience = self.cfg.early_stopping_patience
+        if patience and state["bad_epochs"] >= patience and state["step"] < self.total_steps:
+            self.log.info("%s: no better %s for %d epochs; stopping early", self.method, metric, patience)
+            state["stopped_early"] = True
+
+    def _finish(self, state: dict[str, Any]) -> TrainResult:
+        cfg = self.cfg
+        dirs = {int(p.name[5:]): p for p in checkpoint_dirs(self.out_dir)}
+        best = state["best"]
+        export_step = best["step"] if (cfg.export == "best" and best) else state["step"]
+        if export_step != state["step"]:
+            load_trainable(self.model, dirs[export_step] / "trainable.safetensors")
+            self.log.info("exporting the best checkpoint (step %d) instead of the last", export_step)
+        model_dir = self.out_dir / "model"
+        adapter_dir = self.out_dir / "adapter" if cfg.lora.enabled else None
+        if self.procs.is_main:
+            export_model(
+                self.model,
+                self.tokenizer,
+                model_dir,
+                adapter_dir=adapter_dir,
+                dtype=_saved_dtype(self.model_path),
+                meta={
+                    "method": self.method,
+                    "trained_from": str(self.model_path.resolve()),
+                    "step": export_step,
+                    "fingerprint": self.fingerprint,
+                },
+            )
+        self.procs.wait()
+        tokens = state["tokens"]
+        if self.world > 1:
+            tokens = int(self.procs.sum(torch.tensor(tokens, device=self.device)))
+        seconds = state["train_seconds"]
+        result = TrainResult(
+            method=self.method,
+            out_dir=self.out_dir,
+            model_dir=model_dir,
+            adapter_dir=adapter_dir,
+            best_checkpoint=dirs.get(best["step"]) if best else None,
+            last_checkpoint=dirs.get(state["step"]),
+            exported_step=export_step,
+            steps=state["step"],
+            epochs=state["epoch"] + state["micro"] / self.micro_per_epoch,
+            loss_curve=[(int(s), float(v)) for s, v in state["loss_curve"]],
+            valid_curve=list(state["valid_curve"]),
+            valid_metric=best["metric"] if best else None,
+            best_step=best["step"] if best else None,
+            best_value=best["value"] if best else None,
+            stopped_early=bool(state["stopped_early"]),
+            train_tokens=tokens,
+            train_seconds=seconds,
+            tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+            source_weights=self.weights.as_dict() if self.weights is not None else None,
+            rows=len(self.examples),
+            skipped_rows=self.skipped_rows,
+            fingerprint=self.fingerprint,
+        )
+        if self.procs.is_main:
+            result.save()
+        self.log.info(
+            "%s finished: %d steps, final loss %.4f, %.0f tokens/s; model exported to %s",
+            self.method,
+            result.steps,
+            result.loss_curve[-1][1] if result.loss_curve else float("nan"),
+            result.tokens_per_second,
+            model_dir,
+        )
+        return result

@@ -1,0 +1,122 @@
+"""SFT and MCTS-SFT: supervised fine-tuning on agent conversations, loss on the agent's tokens only.
+
+``train_sft`` serves the weak and strong SFT baselines (expert demos, as SFT rows or trajectory files) and
+MCTS-SFT (best-path rows of searched trees, ``method: mcts-sft``); both run the same code, named by their
+method in outputs and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from w2s_agents.errors import ConfigError
+
+from .config import TrainConfig
+from .data import Row, RowsInput, data_fingerprint, load_sft_rows, split_by_task
+from .loop import Example, Trainer, ValidFn, finished_result, load_tokenizer, run_fingerprint
+from .masks import ChatEncoder, fit_conversation
+from .result import TrainResult
+
+__all__ = ["encode_sft_rows", "train_sft"]
+
+logger = logging.getLogger(__name__)
+
+
+def encode_sft_rows(
+    rows: Sequence[Row], encoder: ChatEncoder, config: TrainConfig, source_index: dict[str, int]
+) -> tuple[list[Example], int]:
+    """Tokenize SFT rows with agent-token masks, cutting history to ``max_length``.
+
+    Returns ``(examples, skipped)``: rows that do not fit even with their history cut, or whose agent
+    tokens were all cut, are skipped (and logged).
+    """
+    out: list[Example] = []
+    skipped = 0
+    for row in rows:
+        fitted = fit_conversation(encoder, row.data["messages"], config.max_length, origin=row.origin)
+        if fitted is None or fitted[0].n_loss_tokens == 0:
+            skipped += 1
+            logger.debug("%s: too long for max_length %d; skipped", row.origin, config.max_length)
+            continue
+        enc, _ = fitted
+        units = enc.n_loss_tokens if config.loss_reduction == "token" else enc.n_turns
+        sources = tuple(source_index[s] for s in row.sources if s in source_index)
+        out.append(Example((enc,), float(units), sources, row.easy))
+    if skipped:
+        logger.warning(
+            "%d of %d rows do not fit max_length %d even with their history cut; skipped",
+            skipped,
+            len(rows),
+            config.max_length,
+        )
+    return out, skipped
+
+
+def train_sft(
+    model_path: str | os.PathLike[str],
+    rows_or_path: RowsInput,
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    *,
+    valid_fn: ValidFn | None = None,
+    valid_rows_or_path: RowsInput | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Fine-tune the model in ``model_path`` on SFT rows (method ``sft`` or ``mcts-sft``).
+
+    Args:
+        model_path: local folder of the model to train.
+        rows_or_path: ``{"messages": [...]}`` rows, trajectory records, or ``.jsonl`` file(s) of them.
+        out_dir: the run's folder (checkpoints, curves, ``model/`` export, ``result.json``).
+        config: hyperparameters (default: ``TrainConfig(method="sft")``).
+        valid_fn: ``valid_fn(model, tokenizer) -> score`` (higher is better) run each epoch; the best
+            epoch's weights are exported.
+        valid_rows_or_path: validation rows for the validation loss (used without ``valid_fn``); without
+            either, ``config.valid_fraction`` of the tasks is held out.
+        resume: continue from the newest checkpoint of this run in ``out_dir``; a finished run with the
+            same config, data and model is returned as it is.
+
+    Raises:
+        DataFormatError: a malformed row (``file:line``).
+        ModelLoadError: the model folder cannot be loaded.
+        NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
+        W2SError: ``out_dir`` holds another run's checkpoints.
+    """
+    cfg = config or TrainConfig(method="sft")
+    if cfg.is_dpo:
+        raise ConfigError("train_sft trains method sft or mcts-sft, got method dpo (use train_dpo)")
+    rows = load_sft_rows(rows_or_path, success_only=cfg.success_only)
+    valid_rows: list[Row] = []
+    if valid_rows_or_path is not None:
+        valid_rows = load_sft_rows(valid_rows_or_path, success_only=cfg.success_only)
+    elif valid_fn is None:
+        rows, valid_rows = split_by_task(rows, cfg.valid_fraction, cfg.seed)
+        if valid_rows:
+            logger.info("holding out %d rows of %d tasks for the validation loss", len(valid_rows),
+                        len({r.data.get("task_id", r.origin) for r in valid_rows}))  # fmt: skip
+    out = Path(out_dir)
+    fingerprint = run_fingerprint(cfg, model_path, data_fingerprint(rows), data_fingerprint(valid_rows))
+    if resume and (done := finished_result(out, fingerprint)) is not None:
+        logger.info("%s: this run already finished; returning its result", out)
+        return done
+    tokenizer = load_tokenizer(model_path)
+    encoder = ChatEncoder(tokenizer, name=str(model_path))
+    names = sorted({s for r in rows for s in r.sources})
+    examples, skipped = encode_sft_rows(rows, encoder, cfg, {n: i for i, n in enumerate(names)})
+    valid_examples, _ = encode_sft_rows(valid_rows, encoder, cfg, {}) if valid_rows else ([], 0)
+    return Trainer(
+        method=cfg.method,
+        model_path=model_path,
+        out_dir=out,
+        config=cfg,
+        examples=examples,
+        valid_examples=valid_examples,
+        valid_fn=valid_fn,
+        fingerprint=fingerprint,
+        source_names=names,
+        resume=resume,
+        skipped_rows=skipped,
+    ).run()
