@@ -223,8 +223,17 @@ def test_describe_config_lists_every_leaf_with_help() -> None:
 def test_every_shipped_config_loads(repo_root: Path) -> None:
     files = sorted((repo_root / "configs").glob("*.yaml"))
     assert files, "configs/ holds no YAML"
-    for f in files:
-        load_experiment(f)
+    from w2s_agents.config import load_config
+    from w2s_agents.rollout import RolloutJobConfig
+    from w2s_agents.trainers import TrainJobConfig
+
+    for f in files:  # the file name tells the command: rollout-*, train-*, else `w2s run`
+        if f.name.startswith("rollout-"):
+            load_config(RolloutJobConfig, f)
+        elif f.name.startswith("train-"):
+            load_config(TrainJobConfig, f)
+        else:
+            load_experiment(f)
 
 
 def test_quickstart_yaml_is_the_embedded_default(repo_root: Path) -> None:
@@ -244,3 +253,26 @@ def test_experiment_checks_and_run_dir(tmp_path: Path) -> None:
     run_dir = prepare_run_dir(cfg)
     assert run_dir == tmp_path / "demo"
     assert load_experiment(run_dir / "config.yaml") == cfg
+
+
+@dataclass(frozen=True)
+class Inner:
+    a: int = option(1, "a")
+    b: int = option(2, "b")
+
+
+@dataclass(frozen=True)
+class Outer:
+    x: Inner = option(default_factory=lambda: Inner(a=10, b=20), help="x")
+    y: Inner = option(default_factory=Inner, help="y")
+
+
+def test_setting_one_key_keeps_the_other_values_of_a_sections_own_default(tmp_path):
+    from w2s_agents.config import load_config
+
+    cfg = load_config(Outer, None, ["x.a=5"])
+    assert cfg.x == Inner(a=5, b=20)  # b keeps the section's default 20, not the class default 2
+    path = tmp_path / "c.yaml"
+    path.write_text("x:\n  b: 7\ny:\n  a: 3\n")
+    cfg = load_config(Outer, path)
+    assert cfg.x == Inner(a=10, b=7) and cfg.y == Inner(a=3, b=2)

@@ -337,10 +337,23 @@ def _child_where(data: Mapping[str, Any], key: str, parent: _Where) -> _Where:
     return _Where(parent.source, lines.get(key), None)
 
 
-def _build(cls: type[T], data: Mapping[str, Any], prefix: str, source: str | None) -> T:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _MISSING
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str, source: str | None, base: Any = None) -> T:
+    """Build ``cls`` from ``data``; keys missing from ``data`` keep the values of ``base`` (an instance of
+    ``cls``, e.g. a section's own default) or else the field defaults, so that setting one key of a section
+    whose default differs from its class's defaults keeps the section's other values."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
+    if base is not None:
+        kwargs = {name: getattr(base, name) for name in fields}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         where = _child_where(data, key, _Where(source, None))
@@ -354,7 +367,12 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, source: str | Non
             raise ConfigError(
                 f"{where}unknown config key '{full}'{did_you_mean}; valid keys of {section}: {', '.join(valid)}"
             )
-        kwargs[key] = _coerce(value, hints[key], full, where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict) and not isinstance(value, _Override):
+            default = getattr(base, key) if base is not None else _field_default(fields[key])
+            kwargs[key] = _build(tp, value, full, source, default if isinstance(default, tp) else None)
+            continue
+        kwargs[key] = _coerce(value, tp, full, where)
     missing = [
         name
         for name, f in fields.items()

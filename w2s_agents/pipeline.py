@@ -283,7 +283,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         won = 0
         try:
             with TrajectoryStore(ctx.directory / "demos.jsonl") as store:
-                done = {k.task_id for k in store.keys()}
+                done = {k.task_id for k in store.keys}
                 for task_id in task_ids(ctx, "train"):
                     if task_id in done:
                         continue
