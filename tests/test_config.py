@@ -276,3 +276,15 @@ def test_setting_one_key_keeps_the_other_values_of_a_sections_own_default(tmp_pa
     path.write_text("x:\n  b: 7\ny:\n  a: 3\n")
     cfg = load_config(Outer, path)
     assert cfg.x == Inner(a=10, b=7) and cfg.y == Inner(a=3, b=2)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    from w2s_agents.config import load_config
+
+    path = tmp_path / "m.yaml"
+    path.write_text("x: &base\n  a: 4\n  b: 5\ny:\n  <<: *base\n  b: 6\n")
+    cfg = load_config(Outer, path)
+    assert cfg.x == Inner(a=4, b=5) and cfg.y == Inner(a=4, b=6)
+    path.write_text("y:\n  <<: {a: 1}\n  b: 6\n  b: 7\n")
+    with pytest.raises(ConfigError, match="m.yaml:4: duplicate config key 'b'"):
+        load_config(Outer, path)

@@ -87,6 +87,7 @@ class _LinedDict(dict):
     """A dict loaded from YAML that remembers the line of each key (1-based)."""
 
     key_lines: dict[str, int]
+    key_own: dict[str, bool]
     line: int
 
 
@@ -95,9 +96,12 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LinedDict:
+    # keys written in this mapping (not brought in by a YAML merge key '<<', which they may override)
+    own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
     loader.flatten_mapping(node)
     out = _LinedDict()
     out.key_lines = {}
+    out.key_own = {}
     out.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
@@ -105,12 +109,13 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LinedDic
             raise ConfigError(
                 f"{node.start_mark.name}:{key_node.start_mark.line + 1}: config keys must be strings, got {key!r}"
             )
-        if key in out:
+        if key in out and id(key_node) in own and out.key_own.get(key, False):
             raise ConfigError(
                 f"{node.start_mark.name}:{key_node.start_mark.line + 1}: duplicate config key '{key}'"
             )
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
+        out.key_own[key] = id(key_node) in own
     return out
 
 
