@@ -78,7 +78,7 @@ class TasksConfig:
 
     suite: str = option("tw-coin_collector", "task suite (`w2s envs suites`)")
     train: int = option(40, "first N tasks of the train split: expert demos, exploration, trees")
-    valid: int = option(6, "first N tasks of the valid split: validation success each epoch (0: none)")
+    valid: int = option(0, "first N tasks of the valid split: validation success each epoch (0: none)")
     test: int = option(20, "first N tasks of the test split: the held-out evaluation")
     max_steps: int = option(12, "step limit of an episode (exploration and evaluation)")
     env_kwargs: dict[str, Any] = option(default_factory=dict, help="extra env constructor arguments")
@@ -118,12 +118,13 @@ class ExploreConfig:
 
 
 def _tiny_sft(epochs: int, method: str = "sft") -> TrainConfig:
+    # tiny models start from random weights: a learning rate far above the paper's 1e-5 for pretrained LLMs
     return TrainConfig(method=method, lr=1e-3, epochs=epochs, batch_size=8, max_length=1024, warmup_ratio=0.05)
 
 
 def _tiny_dpo(reference: str) -> TrainConfig:
     return TrainConfig(
-        method="dpo", lr=1e-4, epochs=2, batch_size=8, max_length=1024, beta=0.1, reference=reference
+        method="dpo", lr=1e-4, epochs=1, batch_size=8, max_length=1024, beta=0.1, reference=reference
     )
 
 
@@ -132,9 +133,9 @@ class TrainingConfig:
     """The fine-tuning runs of the pipeline."""
 
     weak_sft: TrainConfig = option(default_factory=lambda: _tiny_sft(30), help="weak model on expert demos")
-    strong_sft: TrainConfig = option(default_factory=lambda: _tiny_sft(30), help="strong model on expert demos")
+    strong_sft: TrainConfig = option(default_factory=lambda: _tiny_sft(12), help="strong model on expert demos")
     mcts_sft: TrainConfig = option(
-        default_factory=lambda: _tiny_sft(30, "mcts-sft"), help="strong model on the best paths (W2S-MCTS)"
+        default_factory=lambda: _tiny_sft(12, "mcts-sft"), help="strong model on the best paths (W2S-MCTS)"
     )
     treedpo: TrainConfig = option(
         default_factory=lambda: _tiny_dpo("weak"), help="TreeDPO on the tree pairs (reference: weak SFT)"
@@ -147,7 +148,9 @@ class TrainingConfig:
     )
     ceiling: bool = option(True, "train and evaluate the ceiling")
     valid_success: bool = option(
-        True, "validate each epoch by greedy success on the valid tasks and keep the best epoch"
+        True,
+        "with valid tasks (tasks.valid > 0): validate each epoch by greedy success on them and export the best "
+        "epoch; otherwise the trainers' validation loss on held-out train tasks (train.*.valid_fraction)",
     )
 
 
@@ -189,7 +192,8 @@ class ExperimentConfig:
     )
     explore: ExploreConfig = option(default_factory=ExploreConfig, help="the weak agent's exploration")
     search: SearchConfig = option(
-        default_factory=lambda: SearchConfig(iterations=200), help="MCTS and the extraction of paths and pairs"
+        default_factory=lambda: SearchConfig(iterations=200, sft_min_value=0.5),
+        help="MCTS and the extraction of paths and pairs",
     )
     train: TrainingConfig = option(default_factory=TrainingConfig, help="fine-tuning runs")
     eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation and diagnostics")
