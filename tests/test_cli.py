@@ -36,7 +36,19 @@ def test_console_script_is_installed_and_lists_commands() -> None:
     exe = shutil.which("w2s", path=str(Path(sys.executable).parent))
     assert exe, "the w2s console script is not installed next to the interpreter"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("config", "model", "store", "envs", "tree", "search", "viz", "train", "rollout"):
+    for cmd in (
+        "config",
+        "model",
+        "store",
+        "envs",
+        "tree",
+        "search",
+        "viz",
+        "train",
+        "rollout",
+        "run",
+        "report",
+    ):
         assert cmd in out
     assert "w2s-agents 0.1.0" in subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
 
@@ -50,6 +62,7 @@ REQUIRED_ARGS = {
     ("tree", "summary"): ["x"],
     ("search",): ["x", "-o", "d"],
     ("viz",): ["x"],
+    ("report",): ["x"],
     ("envs", "tasks"): ["x"],
     ("envs", "play"): ["x"],
     ("envs", "demos"): ["x", "-o", "f"],

@@ -253,3 +253,38 @@ def test_experiment_checks_and_run_dir(tmp_path: Path) -> None:
     run_dir = prepare_run_dir(cfg)
     assert run_dir == tmp_path / "demo"
     assert load_experiment(run_dir / "config.yaml") == cfg
+
+
+@dataclass(frozen=True)
+class Inner:
+    a: int = option(1, "a")
+    b: int = option(2, "b")
+
+
+@dataclass(frozen=True)
+class Outer:
+    x: Inner = option(default_factory=lambda: Inner(a=10, b=20), help="x")
+    y: Inner = option(default_factory=Inner, help="y")
+
+
+def test_setting_one_key_keeps_the_other_values_of_a_sections_own_default(tmp_path):
+    from w2s_agents.config import load_config
+
+    cfg = load_config(Outer, None, ["x.a=5"])
+    assert cfg.x == Inner(a=5, b=20)  # b keeps the section's default 20, not the class default 2
+    path = tmp_path / "c.yaml"
+    path.write_text("x:\n  b: 7\ny:\n  a: 3\n")
+    cfg = load_config(Outer, path)
+    assert cfg.x == Inner(a=10, b=7) and cfg.y == Inner(a=3, b=2)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    from w2s_agents.config import load_config
+
+    path = tmp_path / "m.yaml"
+    path.write_text("x: &base\n  a: 4\n  b: 5\ny:\n  <<: *base\n  b: 6\n")
+    cfg = load_config(Outer, path)
+    assert cfg.x == Inner(a=4, b=5) and cfg.y == Inner(a=4, b=6)
+    path.write_text("y:\n  <<: {a: 1}\n  b: 6\n  b: 7\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml:4: duplicate config key 'b'"):
+        load_config(Outer, path)

@@ -58,6 +58,50 @@ def _cmd_config_keys(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- run
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from w2s_agents.experiment import load_experiment
+    from w2s_agents.pipeline import run_pipeline, stage_names
+
+    path, overrides = _split_config_args(ns.args)
+    cfg = load_experiment(path, overrides)
+    if ns.list_stages:
+        print("\n".join(stage_names(cfg)))
+        return 0
+    result = run_pipeline(cfg, from_stage=ns.from_stage, until=ns.until)
+    if not result.metrics:
+        print(f"{result.run_dir}: stopped after stage {ns.until}")
+        return 0
+    from w2s_agents.report import MODEL_LABELS, interval
+
+    print(f"{result.run_dir}: report {result.report}")
+    for name, m in result.metrics["models"].items():
+        label = MODEL_LABELS.get(name, name)
+        print(
+            f"  {label:<18} return {interval(m['return']).format(3)}  success {interval(m['success']).format(3)}"
+        )
+    for name, pgr in result.metrics.get("pgr", {}).items():
+        print(f"  PGR {MODEL_LABELS.get(name, name):<14} {interval(pgr).format(2)}")
+    return 0
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from w2s_agents.report import write_report
+
+    run_dir = Path(ns.run_dir)
+    metrics_file = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise W2SError(f"{metrics_file}: no metrics (has `w2s run` finished its eval stage?)") from None
+    except json.JSONDecodeError as exc:
+        raise W2SError(f"{metrics_file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    print(write_report(metrics, run_dir, plots=not ns.no_plots))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- model
 
 
@@ -566,6 +610,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = config_sub.add_parser("keys", help="list every config key with its type, default and help")
     p.add_argument("--grep", default="", help="only keys containing this text")
     p.set_defaults(func=_cmd_config_keys)
+
+    p = sub.add_parser(
+        "run",
+        help="run the whole weak-to-strong pipeline (default: the CPU quickstart)",
+        description="Run every stage of the experiment in CONFIG (default: the embedded quickstart) with "
+        "KEY=VALUE overrides: demos, weak/strong SFT, exploration, trees, MCTS, W2S training, ceiling, "
+        "evaluation and report. Finished stages are reused; a killed run resumes.",
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="redo this stage and every later one")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    p.add_argument("--list-stages", action="store_true", help="print the stage names and exit")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("report", help="rewrite report.md and its plots from a run's metrics.json")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--no-plots", action="store_true", help="leave the PNG plots out")
+    p.set_defaults(func=_cmd_report)
 
     p_model = sub.add_parser("model", help="build tiny models, inspect local models")
     model_sub = p_model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)

@@ -87,6 +87,7 @@ class _LinedDict(dict):
     """A dict loaded from YAML that remembers the line of each key (1-based)."""
 
     key_lines: dict[str, int]
+    key_own: dict[str, bool]
     line: int
 
 
@@ -95,9 +96,12 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LinedDict:
+    # keys written in this mapping (not brought in by a YAML merge key '<<', which they may override)
+    own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
     loader.flatten_mapping(node)
     out = _LinedDict()
     out.key_lines = {}
+    out.key_own = {}
     out.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
@@ -105,12 +109,13 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LinedDic
             raise ConfigError(
                 f"{node.start_mark.name}:{key_node.start_mark.line + 1}: config keys must be strings, got {key!r}"
             )
-        if key in out:
+        if key in out and id(key_node) in own and out.key_own.get(key, False):
             raise ConfigError(
                 f"{node.start_mark.name}:{key_node.start_mark.line + 1}: duplicate config key '{key}'"
             )
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
+        out.key_own[key] = id(key_node) in own
     return out
 
 
@@ -337,10 +342,23 @@ def _child_where(data: Mapping[str, Any], key: str, parent: _Where) -> _Where:
     return _Where(parent.source, lines.get(key), None)
 
 
-def _build(cls: type[T], data: Mapping[str, Any], prefix: str, source: str | None) -> T:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _MISSING
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str, source: str | None, base: Any = None) -> T:
+    """Build ``cls`` from ``data``; keys missing from ``data`` keep the values of ``base`` (an instance of
+    ``cls``, e.g. a section's own default) or else the field defaults, so that setting one key of a section
+    whose default differs from its class's defaults keeps the section's other values."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
+    if base is not None:
+        kwargs = {name: getattr(base, name) for name in fields}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         where = _child_where(data, key, _Where(source, None))
@@ -354,7 +372,12 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, source: str | Non
             raise ConfigError(
                 f"{where}unknown config key '{full}'{did_you_mean}; valid keys of {section}: {', '.join(valid)}"
             )
-        kwargs[key] = _coerce(value, hints[key], full, where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict) and not isinstance(value, _Override):
+            default = getattr(base, key) if base is not None else _field_default(fields[key])
+            kwargs[key] = _build(tp, value, full, source, default if isinstance(default, tp) else None)
+            continue
+        kwargs[key] = _coerce(value, tp, full, where)
     missing = [
         name
         for name, f in fields.items()

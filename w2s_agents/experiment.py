@@ -13,12 +13,24 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from w2s_agents.agent import AgentConfig, Sampler
 from w2s_agents.config import check, load_config, option, save_config
 from w2s_agents.models import ModelConfig
+from w2s_agents.search.mcts import SearchConfig
+from w2s_agents.trainers.config import TrainConfig
 
-__all__ = ["ExperimentConfig", "RunConfig", "load_experiment", "prepare_run_dir"]
+__all__ = [
+    "EvalConfig",
+    "ExperimentConfig",
+    "ExploreConfig",
+    "RunConfig",
+    "TasksConfig",
+    "TrainingConfig",
+    "load_experiment",
+    "prepare_run_dir",
+]
 
 
 @dataclass(frozen=True)
@@ -29,8 +41,17 @@ class RunConfig:
     out_dir: Path = option(Path("runs"), "folder holding one sub-folder per run")
     seed: int = option(0, "seed of every random source of the run (derived per stage and episode)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = option("INFO", "logging level")
+    seeds: list[int] = option(
+        default_factory=list,
+        help="run the whole pipeline once per seed (in <run dir>/seed-<k>/) and report over all of them; "
+        "empty: just 'seed'",
+    )
+    threads: int = option(0, "torch threads of the run (0: torch's default)")
 
     def __post_init__(self) -> None:
+        check(all(s >= 0 for s in self.seeds), "seeds", f"must be non-negative, got {self.seeds}")
+        check(len(set(self.seeds)) == len(self.seeds), "seeds", f"must not repeat, got {self.seeds}")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         check(
             re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) is not None,
             "name",
@@ -42,6 +63,119 @@ class RunConfig:
     def run_dir(self) -> Path:
         """The run's output folder."""
         return self.out_dir / self.name
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The run seeds: ``seeds``, or ``[seed]`` when it is empty."""
+        return list(self.seeds) or [self.seed]
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    """The task suite and how many tasks of each split the run uses."""
+
+    suite: str = option("tw-coin_collector", "task suite (`w2s envs suites`)")
+    train: int = option(40, "first N tasks of the train split: expert demos, exploration, trees")
+    valid: int = option(0, "first N tasks of the valid split: validation success each epoch (0: none)")
+    test: int = option(20, "first N tasks of the test split: the held-out evaluation")
+    max_steps: int = option(12, "step limit of an episode (exploration and evaluation)")
+    env_kwargs: dict[str, Any] = option(default_factory=dict, help="extra env constructor arguments")
+
+    def __post_init__(self) -> None:
+        check(self.train >= 1, "train", f"must be >= 1, got {self.train}")
+        check(self.valid >= 0, "valid", f"must be >= 0, got {self.valid}")
+        check(self.test >= 1, "test", f"must be >= 1, got {self.test}")
+        check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+
+
+@dataclass(frozen=True)
+class ExploreConfig:
+    """The weak SFT agent's exploration of the train tasks."""
+
+    samplers: list[Sampler] = option(
+        default_factory=lambda: [
+            Sampler(temperature=0.0),
+            Sampler(temperature=0.7, top_p=0.95),
+            Sampler(temperature=1.0),
+            Sampler(temperature=1.5),
+        ],
+        help="sampling settings, one exploration each (the tree width)",
+    )
+    seeds: int = option(1, "episodes per task and sampler")
+    batch_size: int = option(16, "live episodes per batched agent call")
+    workers: int = option(0, "Ray workers for exploration (0: in this process)")
+    ray_address: str | None = option(
+        None, "Ray cluster to join; null starts a local instance when workers > 0"
+    )
+
+    def __post_init__(self) -> None:
+        check(len(self.samplers) >= 1, "samplers", "must list at least one sampler")
+        names = [s.name for s in self.samplers]
+        check(len(set(names)) == len(names), "samplers", f"names must be unique, got {names}")
+        check(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+
+
+def _tiny_sft(epochs: int, method: str = "sft") -> TrainConfig:
+    # tiny models start from random weights: a learning rate far above the paper's 1e-5 for pretrained LLMs
+    return TrainConfig(
+        method=method, lr=1e-3, epochs=epochs, batch_size=8, max_length=1024, warmup_ratio=0.05
+    )
+
+
+def _tiny_dpo(reference: str) -> TrainConfig:
+    return TrainConfig(
+        method="dpo", lr=1e-4, epochs=1, batch_size=8, max_length=1024, beta=0.1, reference=reference
+    )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The fine-tuning runs of the pipeline."""
+
+    weak_sft: TrainConfig = option(default_factory=lambda: _tiny_sft(30), help="weak model on expert demos")
+    strong_sft: TrainConfig = option(
+        default_factory=lambda: _tiny_sft(12), help="strong model on expert demos"
+    )
+    mcts_sft: TrainConfig = option(
+        default_factory=lambda: _tiny_sft(12, "mcts-sft"), help="strong model on the best paths (W2S-MCTS)"
+    )
+    treedpo: TrainConfig = option(
+        default_factory=lambda: _tiny_dpo("weak"), help="TreeDPO on the tree pairs (reference: weak SFT)"
+    )
+    ceiling_dpo: TrainConfig = option(
+        default_factory=lambda: _tiny_dpo("strong"),
+        help="the ceiling: strong SFT + DPO on expert-vs-failed pairs",
+    )
+    variants: list[Literal["w2s-mcts", "w2s-treedpo", "w2s-mcts-treedpo"]] = option(
+        default_factory=lambda: ["w2s-mcts", "w2s-treedpo"], help="weak-to-strong models to train"
+    )
+    ceiling: bool = option(True, "train and evaluate the ceiling")
+    valid_success: bool = option(
+        True,
+        "with valid tasks (tasks.valid > 0): validate each epoch by greedy success on them and export the best "
+        "epoch; otherwise the trainers' validation loss on held-out train tasks (train.*.valid_fraction)",
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The held-out evaluation and the weak-to-strong diagnostics."""
+
+    samplers: list[Sampler] = option(
+        default_factory=lambda: [Sampler(temperature=0.0)], help="sampling settings of evaluation episodes"
+    )
+    seeds: int = option(1, "episodes per test task and sampler")
+    train_tasks: bool = option(
+        True, "also play the train tasks with weak SFT and W2S models (pseudolabel correction, expansion)"
+    )
+    misfit_states: int = option(200, "held-out weak states on which misfit is measured (0: skip)")
+
+    def __post_init__(self) -> None:
+        check(len(self.samplers) >= 1, "samplers", "must list at least one sampler")
+        check(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
+        check(self.misfit_states >= 0, "misfit_states", f"must be >= 0, got {self.misfit_states}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +190,28 @@ class ExperimentConfig:
     strong: ModelConfig = option(
         default_factory=lambda: ModelConfig(tiny_preset="strong"), help="the strong agent that is trained"
     )
+    tasks: TasksConfig = option(default_factory=TasksConfig, help="task suite and split sizes")
+    agent: AgentConfig = option(
+        default_factory=lambda: AgentConfig(mode="choose", prompt_admissible=False, prompt_grammar=False),
+        help="how every agent of the run acts (exploration, validation, evaluation)",
+    )
+    explore: ExploreConfig = option(default_factory=ExploreConfig, help="the weak agent's exploration")
+    search: SearchConfig = option(
+        default_factory=lambda: SearchConfig(iterations=200, sft_min_value=0.5),
+        help="MCTS and the extraction of paths and pairs",
+    )
+    train: TrainingConfig = option(default_factory=TrainingConfig, help="fine-tuning runs")
+    eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation and diagnostics")
+
+    @property
+    def agent_device(self) -> str:
+        """Device of the agents' models (the strong model's setting)."""
+        return self.strong.device
+
+    @property
+    def agent_dtype(self) -> str:
+        """Dtype of the agents' models (the strong model's setting)."""
+        return self.strong.dtype
 
 
 def load_experiment(

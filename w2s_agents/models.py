@@ -204,7 +204,12 @@ def build_tiny_model(
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    from w2s_agents.log import progress_enabled
+
+    if not progress_enabled():  # transformers' bar when saving shards follows the project's progress switch
+        hf_logging.disable_progress_bar()
     p = _preset(preset)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -1,0 +1,163 @@
+"""The whole pipeline in miniature: every artefact, then a run killed mid-way and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from w2s_agents.experiment import load_experiment
+from w2s_agents.pipeline import run_pipeline, stage_names
+from w2s_agents.store import read_trajectories
+
+MINI = """\
+run: {{name: mini, out_dir: {out}}}
+weak: {{tiny_preset: nano}}
+strong: {{tiny_preset: nano}}
+tasks: {{suite: tw-coin_collector, train: 3, valid: 1, test: 2, max_steps: 6}}
+explore:
+  samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}]
+search: {{iterations: 20, sft_min_value: 0.0}}
+train:
+  weak_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
+  strong_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
+  mcts_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
+  treedpo: {{lr: 0.0001, epochs: 1, batch_size: 4}}
+  ceiling_dpo: {{lr: 0.0001, epochs: 1, batch_size: 4}}
+  variants: [w2s-mcts, w2s-treedpo, w2s-mcts-treedpo]
+eval: {{misfit_states: 10}}
+"""
+
+
+@pytest.fixture()
+def mini_config(tmp_path: Path, game_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
+    path = tmp_path / "mini.yaml"
+    path.write_text(MINI.format(out=tmp_path / "runs"))
+    return path
+
+
+def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
+    cfg = load_experiment(mini_config)
+    names = stage_names(cfg)
+    assert names == [
+        "tasks",
+        "demos",
+        "models",
+        "weak-sft",
+        "strong-sft",
+        "explore",
+        "trees",
+        "search",
+        "w2s-mcts",
+        "w2s-treedpo",
+        "w2s-mcts-treedpo",
+        "ceiling",
+        "eval",
+    ]
+    result = run_pipeline(cfg)
+    run = result.run_dir
+    seed_dir = run / "seed-0"
+    for name in names:
+        done = json.loads((seed_dir / name / "_done.json").read_text())
+        assert done["stage"] == name
+    assert [r.status for r in result.records[0]] == ["done"] * len(names)
+    tasks = json.loads((seed_dir / "tasks" / "tasks.json").read_text())
+    assert [len(tasks[s]) for s in ("train", "valid", "test")] == [3, 1, 2]
+    # exploration: every (task, sampler) once; one tree per task; search outputs
+    trajs = list(read_trajectories(seed_dir / "explore" / "trajectories.jsonl"))
+    assert sorted((t.task_id, t.source.sampler) for t in trajs) == sorted(
+        (t, s) for t in tasks["train"] for s in ("greedy", "t1.5-p1")
+    )
+    assert len(list((seed_dir / "trees" / "trees").glob("*.json"))) == 3
+    assert (seed_dir / "search" / "sft.jsonl").stat().st_size > 0
+    # every trained model loads; evaluation of each on the test tasks
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["schema"] == "w2s.metrics/1"
+    evaluated = set(metrics["models"])
+    assert {"weak-sft", "strong-sft", "w2s-mcts", "ceiling"} <= evaluated
+    for name, m in metrics["models"].items():
+        assert m["episodes"] == 2, name
+        assert 0.0 <= m["return"]["estimate"] <= 1.0
+    assert "w2s-mcts" in metrics["misfit"] and metrics["misfit"]["w2s-mcts"]["states"] > 0
+    assert metrics["transfer"]["w2s-mcts"]["weak_failed"] + 0 >= 0
+    report = (run / "report.md").read_text()
+    for label in ("Weak SFT", "Strong SFT", "W2S-MCTS", "Ceiling"):
+        assert f"| {label} | " in report
+    assert (run / "plots" / "returns.png").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["packages"]["torch"] and len(manifest["stages"]) == len(names)
+    assert (run / "config.yaml").is_file()
+    # a second run reuses everything
+    again = run_pipeline(cfg)
+    assert [r.status for r in again.records[0]] == ["cached"] * len(names)
+    # --from redoes a stage and the ones after it
+    redo = run_pipeline(cfg, from_stage="w2s-mcts")
+    statuses = {r.name: r.status for r in redo.records[0]}
+    assert statuses["search"] == "cached" and statuses["w2s-mcts"] == "done" and statuses["eval"] == "done"
+
+
+def test_a_killed_run_resumes_without_redoing_finished_stages(mini_config: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "W2S_PROGRESS": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "w2s_agents.cli", "run", str(mini_config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    seed_dir = tmp_path / "runs" / "mini" / "seed-0"
+    deadline = time.monotonic() + 300
+    while not (seed_dir / "weak-sft" / "_done.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the run did not finish weak-sft in time"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    finished = {p.parent.name for p in seed_dir.glob("*/_done.json")}
+    assert {"tasks", "demos", "models", "weak-sft"} <= finished
+    result = run_pipeline(load_experiment(mini_config))
+    statuses = {r.name: r.status for r in result.records[0]}
+    for name in finished:
+        assert statuses[name] == "cached", name
+    assert all(s in ("done", "cached") for s in statuses.values())
+    keys = [t.key for t in read_trajectories(seed_dir / "explore" / "trajectories.jsonl")]
+    assert len(keys) == len(set(keys)) == 6
+    assert (tmp_path / "runs" / "mini" / "report.md").is_file()
+
+
+def test_example_script_runs(tmp_path: Path, game_cache_dir: Path, repo_root: Path) -> None:
+    env = {**os.environ, "W2S_PROGRESS": "0", "W2S_CACHE": str(game_cache_dir.parent / "w2s-cache")}
+    out = tmp_path / "example"
+    args = [
+        "--out",
+        str(out),
+        "--train",
+        "3",
+        "--test",
+        "2",
+        "--epochs",
+        "2",
+        "--strong",
+        "nano",
+        "--max-steps",
+        "6",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "examples" / "weak_to_strong.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["weak-sft"] <= 1.0
+    assert "held-out success" in proc.stdout
+    assert len(list(read_trajectories(out / "explore.jsonl"))) == 9  # 3 tasks x 3 samplers
