@@ -22,7 +22,7 @@ from w2s_agents.agent import (
 )
 from w2s_agents.decoding import candidate_logprobs, contrastive_token_scores, generate, pick_tokens
 from w2s_agents.errors import ConfigError, W2SError
-from w2s_agents.messages import SYSTEM_PROMPT, agent_message, episode_messages, system_prompt
+from w2s_agents.messages import SYSTEM_PROMPT, agent_message, episode_messages, system_prompt, task_messages
 from w2s_agents.models import build_tiny_model, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -461,3 +461,13 @@ def test_state_from_trajectory(make_traj) -> None:
     )
     with pytest.raises(IndexError):
         EpisodeState.from_trajectory(traj, 2)
+
+
+def test_the_task_turn_states_the_instruction_once() -> None:
+    intro = "Find the coin. Go north first."
+    first = f"{intro}\n\n-= Cellar =-\nYou are in a cellar."
+    msgs = task_messages(intro, first)
+    assert msgs[1]["content"] == f"Task: {intro}\n\n-= Cellar =-\nYou are in a cellar."
+    # an observation that does not open with the instruction is kept whole
+    other = task_messages("Leave.", "-= Hall =-\nLeave. now")
+    assert other[1]["content"] == "Task: Leave.\n\n-= Hall =-\nLeave. now"

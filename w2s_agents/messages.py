@@ -70,10 +70,18 @@ def system_prompt(
 
 
 def task_messages(instruction: str, observation: str, *, system: str | None = SYSTEM_PROMPT) -> list[Message]:
-    """The opening of a conversation: the system instruction (unless ``system`` is None) and the task turn."""
+    """The opening of a conversation: the system instruction (unless ``system`` is None) and the task turn.
+
+    Envs whose first observation opens with the instruction itself (TextWorld's intro states the objective)
+    would repeat it; the task turn states it once, after ``Task:``, and the observation follows without it.
+    """
     out: list[Message] = []
     if system is not None:
         out.append({"role": "system", "content": system})
+    goal = instruction.strip()
+    head = observation.lstrip()
+    if goal and head.startswith(goal):
+        observation = head[len(goal) :].lstrip()
     out.append({"role": "user", "content": f"Task: {instruction}\n\n{observation}"})
     return out
 
