@@ -20,7 +20,13 @@ from w2s_agents.agent import (
     parse_react,
     score_actions,
 )
-from w2s_agents.decoding import candidate_logprobs, contrastive_token_scores, generate, pick_tokens
+from w2s_agents.decoding import (
+    PrefixCache,
+    candidate_logprobs,
+    contrastive_token_scores,
+    generate,
+    pick_tokens,
+)
 from w2s_agents.errors import ConfigError, W2SError
 from w2s_agents.messages import SYSTEM_PROMPT, agent_message, episode_messages, system_prompt, task_messages
 from w2s_agents.models import build_tiny_model, load_model
@@ -471,3 +477,44 @@ def test_the_task_turn_states_the_instruction_once() -> None:
     # an observation that does not open with the instruction is kept whole
     other = task_messages("Leave.", "-= Hall =-\nLeave. now")
     assert other[1]["content"] == "Task: Leave.\n\n-= Hall =-\nLeave. now"
+
+
+# ------------------------------------------------------------------------------------------- prefix cache
+
+
+def test_prefix_cache_scores_equal_uncached_scores_as_prompts_grow(nano) -> None:
+    rng = random.Random(0)
+    vocab = len(nano.tokenizer)
+    shared = [rng.randrange(vocab) for _ in range(30)]
+    prompts = [shared + [rng.randrange(vocab) for _ in range(rng.randrange(1, 9))] for _ in range(3)]
+    cands = [[[rng.randrange(vocab) for _ in range(rng.randrange(1, 4))] for _ in range(3)] for _ in prompts]
+    cache = PrefixCache(nano.model, capacity=8, min_reuse=4)
+    previous: list[list[int]] = []
+    for _ in range(4):
+        want = candidate_logprobs(nano.model, prompts, cands, pad_id=0, batch_rows=2, block_tokens=5)
+        got = candidate_logprobs(
+            nano.model, prompts, cands, pad_id=0, batch_rows=2, block_tokens=5, prefix=cache
+        )
+        for w_row, g_row in zip(want, got, strict=True):
+            for w, g in zip(w_row, g_row, strict=True):
+                assert torch.allclose(w.token, g.token, atol=1e-5)
+                assert torch.allclose(w.best, g.best, atol=1e-5)
+        assert len(cache) == 3  # each prompt replaced the one it extended
+        # from the second step on, every prompt ran only what followed the prompt it extends
+        assert cache.reused_tokens == sum(len(p) for p in previous)
+        cache.reused_tokens = 0
+        previous = prompts
+        prompts = [p + [rng.randrange(vocab) for _ in range(rng.randrange(1, 8))] for p in prompts]
+    # a prompt sharing only part of an entry reuses that part; the entry stays for its own episode
+    branch = [*prompts[0][:20], 1, 2, 3]
+    assert cache.lookup(branch)[0] == 20
+
+
+def test_prefix_cache_empties_when_the_weights_change(nano) -> None:
+    prompt = list(range(5, 40))
+    cache = PrefixCache(nano.model, capacity=4, min_reuse=4)
+    candidate_logprobs(nano.model, [prompt], [[[3], [4, 5]]], pad_id=0, prefix=cache)
+    assert cache.lookup([*prompt, 7])[0] == len(prompt)
+    with torch.no_grad():
+        next(nano.model.parameters()).add_(0.0)  # an in-place update (values unchanged), as optimizers make
+    assert cache.lookup([*prompt, 7]) == (0, None) and len(cache) == 0

@@ -430,3 +430,19 @@ def test_rollout_command_builds_a_tiny_model_and_refuses_bad_input(
     assert "rollout.samplers[greedy]" in capsys.readouterr().err
     assert main(["rollout", str(cfg), "rollout.seeds=2"]) == 0
     assert "2 episodes run, 2 already stored (4 planned)" in capsys.readouterr().out
+
+
+def test_choose_agent_plays_the_same_with_and_without_the_prefix_cache(nano_model_dir: Path) -> None:
+    lm = load_model(nano_model_dir)
+    eps = plan_episodes(["corridor/3", "corridor/5"], [Sampler(), Sampler(temperature=1.0)], [0, 1])
+    played = {}
+    for size in (0, 64):
+        agent = Agent(lm, AgentConfig(prefix_cache=size, prompt_admissible=False))
+        trajs = sorted(run_episodes(agent, Corridor, eps, batch_size=3, max_steps=6), key=lambda t: t.key)
+        played[size] = [_plain(t) for t in trajs]
+        if size:
+            cache = agent.prefix_cache
+            assert cache is not None and cache.reused_tokens > cache.fed_tokens  # most tokens came cached
+        else:
+            assert agent.prefix_cache is None
+    assert played[0] == played[64]

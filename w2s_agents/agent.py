@@ -136,6 +136,12 @@ class AgentConfig:
         True,
         "choose mode: pack the candidates behind one copy of their prompt (False: one row per candidate)",
     )
+    prefix_cache: int = option(
+        64,
+        "choose mode with share_prompt: keep the keys and values of this many recent prompts, so that a prompt "
+        "extending one (the next step of an episode) runs only its new tokens; at least the number of live "
+        "episodes for all to reuse theirs; 0 turns it off",
+    )
     length_normalize: bool = option(
         False, "choose mode: score a command by its mean token log-probability instead of the sum"
     )
@@ -176,6 +182,7 @@ class AgentConfig:
         check(
             self.score_block_tokens >= 1, "score_block_tokens", f"must be >= 1, got {self.score_block_tokens}"
         )
+        check(self.prefix_cache >= 0, "prefix_cache", f"must be >= 0, got {self.prefix_cache}")
         check(
             self.max_admissible_in_prompt >= 0,
             "max_admissible_in_prompt",
@@ -720,6 +727,23 @@ class Agent:
                 f"agent.amateur_path: the amateur model {self.amateur.path} does not share the tokenizer of "
                 f"{lm.path}; contrastive decoding compares the two models token by token"
             )
+        self._prefix = self._prefix_cache(lm)
+        self._prefix_amateur = self._prefix_cache(self.amateur) if self.amateur is not None else None
+
+    @property
+    def prefix_cache(self) -> Any:
+        """The :class:`~w2s_agents.decoding.PrefixCache` of the model's recent prompts, or None when off."""
+        return self._prefix
+
+    def _prefix_cache(self, lm: LoadedModel) -> Any:
+        from w2s_agents.decoding import PrefixCache
+
+        if not (self.config.prefix_cache and self.config.share_prompt):
+            return None
+        if not PrefixCache.supported(lm.model):
+            logger.info("%s: its KV cache cannot be kept per prompt; every prompt runs whole", lm.path)
+            return None
+        return PrefixCache(lm.model, self.config.prefix_cache)
 
     def __repr__(self) -> str:
         amateur = f", amateur={self.amateur.path.name!r}" if self.amateur is not None else ""
@@ -759,9 +783,9 @@ class Agent:
             "block_tokens": cfg.score_block_tokens,
             "share_prompt": cfg.share_prompt,
         }
-        expert = candidate_logprobs(self.lm.model, prompts, candidates, **kwargs)
+        expert = candidate_logprobs(self.lm.model, prompts, candidates, prefix=self._prefix, **kwargs)
         amateur = (
-            candidate_logprobs(self.amateur.model, prompts, candidates, **kwargs)
+            candidate_logprobs(self.amateur.model, prompts, candidates, prefix=self._prefix_amateur, **kwargs)
             if self.amateur is not None
             else None
         )

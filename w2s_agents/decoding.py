@@ -4,7 +4,8 @@ Everything here works on token ids and tensors, one batched forward for many seq
 
 * :func:`candidate_logprobs` scores continuations (the admissible commands of many states) after their prompts:
   the candidates of a prompt are packed behind one copy of it with a block attention mask, so one forward pass
-  runs every prompt once and scores all its candidates;
+  runs every prompt once and scores all its candidates; with a :class:`PrefixCache`, a prompt that extends a
+  recent one (an agent's next step) runs only its new tokens on top of the stored keys and values;
 * :func:`contrastive_token_scores` is the contrastive-decoding score of DESIGN section 6:
   ``(1 + lambda) * log p_A - lambda * log p_B`` on tokens that ``p_A`` finds plausible
   (``p_A >= alpha * max p_A``), minus infinity elsewhere;
@@ -21,14 +22,17 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
     "CandidateLogprobs",
+    "PrefixCache",
     "candidate_logprobs",
     "contrastive_token_scores",
     "generate",
@@ -114,6 +118,135 @@ def _select_cache(cache: Any, index: torch.Tensor) -> Any:
     return DynamicCache(ddp_cache_data=data)
 
 
+class PrefixCache:
+    """Keys and values of recent prompts of one model, reused by prompts that extend them.
+
+    An agent's prompt at step ``t + 1`` is mostly its prompt at step ``t`` followed by one action and one
+    observation; with this cache :func:`candidate_logprobs` runs only the new tokens. Entries are found by
+    content: a prompt reuses the stored prompt it shares the longest token prefix with (at least ``min_reuse``
+    tokens, and never its own last token, whose logits are needed). The keys and values of a prefix are the
+    ones a full forward pass computes (a causal model's prefix does not see what follows it), so scores equal
+    the uncached ones up to floating-point rounding.
+
+    At most ``capacity`` prompts are kept, the least recently used dropped first; a stored prompt that a longer
+    prompt extended is replaced by it. The cache belongs to the weights it was filled with: it empties itself
+    when the model's parameters are changed in place (their version counters move, as an optimizer step does).
+    Models whose cache layers are not plain full-attention layers (sliding windows, recurrent state) are not
+    cached: :meth:`supported` tells.
+
+    Args:
+        model: the causal LM whose keys and values are kept.
+        capacity: most prompts kept (at least the number of episodes scored together, for every one to reuse).
+        min_reuse: shortest shared prefix worth reusing.
+    """
+
+    def __init__(self, model: Any, capacity: int = 32, *, min_reuse: int = 16) -> None:
+        if capacity < 1 or min_reuse < 1:
+            raise ValueError(f"capacity and min_reuse must be >= 1, got {capacity} and {min_reuse}")
+        self.model = model
+        self.capacity = capacity
+        self.min_reuse = min_reuse
+        self._entries: OrderedDict[bytes, tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]] = (
+            OrderedDict()
+        )
+        self._version = self._weights_version()
+        self.reused_tokens = 0
+        """Prompt tokens taken from the cache instead of being run (a running count)."""
+        self.fed_tokens = 0
+        """Prompt tokens run through the model while this cache was in use (a running count)."""
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _weights_version(self) -> int:
+        return sum(p._version for p in self.model.parameters())
+
+    def clear(self) -> None:
+        """Drop every stored prompt."""
+        self._entries.clear()
+
+    def _check_weights(self) -> None:
+        version = self._weights_version()
+        if version != self._version:
+            self._entries.clear()
+            self._version = version
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, bytes | None]:
+        """``(n, key)``: the stored prompt ``key`` whose first ``n`` tokens equal those of ``ids``, for the
+        largest such ``n`` below ``len(ids)``; ``(0, None)`` when none shares ``min_reuse`` tokens."""
+        self._check_weights()
+        a = np.asarray(ids, dtype=np.int64)
+        best_key, best_n = None, 0
+        for key, (stored, _) in self._entries.items():
+            m = min(len(a), len(stored))
+            if m <= best_n:
+                continue
+            diff = np.flatnonzero(a[:m] != stored[:m])
+            n = int(diff[0]) if len(diff) else m
+            if n > best_n:
+                best_key, best_n = key, n
+        n = min(best_n, len(a) - 1)
+        if best_key is None or n < self.min_reuse:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        return n, best_key
+
+    def layers(self, key: bytes, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values ``[heads, n, head_dim]`` of every layer for the first ``n`` tokens of ``key``."""
+        return [(k[:, :n], v[:, :n]) for k, v in self._entries[key][1]]
+
+    def store(
+        self, ids: Sequence[int], layers: list[tuple[torch.Tensor, torch.Tensor]], replaces: bytes | None
+    ) -> None:
+        """Keep the keys and values ``[heads, len(ids), head_dim]`` of the prompt ``ids``; ``replaces`` (the
+        entry it was built on) is dropped when ``ids`` extends it."""
+        a = np.asarray(ids, dtype=np.int64)
+        if replaces is not None and replaces in self._entries:
+            stored = self._entries[replaces][0]
+            if len(stored) <= len(a) and np.array_equal(stored, a[: len(stored)]):
+                del self._entries[replaces]
+        key = a.tobytes()
+        self._entries[key] = (a, layers)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    @staticmethod
+    def supported(model: Any) -> bool:
+        """Whether ``model``'s cache is made of plain full-attention layers that can be stored per prompt."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        try:
+            cache = DynamicCache(config=model.config)
+        except Exception:  # a config this cache cannot read: treat as unsupported
+            return False
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _padded_past(
+    chunk_past: Sequence[tuple[int, bytes | None]], cache: PrefixCache, width: int, device: torch.device
+) -> Any:
+    """A ``DynamicCache`` of the rows' stored prefixes, each right-aligned in ``width`` columns (zeros before)."""
+    from transformers import DynamicCache
+
+    per_row = [cache.layers(key, n) if key is not None else None for n, key in chunk_past]
+    sample = next(p for p in per_row if p is not None)
+    data = []
+    for li, (k0, v0) in enumerate(sample):
+        heads, _, dim = k0.shape
+        keys = torch.zeros((len(per_row), heads, width, dim), dtype=k0.dtype, device=device)
+        values = torch.zeros((len(per_row), v0.shape[0], width, v0.shape[2]), dtype=v0.dtype, device=device)
+        for r, layers in enumerate(per_row):
+            if layers is not None:
+                k, v = layers[li]
+                keys[r, :, width - k.shape[1] :] = k
+                values[r, :, width - v.shape[1] :] = v
+        data.append((keys, values))
+    return DynamicCache(ddp_cache_data=data)
+
+
 # ------------------------------------------------------------------------------------------- scoring
 
 
@@ -126,6 +259,7 @@ def candidate_logprobs(
     batch_rows: int = 16,
     block_tokens: int = 256,
     share_prompt: bool = True,
+    prefix: PrefixCache | None = None,
 ) -> list[list[CandidateLogprobs]]:
     """Per-token log-probabilities of every candidate continuation after its prompt.
 
@@ -144,6 +278,8 @@ def candidate_logprobs(
         batch_rows: most rows per forward pass.
         block_tokens: most candidate tokens packed behind one prompt copy (bounds the logits kept per row).
         share_prompt: pack candidates behind their prompt (see above).
+        prefix: keys and values of earlier prompts of this model: each prompt runs only the tokens after the
+            longest stored prefix it shares, and is stored in turn (packed scoring only).
 
     Returns:
         ``out[i][j]``: the log-probabilities of candidate ``j`` of prompt ``i``.
@@ -170,6 +306,7 @@ def candidate_logprobs(
                 block_tokens,
                 device,
                 float_mask=attn == "eager",
+                prefix=prefix,
             )
         return _whole_sequence_logprobs(model, prompts, candidates, pad_id, batch_rows, device)
 
@@ -184,7 +321,12 @@ def _packed_logprobs(
     device: torch.device,
     *,
     float_mask: bool,
+    prefix: PrefixCache | None = None,
 ) -> list[list[CandidateLogprobs]]:
+    # the stored prefix each prompt continues: (tokens reused, entry)
+    past: list[tuple[int, bytes | None]] = [
+        prefix.lookup(p) if prefix is not None else (0, None) for p in prompts
+    ]
     # rows: (prompt index, candidate indices packed behind it)
     rows: list[tuple[int, list[int]]] = []
     for e, cands in enumerate(candidates):
@@ -199,22 +341,29 @@ def _packed_logprobs(
             size += n
         if group:
             rows.append((e, group))
+
+    def fed(e: int) -> int:
+        return len(prompts[e]) - past[e][0]
+
     # rows of similar length share a forward pass: less padding
-    rows.sort(key=lambda r: len(prompts[r[0]]) + sum(len(candidates[r[0]][j]) for j in r[1]))
+    rows.sort(key=lambda r: (fed(r[0]) + sum(len(candidates[r[0]][j]) for j in r[1]), past[r[0]][0]))
     out: dict[tuple[int, int], CandidateLogprobs] = {}
+    stored: set[int] = set()
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start : start + batch_rows]
         seqs: list[list[int]] = []
         blocks: list[list[int]] = []  # -1 prompt, j >= 0 candidate j's block
         poss: list[list[int]] = []
         for e, group in chunk:
-            prompt = list(prompts[e])
-            seq, blk, pos = list(prompt), [-1] * len(prompt), list(range(len(prompt)))
+            reused = past[e][0]
+            prompt = list(prompts[e][reused:])
+            seq, blk = list(prompt), [-1] * len(prompt)
+            pos = list(range(reused, len(prompts[e])))
             for j in group:
-                fed = list(candidates[e][j][:-1])
-                seq += fed
-                blk += [j] * len(fed)
-                pos += range(len(prompt), len(prompt) + len(fed))
+                fed_ids = list(candidates[e][j][:-1])
+                seq += fed_ids
+                blk += [j] * len(fed_ids)
+                pos += range(len(prompts[e]), len(prompts[e]) + len(fed_ids))
             seqs.append(seq)
             blocks.append(blk)
             poss.append(pos)
@@ -232,23 +381,64 @@ def _packed_logprobs(
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         allowed = causal[None] & ((k == -1) | ((k == q) & (k >= 0)))
         allowed |= torch.eye(width, dtype=torch.bool)[None] & (q == -2)
-        mask = allowed[:, None]  # [rows, 1, width, width]
+        # the stored prefixes, right-aligned in `held` columns before the fed tokens: every real token sees
+        # its own row's prefix
+        held = max(past[e][0] for e, _ in chunk)
+        kv = None
+        if held:
+            starts = torch.tensor([held - past[e][0] for e, _ in chunk], dtype=torch.long)
+            seen = torch.arange(held)[None, None, :] >= starts[:, None, None]
+            allowed = torch.cat([seen & (q != -2), allowed], dim=2)
+            kv = _padded_past([past[e] for e, _ in chunk], prefix, held, device)  # type: ignore[arg-type]
+        elif prefix is not None:
+            from transformers import DynamicCache
+
+            kv = DynamicCache()
+        mask = allowed[:, None]  # [rows, 1, width, held + width]
         if float_mask:
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-        keep = max(len(s) - len(prompts[e]) for s, (e, _) in zip(seqs, chunk, strict=True)) + 1
-        out_logits = model(
+        keep = max(len(s) - fed(e) for s, (e, _) in zip(seqs, chunk, strict=True)) + 1
+        kwargs: dict[str, Any] = {_cache_kwarg(model): kv, "use_cache": True} if kv is not None else {}
+        result = model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=pos_t.to(device),
-            use_cache=False,
             logits_to_keep=keep,
-        ).logits  # [rows, keep, V]: the last `keep` columns
+            **({"use_cache": False} | kwargs),
+        )
+        out_logits = result.logits  # [rows, keep, V]: the last `keep` columns
+        if prefix is not None:
+            layers = result.get("cache") or result.get("past_key_values")
+            for r, (e, _) in enumerate(chunk):
+                if e in stored:
+                    continue  # a prompt whose candidates fill several rows is stored once
+                stored.add(e)
+                reused, key = past[e]
+                col = held + width - len(seqs[r])  # first fed column of the row in the cache
+                prompt_layers = [
+                    (
+                        torch.cat(
+                            [layer.keys[r, :, held - reused : held], layer.keys[r, :, col : col + fed(e)]], 1
+                        ),
+                        torch.cat(
+                            [
+                                layer.values[r, :, held - reused : held],
+                                layer.values[r, :, col : col + fed(e)],
+                            ],
+                            1,
+                        ),
+                    )
+                    for layer in layers.layers
+                ]
+                prefix.store(prompts[e], prompt_layers, key)
+                prefix.reused_tokens += reused
+                prefix.fed_tokens += fed(e)
         for r, (e, group) in enumerate(chunk):
             # one row at a time bounds the float copy of the logits to keep x vocabulary
             lsm = torch.log_softmax(out_logits[r].float(), dim=-1)
             best = lsm.max(dim=-1).values.cpu()
-            first = keep - (len(seqs[r]) - len(prompts[e])) - 1  # column of the prompt's last token
+            first = keep - (len(seqs[r]) - fed(e)) - 1  # column of the prompt's last token
             cols: list[int] = []
             targets: list[int] = []
             col = first + 1
