@@ -510,6 +510,22 @@ def test_prefix_cache_scores_equal_uncached_scores_as_prompts_grow(nano) -> None
     assert cache.lookup(branch)[0] == 20
 
 
+def test_prefix_cache_entries_dropped_while_scoring_are_still_used(nano) -> None:
+    # two prompts continue the same stored prompt in different forward passes, and the cache holds only one
+    # entry: storing the first replaces the entry the second continues
+    base = list(range(5, 40))
+    cache = PrefixCache(nano.model, capacity=1, min_reuse=4)
+    candidate_logprobs(nano.model, [base], [[[3]]], pad_id=0, prefix=cache)
+    prompts = [[*base, 7, 8], [*base, 9]]
+    cands = [[[3], [4, 5]], [[6]]]
+    want = candidate_logprobs(nano.model, prompts, cands, pad_id=0, batch_rows=1)
+    got = candidate_logprobs(nano.model, prompts, cands, pad_id=0, batch_rows=1, prefix=cache)
+    for w_row, g_row in zip(want, got, strict=True):
+        for w, g in zip(w_row, g_row, strict=True):
+            assert torch.allclose(w.token, g.token, atol=1e-5)
+    assert cache.reused_tokens == 2 * len(base) and len(cache) == 1
+
+
 def test_prefix_cache_empties_when_the_weights_change(nano) -> None:
     prompt = list(range(5, 40))
     cache = PrefixCache(nano.model, capacity=4, min_reuse=4)

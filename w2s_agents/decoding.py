@@ -226,12 +226,12 @@ class PrefixCache:
 
 
 def _padded_past(
-    chunk_past: Sequence[tuple[int, bytes | None]], cache: PrefixCache, width: int, device: torch.device
+    per_row: Sequence[list[tuple[torch.Tensor, torch.Tensor]] | None], width: int, device: torch.device
 ) -> Any:
-    """A ``DynamicCache`` of the rows' stored prefixes, each right-aligned in ``width`` columns (zeros before)."""
+    """A ``DynamicCache`` of the rows' stored prefixes (per layer ``[heads, n, head_dim]``, None for a row
+    without one), each right-aligned in ``width`` columns with zeros before."""
     from transformers import DynamicCache
 
-    per_row = [cache.layers(key, n) if key is not None else None for n, key in chunk_past]
     sample = next(p for p in per_row if p is not None)
     data = []
     for li, (k0, v0) in enumerate(sample):
@@ -323,10 +323,12 @@ def _packed_logprobs(
     float_mask: bool,
     prefix: PrefixCache | None = None,
 ) -> list[list[CandidateLogprobs]]:
-    # the stored prefix each prompt continues: (tokens reused, entry)
+    # the stored prefix each prompt continues: (tokens reused, entry); its tensors are taken now, since
+    # storing a chunk's prompts may drop entries that later chunks continue
     past: list[tuple[int, bytes | None]] = [
         prefix.lookup(p) if prefix is not None else (0, None) for p in prompts
     ]
+    past_layers = [prefix.layers(key, n) if key is not None else None for n, key in past]  # type: ignore[union-attr]
     # rows: (prompt index, candidate indices packed behind it)
     rows: list[tuple[int, list[int]]] = []
     for e, cands in enumerate(candidates):
@@ -389,7 +391,7 @@ def _packed_logprobs(
             starts = torch.tensor([held - past[e][0] for e, _ in chunk], dtype=torch.long)
             seen = torch.arange(held)[None, None, :] >= starts[:, None, None]
             allowed = torch.cat([seen & (q != -2), allowed], dim=2)
-            kv = _padded_past([past[e] for e, _ in chunk], prefix, held, device)  # type: ignore[arg-type]
+            kv = _padded_past([past_layers[e] for e, _ in chunk], held, device)
         elif prefix is not None:
             from transformers import DynamicCache
 
