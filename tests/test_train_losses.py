@@ -131,6 +131,21 @@ def test_dpo_loss_equals_an_independent_computation(policy, pair_rows) -> None:
         assert float(ours[i]) == pytest.approx(expected, abs=1e-5)
 
 
+def test_dpo_sft_weight_adds_the_chosen_mean_token_nll(policy, pair_rows) -> None:
+    tok, model = policy.tokenizer, policy.model
+    rows = pair_rows[:4]
+    refs = [(-20.0 - i, -15.0 + 0.5 * i) for i in range(len(rows))]
+    examples, batch = _pair_batch(tok, rows, refs)
+    with torch.no_grad():
+        plain = make_dpo_objective(BETA)(lambda *a: token_logps(model, *a), batch)
+        rpo = make_dpo_objective(BETA, 0.5)(lambda *a: token_logps(model, *a), batch)
+    for i, ex in enumerate(examples):
+        chosen = ex.seqs[0]
+        positions = [t for t, f in enumerate(chosen.loss_mask) if f]
+        nll = -_naive_logps(model, chosen.input_ids, positions) / len(positions)
+        assert float(rpo[i] - plain[i]) == pytest.approx(0.5 * nll, abs=1e-4)
+
+
 def test_dpo_loss_equals_trl_on_the_same_batch(train_models, pair_rows, tmp_path: Path) -> None:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer

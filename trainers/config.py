@@ -102,6 +102,12 @@ class TrainConfig:
         "SFT loss: mean over agent tokens (token) or mean over agent turns of each turn's summed log-prob (turn)",
     )
     beta: float = option(0.1, "DPO temperature beta of the sigmoid loss (paper: 0.1)")
+    sft_weight: float = option(
+        0.0,
+        "DPO: add this weight times the chosen completion's mean agent-token NLL to each pair's loss (RPO), "
+        "which keeps the chosen actions likely where plain DPO on little data pushes both sides down; "
+        "0 is plain DPO (the paper)",
+    )
     reference: str = option(
         "weak", "DPO reference model: weak (the weak SFT agent, paper), strong (the initial policy) or a path"
     )
@@ -154,6 +160,11 @@ class TrainConfig:
         check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
         check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
         check(self.beta > 0 and math.isfinite(self.beta), "beta", f"must be > 0, got {self.beta}")
+        check(
+            self.sft_weight >= 0 and math.isfinite(self.sft_weight),
+            "sft_weight",
+            f"must be a finite number >= 0, got {self.sft_weight}",
+        )
         check(bool(self.reference.strip()), "reference", "must be weak, strong or a model path")
         check(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,

@@ -109,13 +109,18 @@ def sft_objective(scorer: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return -token.sum(dim=-1)
 
 
-def make_dpo_objective(beta: float) -> Objective:
-    """The sigmoid DPO loss of each pair; a batch holds the chosen sequences first, then the rejected."""
+def make_dpo_objective(beta: float, sft_weight: float = 0.0) -> Objective:
+    """The sigmoid DPO loss of each pair, plus ``sft_weight`` times the chosen side's mean agent-token NLL
+    (RPO); a batch holds the chosen sequences first, then the rejected."""
 
     def dpo_objective(scorer: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         token = scorer(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
         chosen, rejected = token.sum(dim=-1).chunk(2)
-        return dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta)
+        loss = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta)
+        if sft_weight:
+            n_chosen = batch["target_mask"].chunk(2)[0].sum(dim=-1).clamp(min=1)
+            loss = loss - sft_weight * chosen / n_chosen
+        return loss
 
     return dpo_objective
 
@@ -326,7 +331,9 @@ class Trainer:
         self.source_names = list(source_names)
         self.resume = resume
         self.skipped_rows = skipped_rows
-        self.objective: Objective = make_dpo_objective(config.beta) if config.is_dpo else sft_objective
+        self.objective: Objective = (
+            make_dpo_objective(config.beta, config.sft_weight) if config.is_dpo else sft_objective
+        )
         self.log = logger
 
     # ------------------------------------------------------------------ set-up

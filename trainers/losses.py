@@ -4,7 +4,9 @@
   (``loss_reduction: token``) or over agent turns, each turn's log-probability summed over its tokens
   (``turn``; DESIGN section 5: L = -mean_t log pi(a*_t | context*_t)).
 * TreeDPO (sigmoid DPO): L = -log sigmoid(beta * [(log pi(y+|x) - log pi_ref(y+|x)) - (log pi(y-|x) -
-  log pi_ref(y-|x))]), the log-probabilities summed over the agent tokens of each completion.
+  log pi_ref(y-|x))]), the log-probabilities summed over the agent tokens of each completion; with
+  ``sft_weight`` w > 0 each pair adds w * (-log pi(y+|x) / |y+|), the chosen side's mean agent-token NLL (RPO,
+  Pang et al. 2024), against the likelihood collapse of DPO on small data.
 * Source weights (RAVEN): one weight alpha_s per weak model on the simplex. A row with sources S is weighted
   w = K * mean_{s in S} alpha_s (w = 1 for uniform weights; rows without sources keep w = 1). After each
   optimizer step the weights take a gradient step on the weighted loss, dL/dalpha_s = sum over rows with s in
