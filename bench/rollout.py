@@ -188,7 +188,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     parser.add_argument(
-        "--preset", default="weak", choices=["nano", "weak", "strong"], help="tiny model size"
+        "--preset",
+        default="weak",
+        choices=["nano", "weak", "small", "strong", "base"],
+        help="tiny model size",
     )
     parser.add_argument("--cache-dir", default=None, help="TextWorld game cache (default: the user cache)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray part")

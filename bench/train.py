@@ -231,7 +231,7 @@ def machine(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--preset", default="weak", choices=["nano", "weak", "strong", "0.5b"])
+    ap.add_argument("--preset", default="weak", choices=["nano", "weak", "small", "strong", "base", "0.5b"])
     ap.add_argument("--method", default="both", choices=["sft", "dpo", "both"])
     ap.add_argument("--rows", type=int, default=64, help="SFT rows and preference pairs")
     ap.add_argument("--obs-words", type=int, default=24, help="words of filler per observation")

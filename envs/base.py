@@ -231,6 +231,14 @@ class TextEnv(gym.Env[str, str]):
     def default_task(self) -> str:
         """The task a ``reset()`` without a task option plays when none was given at construction."""
 
+    def prepare(self, task_ids: Sequence[str], workers: int = 1) -> None:
+        """Make ``task_ids`` ready to play, ``workers`` processes at a time where that helps (TextWorld
+        generates and compiles their games); the default has nothing to prepare.
+
+        Raises:
+            UnknownTaskError: an id is not a task of this env.
+        """
+
     # ------------------------------------------------------------------------------ gymnasium API
 
     @property

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,25 @@ class TextWorldEnv(TextEnv):
                 for s in [split] if split else ["train", "valid", "test"]:
                     out.extend(suite.task_ids(s))
         return out
+
+    def prepare(self, task_ids: Sequence[str], workers: int = 1) -> None:
+        """Generate the games of ``task_ids`` that are not cached yet, ``workers`` processes at a time.
+
+        Raises:
+            UnknownTaskError: an id is neither a TextWorld suite task nor a game file.
+            W2SError: TextWorld failed to make a game.
+        """
+        specs = []
+        for task_id in task_ids:
+            if task_id.endswith(".z8"):
+                self.game_path(task_id)  # checks that the file is there
+                continue
+            try:
+                suite, split, index = parse_textworld_task(task_id)
+            except ConfigError as exc:
+                raise UnknownTaskError(str(exc)) from None
+            specs.append(suite.game_spec(split, index))
+        self.cache.generate(specs, workers)
 
     def game_path(self, task_id: str) -> Path:
         """The compiled game of ``task_id``, generated (and cached) if needed.

@@ -105,7 +105,7 @@ def main() -> None:
     best, pairs = [], []
     for tree in build_trees(read_trajectories(out / "explore.jsonl")).values():
         search_tree(tree, search)
-        values = node_values(tree, search.value)
+        values = node_values(tree, search.value, search.discount)
         row = best_path_row(tree, values, min_return=search.sft_min_value)
         if row is not None:
             best.append(row)

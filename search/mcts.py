@@ -9,6 +9,12 @@ until it reaches a leaf, evaluates the leaf by the mean final return of the data
 and adds that value to ``r_M`` and 1 to ``c_M`` of every node on its path (backup). The best path e* goes
 greedily from the root to a leaf by ``r_M / c_M``.
 
+With a ``discount`` d below 1 (an option; the paper's search is undiscounted), a return reached k steps below
+a node counts d^k there: the leaf value backed up is d^depth(leaf) times its mean return, and each node's
+``r_M`` is kept relative to its own depth (divided by d^depth(node)), so that values stay in [0, 1] and, of two
+branches that succeed, the shorter one is worth more. In games whose score does not depend on the path's
+length this keeps detours out of the best paths.
+
 Ties (between equal UCB scores, and the order in which unvisited children are tried) are broken by a fixed
 order of each node's children: the canonical order (by action key) with ``tie_break="order"``, or the
 order of a pseudo-random key of (node id, seed) with ``tie_break="random"`` (:func:`tie_orders`); the search
@@ -80,6 +86,11 @@ class SearchConfig:
     sft_min_value: float = option(
         0.0, "a best path becomes an SFT row only when the mean return at its leaf is at least this"
     )
+    discount: float = option(
+        1.0,
+        "weight d^k of a return reached k steps below a node, for the mcts, mean and max values: 1 is the "
+        "paper's undiscounted return; below 1 the shorter of two successful branches is worth more",
+    )
 
     def __post_init__(self) -> None:
         check(self.iterations >= 0, "iterations", f"must be >= 0, got {self.iterations}")
@@ -94,6 +105,7 @@ class SearchConfig:
         check(
             0.0 <= self.sft_min_value <= 1.0, "sft_min_value", f"must be in [0, 1], got {self.sft_min_value}"
         )
+        check(0.0 < self.discount <= 1.0, "discount", f"must be in (0, 1], got {self.discount}")
 
 
 @dataclass(frozen=True)
@@ -165,9 +177,10 @@ def tie_orders(tree: TrajectoryTree, tie_break: str, seed: int) -> list[tuple[in
     return [_ordered(tree.children(n), tie_break, seed) for n in range(len(tree))]
 
 
-def leaf_values(tree: TrajectoryTree) -> list[float]:
-    """Value of each node as a leaf: the mean final return of the data trajectories through it."""
-    return [tree.mean_return(n) for n in range(len(tree))]
+def leaf_values(tree: TrajectoryTree, discount: float = 1.0) -> list[float]:
+    """Value of each node as a leaf: the mean final return of the data trajectories through it, times
+    ``discount ** depth`` (the value the plain search backs up; see the module docstring)."""
+    return [tree.mean_return(n) * discount ** tree.depth(n) for n in range(len(tree))]
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -191,14 +204,15 @@ def _preorder_children(tree: TrajectoryTree) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _contract(
-    tree: TrajectoryTree, tie_break: str, seed: int
+    tree: TrajectoryTree, tie_break: str, seed: int, discount: float = 1.0
 ) -> tuple[list[list[int]], list[float], Any, Any]:
     """The tree with single-child chains contracted, vectorised over canonical preorder positions.
 
     In preorder a chain is a run of consecutive positions, so compressed node i (the chain starting at a
     "head": the root or a child of a node with two or more children) covers positions ``heads[i]`` up to the
     first position without exactly one child. Returns the children of every compressed node (in tie order),
-    the leaf value of every compressed node (the mean return at its chain's end; 0 when the end branches),
+    the leaf value of every compressed node (the mean return at its chain's end times ``discount`` to the
+    power of that end's depth; 0 when the end branches),
     the compressed node of every position, and the preorder (position -> node id).
     """
     order, off, ids = _preorder_children(tree)
@@ -234,6 +248,10 @@ def _contract(
     leaf = [0.0] * len(heads)
     for i, m in zip(leaf_ends.tolist(), tree.mean_returns(order[ends[leaf_ends]].tolist()), strict=True):
         leaf[i] = m
+    if discount != 1.0:
+        depth = np.asarray([tree.depth(int(n)) for n in order[ends[leaf_ends]]], dtype=np.float64)
+        for i, f in zip(leaf_ends.tolist(), (discount**depth).tolist(), strict=True):
+            leaf[i] *= f
     comp = cid[np.maximum.accumulate(np.where(is_head, ar, 0))]  # compressed node of every position
     return kids, leaf, comp, order
 
@@ -245,15 +263,26 @@ def run_mcts(
     *,
     seed: int = 0,
     tie_break: str = "random",
+    discount: float = 1.0,
 ) -> MCTSResult:
     """Run the paper's offline MCTS on ``tree`` and return c_M and r_M of every node.
 
     Same result as repeating ``select_child`` from the root to a leaf and ``backup`` of the leaf's mean return
-    ``iterations`` times, computed on the tree with single-child chains contracted.
+    ``iterations`` times, computed on the tree with single-child chains contracted. With ``discount`` below 1
+    the leaf values are discounted by depth and each node's r_M is relative to its own depth (module
+    docstring); UCB then compares the children's values from their own depth.
     """
     if tie_break not in ("order", "random"):
         raise ValueError(f"tie_break must be 'random' or 'order', got {tie_break!r}")
-    kids, leaf, comp, order = _contract(tree, tie_break, seed)
+    if not 0.0 < discount <= 1.0:
+        raise ValueError(f"discount must be in (0, 1], got {discount}")
+    kids, leaf, comp, order = _contract(tree, tie_break, seed, discount)
+    scale = None
+    if discount != 1.0:
+        # 1 / discount^depth of each compressed node's head, its first position (comp is non-decreasing)
+        firsts = np.r_[0, np.flatnonzero(np.diff(comp)) + 1]
+        head_depth = np.asarray([tree.depth(int(order[p])) for p in firsts], dtype=np.float64)
+        scale = (discount**-head_depth).tolist()
 
     vis = [0] * len(kids)
     val = [0.0] * len(kids)
@@ -266,12 +295,20 @@ def run_mcts(
             n = vis[h]
             if n < len(ch):  # unvisited children first, in tie order (each earlier visit took the next one)
                 h = ch[n]
-            else:
+            elif scale is None:
                 ln = log(n)
                 best = -inf
                 for c in ch:
                     vc = vis[c]
                     u = val[c] / vc + gamma * sqrt(ln / vc)
+                    if u > best:
+                        best, h = u, c
+            else:
+                ln = log(n)
+                best = -inf
+                for c in ch:
+                    vc = vis[c]
+                    u = val[c] * scale[c] / vc + gamma * sqrt(ln / vc)
                     if u > best:
                         best, h = u, c
             path.append(h)
@@ -286,13 +323,17 @@ def run_mcts(
     value_sum = np.empty(len(tree), dtype=np.float64)
     visits[order] = np.asarray(vis, dtype=np.int64)[comp]
     value_sum[order] = np.asarray(val, dtype=np.float64)[comp]
+    if discount != 1.0:  # relative to each node's own depth
+        value_sum /= discount ** np.asarray([tree.depth(n) for n in range(len(tree))], dtype=np.float64)
     return MCTSResult(visits, value_sum, iterations)
 
 
 def search_tree(tree: TrajectoryTree, config: SearchConfig | None = None) -> MCTSResult:
     """Run :func:`run_mcts` with ``config`` and store the statistics in the tree (``mcts_visits``, ``mcts_value``)."""
     cfg = config or SearchConfig()
-    result = run_mcts(tree, cfg.iterations, cfg.gamma, seed=cfg.seed, tie_break=cfg.tie_break)
+    result = run_mcts(
+        tree, cfg.iterations, cfg.gamma, seed=cfg.seed, tie_break=cfg.tie_break, discount=cfg.discount
+    )
     tree.set_search_values(
         result.visits,
         result.value_sum,
@@ -301,6 +342,7 @@ def search_tree(tree: TrajectoryTree, config: SearchConfig | None = None) -> MCT
         gamma=cfg.gamma,
         seed=cfg.seed,
         tie_break=cfg.tie_break,
+        discount=cfg.discount,
     )
     return result
 
@@ -308,9 +350,24 @@ def search_tree(tree: TrajectoryTree, config: SearchConfig | None = None) -> MCT
 # --------------------------------------------------------------------------------------------- values
 
 
-def mean_values(tree: TrajectoryTree) -> np.ndarray:
-    """Mean final return of the data trajectories through each node."""
-    return np.asarray(leaf_values(tree), dtype=np.float64)
+def _ended(tree: TrajectoryTree, node: int, children: Sequence[int]) -> tuple[int, float]:
+    """Trajectories that ended at ``node`` and the sum of their returns."""
+    ended = tree.visits(node) - sum(tree.visits(c) for c in children)
+    return ended, tree.return_sum(node) - sum(tree.return_sum(c) for c in children)
+
+
+def mean_values(tree: TrajectoryTree, discount: float = 1.0) -> np.ndarray:
+    """Mean final return of the data trajectories through each node; with ``discount`` below 1 each return
+    counts ``discount ** k``, k the steps from the node to where its trajectory ended."""
+    if discount == 1.0:
+        return np.asarray(leaf_values(tree), dtype=np.float64)
+    total = np.zeros(len(tree), dtype=np.float64)  # sum over trajectories of discount^k * return
+    for node in reversed(tree.canonical_order()):  # children before parents
+        ch = tree.children(node)
+        total[node] = _ended(tree, node, ch)[1] + discount * sum(total[c] for c in ch)
+    visits = np.asarray([tree.visits(n) for n in range(len(tree))], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(visits > 0, total / np.maximum(visits, 1), 0.0)
 
 
 def success_values(tree: TrajectoryTree) -> np.ndarray:
@@ -321,11 +378,11 @@ def success_values(tree: TrajectoryTree) -> np.ndarray:
     )
 
 
-def max_values(tree: TrajectoryTree) -> np.ndarray:
+def max_values(tree: TrajectoryTree, discount: float = 1.0) -> np.ndarray:
     """Bellman (max) value: the best outcome reachable below each node.
 
-    V(n) = max over the children of V(child), and over the mean return of the trajectories that ended at n
-    when some did; a leaf's value is its mean return.
+    V(n) = max over the children of ``discount`` * V(child), and over the mean return of the trajectories
+    that ended at n when some did; a leaf's value is its mean return.
     """
     n = len(tree)
     out = np.zeros(n, dtype=np.float64)
@@ -334,11 +391,10 @@ def max_values(tree: TrajectoryTree) -> np.ndarray:
         if not ch:
             out[node] = tree.mean_return(node)
             continue
-        best = max(out[c] for c in ch)
-        ended = tree.visits(node) - sum(tree.visits(c) for c in ch)
+        best = discount * max(out[c] for c in ch)
+        ended, ended_return = _ended(tree, node, ch)
         if ended > 0:
-            own = (tree.return_sum(node) - sum(tree.return_sum(c) for c in ch)) / ended
-            best = max(best, own)
+            best = max(best, ended_return / ended)
         out[node] = best
     return out
 
@@ -357,14 +413,18 @@ def mcts_values(tree: TrajectoryTree) -> np.ndarray:
         return np.where(visits > 0, sums / np.maximum(visits, 1), np.nan)
 
 
-def node_values(tree: TrajectoryTree, kind: ValueKind = "mcts") -> np.ndarray:
-    """The value of every node by ``kind`` (see :class:`SearchConfig`.value); NaN marks an unknown value."""
+def node_values(tree: TrajectoryTree, kind: ValueKind = "mcts", discount: float = 1.0) -> np.ndarray:
+    """The value of every node by ``kind`` (see :class:`SearchConfig`.value); NaN marks an unknown value.
+
+    ``discount`` applies to the mean and max values; mcts values were discounted by the search that stored
+    them (:class:`SearchConfig`.discount), success rates are not discounted.
+    """
     if kind == "mcts":
         return mcts_values(tree)
     if kind == "mean":
-        return mean_values(tree)
+        return mean_values(tree, discount)
     if kind == "max":
-        return max_values(tree)
+        return max_values(tree, discount)
     if kind == "success":
         return success_values(tree)
     raise ValueError(f"unknown value kind {kind!r} (expected mcts, mean, max or success)")

@@ -235,6 +235,38 @@ def test_same_spec_twice_gives_identical_games_the_second_time_from_cache(tmp_pa
     assert other.key() != spec.key()
 
 
+def test_games_made_in_worker_processes_equal_games_made_here(tmp_path: Path) -> None:
+    from textworld import Game
+
+    specs = [GameSpec("tw-coin_collector", seed=s, settings={"level": 1}) for s in (41, 42, 43)]
+    here = GameCache(tmp_path / "here")
+    made = GameCache(tmp_path / "workers").generate([*specs, specs[0]], workers=2)  # a repeat is made once
+    assert made == [GameCache(tmp_path / "workers").path(s) for s in [*specs, specs[0]]]
+    for spec, path in zip(specs, made, strict=False):
+        assert path.is_file() and path.with_suffix(".json").is_file()
+        assert Game.load(str(path.with_suffix(".json"))) == Game.load(
+            str(here.get(spec).with_suffix(".json"))
+        )
+    # the workers' Inform folders are gone, and nothing went to the home folder
+    assert not (tmp_path / "workers" / ".inform-home" / "workers").exists()
+    assert not (Path(os.environ["HOME"]) / "Inform").exists()
+    mtimes = [p.stat().st_mtime_ns for p in made[:3]]
+    GameCache(tmp_path / "workers").generate(specs, workers=2)  # all cached: nothing is made again
+    assert [p.stat().st_mtime_ns for p in made[:3]] == mtimes
+
+
+def test_a_game_that_fails_in_a_worker_gets_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    # a worker whose interpreter cannot import TextWorld's compiler fails; its error names the cause
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "broken"))
+    (tmp_path / "broken" / "textworld").mkdir(parents=True)
+    (tmp_path / "broken" / "textworld" / "__init__.py").write_text(
+        "raise ImportError('textworld is broken')\n"
+    )
+    specs = [GameSpec("tw-coin_collector", seed=s, settings={"level": 1}) for s in (51, 52)]
+    with pytest.raises(W2SError, match=r"game generation failed: .*textworld is broken"):
+        GameCache(tmp_path / "c").generate(specs, workers=2)
+
+
 def test_generation_leaves_home_untouched(env: TextWorldEnv, tmp_path: Path) -> None:
     home = Path(os.environ["HOME"])
     env.reset(options={"task": "test-tw-coin_collector/valid/0"})

@@ -62,7 +62,11 @@ def _llama_parameters(vocab: int, h: int, layers: int, inter: int) -> int:
     return vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h
 
 
-@pytest.mark.parametrize(("preset", "low", "high"), [("weak", 0.7e6, 1.3e6), ("strong", 5e6, 10e6)])
+@pytest.mark.parametrize(
+    ("preset", "low", "high"),
+    [("nano", 0.08e6, 0.1e6), ("weak", 0.2e6, 0.22e6), ("small", 0.9e6, 0.95e6), ("strong", 3.8e6, 4.0e6),
+     ("base", 7.2e6, 7.5e6)],
+)  # fmt: skip
 def test_presets_have_their_documented_size(tokenizer, preset: str, low: float, high: float) -> None:
     p = TINY_PRESETS[preset]
     n = count_parameters(build_tiny_model(preset, tokenizer))

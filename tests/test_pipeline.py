@@ -23,6 +23,7 @@ strong: {{tiny_preset: nano}}
 tasks: {{suite: tw-coin_collector, train: 3, valid: 1, test: 2, max_steps: 6}}
 explore:
   samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}]
+  seeds: 1
 search: {{iterations: 20, sft_min_value: 0.0}}
 train:
   weak_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}

@@ -101,6 +101,68 @@ def test_mcts_equals_the_plain_algorithm_on_random_trees(make_traj) -> None:
         assert result.value_sum.tolist() == sums
 
 
+def test_discounted_mcts_equals_the_plain_algorithm_on_random_trees(make_traj) -> None:
+    rng = random.Random(11)
+    trajs = []
+    for i in range(120):
+        steps = [(rng.choice(["a", "b", "c"]), "s") for _ in range(rng.randint(1, 6))]
+        ret = rng.choice([0.0, 0.5, 1.0])
+        trajs.append(make_traj(steps, ret, "won" if ret == 1.0 else "lost", seed=i))
+    tree = build_trees(trajs)["house/0"]
+    d = 0.8
+    depth = [tree.depth(n) for n in range(len(tree))]
+    orders = tie_orders(tree, "random", 2)
+    visits, sums = [0] * len(tree), [0.0] * len(tree)  # sums of d^depth(leaf) * return (absolute)
+    for _ in range(300):
+        path = [0]
+        while orders[path[-1]]:
+            relative = [sums[n] / d ** depth[n] for n in range(len(tree))]  # each child from its own depth
+            path.append(select_child(orders[path[-1]], visits, relative, visits[path[-1]], G))
+        backup(path, tree.mean_return(path[-1]) * d ** depth[path[-1]], visits, sums)
+    result = run_mcts(tree, 300, G, seed=2, tie_break="random", discount=d)
+    assert result.visits.tolist() == visits
+    want = [sums[n] / d ** depth[n] for n in range(len(tree))]
+    assert result.value_sum.tolist() == pytest.approx(want, rel=1e-12)
+    # discount 1 is the paper's search, bit for bit
+    plain = run_mcts(tree, 300, G, seed=2, tie_break="random")
+    same = run_mcts(tree, 300, G, seed=2, tie_break="random", discount=1.0)
+    assert plain.value_sum.tolist() == same.value_sum.tolist()
+
+
+def test_a_discount_prefers_the_shorter_of_two_successes(make_traj) -> None:
+    # both branches win; the detour takes two more steps. Tree: 0 root; "go east" -> a -> "take coin" (won);
+    # "go west" -> b -> "go east" -> c -> "go east" -> d -> "take coin" (won)
+    trajs = [
+        make_traj([("go east", "coin room"), ("take coin", "won")], 1.0, "won", seed=1),
+        make_traj(
+            [("go west", "hall"), ("go east", "start"), ("go east", "coin room"), ("take coin", "won")],
+            1.0,
+            "won",
+            seed=2,
+        ),
+    ]
+    tree = build_trees(trajs)["house/0"]
+    east, west = sorted(tree.children(0), key=tree.action)
+    assert tree.action(east) == "go east" and tree.action(west) == "go west"
+    # undiscounted, both are worth 1.0; with d = 0.5, a return k steps below counts 0.5^k:
+    # go east: 0.5^1 (one more step); go west: 0.5^3; root: mean of 0.5^2 and 0.5^4
+    for kind in ("mean", "max"):
+        assert node_values(tree, kind)[[east, west]].tolist() == [1.0, 1.0]
+        got = node_values(tree, kind, discount=0.5)
+        assert got[[east, west]].tolist() == [0.5, 0.125], kind
+    assert mean_values(tree, 0.5)[0] == pytest.approx((0.25 + 0.0625) / 2)
+    assert max_values(tree, 0.5)[0] == pytest.approx(0.25)
+    searched = run_mcts(tree, 200, G, tie_break="order", discount=0.5)
+    values = searched.values()
+    assert values[east] == pytest.approx(0.5) and values[west] == pytest.approx(0.125)
+    assert best_path(tree, values)[1] == east
+    search_tree(tree, SearchConfig(iterations=50, discount=0.5))
+    assert tree.search_info["discount"] == 0.5
+    assert best_path(tree, node_values(tree, "mcts"))[1] == east
+    with pytest.raises(ConfigError, match="discount"):
+        SearchConfig(discount=0.0)
+
+
 def test_mcts_is_deterministic_for_a_seed(golden: TrajectoryTree) -> None:
     a = run_mcts(golden, 50, seed=3)
     b = run_mcts(golden, 50, seed=3)

@@ -392,7 +392,7 @@ def _cmd_search(ns: argparse.Namespace) -> int:
         if cfg.value == "mcts" or not ns.keep_values:
             search_tree(tree, cfg)
             tree.save(path)
-        values = node_values(tree, cfg.value)
+        values = node_values(tree, cfg.value, cfg.discount)
         row = best_path_row(tree, values, min_return=cfg.sft_min_value)
         if row is not None:
             sft_rows.append(row)
@@ -637,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Llama model of a size preset, and save both with save_pretrained.",
     )
     p.add_argument("out_dir", help="folder to write the model to")
-    p.add_argument("--preset", default="weak", choices=["nano", "weak", "strong"], help="model size")
+    from w2s_agents.models import TINY_PRESETS  # no torch import
+
+    p.add_argument("--preset", default="weak", choices=list(TINY_PRESETS), help="model size")
     p.add_argument("--text", action="append", default=[], metavar="FILE", help="text file, one text a line")
     p.add_argument(
         "--trajectories", action="append", default=[], metavar="FILE", help="trajectory .jsonl file"

@@ -80,9 +80,13 @@ class TasksConfig:
     test: int = option(20, "first N tasks of the test split: the held-out evaluation")
     max_steps: int = option(12, "step limit of an episode (exploration and evaluation)")
     env_kwargs: dict[str, Any] = option(default_factory=dict, help="extra env constructor arguments")
+    workers: int = option(
+        0, "processes that prepare the tasks at once (TextWorld makes their games; 0: one per CPU core)"
+    )
 
     def __post_init__(self) -> None:
         check(self.train >= 1, "train", f"must be >= 1, got {self.train}")
+        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.valid >= 0, "valid", f"must be >= 0, got {self.valid}")
         check(self.test >= 1, "test", f"must be >= 1, got {self.test}")
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -101,7 +105,7 @@ class ExploreConfig:
         ],
         help="sampling settings, one exploration each (the tree width)",
     )
-    seeds: int = option(1, "episodes per task and sampler")
+    seeds: int = option(2, "episodes per task and sampler")
     batch_size: int = option(16, "live episodes per batched agent call")
     workers: int = option(0, "Ray workers for exploration (0: in this process)")
     ray_address: str | None = option(
@@ -117,16 +121,23 @@ class ExploreConfig:
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
 
 
-def _tiny_sft(epochs: int, method: str = "sft") -> TrainConfig:
-    # tiny models start from random weights: a learning rate far above the paper's 1e-5 for pretrained LLMs
-    return TrainConfig(
-        method=method, lr=1e-3, epochs=epochs, batch_size=8, max_length=1024, warmup_ratio=0.05
-    )
+def _tiny_sft(lr: float, epochs: int, method: str = "sft") -> TrainConfig:
+    # tiny models start from random weights: learning rates far above the paper's 1e-5 for pretrained LLMs,
+    # and enough optimizer steps for the strong model to learn the games' rule (fewer leave it at the weak
+    # model's level; docs/pipeline.md)
+    return TrainConfig(method=method, lr=lr, epochs=epochs, batch_size=8, max_length=1024, warmup_ratio=0.05)
 
 
 def _tiny_dpo(reference: str) -> TrainConfig:
     return TrainConfig(
-        method="dpo", lr=1e-4, epochs=1, batch_size=8, max_length=1024, beta=0.1, reference=reference
+        method="dpo",
+        lr=2e-5,
+        epochs=2,
+        batch_size=8,
+        max_length=1024,
+        beta=0.1,
+        sft_weight=1.0,
+        reference=reference,
     )
 
 
@@ -134,12 +145,15 @@ def _tiny_dpo(reference: str) -> TrainConfig:
 class TrainingConfig:
     """The fine-tuning runs of the pipeline."""
 
-    weak_sft: TrainConfig = option(default_factory=lambda: _tiny_sft(30), help="weak model on expert demos")
+    weak_sft: TrainConfig = option(
+        default_factory=lambda: _tiny_sft(3e-3, 30), help="weak model on expert demos"
+    )
     strong_sft: TrainConfig = option(
-        default_factory=lambda: _tiny_sft(12), help="strong model on expert demos"
+        default_factory=lambda: _tiny_sft(1e-3, 30), help="strong model on expert demos"
     )
     mcts_sft: TrainConfig = option(
-        default_factory=lambda: _tiny_sft(12, "mcts-sft"), help="strong model on the best paths (W2S-MCTS)"
+        default_factory=lambda: _tiny_sft(1e-3, 30, "mcts-sft"),
+        help="strong model on the best paths (W2S-MCTS)",
     )
     treedpo: TrainConfig = option(
         default_factory=lambda: _tiny_dpo("weak"), help="TreeDPO on the tree pairs (reference: weak SFT)"
@@ -197,7 +211,7 @@ class ExperimentConfig:
     )
     explore: ExploreConfig = option(default_factory=ExploreConfig, help="the weak agent's exploration")
     search: SearchConfig = option(
-        default_factory=lambda: SearchConfig(iterations=200, sft_min_value=0.5),
+        default_factory=lambda: SearchConfig(iterations=200, sft_min_value=0.5, discount=0.9),
         help="MCTS and the extraction of paths and pairs",
     )
     train: TrainingConfig = option(default_factory=TrainingConfig, help="fine-tuning runs")

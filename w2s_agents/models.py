@@ -73,8 +73,14 @@ class TinyPreset:
 
 TINY_PRESETS: dict[str, TinyPreset] = {
     "nano": TinyPreset(32, 2, 2, 64, description="~0.09M parameters: unit tests"),
-    "weak": TinyPreset(128, 4, 4, 256, description="~0.92M parameters: the weak agent of CPU runs"),
-    "strong": TinyPreset(256, 8, 8, 768, description="~7.3M parameters: the strong agent of CPU runs"),
+    "weak": TinyPreset(
+        64, 2, 2, 128, description="~0.21M parameters, two layers: the weak agent of the CPU quickstart"
+    ),
+    "small": TinyPreset(128, 4, 4, 256, description="~0.92M parameters"),
+    "strong": TinyPreset(
+        256, 4, 8, 768, description="~3.9M parameters, four layers: the strong agent of the CPU quickstart"
+    ),
+    "base": TinyPreset(256, 8, 8, 768, description="~7.3M parameters"),
 }
 
 Device = str  # "auto", "cpu", "cuda", "cuda:N", "mps"
@@ -88,7 +94,7 @@ class ModelConfig:
     path: str | None = option(
         None, "local directory of a saved Hugging Face causal LM; null builds a tiny model from 'tiny_preset'"
     )
-    tiny_preset: Literal["nano", "weak", "strong"] = option(
+    tiny_preset: Literal["nano", "weak", "small", "strong", "base"] = option(
         "weak", "size preset of the tiny model (path: null)"
     )
     vocab_size: int = option(2048, "vocabulary size of the tiny model's locally trained BPE tokenizer")

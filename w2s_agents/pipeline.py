@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -268,11 +269,8 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
                     raise W2SError(
                         f"tasks.{split}: suite {cfg.tasks.suite} has {len(ids[split])} {split} tasks, {want} asked"
                     )
-            from w2s_agents.log import progress
-
             all_ids = [i for split in ("train", "valid", "test") for i in ids[split]]
-            for task_id in progress(all_ids, desc="games", unit="game"):
-                env.reset(options={"task": task_id})  # generates and caches the game
+            env.prepare(all_ids, workers=cfg.tasks.workers or os.cpu_count() or 1)  # makes the games
         finally:
             env.close()
         _write_json(ctx.directory / "tasks.json", ids)
@@ -407,7 +405,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             tree = TrajectoryTree.load(path)
             search_tree(tree, sc)
             tree.save(ctx.directory / "trees" / path.name)
-            values = node_values(tree, sc.value)
+            values = node_values(tree, sc.value, sc.discount)
             row = best_path_row(tree, values, min_return=sc.sft_min_value, system=system)
             if row is not None:
                 sft_rows.append(row)
@@ -472,7 +470,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
 
     variants = [v for v in W2S_VARIANTS if v in t.variants]
     stages = [
-        Stage("tasks", tasks_stage, config=cfg.tasks),
+        Stage("tasks", tasks_stage, config=replace(cfg.tasks, workers=0)),  # workers: not in the outputs
         Stage("demos", demos_stage, config={"system": system}, deps=("tasks",)),
         Stage(
             "models",
