@@ -211,7 +211,9 @@ class ExperimentConfig:
     )
     explore: ExploreConfig = option(default_factory=ExploreConfig, help="the weak agent's exploration")
     search: SearchConfig = option(
-        default_factory=lambda: SearchConfig(iterations=200, sft_min_value=0.5, discount=0.9),
+        default_factory=lambda: SearchConfig(
+            iterations=200, sft_min_value=0.5, discount=0.9, pairs_per_node=2, continuation_pairs=False
+        ),
         help="MCTS and the extraction of paths and pairs",
     )
     train: TrainingConfig = option(default_factory=TrainingConfig, help="fine-tuning runs")
