@@ -5,8 +5,8 @@ normalised score, ``info`` carrying admissible commands and the outcome, and ``c
 ``restore_state()`` for tree search. Import this package as ``w2s_agents.envs``, never as ``envs``.
 """
 
-from w2s_agents.envs.registration import make_env, register_envs, registered_envs
+from w2s_agents.envs.registration import make_env, register_env, register_envs, registered_envs
 
-__all__ = ["make_env", "register_envs", "registered_envs"]
+__all__ = ["make_env", "register_env", "register_envs", "registered_envs"]
 
 register_envs()

@@ -30,7 +30,15 @@ import gymnasium as gym
 
 from w2s_agents.errors import W2SError
 
-__all__ = ["BUILTIN_ENVS", "ENTRY_POINT_GROUP", "EnvEntry", "make_env", "register_envs", "registered_envs"]
+__all__ = [
+    "BUILTIN_ENVS",
+    "ENTRY_POINT_GROUP",
+    "EnvEntry",
+    "make_env",
+    "register_env",
+    "register_envs",
+    "registered_envs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +105,31 @@ def register_envs() -> list[EnvEntry]:
         except Exception as exc:  # a malformed id must not break the other envs
             logger.warning("plugin env %s from %s could not be registered: %s", ep.name, source, exc)
     return registered_envs()
+
+
+def register_env(env_id: str, env_class: type, *, source: str = "this process") -> EnvEntry:
+    """Register ``env_class`` (a :class:`~w2s_agents.envs.base.TextEnv` subclass) as ``env_id`` in this
+    process: what a plugin's entry point does for an installed package, for scripts, notebooks and tests.
+
+    Worker processes (Ray rollouts) find the class by its module, so define it in an importable module for
+    those; a class defined in a script's ``__main__`` serves this process.
+
+    Raises:
+        W2SError: ``env_class`` is not a ``TextEnv``, or ``env_id`` is already taken by another env.
+    """
+    from w2s_agents.envs.base import TextEnv
+
+    if not (isinstance(env_class, type) and issubclass(env_class, TextEnv)):
+        raise W2SError(f"register_env({env_id!r}): {env_class!r} is not a TextEnv subclass")
+    entry_point = f"{env_class.__module__}:{env_class.__qualname__}"
+    existing = gym.registry.get(env_id)
+    if existing is not None and existing.entry_point not in (entry_point, env_class):
+        raise W2SError(f"env id {env_id} is already registered as {existing.entry_point}")
+    if existing is None:
+        gym.register(id=env_id, entry_point=env_class)
+    entry = EnvEntry(env_id, entry_point, source)
+    _ENTRIES[env_id] = entry
+    return entry
 
 
 def registered_envs() -> list[EnvEntry]:

@@ -188,3 +188,25 @@ def test_cli_lists_suites_and_tasks(capsys: pytest.CaptureFixture, tw_test_suite
     assert "tw-cooking  w2s/TextWorld-v0" in out and "sciworld  w2s/ScienceWorld-v0" in out
     assert main(["envs", "tasks", "test-tw-simple", "--split", "valid"]) == 0
     assert capsys.readouterr().out.split() == ["test-tw-simple/valid/0"]
+
+
+def test_register_env_adds_a_class_of_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from w2s_agents.envs import register_env
+    from w2s_agents.errors import W2SError
+
+    _install_plugin(tmp_path, monkeypatch)  # only to import its env class; its entry point is not used here
+    import toy_plugin
+
+    entry = register_env("script/Counter-v0", toy_plugin.CounterEnv)
+    assert entry.entry_point == "toy_plugin:CounterEnv" and entry.source == "this process"
+    assert "script/Counter-v0" in {e.env_id for e in registered_envs()}
+    env = make_env("script/Counter-v0", max_steps=5)
+    check_env(env.unwrapped)
+    env.reset()
+    assert env.step("up")[4]["score"] == pytest.approx(1 / 3)
+    env.close()
+    assert register_env("script/Counter-v0", toy_plugin.CounterEnv) == entry  # registering again is harmless
+    with pytest.raises(W2SError, match="is not a TextEnv subclass"):
+        register_env("script/Dict-v0", dict)
+    with pytest.raises(W2SError, match=r"already registered as w2s_agents\.envs\.textworld_env:TextWorldEnv"):
+        register_env("w2s/TextWorld-v0", toy_plugin.CounterEnv)

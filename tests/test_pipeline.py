@@ -162,3 +162,23 @@ def test_example_script_runs(tmp_path: Path, game_cache_dir: Path, repo_root: Pa
     assert 0.0 <= results["weak-sft"] <= 1.0
     assert "held-out success" in proc.stdout
     assert len(list(read_trajectories(out / "explore.jsonl"))) == 9  # 3 tasks x 3 samplers
+
+
+def test_env_plugin_example_runs(tmp_path: Path, repo_root: Path) -> None:
+    env = {**os.environ, "W2S_PROGRESS": "0"}
+    out = tmp_path / "vault"
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "examples" / "custom_env.py"), "--out", str(out), "--seeds", "2",
+         "--max-steps", "8"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trajs = list(read_trajectories(out / "trajectories.jsonl"))
+    assert len(trajs) == 6 * 3 * 2 and {t.env_id for t in trajs} == {"example/Vault-v0"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["trees"] == 6 and results["episodes"] == len(trajs)
+    pages = sorted(p.name for p in (out / "viz").glob("trees__*.html"))
+    assert len(pages) == 6
+    index = (out / "viz" / "index.html").read_text()
+    assert all(p in index for p in pages)  # the index links every tree page
+    assert (out / "viz" / "first-tree.svg").read_text().lstrip().startswith("<svg")

@@ -296,13 +296,13 @@ def _rounded(values: np.ndarray, digits: int = 4) -> list[float | None]:
     return [None if v != v else round(v, digits) for v in values.tolist()]
 
 
-def _value_arrays(tree: TrajectoryTree) -> dict[str, np.ndarray]:
+def _value_arrays(tree: TrajectoryTree, discount: float = 1.0) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if tree.search_arrays() is not None:
         out["mcts"] = mcts_values(tree)
-    out["mean"] = mean_values(tree)
+    out["mean"] = mean_values(tree, discount)
     out["success"] = success_values(tree)
-    out["max"] = max_values(tree)
+    out["max"] = max_values(tree, discount)
     return out
 
 
@@ -397,7 +397,7 @@ def tree_view_data(
     scfg = search or SearchConfig()
     kind, note = _resolve_value(tree, value or scfg.value, value is not None, source_file)
     n = len(tree)
-    values = _value_arrays(tree)
+    values = _value_arrays(tree, scfg.discount)
     if kind not in values:
         raise ValueError(f"unknown value kind {kind!r}")
     chosen_values = values[kind]
