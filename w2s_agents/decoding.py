@@ -146,6 +146,7 @@ class PrefixCache:
         self.model = model
         self.capacity = capacity
         self.min_reuse = min_reuse
+        self._params = list(model.parameters())  # walking the module tree at every lookup costs more
         self._entries: OrderedDict[bytes, tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]] = (
             OrderedDict()
         )
@@ -159,7 +160,7 @@ class PrefixCache:
         return len(self._entries)
 
     def _weights_version(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+        return sum(p._version for p in self._params)
 
     def clear(self) -> None:
         """Drop every stored prompt."""
