@@ -4,7 +4,8 @@ Measured side by side in one run and printed as ratios (the machine's load chang
 
 * env steps/s of the batched agent, 16 envs live and one model call per step for all of them, vs one env at a
   time (batch size 1), with the same tiny random-weight model, the same 16 episodes (tw-simple games) and the
-  same engine (:func:`w2s_agents.rollout.run_episodes`); choose mode and generate mode;
+  same engine (:func:`w2s_agents.rollout.run_episodes`); choose mode and generate mode; beside it the agent's
+  decisions/s counted over the time of its own calls (the envs' steps, the same work on both sides, left out);
 * env steps/s of :func:`w2s_agents.rollout.collect` on Ray with 2 workers vs 1 (one local Ray instance, started
   before the timing), counted from the first to the last episode (steady state) and over the whole call
   (worker start-up included).
@@ -43,14 +44,34 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _steps_per_s(agent, env, episodes, batch_size: int, max_steps: int) -> tuple[float, int]:
+class _TimedAgent:
+    """The agent, with the wall time spent in its ``act`` calls counted (the rest of a rollout is the envs')."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        self.seconds = 0.0
+
+    def act(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.agent.act(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name: str):
+        return getattr(self.agent, name)
+
+
+def _steps_per_s(agent, env, episodes, batch_size: int, max_steps: int) -> tuple[float, int, float]:
+    """``(env steps/s, steps, agent decisions/s)``: the whole engine, and the agent's calls alone."""
     from w2s_agents.rollout import run_episodes
 
+    timed = _TimedAgent(agent)
     start = time.perf_counter()
     steps = sum(
-        t.num_steps for t in run_episodes(agent, env, episodes, batch_size=batch_size, max_steps=max_steps)
+        t.num_steps for t in run_episodes(timed, env, episodes, batch_size=batch_size, max_steps=max_steps)
     )
-    return steps / (time.perf_counter() - start), steps
+    return steps / (time.perf_counter() - start), steps, steps / max(timed.seconds, 1e-9)
 
 
 CONFIGS = [("choose", 384), ("choose", 768), ("generate", 384), ("generate", 768)]
@@ -73,17 +94,21 @@ def bench_batching(
     for mode, context in CONFIGS:
         agent = Agent(lm, AgentConfig(mode=mode, max_context_tokens=context))
         _steps_per_s(agent, env, episodes[:2], 2, 2)  # warm-up: games loaded, caches filled
-        batched, single = [], []
+        batched, single, agent_b, agent_s = [], [], [], []
         for _ in range(rounds):  # alternate, so that load changes hit both sides
-            rate, steps_b = _steps_per_s(agent, env, episodes, 16, max_steps)
+            rate, steps_b, decide = _steps_per_s(agent, env, episodes, 16, max_steps)
             batched.append(rate)
-            rate, steps_s = _steps_per_s(agent, env, episodes, 1, max_steps)
+            agent_b.append(decide)
+            rate, steps_s, decide = _steps_per_s(agent, env, episodes, 1, max_steps)
             single.append(rate)
+            agent_s.append(decide)
             assert steps_b == steps_s, (steps_b, steps_s)  # the same episodes, step for step
         out[mode, context] = {
             "batched": statistics.median(batched),
             "single": statistics.median(single),
             "ratios": [b / s for b, s in zip(batched, single, strict=True)],
+            "agent_batched": statistics.median(agent_b),
+            "agent_single": statistics.median(agent_s),
             "steps": steps_b,
         }
     return out
@@ -249,6 +274,10 @@ def main() -> None:
             print(
                 f"  {mode:8s} context {context:4d}  batched {x['batched']:6.1f} steps/s  single {x['single']:6.1f} "
                 f"steps/s  ratio {x['batched'] / x['single']:.2f}x (rounds: {ratios}; {x['steps']} steps)"
+            )
+            print(
+                f"  {'':8s} {'':12s}  agent alone: batched {x['agent_batched']:6.1f} decisions/s  single "
+                f"{x['agent_single']:6.1f} decisions/s  ratio {x['agent_batched'] / x['agent_single']:.2f}x"
             )
         best = max(x["batched"] / x["single"] for x in r.values())
         print(f"  target batched >= 4x single: {'met' if best >= 4 else 'not met'} (best ratio {best:.2f}x)")
