@@ -411,8 +411,8 @@ def _packed_logprobs(
             **({"use_cache": False} | kwargs),
         )
         out_logits = result.logits  # [rows, keep, V]: the last `keep` columns
-        if prefix is not None:
-            layers = result.get("cache") or result.get("past_key_values")
+        layers = (result.get("cache") or result.get("past_key_values")) if prefix is not None else None
+        if layers is not None:  # the keys and values of each prompt, for its next step
             for r, (e, _) in enumerate(chunk):
                 if e in stored:
                     continue  # a prompt whose candidates fill several rows is stored once
