@@ -147,6 +147,46 @@ def test_incremental_adds_equal_one_build(make_traj) -> None:
     assert tree.to_json() == build_trees(trajs)["house/0"].to_json()
 
 
+@pytest.mark.parametrize("models", [2, 40])  # per-model counts as lists (few models) or dicts (many)
+def test_statistics_summed_in_bulk_equal_step_by_step(make_traj, models: int) -> None:
+    # many pending steps are summed with numpy, a few one node at a time: both must give the same tree,
+    # whether the numpy pass starts from an empty tree or adds to summed statistics
+    from w2s_agents.tree import _BULK_STEPS
+
+    rng = random.Random(3)
+    trajs = []
+    for i in range(3000):
+        steps = [
+            (
+                rng.choice(["go north", "Go North", "take key", "open door", "look"]),
+                f"room {rng.randint(0, 3)}",
+                "",
+            )
+            for _ in range(rng.randint(0, 6))
+        ]
+        ret = rng.choice([0.0, 0.25, 1.0, 0.3])
+        end = "won" if ret == 1.0 else rng.choice(["lost", "truncated", "error"])
+        trajs.append(make_traj(steps, ret, end, seed=i, model=f"m{rng.randrange(models)}"))
+    assert sum(t.num_steps for t in trajs[1500:]) > _BULK_STEPS
+
+    one_by_one = TrajectoryTree("house/0")
+    for traj in trajs:
+        one_by_one.add(traj)
+        one_by_one.update_statistics()
+    bulk = TrajectoryTree("house/0")
+    bulk.extend(trajs)
+    two_passes = TrajectoryTree("house/0")
+    two_passes.extend(trajs[:1500])
+    two_passes.update_statistics()
+    two_passes.extend(trajs[1500:])
+    reference = one_by_one.to_json()
+    assert bulk.to_json() == reference
+    assert two_passes.to_json() == reference
+    assert one_by_one.sources(0) == {
+        f"m{i}": sum(t.source.model == f"m{i}" for t in trajs) for i in range(models)
+    }
+
+
 def test_networkx_round_trip_keeps_every_attribute(golden: TrajectoryTree, make_traj) -> None:
     golden.set_search_values(list(range(7)), [0.5 * i for i in range(7)], algorithm="test")
     g = golden.to_networkx()

@@ -50,6 +50,7 @@ import logging
 import math
 import os
 import re
+from array import array
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -90,6 +91,7 @@ _SCALE = 1 << 32  # fixed-point unit of summed returns
 _NODE_LISTS = (
     "_depth",
     "_oka",
+    "_otext",
     "_thought",
     "_tret",
     "_visits",
@@ -101,6 +103,18 @@ _END_INDEX = {name: i for i, name in enumerate(END_REASONS)}
 _N_END = len(END_REASONS)
 _DENSE_MODELS = 32  # up to this many models, the counts per model of a node are a list (else a dict)
 _BULK_STEPS = 2048  # pending steps from which statistics are summed with numpy rather than one by one
+# per-node int64 statistics held as array('q') (8 bytes a node, copied to and from numpy without a loop);
+# return sums stay a list: past 2**62 they are summed as Python ints
+_INT_ARRAYS = ("_depth", "_visits", "_succ", "_src")
+
+
+def _int_array(values: Iterable[int] | np.ndarray) -> array:
+    """An ``array("q")`` of ``values``."""
+    if isinstance(values, np.ndarray):
+        out = array("q")
+        out.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
+        return out
+    return array("q", values)
 
 
 def normalize_text(text: str) -> str:
@@ -167,14 +181,17 @@ class TrajectoryTree:
         self.obs_key: ObservationKey = obs_key or normalize_text
         # struct of arrays, indexed by node id
         self._key: list[tuple[int, Any, Any]] = [(-1, "", None)]  # (parent, action key, obs key acted on)
-        self._depth: list[int] = [0]
+        self._depth = array("q", [0])
         self._oka: list[Any] = [None]  # key of the observation after the action (root: first observation)
+        # a raw text of key _oka (compared with each step's observation before hashing it; any text of the
+        # key will do, so it is not kept in step with the displayed text)
+        self._otext: list[str | None] = [None]
         self._thought: list[str] = [""]
         self._tret: list[int] = [-1]  # fixed-point return of the trajectory whose thought is kept
-        self._visits: list[int] = [0]
+        self._visits = array("q", [0])
         self._ret: list[int] = [0]  # fixed-point return sums
-        self._succ: list[int] = [0]
-        self._src: list[int] = [-1]  # index of the only model through the node, -1 when several (or none)
+        self._succ = array("q", [0])
+        self._src = array("q", [-1])  # index of the only model through the node, -1 when several (or none)
         # node -> count per model index (a list, possibly shorter than the models; a dict where loaded from a
         # file, which keeps explicit zero counts), where several models went through the node
         self._src_mixed: dict[int, list[int] | dict[int, int]] = {}
@@ -265,11 +282,12 @@ class TrajectoryTree:
         fresh = len(self._visits) == 1 and self._visits[0] == 0  # nothing summed yet
         grow = n - len(self._visits)
         if grow:
-            self._visits.extend([0] * grow)
+            zeros = array("q", bytes(8 * grow))
+            self._visits.extend(zeros)
             self._ret.extend([0] * grow)
-            self._succ.extend([0] * grow)
-            self._src.extend([-1] * grow)
-            self._depth.extend([-1] * grow)
+            self._succ.extend(zeros)
+            self._src.extend(array("q", [-1]) * grow)
+            self._depth.extend(array("q", [-1]) * grow)
         if len(flat) < _BULK_STEPS or 4 * len(flat) < n or self._ret_bound >= 1 << 62:
             self._flush_loop(flat, rets)
         else:
@@ -312,7 +330,7 @@ class TrajectoryTree:
     def _flush_bulk(self, flat: list[int], rets: list[int], fresh: bool) -> None:
         """Many pending steps: count them with numpy (exact: integer counts and fixed-point sums in int64)."""
         n, k = len(self._key), len(flat)
-        nodes = np.array(flat, dtype=np.int64)
+        nodes = np.fromiter(flat, dtype=np.int64, count=k)
         starts = np.flatnonzero(nodes < 0)
         code, end = np.divmod(~nodes[starts], _N_END)
         nodes[starts] = 0
@@ -338,7 +356,7 @@ class TrajectoryTree:
         model = (code >> 1)[traj]
         add_visits = np.bincount(nodes, minlength=n)
         add_ret = np.zeros(n, dtype=np.int64)
-        np.add.at(add_ret, nodes, np.array(rets, dtype=np.int64)[traj])
+        np.add.at(add_ret, nodes, np.fromiter(rets, dtype=np.int64, count=len(rets))[traj])
         add_succ = np.bincount(nodes[won], minlength=n)
         old_visits = np.zeros(n, dtype=np.int64) if fresh else np.asarray(self._visits, dtype=np.int64)
         # sources: per node, the (model, count) pairs of the pending steps
@@ -413,13 +431,17 @@ class TrajectoryTree:
         depths: np.ndarray,
     ) -> None:
         if fresh:
-            self._visits, self._ret, self._succ = add_visits.tolist(), add_ret.tolist(), add_succ.tolist()
+            self._visits, self._ret, self._succ = (
+                _int_array(add_visits),
+                add_ret.tolist(),
+                _int_array(add_succ),
+            )
         else:
-            self._visits = (old_visits + add_visits).tolist()
+            self._visits = _int_array(old_visits + add_visits)
             self._ret = (np.asarray(self._ret, dtype=np.int64) + add_ret).tolist()
-            self._succ = (np.asarray(self._succ, dtype=np.int64) + add_succ).tolist()
-        self._src = src.tolist()
-        self._depth = depths.tolist()
+            self._succ = _int_array(np.asarray(self._succ, dtype=np.int64) + add_succ)
+        self._src = _int_array(src)
+        self._depth = _int_array(depths)
 
     def add(self, traj: Trajectory) -> int:
         """Merge one trajectory into the tree; returns the id of the node it ended at.
@@ -442,8 +464,8 @@ class TrajectoryTree:
         s = self._model_index.get(model)
         if s is None:
             s = self._model_id(model)
-        akc, okc, obs_text, index, keys = self._akc, self._okc, self._obs_text, self._index, self._key
-        oka, thoughts, trets = self._oka, self._thought, self._tret
+        akc, okc, index, keys = self._akc, self._okc, self._index, self._key
+        oka, otext, thoughts, trets = self._oka, self._otext, self._thought, self._tret
         flat_append = self._pend_nodes.append
         # an observation is first compared with the displayed text of the key expected at the node (it is
         # nearly always that text): a string comparison with a shared, cached string rather than a hash
@@ -451,12 +473,13 @@ class TrajectoryTree:
         # the root: the task itself
         o = traj.initial_observation
         okey = oka[0]
-        if okey is None or o != obs_text[okey]:
+        if okey is None or o != otext[0]:
             okey = okc.get(o)
             if okey is None:
                 okey = self._new_obs(o)
             if oka[0] is None or (okey is not oka[0] and okey < oka[0]):
                 oka[0] = okey
+                otext[0] = o
         # the root starts the trajectory's path, marked by ~code (negative): model, success and how it ended
         flat_append(~(((s << 1) | (1 if traj.success else 0)) * _N_END + _END_INDEX[traj.end]))
         self._pend_ret.append(r)
@@ -478,18 +501,20 @@ class TrajectoryTree:
                 c = index[key] = len(keys)
                 keys.append(key)
                 oka.append(okey)
+                otext.append(o)
                 thoughts.append(step.thought)
                 trets.append(r)
             else:
-                ok2 = oka[c]
-                if o == obs_text[ok2]:
-                    okey = ok2
+                if o == otext[c]:
+                    okey = oka[c]
                 else:
+                    ok2 = oka[c]
                     okey = okc.get(o)
                     if okey is None:
                         okey = self._new_obs(o)
                     if okey is not ok2 and okey < ok2:
                         oka[c] = okey
+                        otext[c] = o
                 t = trets[c]
                 if r >= t and (r > t or step.thought < thoughts[c]):
                     thoughts[c] = step.thought
@@ -693,9 +718,9 @@ class TrajectoryTree:
         if self._pend_ret:
             self._flush()
         return (
-            np.asarray(self._visits, dtype=np.int64),
+            np.array(self._visits, dtype=np.int64),  # a copy: a view would pin the array's size
             np.asarray(self._ret, dtype=np.float64) / _SCALE,
-            np.asarray(self._succ, dtype=np.int64),
+            np.array(self._succ, dtype=np.int64),
         )
 
     def search_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -776,7 +801,8 @@ class TrajectoryTree:
         pick = itemgetter(*order) if n > 1 else (lambda values: (values[0],))
         self._key = [(-1, "", None)] + [(new_id[k[0]], k[1], k[2]) for k in pick(self._key)[1:]]
         for name in _NODE_LISTS:
-            setattr(self, name, list(pick(getattr(self, name))))
+            picked = pick(getattr(self, name))
+            setattr(self, name, _int_array(picked) if name in _INT_ARRAYS else list(picked))
         self._src_mixed = {new_id[n]: d for n, d in self._src_mixed.items()}
         self._terminal = {new_id[n]: e for n, e in self._terminal.items()}
         self._index = dict(zip(self._key[1:], range(1, n), strict=True))
@@ -881,9 +907,10 @@ class TrajectoryTree:
                 depth[w] = depth[parent[w]] + 1
         order = sorted(range(n), key=lambda v: (depth[v], v))
         new_id = {old: i for i, old in enumerate(order)}
-        tree._key, tree._depth, tree._oka = [], [], []
+        tree._key, tree._depth, tree._oka, tree._otext = [], array("q"), [], []
         tree._canonical = False
-        tree._thought, tree._tret, tree._visits, tree._ret, tree._succ, tree._src = [], [], [], [], [], []
+        tree._thought, tree._tret, tree._ret = [], [], []
+        tree._visits, tree._succ, tree._src = array("q"), array("q"), array("q")
         mv: list[int] = []
         mval: list[float] = []
         for old in order:
@@ -899,6 +926,7 @@ class TrajectoryTree:
                 akey = tree._new_action(attrs["action"])
             after = tree._new_obs(attrs["observation"])
             tree._oka.append(after)
+            tree._otext.append(attrs["observation"])
             key = (new_id[parent[old]] if old else -1, akey, okey)
             if old and key in tree._index:
                 raise fail(
