@@ -124,8 +124,17 @@ class ExploreConfig:
 def _tiny_sft(lr: float, epochs: int, method: str = "sft") -> TrainConfig:
     # tiny models start from random weights: learning rates far above the paper's 1e-5 for pretrained LLMs,
     # and enough optimizer steps for the strong model to learn the games' rule (fewer leave it at the weak
-    # model's level; docs/pipeline.md)
-    return TrainConfig(method=method, lr=lr, epochs=epochs, batch_size=8, max_length=1024, warmup_ratio=0.05)
+    # model's level; docs/pipeline.md). The best epoch by validation loss is exported; after 5 epochs without
+    # a better one training stops (the schedule is not shortened, so the steps before the stop are the same)
+    return TrainConfig(
+        method=method,
+        lr=lr,
+        epochs=epochs,
+        batch_size=8,
+        max_length=1024,
+        warmup_ratio=0.05,
+        early_stopping_patience=5,
+    )
 
 
 def _tiny_dpo(reference: str) -> TrainConfig:
