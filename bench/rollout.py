@@ -74,7 +74,7 @@ def _steps_per_s(agent, env, episodes, batch_size: int, max_steps: int) -> tuple
     return steps / (time.perf_counter() - start), steps, steps / max(timed.seconds, 1e-9)
 
 
-CONFIGS = [("choose", 384), ("choose", 768), ("generate", 384), ("generate", 768)]
+CONFIGS = [("choose", 512), ("choose", 1024), ("generate", 512), ("generate", 1024)]
 """(mode, context length) pairs measured; generate mode writes up to 64 tokens (the default)."""
 
 
