@@ -104,6 +104,34 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
     assert statuses["search"] == "cached" and statuses["w2s-mcts"] == "done" and statuses["eval"] == "done"
 
 
+def test_online_expansion_stage_grows_the_trees_before_the_search(mini_config: Path) -> None:
+    from w2s_agents.tree import TrajectoryTree
+
+    cfg = load_experiment(
+        mini_config, ["expand.iterations=3", "expand.max_env_steps=40", "run.name=mini-expand"]
+    )
+    names = stage_names(cfg)
+    assert names[names.index("trees") + 1 : names.index("search") + 1] == ["expand", "search"]
+    result = run_pipeline(cfg, until="search")
+    seed_dir = result.run_dir / "seed-0"
+    totals = json.loads((seed_dir / "expand" / "expand.json").read_text())
+    assert totals["trees"] == 3 and 1 <= totals["iterations"] <= 9 and totals["env_steps"] > 0
+    grew = 0
+    for path in sorted((seed_dir / "trees" / "trees").glob("*.json")):
+        before = TrajectoryTree.load(path)
+        after = TrajectoryTree.load(seed_dir / "expand" / "trees" / path.name)
+        searched = TrajectoryTree.load(seed_dir / "search" / "trees" / path.name)
+        # the data trajectories are all there, plus the search's own episodes under their source
+        assert after.sources(0)["weak-sft"] == before.visits(0)
+        assert after.visits(0) == before.visits(0) + after.sources(0).get("weak-sft-search", 0)
+        assert len(searched) == len(after)  # MCTS ran on the expanded tree
+        grew += len(after) - len(before)
+    assert grew == totals["new_nodes"] > 0
+    # a rerun finds every stage done, the expansion included
+    again = run_pipeline(cfg, until="search")
+    assert {r.name: r.status for r in again.records[0]}["expand"] == "cached"
+
+
 def test_a_killed_run_resumes_without_redoing_finished_stages(mini_config: Path, tmp_path: Path) -> None:
     env = {**os.environ, "W2S_PROGRESS": "0"}
     proc = subprocess.Popen(

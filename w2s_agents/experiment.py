@@ -23,6 +23,7 @@ from w2s_agents.trainers.config import TrainConfig
 
 __all__ = [
     "EvalConfig",
+    "ExpandConfig",
     "ExperimentConfig",
     "ExploreConfig",
     "RunConfig",
@@ -119,6 +120,28 @@ class ExploreConfig:
         check(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Online expansion of every train tree before MCTS (beyond the paper): PUCT episodes played in the env with
+    the weak SFT agent's choose-mode distribution as the prior (``w2s_agents.search_policy.AgentPolicy``); the
+    new nodes carry the source ``weak-sft-search``."""
+
+    iterations: int = option(0, "PUCT episodes per train tree (0: no online expansion, the paper's setting)")
+    max_env_steps: int = option(300, "env steps per tree, replays included (0: no limit)")
+    max_tokens: int = option(0, "policy tokens per tree (0: no limit)")
+    c_puct: float = option(1.0, "exploration weight of PUCT")
+    temperature: float = option(1.0, "temperature of the prior, softmax(score / temperature)")
+    top_k: int = option(0, "propose only the k most probable commands (0: all)")
+
+    def __post_init__(self) -> None:
+        check(self.iterations >= 0, "iterations", f"must be >= 0, got {self.iterations}")
+        check(self.max_env_steps >= 0, "max_env_steps", f"must be >= 0, got {self.max_env_steps}")
+        check(self.max_tokens >= 0, "max_tokens", f"must be >= 0, got {self.max_tokens}")
+        check(self.c_puct >= 0, "c_puct", f"must be >= 0, got {self.c_puct}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
 
 
 def _tiny_sft(lr: float, epochs: int, method: str = "sft") -> TrainConfig:
@@ -219,6 +242,9 @@ class ExperimentConfig:
         help="how every agent of the run acts (exploration, validation, evaluation)",
     )
     explore: ExploreConfig = option(default_factory=ExploreConfig, help="the weak agent's exploration")
+    expand: ExpandConfig = option(
+        default_factory=ExpandConfig, help="online expansion of the trees in the env (off by default)"
+    )
     search: SearchConfig = option(
         default_factory=lambda: SearchConfig(
             iterations=200, sft_min_value=0.5, discount=0.9, pairs_per_node=2, continuation_pairs=False

@@ -38,7 +38,7 @@ from w2s_agents.atomic import atomic_write
 from w2s_agents.config import config_hash, save_config
 from w2s_agents.errors import W2SError
 from w2s_agents.experiment import ExperimentConfig
-from w2s_agents.log import setup_logging
+from w2s_agents.log import progress, setup_logging
 from w2s_agents.messages import episode_messages, system_prompt
 from w2s_agents.report import METRICS_SCHEMA, MODEL_LABELS, write_report
 from w2s_agents.seeding import derive_seed, seed_everything
@@ -388,6 +388,56 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         _write_json(ctx.directory / "trees.json", per_tree)
         return {"trees": len(per_tree), "nodes": sum(p["nodes"] for p in per_tree)}
 
+    def expand_stage(ctx: StageContext) -> dict[str, Any]:
+        from w2s_agents.envs.demos import suite_env
+        from w2s_agents.search import OnlineSearchConfig, expand_online
+        from w2s_agents.search_policy import AgentPolicy
+        from w2s_agents.tree import TrajectoryTree
+
+        ec = cfg.expand
+        agent = _agent(cfg, _Models(ctx).path("weak-sft"), "weak-sft", "weak")
+        env = suite_env(cfg.tasks.suite, max_steps=cfg.tasks.max_steps, **cfg.tasks.env_kwargs)
+        paths = sorted((ctx.output("trees") / "trees").glob("*.json"))
+        try:
+            for path in progress(paths, desc="expand", unit="tree"):
+                stats_file = ctx.directory / "stats" / path.name
+                if stats_file.is_file():  # expanded before the run was stopped
+                    continue
+                tree = TrajectoryTree.load(path)
+                policy = AgentPolicy(agent, env, temperature=ec.temperature, top_k=ec.top_k)
+                oc = OnlineSearchConfig(
+                    iterations=ec.iterations,
+                    c_puct=ec.c_puct,
+                    max_env_steps=ec.max_env_steps,
+                    max_tokens=ec.max_tokens,
+                    max_depth=cfg.tasks.max_steps,
+                    seed=derive_seed(seed, "expand", tree.task_id) % 2**31,
+                    model="weak-sft-search",
+                )
+                result = expand_online(tree, policy.env, policy, oc)
+                tree.canonicalize()
+                tree.save(ctx.directory / "trees" / path.name)
+                _write_json(
+                    stats_file,
+                    {
+                        "task_id": tree.task_id,
+                        "iterations": result.iterations,
+                        "env_steps": result.env_steps,
+                        "tokens": result.tokens,
+                        "new_nodes": result.new_nodes,
+                        "successes": sum(t.success for t in result.trajectories),
+                    },
+                )
+        finally:
+            env.close()
+        per_tree = [_read_json(ctx.directory / "stats" / p.name) for p in paths]
+        totals = {
+            k: sum(t[k] for t in per_tree)
+            for k in ("iterations", "env_steps", "tokens", "new_nodes", "successes")
+        }
+        _write_json(ctx.directory / "expand.json", {**totals, "trees": len(per_tree)})
+        return totals
+
     def search_stage(ctx: StageContext) -> dict[str, Any]:
         from w2s_agents.search import (
             best_path_row,
@@ -401,7 +451,8 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
 
         sc = replace(cfg.search, seed=derive_seed(seed, "search") % 2**31)
         sft_rows, pair_rows = [], []
-        for path in sorted((ctx.output("trees") / "trees").glob("*.json")):
+        source = "expand" if cfg.expand.iterations else "trees"
+        for path in sorted((ctx.output(source) / "trees").glob("*.json")):
             tree = TrajectoryTree.load(path)
             search_tree(tree, sc)
             tree.save(ctx.directory / "trees" / path.name)
@@ -497,8 +548,24 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             deps=("weak-sft",),
         ),
         Stage("trees", trees_stage, deps=("explore",)),
-        Stage("search", search_stage, config={"search": cfg.search, "seed": seed}, deps=("trees", "demos")),
     ]
+    if cfg.expand.iterations:
+        stages.append(
+            Stage(
+                "expand",
+                expand_stage,
+                config={"expand": cfg.expand, "agent": cfg.agent, "seed": seed},
+                deps=("trees", "weak-sft"),
+            )
+        )
+    stages.append(
+        Stage(
+            "search",
+            search_stage,
+            config={"search": cfg.search, "seed": seed},
+            deps=("expand" if cfg.expand.iterations else "trees", "demos"),
+        )
+    )
     if "w2s-mcts" in variants or "w2s-mcts-treedpo" in variants:
         stages.append(
             Stage(
@@ -538,7 +605,9 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             eval_stage,
             config={"eval": cfg.eval, "agent": cfg.agent, "variants": variants, "ceiling": t.ceiling},
             deps=tuple(
-                s.name for s in stages if s.name not in ("tasks", "demos", "models", "trees", "search")
+                s.name
+                for s in stages
+                if s.name not in ("tasks", "demos", "models", "trees", "expand", "search")
             ),
         )
     )
@@ -735,6 +804,11 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
         cost["exploration_tokens"] += ex["tokens"]
         trees = _read_json(run_dir / f"seed-{s}" / "trees" / "trees.json")
         cost["mcts_simulations"] += cfg.search.iterations * len(trees)
+        expanded = run_dir / f"seed-{s}" / "expand" / "expand.json"
+        if cfg.expand.iterations and expanded.is_file():
+            ex = _read_json(expanded)
+            for key in ("iterations", "env_steps", "tokens", "new_nodes"):
+                cost[f"online_{key}"] = cost.get(f"online_{key}", 0) + ex[key]
         per_tree += trees
     metrics["search_cost"] = cost
     if per_tree:
