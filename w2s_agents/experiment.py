@@ -19,6 +19,7 @@ from w2s_agents.agent import AgentConfig, Sampler
 from w2s_agents.config import check, load_config, option, save_config
 from w2s_agents.models import ModelConfig
 from w2s_agents.search.mcts import SearchConfig
+from w2s_agents.search.online import OnlineSearchConfig
 from w2s_agents.trainers.config import TrainConfig
 
 __all__ = [
@@ -136,12 +137,21 @@ class ExpandConfig:
     top_k: int = option(0, "propose only the k most probable commands (0: all)")
 
     def __post_init__(self) -> None:
-        check(self.iterations >= 0, "iterations", f"must be >= 0, got {self.iterations}")
-        check(self.max_env_steps >= 0, "max_env_steps", f"must be >= 0, got {self.max_env_steps}")
-        check(self.max_tokens >= 0, "max_tokens", f"must be >= 0, got {self.max_tokens}")
-        check(self.c_puct >= 0, "c_puct", f"must be >= 0, got {self.c_puct}")
+        self.online(max_depth=1, seed=0)  # the search's own checks of the keys it shares
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+
+    def online(self, *, max_depth: int, seed: int) -> OnlineSearchConfig:
+        """The settings of one tree's expansion (``expand_online``) with this section's budget and PUCT."""
+        return OnlineSearchConfig(
+            iterations=self.iterations,
+            c_puct=self.c_puct,
+            max_env_steps=self.max_env_steps,
+            max_tokens=self.max_tokens,
+            max_depth=max_depth,
+            seed=seed,
+            model="weak-sft-search",
+        )
 
 
 def _tiny_sft(lr: float, epochs: int, method: str = "sft") -> TrainConfig:

@@ -250,6 +250,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
 
     t = cfg.train
     system = _system(cfg)
+    searched = "expand" if cfg.expand.iterations else "trees"  # the stage whose trees MCTS searches
 
     def tasks_stage(ctx: StageContext) -> dict[str, Any]:
         from w2s_agents.envs.demos import suite_env, suite_task_ids
@@ -390,7 +391,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
 
     def expand_stage(ctx: StageContext) -> dict[str, Any]:
         from w2s_agents.envs.demos import suite_env
-        from w2s_agents.search import OnlineSearchConfig, expand_online
+        from w2s_agents.search import expand_online
         from w2s_agents.search_policy import AgentPolicy
         from w2s_agents.tree import TrajectoryTree
 
@@ -405,14 +406,8 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
                     continue
                 tree = TrajectoryTree.load(path)
                 policy = AgentPolicy(agent, env, temperature=ec.temperature, top_k=ec.top_k)
-                oc = OnlineSearchConfig(
-                    iterations=ec.iterations,
-                    c_puct=ec.c_puct,
-                    max_env_steps=ec.max_env_steps,
-                    max_tokens=ec.max_tokens,
-                    max_depth=cfg.tasks.max_steps,
-                    seed=derive_seed(seed, "expand", tree.task_id) % 2**31,
-                    model="weak-sft-search",
+                oc = ec.online(
+                    max_depth=cfg.tasks.max_steps, seed=derive_seed(seed, "expand", tree.task_id) % 2**31
                 )
                 result = expand_online(tree, policy.env, policy, oc)
                 tree.canonicalize()
@@ -451,8 +446,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
 
         sc = replace(cfg.search, seed=derive_seed(seed, "search") % 2**31)
         sft_rows, pair_rows = [], []
-        source = "expand" if cfg.expand.iterations else "trees"
-        for path in sorted((ctx.output(source) / "trees").glob("*.json")):
+        for path in sorted((ctx.output(searched) / "trees").glob("*.json")):
             tree = TrajectoryTree.load(path)
             search_tree(tree, sc)
             tree.save(ctx.directory / "trees" / path.name)
@@ -563,7 +557,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             "search",
             search_stage,
             config={"search": cfg.search, "seed": seed},
-            deps=("expand" if cfg.expand.iterations else "trees", "demos"),
+            deps=(searched, "demos"),
         )
     )
     if "w2s-mcts" in variants or "w2s-mcts-treedpo" in variants:
