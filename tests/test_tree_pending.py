@@ -125,3 +125,67 @@ def test_loaded_tree_keeps_counting(tmp_path) -> None:
     loaded = TrajectoryTree.load(first.save(tmp_path / "t.json"))
     loaded.extend(trajs[1200:])
     assert _saved(loaded) == reference
+
+
+def test_models_arriving_one_by_one_past_the_dense_limit(monkeypatch) -> None:
+    # per-model counts start in dense columns and move to dicts once a model past the limit goes through a
+    # node; reads in between (one-by-one sums) and big batches (numpy sums) must give the counts of a naive
+    # pass over the paths
+    monkeypatch.setattr(tree_module, "_DENSE_MODELS", 3)
+    trajs = _trajectories(3000, seed=5)
+    trajs = [
+        Trajectory.from_dict(
+            {**t.to_dict(), "source": {**t.source.to_dict(), "model": f"m{i * 6 // len(trajs)}"}}
+        )
+        for i, t in enumerate(trajs)
+    ]
+    tree = TrajectoryTree("house/0")
+    for i in range(0, len(trajs), 500):
+        tree.extend(trajs[i : i + 250])  # a numpy pass (more pending steps than _BULK_STEPS)...
+        tree.update_statistics()
+        for traj in trajs[i + 250 : i + 500]:  # ... then one by one
+            tree.add(traj)
+            tree.update_statistics()
+    canonical = build_trees(trajs)["house/0"]
+    assert _saved(tree) == _saved(canonical)
+    counts: dict[int, dict[str, int]] = {}
+    for t in trajs:
+        for node in _path_nodes(canonical, t):
+            per = counts.setdefault(node, {})
+            per[t.source.model] = per.get(t.source.model, 0) + 1
+    assert any(len(per) > 3 for per in counts.values())
+    for node, per in counts.items():
+        assert canonical.sources(node) == dict(sorted(per.items()))
+
+
+def _tracked(obj: object) -> int:
+    """Objects the garbage collector tracks among those reachable from ``obj`` (``obj`` included)."""
+    import gc
+
+    seen: set[int] = set()
+    stack = [obj]
+    n = 0
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or not gc.is_tracked(o):
+            continue
+        seen.add(id(o))
+        n += 1
+        stack.extend(gc.get_referents(o))
+    return n
+
+
+def test_a_tree_holds_a_few_objects_for_the_garbage_collector_whatever_its_size() -> None:
+    # every full collection walks the tracked objects: a tree must not add one per node (it used to hold
+    # a list per node for its per-model and end counts)
+    import gc
+
+    sizes = []
+    for n in (300, 3000):
+        tree = build_trees(_trajectories(n, seed=6))["house/0"]
+        tree.update_statistics()
+        gc.collect()  # the collector stops tracking tuples and dicts of untracked values
+        sizes.append((len(tree), _tracked(tree)))
+    (small_nodes, small), (big_nodes, big) = sizes
+    assert big_nodes > 3 * small_nodes
+    assert big == small

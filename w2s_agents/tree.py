@@ -11,10 +11,13 @@ Per node the tree keeps the data statistics of DESIGN section 4: ``visits`` (tra
 per model) and ``terminal`` (how the trajectories that ended at the node ended), plus the search statistics
 ``mcts_visits`` and ``mcts_value`` written by :mod:`w2s_agents.search`.
 
-Storage is a struct of arrays: one Python list per attribute indexed by node id (texts are references to
-strings, not copies), a dict ``(parent, action key, observation key) -> child`` for merging, sparse dicts for
-the rare cases (nodes reached by several models, nodes where trajectories ended), and the children in CSR form
-(two numpy arrays, :meth:`TrajectoryTree.child_arrays`). Normalised keys are cached per raw text, and the
+Storage is a struct of arrays: one ``array("q")`` per integer attribute and one Python list per text
+attribute, indexed by node id (texts are references to strings, not copies), a dict ``(parent, action key,
+observation key) -> child`` for merging, flat count tables for the rarer cases (nodes reached by several
+models, nodes where trajectories ended), and the children in CSR form (two numpy arrays,
+:meth:`TrajectoryTree.child_arrays`). A tree of any size thus holds a few dozen objects that the garbage
+collector tracks, not one per node. :func:`add_trajectories` groups trajectories by task before merging, so
+that a tree's index stays in the CPU caches while its trajectories go in. Normalised keys are cached per raw text, and the
 observation after a known step is first compared with the displayed text of the node's observation key, so a
 repeated step costs a string comparison rather than a hash of the observation. Returns are summed in fixed
 point (units of 2**-32, exact for the usual returns and within 2**-32 per trajectory otherwise), so the sums,
@@ -53,6 +56,7 @@ import re
 from array import array
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,7 @@ __all__ = [
     "ObservationKey",
     "TrajectoryTree",
     "TreeSummary",
+    "add_trajectories",
     "build_trees",
     "normalize_text",
     "tree_filename",
@@ -105,7 +110,12 @@ _DENSE_MODELS = 32  # up to this many models, the counts per model of a node are
 _BULK_STEPS = 2048  # pending steps from which statistics are summed with numpy rather than one by one
 # per-node int64 statistics held as array('q') (8 bytes a node, copied to and from numpy without a loop);
 # return sums stay a list: past 2**62 they are summed as Python ints
-_INT_ARRAYS = ("_depth", "_visits", "_succ", "_src")
+_INT_ARRAYS = ("_depth", "_tret", "_visits", "_succ", "_src")
+
+
+def _zeros(n: int) -> array:
+    """An ``array("q")`` of ``n`` zeros."""
+    return array("q", bytes(8 * n))
 
 
 def _int_array(values: Iterable[int] | np.ndarray) -> array:
@@ -115,6 +125,79 @@ def _int_array(values: Iterable[int] | np.ndarray) -> array:
         out.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
         return out
     return array("q", values)
+
+
+class _Rows:
+    """Rows of int64 counts for some of a tree's nodes: one flat ``array("q")`` of ``width`` counts a row and a
+    dict node -> row number. It holds no Python object per row, so the garbage collector has nothing to scan
+    however many rows there are (a list per row made every full collection walk them all)."""
+
+    __slots__ = ("data", "index", "width")
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.index: dict[int, int] = {}
+        self.data = array("q")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, node: int) -> bool:
+        return node in self.index
+
+    def get(self, node: int) -> list[int] | None:
+        """The counts of ``node`` (a copy), or None when it has no row."""
+        r = self.index.get(node)
+        if r is None:
+            return None
+        w = self.width
+        return self.data[r * w : (r + 1) * w].tolist()
+
+    def add(self, node: int, col: int, x: int = 1) -> None:
+        """Add ``x`` to column ``col`` of ``node``'s row (created with zeros when missing)."""
+        r = self.index.get(node)
+        if r is None:
+            r = self.index[node] = len(self.data) // self.width
+            self.data.extend(_zeros(self.width))
+        self.data[r * self.width + col] += x
+
+    def pop(self, node: int) -> list[int] | None:
+        """Remove ``node``'s row and return its counts (its space is not reused)."""
+        row = self.get(node)
+        if row is not None:
+            del self.index[node]
+        return row
+
+    def widen(self, width: int) -> None:
+        """Give every row ``width`` columns (the new ones zero)."""
+        if width <= self.width:
+            return
+        if self.data:
+            old = np.frombuffer(self.data, dtype=np.int64).reshape(-1, self.width)
+            new = np.zeros((len(old), width), dtype=np.int64)
+            new[:, : self.width] = old
+            del old  # release the buffer before the array is replaced
+            self.data = _int_array(new)
+        self.width = width
+
+    def add_table(self, nodes: list[int], table: np.ndarray) -> None:
+        """Add ``table[i]`` (``width`` columns) to the row of ``nodes[i]`` for every i, creating missing rows."""
+        index, w = self.index, self.width
+        have = np.fromiter((index.get(c, -1) for c in nodes), dtype=np.int64, count=len(nodes))
+        old = have >= 0
+        n_rows = len(self.data) // w if w else 0
+        rows = np.frombuffer(self.data, dtype=np.int64).reshape(n_rows, w) if n_rows else None
+        if rows is not None and old.any():
+            rows = rows.copy()
+            rows[have[old]] += table[old]
+        fresh = np.flatnonzero(~old)
+        index.update(zip([nodes[i] for i in fresh.tolist()], range(n_rows, n_rows + len(fresh)), strict=True))
+        parts = [table[fresh]] if rows is None else [rows, table[fresh]]
+        self.data = _int_array(np.concatenate(parts))
+
+    def remap(self, new_id: Sequence[int]) -> None:
+        """Renumber the nodes (``new_id[old]``)."""
+        self.index = {new_id[n]: r for n, r in self.index.items()}
 
 
 def normalize_text(text: str) -> str:
@@ -187,19 +270,21 @@ class TrajectoryTree:
         # key will do, so it is not kept in step with the displayed text)
         self._otext: list[str | None] = [None]
         self._thought: list[str] = [""]
-        self._tret: list[int] = [-1]  # fixed-point return of the trajectory whose thought is kept
+        self._tret = array("q", [-1])  # fixed-point return of the trajectory whose thought is kept
         self._visits = array("q", [0])
         self._ret: list[int] = [0]  # fixed-point return sums
         self._succ = array("q", [0])
         self._src = array("q", [-1])  # index of the only model through the node, -1 when several (or none)
-        # node -> count per model index (a list, possibly shorter than the models; a dict where loaded from a
-        # file, which keeps explicit zero counts), where several models went through the node
-        self._src_mixed: dict[int, list[int] | dict[int, int]] = {}
-        self._terminal: dict[int, list[int]] = {}  # node -> counts per END_REASONS, where trajectories ended
+        # counts per model index where several models went through the node: a row of _mix (columns: the
+        # first models, up to _DENSE_MODELS), or a dict in _src_sparse (more models, or loaded from a file,
+        # which keeps explicit zero counts); a node is in one or the other
+        self._mix = _Rows(0)
+        self._src_sparse: dict[int, dict[int, int]] = {}
+        self._terminal = _Rows(_N_END)  # node -> counts per END_REASONS, where trajectories ended
         # trajectories added since the statistics were last summed (see _flush): their paths, concatenated
         # (the root at the start of each path is marked by a negative code: see add)
-        self._pend_nodes: list[int] = []
-        self._pend_ret: list[int] = []  # fixed-point return of each pending trajectory
+        self._pend_nodes = array("q")
+        self._pend_ret = array("q")  # fixed-point return of each pending trajectory
         self._ret_bound = 0  # upper bound of every |return sum| (the sum of every |return| added)
         self._index: dict[tuple[int, Any, Any], int] = {}
         # text tables: raw -> key, key -> smallest raw text (the node's displayed text)
@@ -246,22 +331,28 @@ class TrajectoryTree:
     def _mix_source(self, node: int, s: int) -> None:
         """Count model ``s`` at ``node`` whose visits were just incremented, when it is not the only one."""
         only = self._src[node]
-        if only >= 0:
-            row = [0] * len(self._models)
-            row[only] = self._visits[node] - 1
-            row[s] = 1
-            self._src_mixed[node] = row
+        mix, m = self._mix, len(self._models)
+        if only >= 0:  # the second model through the node
             self._src[node] = -1
+            if m <= _DENSE_MODELS:
+                mix.widen(m)
+                mix.add(node, only, self._visits[node] - 1)
+                mix.add(node, s)
+            else:
+                self._src_sparse[node] = {only: self._visits[node] - 1, s: 1}
             return
-        row = self._src_mixed.get(node)
-        if row is None:
-            row = self._src_mixed[node] = [0] * len(self._models)
-        if isinstance(row, dict):
+        row = self._src_sparse.get(node)
+        if row is not None:
             row[s] = row.get(s, 0) + 1
-            return
-        if s >= len(row):
-            row.extend([0] * (s + 1 - len(row)))
-        row[s] += 1
+        elif s < mix.width:
+            mix.add(node, s)
+        elif m <= _DENSE_MODELS:
+            mix.widen(m)
+            mix.add(node, s)
+        else:  # a model past the dense columns: the node's counts move to a dict
+            old = mix.pop(node) or []
+            row = self._src_sparse[node] = {i: x for i, x in enumerate(old) if x}
+            row[s] = 1
 
     def update_statistics(self) -> None:
         """Sum the statistics of the trajectories added since the last read into the per-node totals.
@@ -276,7 +367,7 @@ class TrajectoryTree:
         flat, rets = self._pend_nodes, self._pend_ret
         if not rets:
             return
-        self._pend_nodes, self._pend_ret = [], []
+        self._pend_nodes, self._pend_ret = array("q"), array("q")
         self._ret_bound += sum(map(abs, rets))
         n = len(self._key)
         fresh = len(self._visits) == 1 and self._visits[0] == 0  # nothing summed yet
@@ -293,21 +384,16 @@ class TrajectoryTree:
         else:
             self._flush_bulk(flat, rets, fresh)
 
-    def _end(self, node: int, end: int) -> None:
-        ends = self._terminal.get(node)
-        if ends is None:
-            ends = self._terminal[node] = [0] * _N_END
-        ends[end] += 1
-
-    def _flush_loop(self, flat: list[int], rets: list[int]) -> None:
+    def _flush_loop(self, flat: array, rets: array) -> None:
         """Few pending steps: update the touched nodes one by one."""
         visits, ret, succs, srcs, depths = self._visits, self._ret, self._succ, self._src, self._depth
+        end_at = self._terminal.add
         t = end = -1
         r = won = s = depth = prev = 0
         for c in flat:
             if c < 0:  # the root, at the start of the next trajectory
                 if t >= 0:
-                    self._end(prev, end)
+                    end_at(prev, end)
                 t += 1
                 code, end = divmod(~c, _N_END)
                 s, won = code >> 1, code & 1
@@ -325,12 +411,12 @@ class TrajectoryTree:
                 else:
                     self._mix_source(c, s)
             prev = c
-        self._end(prev, end)
+        end_at(prev, end)
 
-    def _flush_bulk(self, flat: list[int], rets: list[int], fresh: bool) -> None:
+    def _flush_bulk(self, flat: array, rets: array, fresh: bool) -> None:
         """Many pending steps: count them with numpy (exact: integer counts and fixed-point sums in int64)."""
         n, k = len(self._key), len(flat)
-        nodes = np.fromiter(flat, dtype=np.int64, count=k)
+        nodes = np.frombuffer(flat, dtype=np.int64).copy()
         starts = np.flatnonzero(nodes < 0)
         code, end = np.divmod(~nodes[starts], _N_END)
         nodes[starts] = 0
@@ -344,19 +430,12 @@ class TrajectoryTree:
         end_nodes, which = np.unique(last, return_inverse=True)
         table = np.zeros((len(end_nodes), _N_END), dtype=np.int64)
         np.add.at(table, (which, end), 1)
-        terminal = self._terminal
-        rows = table.tolist()
-        if terminal:
-            for i, c in enumerate(end_nodes.tolist()):
-                old = terminal.get(c)
-                if old is not None:
-                    rows[i] = [x + y for x, y in zip(old, rows[i], strict=True)]
-        terminal.update(zip(end_nodes.tolist(), rows, strict=True))
+        self._terminal.add_table(end_nodes.tolist(), table)
         won = (code & 1).astype(bool)[traj]
         model = (code >> 1)[traj]
         add_visits = np.bincount(nodes, minlength=n)
         add_ret = np.zeros(n, dtype=np.int64)
-        np.add.at(add_ret, nodes, np.fromiter(rets, dtype=np.int64, count=len(rets))[traj])
+        np.add.at(add_ret, nodes, np.frombuffer(rets, dtype=np.int64)[traj])
         add_succ = np.bincount(nodes[won], minlength=n)
         old_visits = np.zeros(n, dtype=np.int64) if fresh else np.asarray(self._visits, dtype=np.int64)
         # sources: per node, the (model, count) pairs of the pending steps
@@ -380,21 +459,25 @@ class TrajectoryTree:
         src = old_src.copy()
         src[first] = only[first]
         src[is_mixed] = -1
-        src_mixed = self._src_mixed
-        if m > _DENSE_MODELS:  # many models: sparse rows, pair by pair
+        mix, sparse = self._mix, self._src_sparse
+        if m > _DENSE_MODELS:  # many models: counts in dicts, pair by pair
+            at = is_mixed[pair_node]
             for c, s, x, s0, v0 in zip(
-                pair_node[is_mixed[pair_node]].tolist(),
-                pair_model[is_mixed[pair_node]].tolist(),
-                pair_counts[is_mixed[pair_node]].tolist(),
-                old_src[pair_node[is_mixed[pair_node]]].tolist(),
-                old_visits[pair_node[is_mixed[pair_node]]].tolist(),
+                pair_node[at].tolist(),
+                pair_model[at].tolist(),
+                pair_counts[at].tolist(),
+                old_src[pair_node[at]].tolist(),
+                old_visits[pair_node[at]].tolist(),
                 strict=True,
             ):
-                row = src_mixed.get(c)
+                row = sparse.get(c)
                 if row is None:
-                    row = src_mixed[c] = {s0: v0} if v0 else {}
-                elif not isinstance(row, dict):
-                    row = src_mixed[c] = {i: y for i, y in enumerate(row) if y}
+                    old = mix.pop(c)  # counts in the dense columns move to the dict
+                    if old is not None:
+                        row = {i: y for i, y in enumerate(old) if y}
+                    else:
+                        row = {s0: v0} if v0 else {}
+                    sparse[c] = row
                 row[s] = row.get(s, 0) + x
             self._set_stats(fresh, old_visits, add_visits, add_ret, add_succ, src, depths)
             return
@@ -407,17 +490,17 @@ class TrajectoryTree:
         np.add.at(table, (row_of[pair_node[sel]], pair_model[sel]), pair_counts[sel])
         had_one = np.flatnonzero((old_src[mixed] >= 0) & (old_visits[mixed] > 0))
         table[had_one, old_src[mixed[had_one]]] += old_visits[mixed[had_one]]
-        rows = table.tolist()
-        for i in np.flatnonzero((old_src[mixed] < 0) & (old_visits[mixed] > 0)).tolist():
-            old = src_mixed[int(mixed[i])]  # already mixed: add the counts it has
-            if isinstance(old, dict):
-                for j, x in enumerate(rows[i]):
-                    if x:
-                        old[j] = old.get(j, 0) + x
-                rows[i] = old
-            else:
-                rows[i] = [x + y for x, y in zip(rows[i], old + [0] * (m - len(old)), strict=True)]
-        src_mixed.update(zip(mixed.tolist(), rows, strict=True))
+        dense = np.ones(len(mixed), dtype=bool)
+        if sparse:  # nodes already counted in dicts (loaded from a file) stay there
+            for i in np.flatnonzero((old_src[mixed] < 0) & (old_visits[mixed] > 0)).tolist():
+                row = sparse.get(int(mixed[i]))
+                if row is not None:
+                    for j, x in enumerate(table[i].tolist()):
+                        if x:
+                            row[j] = row.get(j, 0) + x
+                    dense[i] = False
+        mix.widen(m)
+        mix.add_table(mixed[dense].tolist(), table[dense])  # adds to the rows of already mixed nodes
         self._set_stats(fresh, old_visits, add_visits, add_ret, add_succ, src, depths)
 
     def _set_stats(
@@ -449,91 +532,103 @@ class TrajectoryTree:
         Raises:
             ValueError: the trajectory belongs to another task.
         """
-        if traj.task_id != self.task_id:
-            raise ValueError(
-                f"trajectory of task {traj.task_id!r} added to the tree of task {self.task_id!r}"
-            )
-        if not self.env_id:
-            self.env_id = traj.env_id
-        if traj.instruction != self.instruction and (
-            not self.instruction or traj.instruction < self.instruction
-        ):
-            self.instruction = traj.instruction  # smallest wins: order-independent
-        r = round(traj.return_ * _SCALE)
-        model = traj.source.model
-        s = self._model_index.get(model)
-        if s is None:
-            s = self._model_id(model)
-        akc, okc, index, keys = self._akc, self._okc, self._index, self._key
-        oka, otext, thoughts, trets = self._oka, self._otext, self._thought, self._tret
-        flat_append = self._pend_nodes.append
-        # an observation is first compared with the displayed text of the key expected at the node (it is
-        # nearly always that text): a string comparison with a shared, cached string rather than a hash
-
-        # the root: the task itself
-        o = traj.initial_observation
-        okey = oka[0]
-        if okey is None or o != otext[0]:
-            okey = okc.get(o)
-            if okey is None:
-                okey = self._new_obs(o)
-            if oka[0] is None or (okey is not oka[0] and okey < oka[0]):
-                oka[0] = okey
-                otext[0] = o
-        # the root starts the trajectory's path, marked by ~code (negative): model, success and how it ended
-        flat_append(~(((s << 1) | (1 if traj.success else 0)) * _N_END + _END_INDEX[traj.end]))
-        self._pend_ret.append(r)
-
-        node = 0
-        n0 = len(keys)
-        for step in traj.steps:
-            a = step.action
-            ak = akc.get(a)
-            if ak is None:
-                ak = self._new_action(a)
-            key = (node, ak, okey)
-            c = index.get(key)
-            o = step.observation
-            if c is None:
-                okey = okc.get(o)
-                if okey is None:
-                    okey = self._new_obs(o)
-                c = index[key] = len(keys)
-                keys.append(key)
-                oka.append(okey)
-                otext.append(o)
-                thoughts.append(step.thought)
-                trets.append(r)
-            else:
-                if o == otext[c]:
-                    okey = oka[c]
-                else:
-                    ok2 = oka[c]
-                    okey = okc.get(o)
-                    if okey is None:
-                        okey = self._new_obs(o)
-                    if okey is not ok2 and okey < ok2:
-                        oka[c] = okey
-                        otext[c] = o
-                t = trets[c]
-                if r >= t and (r > t or step.thought < thoughts[c]):
-                    thoughts[c] = step.thought
-                    trets[c] = r
-            flat_append(c)
-            node = c
-        if len(keys) != n0:
-            self._canonical = False
-            self._children = None
-        # visits, return sums, successes, sources, depths and ends are summed when next read (see _flush)
-        return node
+        return self._merge((traj,))[1]
 
     def extend(self, trajectories: Iterable[Trajectory]) -> int:
-        """Merge several trajectories; returns how many were added."""
-        n = 0
-        for traj in trajectories:
-            self.add(traj)
-            n += 1
-        return n
+        """Merge several trajectories (faster than :meth:`add` one by one); returns how many were added.
+
+        Raises:
+            ValueError: a trajectory belongs to another task (those before it are merged).
+        """
+        return self._merge(trajectories)[0]
+
+    def _merge(self, trajectories: Iterable[Trajectory]) -> tuple[int, int]:
+        """Merge trajectories; returns how many, and the node the last one ended at (-1 when none)."""
+        task_id = self.task_id
+        akc, okc, index, keys = self._akc, self._okc, self._index, self._key
+        oka, otext, thoughts, trets = self._oka, self._otext, self._thought, self._tret
+        models, new_obs, new_action = self._model_index, self._new_obs, self._new_action
+        flat_append, ret_append = self._pend_nodes.append, self._pend_ret.append
+        end_index, n_end = _END_INDEX, _N_END
+        n0 = len(keys)
+        count = 0
+        node = -1
+        try:
+            for traj in trajectories:
+                if traj.task_id != task_id:
+                    raise ValueError(
+                        f"trajectory of task {traj.task_id!r} added to the tree of task {task_id!r}"
+                    )
+                if traj.instruction != self.instruction and (
+                    not self.instruction or traj.instruction < self.instruction
+                ):
+                    self.instruction = traj.instruction  # smallest wins: order-independent
+                if not self.env_id:
+                    self.env_id = traj.env_id
+                r = round(traj.return_ * _SCALE)
+                s = models.get(traj.source.model)
+                if s is None:
+                    s = self._model_id(traj.source.model)
+                # an observation is first compared with a raw text of the key the node has seen (it nearly
+                # always is that text): one string comparison instead of hashing the observation
+
+                # the root: the task itself
+                o = traj.initial_observation
+                okey = oka[0]
+                if okey is None or o != otext[0]:
+                    okey = okc.get(o)
+                    if okey is None:
+                        okey = new_obs(o)
+                    if oka[0] is None or (okey is not oka[0] and okey < oka[0]):
+                        oka[0] = okey
+                        otext[0] = o
+                # the root starts the trajectory's path, marked by ~code (negative): model, success and how
+                # it ended
+                flat_append(~(((s << 1) | (1 if traj.success else 0)) * n_end + end_index[traj.end]))
+                ret_append(r)
+                count += 1
+                node = 0
+                for step in traj.steps:
+                    a = step.action
+                    ak = akc.get(a)
+                    if ak is None:
+                        ak = new_action(a)
+                    key = (node, ak, okey)
+                    c = index.get(key)
+                    o = step.observation
+                    if c is None:
+                        okey = okc.get(o)
+                        if okey is None:
+                            okey = new_obs(o)
+                        c = index[key] = len(keys)
+                        keys.append(key)
+                        oka.append(okey)
+                        otext.append(o)
+                        thoughts.append(step.thought)
+                        trets.append(r)
+                    else:
+                        if o == otext[c]:
+                            okey = oka[c]
+                        else:
+                            ok2 = oka[c]
+                            okey = okc.get(o)
+                            if okey is None:
+                                okey = new_obs(o)
+                            if okey is not ok2 and okey < ok2:
+                                oka[c] = okey
+                                otext[c] = o
+                        t = trets[c]
+                        if r >= t and (r > t or step.thought < thoughts[c]):
+                            thoughts[c] = step.thought
+                            trets[c] = r
+                    flat_append(c)
+                    node = c
+        finally:
+            if len(keys) != n0:
+                self._canonical = False
+                self._children = None
+        # visits, return sums, successes, sources, depths and ends are summed when next read (see _flush)
+        return count, node
 
     # -------------------------------------------------------------------------------------------- queries
 
@@ -631,8 +726,10 @@ class TrajectoryTree:
         s = self._src[node]
         if s >= 0:
             return {self._models[s]: self._visits[node]}
-        row = self._src_mixed.get(node, {})
-        items = row.items() if isinstance(row, dict) else [(i, n) for i, n in enumerate(row) if n]
+        row = self._src_sparse.get(node)
+        items = (
+            row.items() if row is not None else [(i, n) for i, n in enumerate(self._mix.get(node) or ()) if n]
+        )
         return {self._models[i]: n for i, n in sorted(items, key=lambda kv: self._models[kv[0]])}
 
     def terminal(self, node: int) -> dict[str, int]:
@@ -803,8 +900,9 @@ class TrajectoryTree:
         for name in _NODE_LISTS:
             picked = pick(getattr(self, name))
             setattr(self, name, _int_array(picked) if name in _INT_ARRAYS else list(picked))
-        self._src_mixed = {new_id[n]: d for n, d in self._src_mixed.items()}
-        self._terminal = {new_id[n]: e for n, e in self._terminal.items()}
+        self._src_sparse = {new_id[n]: d for n, d in self._src_sparse.items()}
+        self._mix.remap(new_id)
+        self._terminal.remap(new_id)
         self._index = dict(zip(self._key[1:], range(1, n), strict=True))
         if self._mcts_visits is not None and self._mcts_value is not None:
             perm = np.asarray(order, dtype=np.int64)
@@ -909,7 +1007,7 @@ class TrajectoryTree:
         new_id = {old: i for i, old in enumerate(order)}
         tree._key, tree._depth, tree._oka, tree._otext = [], array("q"), [], []
         tree._canonical = False
-        tree._thought, tree._tret, tree._ret = [], [], []
+        tree._thought, tree._tret, tree._ret = [], array("q"), []
         tree._visits, tree._succ, tree._src = array("q"), array("q"), array("q")
         mv: list[int] = []
         mval: list[float] = []
@@ -948,9 +1046,10 @@ class TrajectoryTree:
             else:
                 tree._src.append(-1)
                 if ids:
-                    tree._src_mixed[i] = ids
+                    tree._src_sparse[i] = ids
             if attrs["terminal"]:
-                tree._terminal[i] = [attrs["terminal"].get(name, 0) for name in END_REASONS]
+                for j, name in enumerate(END_REASONS):
+                    tree._terminal.add(i, j, attrs["terminal"].get(name, 0))
             mv.append(attrs["mcts_visits"])
             mval.append(attrs["mcts_value"])
         for model in gattrs.get("sources", []) or []:
@@ -1060,6 +1159,10 @@ def _check_node(rec: Mapping[str, Any], nid: int, fail: Callable[[str], DataForm
         raise fail(f"node {nid}: need 0 <= successes <= visits, got {out['successes']} and {out['visits']}")
     if out["failures"] != out["visits"] - out["successes"]:
         raise fail(f"node {nid}: failures {out['failures']} != visits - successes")
+    if not 0 <= out["thought_return"] <= 1:
+        raise fail(
+            f"node {nid}: attribute 'thought_return' must be a return in [0, 1], got {out['thought_return']!r}"
+        )
     for name in ("sources", "terminal"):
         for k, c in out[name].items():
             if not isinstance(k, str) or not isinstance(c, int) or isinstance(c, bool) or c < 0:
@@ -1076,16 +1179,47 @@ def _check_node(rec: Mapping[str, Any], nid: int, fail: Callable[[str], DataForm
     return out
 
 
+def add_trajectories(
+    trajectories: Iterable[Trajectory],
+    trees: dict[str, TrajectoryTree] | None = None,
+    *,
+    obs_key: ObservationKey | None = None,
+    chunk: int = 1 << 15,
+) -> dict[str, TrajectoryTree]:
+    """Merge trajectories into one tree per task; returns ``{task_id: tree}``.
+
+    ``trees`` (updated in place, missing tasks added) holds the trees to merge into; ``obs_key`` is the
+    observation key of new trees. The trajectories are taken ``chunk`` at a time and grouped by task before
+    they are merged, so that a tree's index stays in the CPU caches while its trajectories go in: with many
+    tasks interleaved in a file this is much faster than adding them in file order, and gives the same trees
+    (the order of trajectories does not matter). Statistics are summed on first read, ids are not canonical:
+    see :func:`build_trees`.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    out: dict[str, TrajectoryTree] = {} if trees is None else trees
+    it = iter(trajectories)
+    while batch := list(islice(it, chunk)):
+        groups: dict[str, list[Trajectory]] = {}
+        for traj in batch:
+            group = groups.get(traj.task_id)
+            if group is None:
+                group = groups[traj.task_id] = []
+            group.append(traj)
+        del batch
+        for task_id, group in groups.items():
+            tree = out.get(task_id)
+            if tree is None:
+                tree = out[task_id] = TrajectoryTree(task_id, obs_key=obs_key)
+            tree.extend(group)
+    return out
+
+
 def build_trees(
     trajectories: Iterable[Trajectory], *, obs_key: ObservationKey | None = None
 ) -> dict[str, TrajectoryTree]:
     """One canonical tree per task from any number of trajectories; returns ``{task_id: tree}`` sorted by task."""
-    trees: dict[str, TrajectoryTree] = {}
-    for traj in trajectories:
-        tree = trees.get(traj.task_id)
-        if tree is None:
-            tree = trees[traj.task_id] = TrajectoryTree(traj.task_id, obs_key=obs_key)
-        tree.add(traj)
+    trees = add_trajectories(trajectories, obs_key=obs_key)
     for tree in trees.values():
         tree.canonicalize()
     return {k: trees[k] for k in sorted(trees)}
