@@ -245,13 +245,14 @@ def _contract(
     for i, a, b in zip(branching.tolist(), starts, stops, strict=True):
         kids[i] = flat[a:b]
     leaf_ends = np.flatnonzero(nk[ends] == 0)
-    leaf = [0.0] * len(heads)
-    for i, m in zip(leaf_ends.tolist(), tree.mean_returns(order[ends[leaf_ends]].tolist()), strict=True):
-        leaf[i] = m
+    at = order[ends[leaf_ends]]  # node ids of the leaves
+    visits, returns, _ = tree.stat_arrays()
+    values = np.zeros(len(heads), dtype=np.float64)
+    v = visits[at]
+    values[leaf_ends] = np.divide(returns[at], v, out=np.zeros(len(at), dtype=np.float64), where=v > 0)
     if discount != 1.0:
-        depth = np.asarray([tree.depth(int(n)) for n in order[ends[leaf_ends]]], dtype=np.float64)
-        for i, f in zip(leaf_ends.tolist(), (discount**depth).tolist(), strict=True):
-            leaf[i] *= f
+        values[leaf_ends] *= discount ** np.asarray([tree.depth(int(n)) for n in at], dtype=np.float64)
+    leaf = values.tolist()
     comp = cid[np.maximum.accumulate(np.where(is_head, ar, 0))]  # compressed node of every position
     return kids, leaf, comp, order
 

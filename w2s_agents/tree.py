@@ -47,6 +47,7 @@ Trees are saved as versioned networkx node-link JSON (``w2s.tree/1``)::
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -54,7 +55,8 @@ import math
 import os
 import re
 from array import array
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from operator import itemgetter
@@ -111,6 +113,23 @@ _BULK_STEPS = 2048  # pending steps from which statistics are summed with numpy 
 # per-node int64 statistics held as array('q') (8 bytes a node, copied to and from numpy without a loop);
 # return sums stay a list: past 2**62 they are summed as Python ints
 _INT_ARRAYS = ("_depth", "_tret", "_visits", "_succ", "_src")
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the garbage collector (restoring its state after).
+
+    For the bulk passes that allocate one short-lived or untracked object per node (the tuples of renumbered
+    keys, numpy's lists): otherwise each burst of allocations triggers full collections, and every full
+    collection walks the per-node lists of every tree in memory (about 0.2 s per 500,000 nodes here),
+    for no garbage."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _zeros(n: int) -> array:
@@ -264,6 +283,7 @@ class TrajectoryTree:
         self.obs_key: ObservationKey = obs_key or normalize_text
         # struct of arrays, indexed by node id
         self._key: list[tuple[int, Any, Any]] = [(-1, "", None)]  # (parent, action key, obs key acted on)
+        self._parent = array("q", [-1])  # the parents of _key, for numpy
         self._depth = array("q", [0])
         self._oka: list[Any] = [None]  # key of the observation after the action (root: first observation)
         # a raw text of key _oka (compared with each step's observation before hashing it; any text of the
@@ -545,7 +565,7 @@ class TrajectoryTree:
     def _merge(self, trajectories: Iterable[Trajectory]) -> tuple[int, int]:
         """Merge trajectories; returns how many, and the node the last one ended at (-1 when none)."""
         task_id = self.task_id
-        akc, okc, index, keys = self._akc, self._okc, self._index, self._key
+        akc, okc, index, keys, parents = self._akc, self._okc, self._index, self._key, self._parent
         oka, otext, thoughts, trets = self._oka, self._otext, self._thought, self._tret
         models, new_obs, new_action = self._model_index, self._new_obs, self._new_action
         flat_append, ret_append = self._pend_nodes.append, self._pend_ret.append
@@ -602,6 +622,7 @@ class TrajectoryTree:
                             okey = new_obs(o)
                         c = index[key] = len(keys)
                         keys.append(key)
+                        parents.append(node)
                         oka.append(okey)
                         otext.append(o)
                         thoughts.append(step.thought)
@@ -647,7 +668,7 @@ class TrajectoryTree:
 
     def parent(self, node: int) -> int:
         """Parent id (-1 for the root)."""
-        return self._key[node][0]
+        return self._parent[node]
 
     def depth(self, node: int) -> int:
         """Number of actions from the root to ``node``."""
@@ -763,24 +784,32 @@ class TrajectoryTree:
 
     def _build_children(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self._key)
-        parents = np.fromiter((k[0] for k in self._key[1:]), dtype=np.int64, count=n - 1)
-        ids = (np.argsort(parents, kind="stable") + 1).astype(np.int32)  # grouped by parent, ascending ids
+        parents = np.array(self._parent, dtype=np.int64)[1:]
         counts = np.bincount(parents, minlength=n)
         off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(counts, out=off[1:])
-        if not self._canonical:  # sort each group of siblings by (action key, observation key)
+        if self._canonical:  # grouped by parent, ascending ids: the canonical order
+            return off, (np.argsort(parents, kind="stable") + 1).astype(np.int32)
+        # sort each group of siblings by (action key, observation key): by their ranks among all keys, for
+        # the nodes that have siblings
+        multi = np.flatnonzero(counts[parents] >= 2) + 1
+        arank = np.zeros(n - 1, dtype=np.int64)
+        orank = np.zeros(n - 1, dtype=np.int64)
+        if len(multi):
             keys = self._key
-            for p in np.flatnonzero(counts >= 2).tolist():
-                a, b = off[p], off[p + 1]
-                ids[a:b] = sorted(ids[a:b].tolist(), key=lambda c: keys[c][1:])
-        return off, ids
+            ar = {k: i for i, k in enumerate(sorted(self._action_text))}
+            orr = {k: i for i, k in enumerate(sorted(self._obs_text))}
+            ml = multi.tolist()
+            arank[multi - 1] = np.fromiter((ar[keys[c][1]] for c in ml), dtype=np.int64, count=len(ml))
+            orank[multi - 1] = np.fromiter((orr[keys[c][2]] for c in ml), dtype=np.int64, count=len(ml))
+        return off, (np.lexsort((orank, arank, parents)) + 1).astype(np.int32)
 
     def path(self, node: int) -> list[int]:
         """Node ids from the root to ``node``, both included."""
         out = []
         while node >= 0:
             out.append(node)
-            node = self._key[node][0]
+            node = self._parent[node]
         out.reverse()
         return out
 
@@ -843,7 +872,7 @@ class TrajectoryTree:
         if self._pend_ret:
             self._flush()
         n = len(self)
-        counts = np.bincount(np.asarray([k[0] for k in self._key[1:]], dtype=np.int64), minlength=n)
+        counts = np.bincount(np.array(self._parent, dtype=np.int64)[1:], minlength=n)
         inner = counts[counts > 0]
         visits = self._visits[0]
         return TreeSummary(
@@ -865,17 +894,35 @@ class TrajectoryTree:
 
     def canonical_order(self) -> list[int]:
         """Node ids in preorder with children in canonical order (the numbering of saved trees)."""
-        off_a, ids_a = self.child_arrays()
-        off, ids = off_a.tolist(), ids_a.tolist()
-        order: list[int] = []
-        stack = [0]
-        pop, push, visit = stack.pop, stack.extend, order.append
-        while stack:
-            n = pop()
-            visit(n)
-            a, b = off[n], off[n + 1]
-            if a != b:
-                push(ids[b - 1 : a - 1 if a else None : -1])
+        return self._preorder().tolist()
+
+    def _preorder(self) -> np.ndarray:
+        """:meth:`canonical_order` as an int64 array, computed level by level with numpy: a node's position
+        is its parent's plus one plus the sizes of the subtrees of its earlier siblings."""
+        if self._pend_ret:
+            self._flush()
+        n = len(self)
+        if self._canonical:
+            return np.arange(n, dtype=np.int64)
+        off, ids32 = self.child_arrays()
+        ids = ids32.astype(np.int64)
+        parent = np.array(self._parent, dtype=np.int64)
+        depth = np.array(self._depth, dtype=np.int64)
+        by_depth = np.argsort(depth, kind="stable")
+        bounds = np.searchsorted(depth[by_depth], np.arange(int(depth.max()) + 2)).tolist()
+        levels = [by_depth[bounds[d] : bounds[d + 1]] for d in range(len(bounds) - 1)]
+        size = np.ones(n, dtype=np.int64)
+        for nodes in reversed(levels[1:]):  # subtree sizes, deepest level first
+            size += np.bincount(parent[nodes], weights=size[nodes], minlength=n).astype(np.int64)
+        before = np.zeros(len(ids) + 1, dtype=np.int64)  # sizes of the CSR slots before each one
+        np.cumsum(size[ids], out=before[1:])
+        rel = np.zeros(n, dtype=np.int64)  # position relative to the parent's
+        rel[ids] = 1 + before[:-1] - before[off[parent[ids]]]
+        pos = np.zeros(n, dtype=np.int64)
+        for nodes in levels[1:]:
+            pos[nodes] = pos[parent[nodes]] + rel[nodes]
+        order = np.empty(n, dtype=np.int64)
+        order[pos] = np.arange(n, dtype=np.int64)
         return order
 
     def canonicalize(self) -> None:
@@ -887,25 +934,38 @@ class TrajectoryTree:
             self._flush()
         if self._canonical:
             return
-        order = self.canonical_order()
-        n = len(order)
-        if order == list(range(n)):
+        with _gc_paused():
+            self._renumber()
+
+    def _renumber(self) -> None:
+        perm = self._preorder()
+        n = len(perm)
+        if np.array_equal(perm, np.arange(n)):
             self._canonical = True
             return
-        new_id = [0] * n
-        for i, old in enumerate(order):
-            new_id[old] = i
-        pick = itemgetter(*order) if n > 1 else (lambda values: (values[0],))
-        self._key = [(-1, "", None)] + [(new_id[k[0]], k[1], k[2]) for k in pick(self._key)[1:]]
+        order = perm.tolist()
+        new = np.empty(n, dtype=np.int64)
+        new[perm] = np.arange(n, dtype=np.int64)
+        new_id = new.tolist()
+        pick = itemgetter(*order[1:]) if n > 2 else (lambda values: tuple(values[i] for i in order[1:]))
+        moved = pick(self._key)  # every node but the root (order[0])
+        parents = new[np.array(self._parent, dtype=np.int64)[perm[1:]]]
+        self._parent = array("q", [-1]) + _int_array(parents)
+        self._key = [
+            (-1, "", None),
+            *zip(parents.tolist(), map(itemgetter(1), moved), map(itemgetter(2), moved), strict=True),
+        ]
         for name in _NODE_LISTS:
-            picked = pick(getattr(self, name))
-            setattr(self, name, _int_array(picked) if name in _INT_ARRAYS else list(picked))
+            values = getattr(self, name)
+            if name in _INT_ARRAYS:
+                setattr(self, name, _int_array(np.array(values, dtype=np.int64)[perm]))
+            else:
+                setattr(self, name, [values[0], *pick(values)])
         self._src_sparse = {new_id[n]: d for n, d in self._src_sparse.items()}
         self._mix.remap(new_id)
         self._terminal.remap(new_id)
         self._index = dict(zip(self._key[1:], range(1, n), strict=True))
         if self._mcts_visits is not None and self._mcts_value is not None:
-            perm = np.asarray(order, dtype=np.int64)
             self._mcts_visits = self._mcts_visits[perm]
             self._mcts_value = self._mcts_value[perm]
         self._canonical = True
@@ -930,7 +990,7 @@ class TrajectoryTree:
         for n in range(len(self)):
             g.add_node(n, **self.node(n))
         for n in range(1, len(self)):
-            g.add_edge(self._key[n][0], n)
+            g.add_edge(self._parent[n], n)
         return g
 
     @classmethod
@@ -1005,7 +1065,7 @@ class TrajectoryTree:
                 depth[w] = depth[parent[w]] + 1
         order = sorted(range(n), key=lambda v: (depth[v], v))
         new_id = {old: i for i, old in enumerate(order)}
-        tree._key, tree._depth, tree._oka, tree._otext = [], array("q"), [], []
+        tree._key, tree._parent, tree._depth, tree._oka, tree._otext = [], array("q"), array("q"), [], []
         tree._canonical = False
         tree._thought, tree._tret, tree._ret = [], array("q"), []
         tree._visits, tree._succ, tree._src = array("q"), array("q"), array("q")
@@ -1033,6 +1093,7 @@ class TrajectoryTree:
             if old:
                 tree._index[key] = i
             tree._key.append(key)
+            tree._parent.append(key[0])
             tree._depth.append(depth[old])
             tree._thought.append(attrs["thought"])
             tree._tret.append(round(attrs["thought_return"] * _SCALE) if old else -1)
