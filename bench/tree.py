@@ -7,7 +7,7 @@ distinct objects, as when reading a store. Measured on the same data in one run:
 * build: steps/s merging every trajectory into one tree per task (ours: ``add_trajectories`` and
   ``update_statistics``, every statistic, then separately the canonical renumbering that ``build_trees``
   adds; baseline: Python node objects, children found by a linear scan comparing raw strings, visits and
-  return sum only), and the ratio; best of 3 each, with the parsed input frozen out of the garbage collector
+  return sum only), and the ratio; best of 5 each (``--repeat``), alternating, with the parsed input frozen out of the garbage collector
   (``gc.freeze``). Ours groups the trajectories by task in chunks before merging (``add_trajectories``);
   the baseline takes them in file order, and is also timed on them grouped by task, which it gains
   nothing from;
@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-task", type=int, default=2000, help="trajectories per task")
     ap.add_argument("--simulations", type=int, default=None, help="MCTS simulations timed (default 20,000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=5, help="builds timed per side (the best counts)")
     ap.add_argument(
         "--no-freeze",
         action="store_true",
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
     print(f"        parsed input {'left in' if args.no_freeze else 'frozen out of'} the garbage collector")
     t_base = t_group = t_add = t_canon = math.inf
-    for _ in range(3):
+    for _ in range(args.repeat):
         base_roots = trees = None
         gc.collect()
         base_roots, t = timed(baseline_build, trajs)

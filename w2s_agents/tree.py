@@ -1271,11 +1271,12 @@ def add_trajectories(
                 group = groups[traj.task_id] = []
             group.append(traj)
         del batch
-        for task_id, group in groups.items():
-            tree = out.get(task_id)
-            if tree is None:
-                tree = out[task_id] = TrajectoryTree(task_id, obs_key=obs_key)
-            tree.extend(group)
+        with _gc_paused():  # see TrajectoryTree.extend
+            for task_id, group in groups.items():
+                tree = out.get(task_id)
+                if tree is None:
+                    tree = out[task_id] = TrajectoryTree(task_id, obs_key=obs_key)
+                tree._merge(group)
     return out
 
 
