@@ -7,10 +7,10 @@ distinct objects, as when reading a store. Measured on the same data in one run:
 * build: steps/s merging every trajectory into one tree per task (ours: ``add_trajectories`` and
   ``update_statistics``, every statistic, then separately the canonical renumbering that ``build_trees``
   adds; baseline: Python node objects, children found by a linear scan comparing raw strings, visits and
-  return sum only), and the ratio; best of 5 each (``--repeat``), alternating, with the parsed input frozen out of the garbage collector
-  (``gc.freeze``). Ours groups the trajectories by task in chunks before merging (``add_trajectories``);
-  the baseline takes them in file order, and is also timed on them grouped by task, which it gains
-  nothing from;
+  return sum only), and the ratio; best of 5 each (``--repeat``), alternating, with the parsed input frozen
+  out of the garbage collector (``gc.freeze``). Ours groups the trajectories by task in chunks before merging
+  (``add_trajectories``); the baseline takes them in file order, and is also timed on them grouped by task,
+  to show what the grouping alone would give it;
 * memory: bytes per node of each tree structure, strings excluded (sizes of every non-string object the
   trees hold, shared objects counted once);
 * MCTS: simulations/s on the tree closest to 10,000 nodes (ours: ``run_mcts``; baseline: node objects with
