@@ -17,9 +17,9 @@ observation key) -> child`` for merging, flat count tables for the rarer cases (
 models, nodes where trajectories ended), and the children in CSR form (two numpy arrays,
 :meth:`TrajectoryTree.child_arrays`). A tree of any size thus holds a few dozen objects that the garbage
 collector tracks, not one per node. :func:`add_trajectories` groups trajectories by task before merging, so
-that a tree's index stays in the CPU caches while its trajectories go in. Normalised keys are cached per raw text, and the
-observation after a known step is first compared with the displayed text of the node's observation key, so a
-repeated step costs a string comparison rather than a hash of the observation. Returns are summed in fixed
+that a tree's index stays in the CPU caches while its trajectories go in. Normalised keys are cached per raw
+text, and the observation after a known step is first compared with a raw text of the node's observation key,
+so a repeated step costs a string comparison rather than a hash of the observation. Returns are summed in fixed
 point (units of 2**-32, exact for the usual returns and within 2**-32 per trajectory otherwise), so the sums,
 and the whole tree, do not depend on the order trajectories are added in.
 
