@@ -189,3 +189,30 @@ def test_a_tree_holds_a_few_objects_for_the_garbage_collector_whatever_its_size(
     (small_nodes, small), (big_nodes, big) = sizes
     assert big_nodes > 3 * small_nodes
     assert big == small
+
+
+def test_children_and_preorder_of_a_tree_in_insertion_order() -> None:
+    # before canonicalize, ids are in insertion order: children() must still come sorted by (action key,
+    # observation key) and canonical_order() must be the preorder over them, as a recursive walk gives it
+    trajs = _trajectories(2000, seed=7)
+    random.Random(7).shuffle(trajs)
+    tree = TrajectoryTree("house/0")
+    tree.extend(trajs)
+    assert not tree.is_canonical
+    by_parent: dict[int, list[int]] = {}
+    for node in range(1, len(tree)):
+        by_parent.setdefault(tree.parent(node), []).append(node)
+    for node in range(len(tree)):
+        expected = sorted(by_parent.get(node, []), key=lambda c: (tree.action_key(c), tree.obs_key_before(c)))
+        assert list(tree.children(node)) == expected
+    order: list[int] = []
+
+    def walk(node: int) -> None:
+        order.append(node)
+        for c in tree.children(node):
+            walk(c)
+
+    walk(0)
+    assert tree.canonical_order() == order
+    saved = _saved(tree)  # canonicalizes
+    assert tree.is_canonical and _saved(build_trees(trajs)["house/0"]) == saved
