@@ -9,8 +9,9 @@ distinct objects, as when reading a store. Measured on the same data in one run:
   adds; baseline: Python node objects, children found by a linear scan comparing raw strings, visits and
   return sum only), and the ratio; best of 5 each (``--repeat``), alternating, with the parsed input frozen
   out of the garbage collector (``gc.freeze``). Ours groups the trajectories by task in chunks before merging
-  (``add_trajectories``); the baseline takes them in file order, and is also timed on them grouped by task,
-  to show what the grouping alone would give it;
+  (``add_trajectories``) and pauses the collector while it merges; the baseline takes them in file order with
+  the collector on, and is also timed on them grouped by task and with the collector paused, to show what
+  each of those alone would give it;
 * memory: bytes per node of each tree structure, strings excluded (sizes of every non-string object the
   trees hold, shared objects counted once);
 * MCTS: simulations/s on the tree closest to 10,000 nodes (ours: ``run_mcts``; baseline: node objects with
@@ -297,6 +298,17 @@ def baseline_build_grouped(trajs: list[Trajectory]) -> dict[str, BaselineNode]:
     return roots
 
 
+def baseline_build_no_gc(trajs: list[Trajectory]) -> dict[str, BaselineNode]:
+    """The baseline with the garbage collector paused, as ours pauses it while it merges (for comparison)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return baseline_build(trajs)
+    finally:
+        if was:
+            gc.enable()
+
+
 def add_all(trajs: list[Trajectory]) -> dict[str, TrajectoryTree]:
     """Merge every trajectory into its task's tree (node ids in insertion order), statistics summed."""
     trees = add_trajectories(trajs)  # grouped by task in chunks, then merged tree by tree
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_freeze:
         gc.freeze()
     print(f"        parsed input {'left in' if args.no_freeze else 'frozen out of'} the garbage collector")
-    t_base = t_group = t_add = t_canon = math.inf
+    t_base = t_group = t_nogc = t_add = t_canon = math.inf
     for _ in range(args.repeat):
         base_roots = trees = None
         gc.collect()
@@ -372,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         base_roots, t = timed(baseline_build_grouped, trajs)
         t_group = min(t_group, t)
+        base_roots = None
+        gc.collect()
+        base_roots, t = timed(baseline_build_no_gc, trajs)
+        t_nogc = min(t_nogc, t)
         base_roots = None
         gc.collect()
         trees, t = timed(add_all, trajs)
@@ -389,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"        baseline given the trajectories grouped by task {steps / t_group:>12,.0f} steps/s   "
         f"ratio {t_group / t_add:5.2f}x"
+    )
+    print(
+        f"        baseline with the garbage collector paused      {steps / t_nogc:>12,.0f} steps/s   "
+        f"ratio {t_nogc / t_add:5.2f}x"
     )
     t_build = t_add + t_canon
     print(
