@@ -121,8 +121,8 @@ def _gc_paused() -> Iterator[None]:
 
     For the bulk passes that allocate one short-lived or untracked object per step or node (lookup keys,
     the tuples of renumbered keys): otherwise the allocations trigger full collections, and every full
-    collection walks the per-node lists of every tree in memory (about 0.2 s per 500,000 nodes on a 2-core
-    EPYC), for no garbage: these passes make no reference cycles."""
+    collection walks the per-node lists of every tree in memory, for no garbage: these passes make no
+    reference cycles."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -137,13 +137,11 @@ def _zeros(n: int) -> array:
     return array("q", bytes(8 * n))
 
 
-def _int_array(values: Iterable[int] | np.ndarray) -> array:
-    """An ``array("q")`` of ``values``."""
-    if isinstance(values, np.ndarray):
-        out = array("q")
-        out.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
-        return out
-    return array("q", values)
+def _int_array(values: np.ndarray) -> array:
+    """An ``array("q")`` of the values of a numpy array (copied without a Python loop)."""
+    out = array("q")
+    out.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
+    return out
 
 
 class _Rows:
@@ -157,12 +155,6 @@ class _Rows:
         self.width = width
         self.index: dict[int, int] = {}
         self.data = array("q")
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __contains__(self, node: int) -> bool:
-        return node in self.index
 
     def get(self, node: int) -> list[int] | None:
         """The counts of ``node`` (a copy), or None when it has no row."""
