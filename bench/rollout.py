@@ -81,8 +81,8 @@ CONFIGS = [("choose", 512), ("choose", 1024), ("generate", 512), ("generate", 10
 def bench_batching(
     model: Path, env, tasks: list[str], quick: bool, rounds: int
 ) -> dict[tuple[str, int], dict]:
-    from w2s_agents.agent import Agent, AgentConfig, Sampler
-    from w2s_agents.models import load_model
+    from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
+    from w2s_agents.agents.models import load_model
     from w2s_agents.rollout import plan_episodes
 
     lm = load_model(model, device="cpu")
@@ -115,9 +115,9 @@ def bench_batching(
 
 
 def bench_ray(model: Path, env_kwargs: dict, tasks: list[str], quick: bool) -> dict[str, float]:
-    from w2s_agents.agent import Agent, AgentConfig, Sampler
-    from w2s_agents.distributed import RayOptions, ray_session
-    from w2s_agents.models import load_model
+    from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
+    from w2s_agents.rollout.ray import RayOptions, ray_session
+    from w2s_agents.agents.models import load_model
     from w2s_agents.rollout import collect
     from w2s_agents.store import TrajectoryStore
 
@@ -149,9 +149,9 @@ def bench_large(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from w2s_agents.agent import Agent, AgentConfig, EpisodeState, Sampler
+    from w2s_agents.agents.agent import Agent, AgentConfig, EpisodeState, Sampler
     from w2s_agents.envs.demos import expert_trajectory
-    from w2s_agents.models import LoadedModel, count_parameters, load_model
+    from w2s_agents.agents.models import LoadedModel, count_parameters, load_model
 
     tok = load_model(model).tokenizer
     heads = max(1, hidden // 64)
@@ -251,7 +251,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="w2s-bench-model-") as tmp:
         model = build_task_model(Path(tmp) / args.preset, tasks, env, preset=args.preset, vocab_size=2048)
-        from w2s_agents.models import load_model
+        from w2s_agents.agents.models import load_model
 
         params = sum(p.numel() for p in load_model(model).model.parameters())
         print(f"model: tiny {args.preset} ({params:,} parameters), tasks {', '.join(tasks)}")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from w2s_agents.config import from_dict
 from w2s_agents.messages import SYSTEM_PROMPT, agent_message, episode_messages
-from w2s_agents.models import create_tiny_model, train_tokenizer
+from w2s_agents.agents.models import create_tiny_model, train_tokenizer
 from w2s_agents.trainers import TrainConfig, train_dpo, train_sft
 from w2s_agents.trainers.loop import Example, collate, epoch_order
 

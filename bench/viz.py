@@ -40,7 +40,8 @@ from pathlib import Path
 from w2s_agents.search import SearchConfig, search_tree
 from w2s_agents.tree import TrajectoryTree
 from w2s_agents.types import Source, Step, Trajectory
-from w2s_agents.viz import _page, render_tree_html, tree_view_data
+from w2s_agents.viz import render_tree_html, tree_view_data
+from w2s_agents.viz.page import _page
 
 CHROMIUM = os.environ.get("W2S_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -277,7 +277,7 @@ def train_texts() -> list[str]:
 def train_models(tmp_path_factory: pytest.TempPathFactory, train_texts: list[str]) -> dict[str, Path]:
     """Tiny (nano) models for the trainer tests: ``policy`` and ``weak``, whose tokenizers were trained on
     different text (different vocabularies and merges)."""
-    from w2s_agents.models import create_tiny_model
+    from w2s_agents.agents.models import create_tiny_model
 
     root = tmp_path_factory.mktemp("train-models")
     policy = create_tiny_model(root / "policy", train_texts, preset="nano", vocab_size=600, seed=1)
@@ -345,7 +345,7 @@ def tw_game_files(game_cache_dir: Path, tw_test_suites: dict) -> list[str]:
 def nano_model_dir(tmp_path_factory: pytest.TempPathFactory, game_texts: list[str]) -> Path:
     """A tiny random-weight ``nano`` Llama model whose tokenizer knows the game text and the agent prompts."""
     from w2s_agents.messages import SYSTEM_PROMPT
-    from w2s_agents.models import create_tiny_model
+    from w2s_agents.agents.models import create_tiny_model
 
     texts = [
         *game_texts,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from w2s_agents.agent import (
+from w2s_agents.agents.agent import (
     Agent,
     AgentConfig,
     EpisodeState,
@@ -20,7 +20,7 @@ from w2s_agents.agent import (
     parse_react,
     score_actions,
 )
-from w2s_agents.decoding import (
+from w2s_agents.agents.decoding import (
     PrefixCache,
     candidate_logprobs,
     contrastive_token_scores,
@@ -29,7 +29,7 @@ from w2s_agents.decoding import (
 )
 from w2s_agents.errors import ConfigError, W2SError
 from w2s_agents.messages import SYSTEM_PROMPT, agent_message, episode_messages, system_prompt, task_messages
-from w2s_agents.models import build_tiny_model, load_model
+from w2s_agents.agents.models import build_tiny_model, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -317,7 +317,7 @@ def test_contrastive_choose_scores_follow_the_formula(nano, amateur_dir: Path) -
 
 
 def test_amateur_with_another_tokenizer_is_refused(nano, tmp_path: Path, game_texts: list[str]) -> None:
-    from w2s_agents.models import create_tiny_model
+    from w2s_agents.agents.models import create_tiny_model
 
     other = create_tiny_model(
         tmp_path / "other", [*game_texts[:40], "other words"], preset="nano", vocab_size=300

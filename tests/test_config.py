@@ -19,7 +19,7 @@ from w2s_agents.config import (
     save_config,
 )
 from w2s_agents.errors import ConfigError
-from w2s_agents.experiment import ExperimentConfig, load_experiment, prepare_run_dir
+from w2s_agents.pipeline.experiment import ExperimentConfig, load_experiment, prepare_run_dir
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from w2s_agents.errors import ModelLoadError
-from w2s_agents.models import (
+from w2s_agents.agents.models import (
     TINY_PRESETS,
     build_tiny_model,
     count_parameters,
@@ -114,7 +114,7 @@ def test_chat_template_marks_agent_tokens(tokenizer) -> None:
 def test_non_local_name_fails_fast_without_download() -> None:
     code = (
         "import time, sys; t=time.perf_counter()\n"
-        "from w2s_agents.models import load_model\n"
+        "from w2s_agents.agents.models import load_model\n"
         "from w2s_agents.errors import ModelLoadError\n"
         "try:\n    load_model('meta-llama/Llama-2-7b-hf')\nexcept ModelLoadError as e:\n"
         "    print(round(time.perf_counter()-t, 3)); print(e); sys.exit(0)\nsys.exit(1)\n"

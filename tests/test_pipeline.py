@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from w2s_agents.experiment import load_experiment
+from w2s_agents.pipeline.experiment import load_experiment
 from w2s_agents.pipeline import run_pipeline, stage_names
 from w2s_agents.store import read_trajectories
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from w2s_agents.report import METRICS_SCHEMA, write_report
-from w2s_agents.stats import Interval, bootstrap_interval, misfit, transfer
+from w2s_agents.pipeline.report import METRICS_SCHEMA, write_report
+from w2s_agents.pipeline.stats import Interval, bootstrap_interval, misfit, transfer
 
 
 def metrics() -> dict:

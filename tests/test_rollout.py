@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from w2s_agents.agent import Agent, AgentConfig, Sampler
+from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
 from w2s_agents.cli import main
 from w2s_agents.errors import ConfigError, W2SError
-from w2s_agents.models import load_model
+from w2s_agents.agents.models import load_model
 from w2s_agents.rollout import (
     RolloutConfig,
     collect,

@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from w2s_agents.agent import Agent, AgentConfig, Sampler
-from w2s_agents.models import load_model
+from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
+from w2s_agents.agents.models import load_model
 from w2s_agents.rollout import collect
 from w2s_agents.store import TrajectoryStore, read_trajectories, scan_store
 from w2s_agents.types import EpisodeKey
@@ -36,7 +36,7 @@ def _ray_dirs() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance for the module (collect uses a running instance and leaves it up)."""
-    from w2s_agents.distributed import RayOptions, ray_session
+    from w2s_agents.rollout.ray import RayOptions, ray_session
 
     before = _ray_dirs()
     with ray_session(RayOptions(workers=2)):

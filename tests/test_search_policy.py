@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from w2s_agents.agent import Agent, AgentConfig, EpisodeState
+from w2s_agents.agents.agent import Agent, AgentConfig, EpisodeState
 from w2s_agents.envs.textworld_env import TextWorldEnv
 from w2s_agents.errors import W2SError
-from w2s_agents.models import load_model
+from w2s_agents.agents.models import load_model
 from w2s_agents.search import OnlineSearchConfig, expand_online
-from w2s_agents.search_policy import AgentPolicy, TrackedEnv
+from w2s_agents.agents.policy import AgentPolicy, TrackedEnv
 from w2s_agents.tree import ROOT, TrajectoryTree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from w2s_agents.stats import Interval, bootstrap_interval, misfit, paired_pgr, pgr, transfer
+from w2s_agents.pipeline.stats import Interval, bootstrap_interval, misfit, paired_pgr, pgr, transfer
 
 
 def test_bootstrap_mean_and_degenerate_cases():

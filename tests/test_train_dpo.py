@@ -11,7 +11,7 @@ import torch
 
 from w2s_agents.config import from_dict
 from w2s_agents.errors import DataFormatError
-from w2s_agents.models import load_model
+from w2s_agents.agents.models import load_model
 from w2s_agents.search import SearchConfig, node_values, search_tree, tree_pairs
 from w2s_agents.trainers import ChatEncoder, PairPlan, TrainConfig, load_pairs, pair_messages, train_dpo
 from w2s_agents.trainers import reference as reference_module
@@ -114,7 +114,7 @@ def test_policy_as_reference_starts_at_log_2_and_reuses_the_cache(
     def no_model(*args, **kwargs):
         raise AssertionError("the cached reference log-probs should have been used")
 
-    monkeypatch.setattr("w2s_agents.models.load_model", no_model)
+    monkeypatch.setattr("w2s_agents.agents.models.load_model", no_model)
     pairs, skipped = reference_module.reference_logps(
         load_pairs(pair_rows),
         reference_path=train_models["policy"],

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2s_agents.models import load_model
+from w2s_agents.agents.models import load_model
 from w2s_agents.trainers import ChatEncoder, SourceWeights, epoch_order, pair_messages, token_logps
 from w2s_agents.trainers import logps as logps_module
 from w2s_agents.trainers.loop import Example, collate, make_dpo_objective, sft_objective

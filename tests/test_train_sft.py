@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from w2s_agents.config import from_dict
 from w2s_agents.errors import W2SError
-from w2s_agents.models import load_model
+from w2s_agents.agents.models import load_model
 from w2s_agents.trainers import NonFiniteLossError, TrainConfig, TrainResult, latest_checkpoint, train_sft
 from w2s_agents.trainers import logps as logps_module
 from w2s_agents.trainers.checkpoint import trainable_state

@@ -151,7 +151,7 @@ def test_incremental_adds_equal_one_build(make_traj) -> None:
 def test_statistics_summed_in_bulk_equal_step_by_step(make_traj, models: int) -> None:
     # many pending steps are summed with numpy, a few one node at a time: both must give the same tree,
     # whether the numpy pass starts from an empty tree or adds to summed statistics
-    from w2s_agents.tree import _BULK_STEPS
+    from w2s_agents.tree.tree import _BULK_STEPS
 
     rng = random.Random(3)
     trajs = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 
-import w2s_agents.tree as tree_module
+import w2s_agents.tree.tree as tree_module
 from w2s_agents.tree import TrajectoryTree, build_trees
 from w2s_agents.types import Source, Step, Trajectory
 

@@ -27,7 +27,7 @@ from w2s_agents.viz import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "w2s_agents" / "viz_assets"
+ASSETS = REPO / "w2s_agents" / "viz" / "assets"
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def encode_pairs(
 
 
 def _reference_device(config: TrainConfig) -> torch.device:
-    from w2s_agents.models import resolve_device
+    from w2s_agents.agents.models import resolve_device
 
     dev = resolve_device(config.device)
     local = os.environ.get("LOCAL_RANK")

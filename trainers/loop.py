@@ -339,7 +339,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _setup(self) -> None:
-        from w2s_agents.models import load_model, resolve_device
+        from w2s_agents.agents.models import load_model, resolve_device
 
         cfg = self.cfg
         want = resolve_device(cfg.device)

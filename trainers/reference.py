@@ -146,7 +146,7 @@ def reference_logps(
     """
     if reference_path is None:
         return _rows_with_ref(rows), 0
-    from w2s_agents.models import load_model, resolve_device
+    from w2s_agents.agents.models import load_model, resolve_device
 
     fingerprint = hashlib.sha256(
         json.dumps(

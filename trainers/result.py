@@ -19,7 +19,7 @@ class TrainResult:
     """What a finished run produced and how it went.
 
     ``model_dir`` is the exported model (LoRA adapters merged), loadable with
-    :func:`w2s_agents.models.load_model`; it holds the best validated weights unless ``export: last``.
+    :func:`w2s_agents.agents.models.load_model`; it holds the best validated weights unless ``export: last``.
     """
 
     method: str  # sft, dpo or mcts-sft

@@ -37,7 +37,7 @@ def _split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def _cmd_config_show(ns: argparse.Namespace) -> int:
     from w2s_agents.config import config_hash, dump_config
-    from w2s_agents.experiment import load_experiment
+    from w2s_agents.pipeline.experiment import load_experiment
 
     path, overrides = _split_config_args(ns.args)
     cfg = load_experiment(path, overrides)
@@ -48,7 +48,7 @@ def _cmd_config_show(ns: argparse.Namespace) -> int:
 
 def _cmd_config_keys(ns: argparse.Namespace) -> int:
     from w2s_agents.config import describe_config
-    from w2s_agents.experiment import ExperimentConfig
+    from w2s_agents.pipeline.experiment import ExperimentConfig
 
     rows = describe_config(ExperimentConfig)
     for key, type_name, default, help_text in rows:
@@ -62,7 +62,7 @@ def _cmd_config_keys(ns: argparse.Namespace) -> int:
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
-    from w2s_agents.experiment import load_experiment
+    from w2s_agents.pipeline.experiment import load_experiment
     from w2s_agents.pipeline import run_pipeline, stage_names
 
     path, overrides = _split_config_args(ns.args)
@@ -74,7 +74,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     if not result.metrics:
         print(f"{result.run_dir}: stopped after stage {ns.until}")
         return 0
-    from w2s_agents.report import MODEL_LABELS, interval
+    from w2s_agents.pipeline.report import MODEL_LABELS, interval
 
     print(f"{result.run_dir}: report {result.report}")
     for name, m in result.metrics["models"].items():
@@ -88,7 +88,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
 
 def _cmd_report(ns: argparse.Namespace) -> int:
-    from w2s_agents.report import write_report
+    from w2s_agents.pipeline.report import write_report
 
     run_dir = Path(ns.run_dir)
     metrics_file = run_dir / "metrics.json"
@@ -125,7 +125,7 @@ def _texts_from_files(text_files: Sequence[str], trajectory_files: Sequence[str]
 
 
 def _cmd_model_tiny(ns: argparse.Namespace) -> int:
-    from w2s_agents.models import create_tiny_model
+    from w2s_agents.agents.models import create_tiny_model
     from w2s_agents.seeding import seed_everything
 
     texts = _texts_from_files(ns.text, ns.trajectories)
@@ -149,7 +149,7 @@ def _cmd_model_tiny(ns: argparse.Namespace) -> int:
 
 
 def _cmd_model_info(ns: argparse.Namespace) -> int:
-    from w2s_agents.models import count_parameters, load_model
+    from w2s_agents.agents.models import count_parameters, load_model
 
     lm = load_model(ns.path, device=ns.device, dtype=ns.dtype)
     cfg = lm.model.config
@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Llama model of a size preset, and save both with save_pretrained.",
     )
     p.add_argument("out_dir", help="folder to write the model to")
-    from w2s_agents.models import TINY_PRESETS  # no torch import
+    from w2s_agents.agents.models import TINY_PRESETS  # no torch import
 
     p.add_argument("--preset", default="weak", choices=list(TINY_PRESETS), help="model size")
     p.add_argument("--text", action="append", default=[], metavar="FILE", help="text file, one text a line")

@@ -10,7 +10,7 @@ time (``w2s report RUN_DIR``) and tested without running models. Layout of the m
      "transfer": {w2s name: Transfer}, "search_cost": {...}, "trees": {...},
      "curves": {training name: {"loss": [[step, loss], ...], "valid": [[epoch, value], ...]}}}
 
-Intervals are dicts with ``estimate``, ``low``, ``high``, ``n``, ``level`` (see :mod:`w2s_agents.stats`).
+Intervals are dicts with ``estimate``, ``low``, ``high``, ``n``, ``level`` (see :mod:`w2s_agents.pipeline.stats`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from w2s_agents.atomic import atomic_write
-from w2s_agents.stats import Interval
+from w2s_agents.pipeline.stats import Interval
 
 __all__ = ["METRICS_SCHEMA", "MODEL_LABELS", "TABLE_ORDER", "interval", "plot_metrics", "write_report"]
 

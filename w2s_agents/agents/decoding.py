@@ -1,4 +1,4 @@
-"""Batched log-likelihoods and decoding for causal LMs: the numerics under :mod:`w2s_agents.agent`.
+"""Batched log-likelihoods and decoding for causal LMs: the numerics under :mod:`w2s_agents.agents.agent`.
 
 Everything here works on token ids and tensors, one batched forward for many sequences:
 

@@ -19,7 +19,7 @@ processes run them, the same seeds give the same trajectories in-process and on 
 (Only a shard re-run after a crash or a resume batches its remaining episodes differently, which changes model
 outputs by float rounding, ~1e-6, and so very rarely a sampled action.)
 
-With ``workers >= 1`` the shards run on Ray (:mod:`w2s_agents.distributed`): each worker holds a model replica
+With ``workers >= 1`` the shards run on Ray (:mod:`w2s_agents.rollout.ray`): each worker holds a model replica
 and its envs; the driver is the only writer of the store; a worker that dies has its unfinished episodes re-run
 on another (new) worker.
 
@@ -41,13 +41,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from w2s_agents.agent import Agent, AgentConfig, Decision, EpisodeState, Sampler
+from w2s_agents.agents.agent import Agent, AgentConfig, Decision, EpisodeState, Sampler
 from w2s_agents.atomic import atomic_write
 from w2s_agents.config import check, config_to_dict, load_yaml, option, save_config
 from w2s_agents.errors import ConfigError, W2SError
-from w2s_agents.experiment import RunConfig
+from w2s_agents.pipeline.experiment import RunConfig
 from w2s_agents.log import progress
-from w2s_agents.models import ModelConfig
+from w2s_agents.agents.models import ModelConfig
 from w2s_agents.seeding import derive_seed
 from w2s_agents.types import EpisodeKey, Source, Step, Trajectory
 
@@ -187,7 +187,7 @@ class AgentSpec:
 
     def load(self) -> Agent:
         """Load the model (and amateur) and build the agent."""
-        from w2s_agents.models import load_model
+        from w2s_agents.agents.models import load_model
 
         return Agent(load_model(self.model_path, device=self.device, dtype=self.dtype), self.config)
 
@@ -724,7 +724,7 @@ def collect(
                 raise W2SError(
                     "Ray workers build their envs from an env id or an EnvSpec, not from a factory"
                 )
-            from w2s_agents.distributed import RayOptions, run_shards
+            from w2s_agents.rollout.ray import RayOptions, run_shards
 
             spec = _env_spec(env, env_kwargs, agent.config, max_steps, tasks)
             agent_spec = AgentSpec(
@@ -884,14 +884,14 @@ def build_task_model(
     each of the first ``max_tasks`` tasks, and the system instruction with the env's command grammar.
 
     Returns:
-        The model folder (see :func:`w2s_agents.models.create_tiny_model`).
+        The model folder (see :func:`w2s_agents.agents.models.create_tiny_model`).
 
     Raises:
         W2SError: the env has no expert plan for a task.
     """
     from w2s_agents.envs.demos import expert_trajectory
     from w2s_agents.messages import system_prompt
-    from w2s_agents.models import create_tiny_model
+    from w2s_agents.agents.models import create_tiny_model
 
     texts: list[str] = []
     kwargs = dict(env.kwargs)
@@ -929,7 +929,7 @@ def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
         ModelLoadError: the model cannot be loaded.
     """
     from w2s_agents.envs.suites import get_suite
-    from w2s_agents.models import load_model
+    from w2s_agents.agents.models import load_model
     from w2s_agents.store import TrajectoryStore
 
     run_dir = cfg.run.run_dir

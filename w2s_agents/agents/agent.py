@@ -1,6 +1,6 @@
 """LLM agents for text environments: prompts, the two action modes, samplers and contrastive decoding.
 
-An :class:`Agent` wraps a causal LM loaded by :func:`w2s_agents.models.load_model` and decides the next action of
+An :class:`Agent` wraps a causal LM loaded by :func:`w2s_agents.agents.models.load_model` and decides the next action of
 many live episodes at once (:meth:`Agent.act`), one batched model call per step:
 
 * ``choose`` mode scores every admissible command by its log-likelihood as the agent's answer (the assistant turn
@@ -46,7 +46,7 @@ from w2s_agents.messages import Message, agent_message, episode_messages, system
 if TYPE_CHECKING:
     import torch
 
-    from w2s_agents.models import LoadedModel
+    from w2s_agents.agents.models import LoadedModel
     from w2s_agents.types import Trajectory
 
 __all__ = [
@@ -680,7 +680,7 @@ def load_agent(
         ModelLoadError: a model folder cannot be loaded.
         ConfigError: the amateur's tokenizer differs from the model's.
     """
-    from w2s_agents.models import load_model
+    from w2s_agents.agents.models import load_model
 
     return Agent(load_model(model_path, device=device, dtype=dtype), config or AgentConfig())
 
@@ -689,7 +689,7 @@ class Agent:
     """An LLM agent over a loaded model (see the module docstring).
 
     Args:
-        lm: the model, from :func:`w2s_agents.models.load_model`.
+        lm: the model, from :func:`w2s_agents.agents.models.load_model`.
         config: agent settings.
         amateur: the amateur model of contrastive decoding; loaded from ``config.amateur_path`` (same device and
             dtype as ``lm``) when not given.
@@ -717,7 +717,7 @@ class Agent:
         self._completion_cache: dict[str, list[int]] = {}
         self.amateur: LoadedModel | None = amateur
         if self.amateur is None and self.config.amateur_path is not None:
-            from w2s_agents.models import load_model
+            from w2s_agents.agents.models import load_model
 
             self.amateur = load_model(
                 self.config.amateur_path, device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch.")
@@ -732,11 +732,11 @@ class Agent:
 
     @property
     def prefix_cache(self) -> Any:
-        """The :class:`~w2s_agents.decoding.PrefixCache` of the model's recent prompts, or None when off."""
+        """The :class:`~w2s_agents.agents.decoding.PrefixCache` of the model's recent prompts, or None when off."""
         return self._prefix
 
     def _prefix_cache(self, lm: LoadedModel) -> Any:
-        from w2s_agents.decoding import PrefixCache
+        from w2s_agents.agents.decoding import PrefixCache
 
         if not (self.config.prefix_cache and self.config.share_prompt):
             return None
@@ -774,7 +774,7 @@ class Agent:
         self, prompts: Sequence[list[int]], candidates: Sequence[Sequence[list[int]]]
     ) -> list[np.ndarray]:
         """Score of every candidate (sum or mean of its token scores; contrastive when configured)."""
-        from w2s_agents.decoding import candidate_logprobs, contrastive_token_scores
+        from w2s_agents.agents.decoding import candidate_logprobs, contrastive_token_scores
 
         cfg = self.config
         kwargs = {
@@ -954,7 +954,7 @@ class Agent:
         self, states: list[EpisodeState], samplers: list[Sampler], rngs: list[random.Random]
     ) -> list[Decision]:
 
-        from w2s_agents.decoding import contrastive_token_scores, generate, pick_tokens
+        from w2s_agents.agents.decoding import contrastive_token_scores, generate, pick_tokens
 
         start = time.perf_counter()
         cfg = self.config
@@ -1086,7 +1086,7 @@ def _pick(scores: np.ndarray, sampler: Sampler, rng: random.Random) -> tuple[int
     """Index chosen among candidate ``scores`` by ``sampler`` and the probability it had."""
     import torch
 
-    from w2s_agents.decoding import pick_tokens
+    from w2s_agents.agents.decoding import pick_tokens
 
     if sampler.greedy:
         k = int(np.argmax(scores))

@@ -15,7 +15,7 @@ from :mod:`w2s_agents.search`:
 
 The HTML page holds its data as JSON in a ``<script type="application/json">`` element (``<``, ``>``, ``&`` and
 U+2028/U+2029 escaped, so no text can close the element); its script and style are inlined from the package
-data files under ``w2s_agents/viz_assets/`` and allowed by a Content-Security-Policy of their hashes only (no
+data files under ``w2s_agents/viz/assets/`` and allowed by a Content-Security-Policy of their hashes only (no
 network, no other script). The script puts every text from envs and models into the page with ``textContent``,
 never as markup.
 
@@ -93,7 +93,7 @@ _VALUE_LABELS = {
     "success": "success rate",
     "max": "max value",
 }
-_ASSETS = "viz_assets"
+_ASSETS = "assets"
 
 
 @dataclass(frozen=True)
@@ -533,7 +533,7 @@ def tree_view_data(
 
 
 def _asset(name: str) -> str:
-    return (resources.files("w2s_agents") / _ASSETS / name).read_text(encoding="utf-8")
+    return (resources.files("w2s_agents.viz") / _ASSETS / name).read_text(encoding="utf-8")
 
 
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}

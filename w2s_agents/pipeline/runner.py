@@ -1,7 +1,7 @@
 """The end-to-end weak-to-strong pipeline behind ``w2s run``.
 
-One :class:`~w2s_agents.experiment.ExperimentConfig` in, a report out. For every run seed the stages of DESIGN
-section 2 run in ``<run dir>/seed-<k>/<stage>/`` as cached, resumable stages (:mod:`w2s_agents.stages`)::
+One :class:`~w2s_agents.pipeline.experiment.ExperimentConfig` in, a report out. For every run seed the stages of DESIGN
+section 2 run in ``<run dir>/seed-<k>/<stage>/`` as cached, resumable stages (:mod:`w2s_agents.pipeline.cache`)::
 
     tasks       task ids of the train / valid / test splits; every game generated (cached)
     demos       expert trajectories of the train tasks
@@ -37,13 +37,13 @@ from typing import Any
 from w2s_agents.atomic import atomic_write
 from w2s_agents.config import config_hash, save_config
 from w2s_agents.errors import W2SError
-from w2s_agents.experiment import ExperimentConfig
+from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.log import progress, setup_logging
 from w2s_agents.messages import episode_messages, system_prompt
-from w2s_agents.report import METRICS_SCHEMA, MODEL_LABELS, write_report
+from w2s_agents.pipeline.report import METRICS_SCHEMA, MODEL_LABELS, write_report
 from w2s_agents.seeding import derive_seed, seed_everything
-from w2s_agents.stages import Stage, StageContext, StageRecord, collect_manifest, run_stages, write_manifest
-from w2s_agents.stats import bootstrap_interval, misfit, paired_pgr, transfer
+from w2s_agents.pipeline.cache import Stage, StageContext, StageRecord, collect_manifest, run_stages, write_manifest
+from w2s_agents.pipeline.stats import bootstrap_interval, misfit, paired_pgr, transfer
 from w2s_agents.types import Trajectory
 
 __all__ = ["W2S_VARIANTS", "PipelineResult", "build_stages", "run_pipeline", "stage_names"]
@@ -141,8 +141,8 @@ class _Models:
 
 
 def _agent(cfg: ExperimentConfig, model_dir: Path, name: str, role: str) -> Any:
-    from w2s_agents.agent import Agent
-    from w2s_agents.models import load_model
+    from w2s_agents.agents.agent import Agent
+    from w2s_agents.agents.models import load_model
 
     lm = load_model(model_dir, device=cfg.agent_device, dtype=cfg.agent_dtype)
     return Agent(lm, replace(cfg.agent, name=name, role=role))
@@ -191,8 +191,8 @@ def _valid_fn(cfg: ExperimentConfig, tasks: Sequence[str], work: Path) -> Callab
     """Validation success on the valid tasks (greedy), or None when the run has no valid tasks."""
     if not tasks or not cfg.train.valid_success:
         return None
-    from w2s_agents.agent import Agent, Sampler
-    from w2s_agents.models import LoadedModel
+    from w2s_agents.agents.agent import Agent, Sampler
+    from w2s_agents.agents.models import LoadedModel
     from w2s_agents.rollout import EnvSpec, plan_episodes, run_episodes
 
     calls = [0]
@@ -303,7 +303,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         return {"demos": len(demos), "won": won, "rows": len(rows)}
 
     def models_stage(ctx: StageContext) -> dict[str, Any]:
-        from w2s_agents.models import create_tiny_model
+        from w2s_agents.agents.models import create_tiny_model
 
         texts = []
         for row in (json.loads(line) for line in (ctx.output("demos") / "sft.jsonl").open(encoding="utf-8")):
@@ -392,7 +392,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     def expand_stage(ctx: StageContext) -> dict[str, Any]:
         from w2s_agents.envs.demos import suite_env
         from w2s_agents.search import expand_online
-        from w2s_agents.search_policy import AgentPolicy
+        from w2s_agents.agents.policy import AgentPolicy
         from w2s_agents.tree import TrajectoryTree
 
         ec = cfg.expand
@@ -649,7 +649,7 @@ def _evaluate(
     train_tasks: Sequence[str],
     system: str,
 ) -> dict[str, Any]:
-    from w2s_agents.agent import EpisodeState
+    from w2s_agents.agents.agent import EpisodeState
 
     models = _Models(ctx)
     names = ["weak-sft", "strong-sft", *[v for v in W2S_VARIANTS if v in ctx.outputs], "ceiling"]

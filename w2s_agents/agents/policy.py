@@ -1,4 +1,4 @@
-"""An :class:`~w2s_agents.agent.Agent` as the policy prior of online tree expansion.
+"""An :class:`~w2s_agents.agents.agent.Agent` as the policy prior of online tree expansion.
 
 :func:`w2s_agents.search.expand_online` asks a :data:`~w2s_agents.search.Policy` for proposals with priors in
 each state it expands or rolls out from, with the conversation up to that state. :class:`AgentPolicy` answers
@@ -9,7 +9,7 @@ commands are read from the env: pass :attr:`AgentPolicy.env` (the given env, tra
     policy = AgentPolicy(agent, make_env("w2s/TextWorld-v0"))
     expand_online(tree, policy.env, policy, OnlineSearchConfig(iterations=50, max_env_steps=500))
 
-The prompt is the one the agent builds in a rollout (:class:`~w2s_agents.agent.EpisodeState` of the same
+The prompt is the one the agent builds in a rollout (:class:`~w2s_agents.agents.agent.EpisodeState` of the same
 instruction, first observation and turns), so a searched state is scored as the agent would score it while
 playing.
 """
@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from w2s_agents.agent import Agent, EpisodeState, Sampler
+from w2s_agents.agents.agent import Agent, EpisodeState, Sampler
 from w2s_agents.errors import W2SError
 from w2s_agents.messages import Message
 from w2s_agents.search.online import PolicyOutput, Proposal

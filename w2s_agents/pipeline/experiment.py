@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from w2s_agents.agent import AgentConfig, Sampler
+from w2s_agents.agents.agent import AgentConfig, Sampler
 from w2s_agents.config import check, load_config, option, save_config
-from w2s_agents.models import ModelConfig
+from w2s_agents.agents.models import ModelConfig
 from w2s_agents.search.mcts import SearchConfig
 from w2s_agents.search.online import OnlineSearchConfig
 from w2s_agents.trainers.config import TrainConfig
@@ -126,7 +126,7 @@ class ExploreConfig:
 @dataclass(frozen=True)
 class ExpandConfig:
     """Online expansion of every train tree before MCTS (beyond the paper): PUCT episodes played in the env with
-    the weak SFT agent's choose-mode distribution as the prior (``w2s_agents.search_policy.AgentPolicy``); the
+    the weak SFT agent's choose-mode distribution as the prior (``w2s_agents.agents.policy.AgentPolicy``); the
     new nodes carry the source ``weak-sft-search``."""
 
     iterations: int = option(0, "PUCT episodes per train tree (0: no online expansion, the paper's setting)")
