@@ -81,8 +81,7 @@ CONFIGS = [("choose", 512), ("choose", 1024), ("generate", 512), ("generate", 10
 def bench_batching(
     model: Path, env, tasks: list[str], quick: bool, rounds: int
 ) -> dict[tuple[str, int], dict]:
-    from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
-    from w2s_agents.agents.models import load_model
+    from w2s_agents.agents import Agent, AgentConfig, Sampler, load_model
     from w2s_agents.rollout import plan_episodes
 
     lm = load_model(model, device="cpu")
@@ -115,10 +114,9 @@ def bench_batching(
 
 
 def bench_ray(model: Path, env_kwargs: dict, tasks: list[str], quick: bool) -> dict[str, float]:
-    from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
-    from w2s_agents.rollout.ray import RayOptions, ray_session
-    from w2s_agents.agents.models import load_model
-    from w2s_agents.rollout import collect
+    from w2s_agents.agents import Agent, AgentConfig, Sampler, load_model
+    from w2s_agents.rollout import EngineOptions, RayOptions, collect
+    from w2s_agents.rollout.ray import ray_session
     from w2s_agents.store import TrajectoryStore
 
     agent = Agent(load_model(model, device="cpu"), AgentConfig(mode="choose", max_context_tokens=512))
@@ -130,7 +128,8 @@ def bench_ray(model: Path, env_kwargs: dict, tasks: list[str], quick: bool) -> d
             arrivals: list[tuple[float, int]] = []
             with TrajectoryStore(Path(tmp) / f"w{workers}.jsonl") as store:
                 s = collect(tasks, agent, samplers, store, env="w2s/TextWorld-v0", env_kwargs=env_kwargs,
-                            seeds=seeds, max_steps=10, batch_size=8, shard_size=8, workers=workers,
+                            seeds=seeds, max_steps=10, engine=EngineOptions(batch_size=8, shard_size=8),
+                            ray=RayOptions(workers=workers),
                             on_episode=lambda t, _s, a=arrivals: a.append((time.perf_counter(), t.num_steps)))  # fmt: skip
             first, last = arrivals[0][0], arrivals[-1][0]
             steady = sum(n for _, n in arrivals[1:]) / (last - first)
@@ -149,9 +148,10 @@ def bench_large(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from w2s_agents.agents.agent import Agent, AgentConfig, EpisodeState, Sampler
-    from w2s_agents.envs.demos import expert_trajectory
+    from w2s_agents.agents import Agent, AgentConfig, Sampler
     from w2s_agents.agents.models import LoadedModel, count_parameters, load_model
+    from w2s_agents.envs.demos import expert_trajectory
+    from w2s_agents.types import EpisodeState
 
     tok = load_model(model).tokenizer
     heads = max(1, hidden // 64)
@@ -237,12 +237,12 @@ def main() -> None:
     import ray
     import transformers
 
-    from w2s_agents.rollout import EnvSpec, build_task_model
+    from w2s_agents.rollout import EnvFactory, build_task_model
 
     env_kwargs = {"max_steps": 50, "admissible_commands": True, "expert_plan": False}
     if args.cache_dir:
         env_kwargs["cache_dir"] = args.cache_dir
-    env = EnvSpec("w2s/TextWorld-v0", env_kwargs)
+    env = EnvFactory("w2s/TextWorld-v0", env_kwargs)
     tasks = [f"tw-simple/train/{i}" for i in range(4)]
     print(f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), load average {os.getloadavg()[0]:.1f}")
     print(

@@ -41,7 +41,7 @@ from w2s_agents.search import SearchConfig, search_tree
 from w2s_agents.tree import TrajectoryTree
 from w2s_agents.types import Source, Step, Trajectory
 from w2s_agents.viz import render_tree_html, tree_view_data
-from w2s_agents.viz.page import _page
+from w2s_agents.viz.pages import html_page
 
 CHROMIUM = os.environ.get("W2S_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     render_s = time.perf_counter() - t
     data = tree_view_data(tree)
     base = folder / "baseline.html"
-    page = _page("baseline", ["viewer.css"], "tree.js", data, "baseline")
+    page = html_page("baseline", ["viewer.css"], "tree.js", data, "baseline")
     page = page[: page.rindex("<script>") + 8] + BASELINE_JS + page[page.rindex("</script>") :]
     page = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>\n', "", page)  # its script is not hashed
     base.write_text(page, encoding="utf-8")

@@ -11,10 +11,11 @@ from typing import Any
 
 from w2s_agents.envs.base import TextEnv
 from w2s_agents.envs.suites import ScienceWorldSuite, TextWorldSuite, get_suite
+from w2s_agents.episode import EpisodeRecorder
 from w2s_agents.errors import W2SError
 from w2s_agents.log import progress
 from w2s_agents.store import TrajectoryStore
-from w2s_agents.types import Source, Step, Trajectory
+from w2s_agents.types import Source, Trajectory
 
 __all__ = ["EXPERT_SOURCE", "expert_trajectory", "export_demos", "suite_env", "suite_task_ids"]
 
@@ -33,42 +34,20 @@ def expert_trajectory(env: TextEnv, task_id: str) -> Trajectory:
     Raises:
         W2SError: the env reports no expert plan for the task.
     """
-    observation, info = env.reset(options={"task": task_id})
+    recorder, info = EpisodeRecorder.reset(env, task_id, EXPERT_SOURCE)
     plan = info.get("expert_plan")
     if plan is None:
         raise W2SError(f"{env.env_id} has no expert plan for task {task_id} (was expert_plan turned off?)")
-    steps: list[Step] = []
-    admissible = info.get("admissible_commands")
-    terminated = truncated = False
+    terminated = False
     for action in plan:
         obs, reward, terminated, truncated, info = env.step(action)
-        steps.append(
-            Step(
-                action=action,
-                observation=obs,
-                reward=reward,
-                score=info["score"],
-                admissible=tuple(admissible) if admissible is not None else None,
-            )
-        )
-        admissible = info.get("admissible_commands")
+        recorder.step(action, obs, reward, info)
         if terminated or truncated:
             break
-    won = bool(info["won"])
-    end = "won" if won else "lost" if info["lost"] else "truncated"
-    if not won:
-        logger.warning("the expert plan of %s ends %s with score %.3f", task_id, end, info["score"])
-    return Trajectory(
-        task_id=task_id,
-        env_id=env.env_id,
-        source=EXPERT_SOURCE,
-        instruction=env.instruction,
-        initial_observation=observation,
-        steps=tuple(steps),
-        return_=min(1.0, max(0.0, float(info["score"]))),
-        success=won,
-        end=end,
-    )
+    traj = recorder.finish(info, bool(terminated))
+    if not traj.success:
+        logger.warning("the expert plan of %s ends %s with score %.3f", task_id, traj.end, traj.return_)
+    return traj
 
 
 def suite_env(suite_name: str, **env_kwargs: Any) -> TextEnv:

@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 
 from w2s_agents import TrajectoryStore, read_trajectories
-from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
+from w2s_agents.agents import Agent, AgentConfig, Sampler
+from w2s_agents.agents.models import create_tiny_model, load_model
 from w2s_agents.envs.demos import export_demos, suite_task_ids
 from w2s_agents.log import setup_logging
 from w2s_agents.messages import episode_messages
-from w2s_agents.agents.models import create_tiny_model, load_model
 from w2s_agents.rollout import collect
 from w2s_agents.search import best_path_row, node_values, search_tree, tree_pairs, write_jsonl
 from w2s_agents.search.mcts import SearchConfig

@@ -1,8 +1,14 @@
-"""Tree search for w2s-agents (installed as ``w2s_agents.search``).
+"""Tree search for w2s-agents (installed as ``w2s_agents.search``; never imports torch).
 
-MCTS over trajectory trees (offline, the paper's; online expansion with env clones and a policy prior),
-node values, and extraction of best paths and preference pairs. This package never imports torch. Import it
-as ``w2s_agents.search``, never as ``search``.
+==============  ======================================================================================
+``stats``       search statistics (N, W, Q) and the selection rules every search shares: UCB, PUCT, backup
+``mcts``        the paper's offline MCTS over a fixed tree ("tree -> values")
+``online``      online PUCT expansion with an env and a policy prior (beyond the paper)
+``values``      node values (search, mean, max, success) and the greedy best path
+``extract``     training data from searched trees: best-path SFT rows, TreeDPO pairs ("tree -> pairs")
+==============  ======================================================================================
+
+Import it as ``w2s_agents.search``, never as ``search``.
 """
 
 from .extract import (
@@ -14,24 +20,7 @@ from .extract import (
     unique_rows,
     write_jsonl,
 )
-from .mcts import (
-    MCTSResult,
-    SearchConfig,
-    ValueKind,
-    backup,
-    best_child,
-    best_path,
-    max_values,
-    mcts_values,
-    mean_values,
-    node_values,
-    run_mcts,
-    search_tree,
-    select_child,
-    success_values,
-    tie_orders,
-    ucb_score,
-)
+from .mcts import MCTSResult, SearchConfig, run_mcts, search_tree, tie_orders
 from .online import (
     OnlineResult,
     OnlineSearchConfig,
@@ -40,7 +29,19 @@ from .online import (
     Proposal,
     SearchEnv,
     expand_online,
-    puct_score,
+)
+from .stats import SearchStats, backup, puct_score, select_child, ucb_score
+from .values import (
+    ValueKind,
+    best_child,
+    best_path,
+    leaf_values,
+    max_values,
+    mcts_values,
+    mean_values,
+    node_values,
+    search_values,
+    success_values,
 )
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "Proposal",
     "SearchConfig",
     "SearchEnv",
+    "SearchStats",
     "ValueKind",
     "backup",
     "best_child",
@@ -61,6 +63,7 @@ __all__ = [
     "continuation_messages",
     "expand_online",
     "expert_failure_pairs",
+    "leaf_values",
     "max_values",
     "mcts_values",
     "mean_values",
@@ -68,6 +71,7 @@ __all__ = [
     "puct_score",
     "run_mcts",
     "search_tree",
+    "search_values",
     "select_child",
     "success_values",
     "tie_orders",

@@ -31,7 +31,7 @@ from w2s_agents.messages import SYSTEM_PROMPT, Message, agent_message, task_mess
 from w2s_agents.tree import ROOT, TrajectoryTree, normalize_text
 from w2s_agents.types import Trajectory
 
-from .mcts import best_path
+from .values import best_path
 
 __all__ = [
     "best_path_row",

@@ -1,17 +1,18 @@
-"""Offline MCTS over a fixed trajectory tree (the paper's search) and the node values built on it.
+"""Offline MCTS over a fixed trajectory tree: the paper's search ("tree -> values").
 
 The tree is never expanded: a simulation descends from the root, taking an unvisited child first (in tie
-order) and otherwise the child of highest
+order) and otherwise the child of highest UCB (:func:`~w2s_agents.search.stats.ucb_score`),
 
-    UCB(v) = r_M(v) / c_M(v) + gamma * sqrt(ln C_M / c_M(v)),      C_M = visits of v's parent,
+    UCB(v) = W(v) / N(v) + gamma * sqrt(ln N(parent) / N(v)),
 
-until it reaches a leaf, evaluates the leaf by the mean final return of the data trajectories through it,
-and adds that value to ``r_M`` and 1 to ``c_M`` of every node on its path (backup). The best path e* goes
-greedily from the root to a leaf by ``r_M / c_M``.
+until it reaches a leaf, evaluates the leaf by the mean final return of the data trajectories through it, and
+adds that value to W and 1 to N of every node on its path (:func:`~w2s_agents.search.stats.backup`). N and W
+are the paper's c_M and r_M. The best path e* goes greedily from the root to a leaf by Q = W / N
+(:mod:`w2s_agents.search.values`).
 
 With a ``discount`` d below 1 (an option; the paper's search is undiscounted), a return reached k steps below
 a node counts d^k there: the leaf value backed up is d^depth(leaf) times its mean return, and each node's
-``r_M`` is kept relative to its own depth (divided by d^depth(node)), so that values stay in [0, 1] and, of two
+W is kept relative to its own depth (divided by d^depth(node)), so that values stay in [0, 1] and, of two
 branches that succeed, the shorter one is worth more. In games whose score does not depend on the path's
 length this keeps detours out of the best paths.
 
@@ -38,28 +39,13 @@ from typing import Any, Literal
 import numpy as np
 
 from w2s_agents.config import check, option
-from w2s_agents.tree import ROOT, TrajectoryTree
+from w2s_agents.tree import TrajectoryTree
 
-__all__ = [
-    "MCTSResult",
-    "SearchConfig",
-    "ValueKind",
-    "backup",
-    "best_child",
-    "best_path",
-    "max_values",
-    "mcts_values",
-    "mean_values",
-    "node_values",
-    "run_mcts",
-    "search_tree",
-    "select_child",
-    "success_values",
-    "tie_orders",
-    "ucb_score",
-]
+from .stats import backup
+from .values import ValueKind
 
-ValueKind = Literal["mcts", "mean", "max", "success"]
+__all__ = ["MCTSResult", "SearchConfig", "run_mcts", "search_tree", "tie_orders"]
+
 
 
 @dataclass(frozen=True)
@@ -75,7 +61,7 @@ class SearchConfig:
     )
     value: ValueKind = option(
         "mcts",
-        "node value for best paths and pairs: mcts (r_M/c_M), mean return, max (Bellman), success rate",
+        "node value for best paths and pairs: mcts (the search value W/N), mean return, max (Bellman), success rate",
     )
     margin: float = option(0.1, "smallest value gap between the chosen and the rejected child of a pair")
     pairs_per_node: int = option(4, "most pairs taken at one divergence point (largest value gaps first)")
@@ -113,48 +99,18 @@ class MCTSResult:
     """Statistics of one search, one entry per tree node."""
 
     visits: np.ndarray
-    """c_M: simulations through each node (int64)."""
+    """N: simulations through each node (int64; the paper's c_M)."""
     value_sum: np.ndarray
-    """r_M: sum of the leaf values backed up through each node (float64)."""
+    """W: sum of the leaf values backed up through each node (float64; the paper's r_M)."""
     iterations: int
 
     def values(self) -> np.ndarray:
-        """r_M / c_M per node, NaN where the search never went."""
+        """Q = W / N per node, NaN where the search never went."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.visits > 0, self.value_sum / np.maximum(self.visits, 1), np.nan)
 
 
-# ------------------------------------------------------------------------------------------ plain steps
-
-
-def ucb_score(value_sum: float, visits: int, parent_visits: int, gamma: float) -> float:
-    """UCB of a child: ``value_sum/visits + gamma*sqrt(ln(parent_visits)/visits)``; +inf when unvisited."""
-    if visits == 0:
-        return math.inf
-    return value_sum / visits + gamma * math.sqrt(math.log(parent_visits) / visits)
-
-
-def select_child(
-    children: Sequence[int],
-    visits: Sequence[int],
-    value_sum: Sequence[float],
-    parent_visits: int,
-    gamma: float,
-) -> int:
-    """The child to descend to: the first unvisited one, else the highest UCB (first of equals wins)."""
-    best, best_score = children[0], -math.inf
-    for c in children:
-        score = ucb_score(value_sum[c], visits[c], parent_visits, gamma)
-        if score > best_score:
-            best, best_score = c, score
-    return best
-
-
-def backup(path: Sequence[int], value: float, visits: list[int], value_sum: list[float]) -> None:
-    """Add one visit and ``value`` to every node on ``path`` (in place)."""
-    for n in path:
-        visits[n] += 1
-        value_sum[n] += value
+# ------------------------------------------------------------------------------------------ tie order
 
 
 def _tie_key(node: int, seed: int) -> int:
@@ -175,12 +131,6 @@ def tie_orders(tree: TrajectoryTree, tie_break: str, seed: int) -> list[tuple[in
     if tie_break not in ("order", "random"):
         raise ValueError(f"tie_break must be 'random' or 'order', got {tie_break!r}")
     return [_ordered(tree.children(n), tie_break, seed) for n in range(len(tree))]
-
-
-def leaf_values(tree: TrajectoryTree, discount: float = 1.0) -> list[float]:
-    """Value of each node as a leaf: the mean final return of the data trajectories through it, times
-    ``discount ** depth`` (the value the plain search backs up; see the module docstring)."""
-    return [tree.mean_return(n) * discount ** tree.depth(n) for n in range(len(tree))]
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -266,25 +216,27 @@ def run_mcts(
     tie_break: str = "random",
     discount: float = 1.0,
 ) -> MCTSResult:
-    """Run the paper's offline MCTS on ``tree`` and return c_M and r_M of every node.
+    """Run the paper's offline MCTS on ``tree`` and return N and W of every node.
 
-    Same result as repeating ``select_child`` from the root to a leaf and ``backup`` of the leaf's mean return
-    ``iterations`` times, computed on the tree with single-child chains contracted. With ``discount`` below 1
-    the leaf values are discounted by depth and each node's r_M is relative to its own depth (module
-    docstring); UCB then compares the children's values from their own depth.
+    Same result as repeating :func:`~w2s_agents.search.stats.select_child` from the root to a leaf and
+    :func:`~w2s_agents.search.stats.backup` of the leaf's mean return ``iterations`` times, computed on the
+    tree with single-child chains contracted. With ``discount`` below 1 the leaf values are discounted by depth
+    and each node's W is relative to its own depth (module docstring); UCB then compares the children's values
+    from their own depth.
     """
     if tie_break not in ("order", "random"):
         raise ValueError(f"tie_break must be 'random' or 'order', got {tie_break!r}")
     if not 0.0 < discount <= 1.0:
         raise ValueError(f"discount must be in (0, 1], got {discount}")
     kids, leaf, comp, order = _contract(tree, tie_break, seed, discount)
-    scale = None
+    # W of a compressed node is relative to its head's depth; scale[c] turns it into a value at that depth
+    # (1.0 without a discount, where x * 1.0 == x keeps the values exactly the plain algorithm's)
+    scale = [1.0] * len(kids)
     if discount != 1.0:
         # 1 / discount^depth of each compressed node's head, its first position (comp is non-decreasing)
         firsts = np.r_[0, np.flatnonzero(np.diff(comp)) + 1]
         head_depth = np.asarray([tree.depth(int(order[p])) for p in firsts], dtype=np.float64)
         scale = (discount**-head_depth).tolist()
-
     vis = [0] * len(kids)
     val = [0.0] * len(kids)
     log, sqrt, inf = math.log, math.sqrt, math.inf
@@ -296,15 +248,7 @@ def run_mcts(
             n = vis[h]
             if n < len(ch):  # unvisited children first, in tie order (each earlier visit took the next one)
                 h = ch[n]
-            elif scale is None:
-                ln = log(n)
-                best = -inf
-                for c in ch:
-                    vc = vis[c]
-                    u = val[c] / vc + gamma * sqrt(ln / vc)
-                    if u > best:
-                        best, h = u, c
-            else:
+            else:  # UCB (stats.ucb_score), inlined: this loop is the search's whole cost
                 ln = log(n)
                 best = -inf
                 for c in ch:
@@ -314,10 +258,7 @@ def run_mcts(
                         best, h = u, c
             path.append(h)
             ch = kids[h]
-        v = leaf[h]
-        for p in path:
-            vis[p] += 1
-            val[p] += v
+        backup(path, leaf[h], vis, val)
 
     # every node of a chain has its head's statistics
     visits = np.empty(len(tree), dtype=np.int64)
@@ -348,104 +289,3 @@ def search_tree(tree: TrajectoryTree, config: SearchConfig | None = None) -> MCT
     return result
 
 
-# --------------------------------------------------------------------------------------------- values
-
-
-def _ended(tree: TrajectoryTree, node: int, children: Sequence[int]) -> tuple[int, float]:
-    """Trajectories that ended at ``node`` and the sum of their returns."""
-    ended = tree.visits(node) - sum(tree.visits(c) for c in children)
-    return ended, tree.return_sum(node) - sum(tree.return_sum(c) for c in children)
-
-
-def mean_values(tree: TrajectoryTree, discount: float = 1.0) -> np.ndarray:
-    """Mean final return of the data trajectories through each node; with ``discount`` below 1 each return
-    counts ``discount ** k``, k the steps from the node to where its trajectory ended."""
-    if discount == 1.0:
-        return np.asarray(leaf_values(tree), dtype=np.float64)
-    total = np.zeros(len(tree), dtype=np.float64)  # sum over trajectories of discount^k * return
-    for node in reversed(tree.canonical_order()):  # children before parents
-        ch = tree.children(node)
-        total[node] = _ended(tree, node, ch)[1] + discount * sum(total[c] for c in ch)
-    visits = np.asarray([tree.visits(n) for n in range(len(tree))], dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(visits > 0, total / np.maximum(visits, 1), 0.0)
-
-
-def success_values(tree: TrajectoryTree) -> np.ndarray:
-    """Share of the data trajectories through each node that were won."""
-    return np.asarray(
-        [tree.successes(n) / tree.visits(n) if tree.visits(n) else 0.0 for n in range(len(tree))],
-        dtype=np.float64,
-    )
-
-
-def max_values(tree: TrajectoryTree, discount: float = 1.0) -> np.ndarray:
-    """Bellman (max) value: the best outcome reachable below each node.
-
-    V(n) = max over the children of ``discount`` * V(child), and over the mean return of the trajectories
-    that ended at n when some did; a leaf's value is its mean return.
-    """
-    n = len(tree)
-    out = np.zeros(n, dtype=np.float64)
-    for node in reversed(tree.canonical_order()):  # children before parents
-        ch = tree.children(node)
-        if not ch:
-            out[node] = tree.mean_return(node)
-            continue
-        best = discount * max(out[c] for c in ch)
-        ended, ended_return = _ended(tree, node, ch)
-        if ended > 0:
-            best = max(best, ended_return / ended)
-        out[node] = best
-    return out
-
-
-def mcts_values(tree: TrajectoryTree) -> np.ndarray:
-    """r_M / c_M of the last search stored in the tree, NaN where it never went.
-
-    Raises:
-        ValueError: the tree has not been searched.
-    """
-    arrays = tree.search_arrays()
-    if arrays is None:
-        raise ValueError(f"tree of task {tree.task_id!r} has no search values; run the search first")
-    visits, sums = arrays
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(visits > 0, sums / np.maximum(visits, 1), np.nan)
-
-
-def node_values(tree: TrajectoryTree, kind: ValueKind = "mcts", discount: float = 1.0) -> np.ndarray:
-    """The value of every node by ``kind`` (see :class:`SearchConfig`.value); NaN marks an unknown value.
-
-    ``discount`` applies to the mean and max values; mcts values were discounted by the search that stored
-    them (:class:`SearchConfig`.discount), success rates are not discounted.
-    """
-    if kind == "mcts":
-        return mcts_values(tree)
-    if kind == "mean":
-        return mean_values(tree, discount)
-    if kind == "max":
-        return max_values(tree, discount)
-    if kind == "success":
-        return success_values(tree)
-    raise ValueError(f"unknown value kind {kind!r} (expected mcts, mean, max or success)")
-
-
-def best_child(tree: TrajectoryTree, node: int, values: np.ndarray | Sequence[float]) -> int | None:
-    """The child of highest value (first in canonical order among equals; NaN values skipped), or None."""
-    best, best_v = None, -math.inf
-    for c in tree.children(node):
-        v = values[c]
-        if v == v and v > best_v:  # v == v: not NaN
-            best, best_v = c, v
-    return best
-
-
-def best_path(tree: TrajectoryTree, values: np.ndarray | Sequence[float], start: int = ROOT) -> list[int]:
-    """Greedy path from ``start`` to a leaf by ``values`` (argmax per step); ``[start, ..., leaf]``."""
-    path = [start]
-    node = best_child(tree, start, values)
-    while node is not None:
-        path.append(node)
-        node = best_child(tree, node, values)
-    return path

@@ -1,18 +1,23 @@
 """Online expansion of a trajectory tree: PUCT search that acts in the environment (beyond the paper).
 
-Each iteration selects a path from the root by PUCT,
+Each iteration selects a path from the root by PUCT (:func:`~w2s_agents.search.stats.puct_score`),
 
     score(child) = Q(child) + c_puct * P(child) * sqrt(N(parent)) / (1 + N(child)),
 
-where ``Q`` is the mean value backed up through the child by this search (the data mean return before it is
-visited), ``P`` the policy's prior of the child's action (0 for data children it did not propose) and ``N``
-the search visits; actions the policy proposed at a node that are not children yet compete too (with the
-node's mean as their value), so nodes widen as they are visited. At the first node not yet expanded by the
-search, the environment is put into that node's state (``restore_state`` of a cached ``clone_state`` where the
-env has them, otherwise a reset and a replay of the node's action prefix), the policy proposes actions with
-priors and the most probable one that is not yet a child is taken. From the new action the policy's top
-action is followed until the episode ends or the depth limit. The finished episode is merged into the tree as a trajectory of role ``search`` (so new
-nodes carry the source ``search``'s model) and its return is backed up along its path.
+where Q = W / N is the mean value backed up through the child by this search (the data mean return before it
+is visited), P the policy's prior of the child's action (0 for data children it did not propose) and N the
+search visits; actions the policy proposed at a node that are not children yet compete too (with the node's
+mean as their value), so nodes widen as they are visited. At the first node not yet expanded by the search,
+the environment is put into that node's state (``restore_state`` of a cached ``clone_state`` where the env has
+them, otherwise a reset and a replay of the node's action prefix), the policy proposes actions with priors and
+the most probable one that is not yet a child is taken. From the new action the policy's top action is
+followed until the episode ends or the depth limit. The finished episode is recorded by
+:class:`~w2s_agents.episode.EpisodeRecorder` (the same rule as every rollout: return = the env's normalised
+score) and merged into the tree as a trajectory of role ``search`` (so new nodes carry the source ``search``'s
+model); its return is backed up along its path.
+
+The policy sees what a rollout's agent sees: the :class:`~w2s_agents.types.EpisodeState` of the episode (task,
+turns, admissible commands of the current state, command grammar), never a rendered conversation.
 
 The budget is counted in env steps (replays included) and policy tokens: no iteration starts over budget and
 a rollout stops (truncated) when the budget runs out; the replay of the last iteration's prefix may go past
@@ -28,14 +33,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-
 from w2s_agents.config import check, option
-from w2s_agents.messages import Message, agent_message, task_messages
+from w2s_agents.episode import EpisodeRecorder
 from w2s_agents.tree import ROOT, TrajectoryTree, normalize_text
-from w2s_agents.types import Source, Step, Trajectory
+from w2s_agents.types import EpisodeState, Source, Step, Trajectory
 
-from .extract import context_messages
+from .stats import SearchStats, puct_score
 
 __all__ = [
     "OnlineResult",
@@ -84,8 +87,8 @@ class PolicyOutput:
     """Model tokens the call cost (prompt + generated), counted against the token budget."""
 
 
-Policy = Callable[[Sequence[Message]], PolicyOutput]
-"""Maps the conversation up to a state (``w2s_agents.messages`` format) to proposals for the next action."""
+Policy = Callable[[EpisodeState], PolicyOutput]
+"""Maps the state of an episode (task, turns so far, admissible commands) to proposals for the next action."""
 
 
 @dataclass(frozen=True)
@@ -120,11 +123,6 @@ class OnlineResult:
     """The episodes the search played (already merged into the tree)."""
 
 
-def puct_score(q: float, prior: float, parent_visits: int, visits: int, c_puct: float) -> float:
-    """PUCT: ``q + c_puct * prior * sqrt(parent_visits) / (1 + visits)``."""
-    return q + c_puct * prior * math.sqrt(parent_visits) / (1 + visits)
-
-
 def _normalised(proposals: Sequence[Proposal]) -> dict[str, tuple[float, Proposal]]:
     """Priors by action key (duplicates summed, first spelling kept), normalised to sum to 1."""
     out: dict[str, tuple[float, Proposal]] = {}
@@ -143,42 +141,86 @@ def _normalised(proposals: Sequence[Proposal]) -> dict[str, tuple[float, Proposa
     return {k: (v / total, p) for k, (v, p) in out.items()}
 
 
-class _Episode:
-    """Replays and plays one episode in the env, counting env steps."""
+@dataclass(frozen=True)
+class _Saved:
+    """An env state cached at a node: the engine state and the episode recorded up to the node."""
 
-    def __init__(self, env: SearchEnv, task_id: str, seed: int) -> None:
-        self.env, self.task_id, self.seed = env, task_id, seed
-        self.steps = 0
+    env_state: Any
+    steps: tuple[Step, ...]
+    admissible: tuple[str, ...] | None
+
+
+class _Player:
+    """Plays the search's episodes in the env (resets, restores, replays, steps), counting env steps."""
+
+    def __init__(self, env: SearchEnv, tree: TrajectoryTree, source: Source, seed: int) -> None:
+        self.env, self.tree, self.source, self.seed = env, tree, source, seed
+        self.env_steps = 0
         self.can_clone = callable(getattr(env, "clone_state", None)) and callable(
             getattr(env, "restore_state", None)
         )
-        self.states: dict[int, Any] = {}  # node -> env state after reaching it (envs that clone)
-        self.pending_states: list[Any] = []  # states after each step of the last rollout
+        self.saved: dict[int, _Saved] = {}  # node -> state after reaching it (envs that clone)
+        self.root: EpisodeRecorder | None = None  # the recorder right after the first reset (its task view)
 
-    def reset(self) -> str:
-        obs, _ = self.env.reset(seed=self.seed, options={"task": self.task_id})
-        return obs
+    def reset(self) -> EpisodeRecorder:
+        rec, _ = EpisodeRecorder.reset(
+            self.env, self.tree.task_id, self.source, seed=self.seed, env_id=self.tree.env_id
+        )
+        # the episodes join this tree: they keep its task text and env id where it has them
+        rec.instruction = self.tree.instruction or rec.instruction
+        rec.env_id = self.tree.env_id or rec.env_id
+        if self.root is None:
+            self.root = rec
+        return rec
 
-    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
-        self.steps += 1
-        return self.env.step(action)
+    def step(self, rec: EpisodeRecorder, proposal: Proposal) -> tuple[bool, bool, dict]:
+        """Act in the env and record the step; returns (terminated, truncated, info)."""
+        self.env_steps += 1
+        obs, reward, terminated, truncated, info = self.env.step(proposal.action)
+        rec.step(proposal.action, obs, reward, info, thought=proposal.thought)
+        return bool(terminated), bool(truncated), info
 
+    def save(self, node: int, rec: EpisodeRecorder) -> None:
+        """Cache the env's current state as the state of ``node`` (envs that clone)."""
+        if self.can_clone and node not in self.saved:
+            state = self.env.clone_state()  # type: ignore[attr-defined]
+            self.saved[node] = _Saved(state, tuple(rec.steps), rec.admissible)
 
-def _outcome(info: dict, terminated: bool, truncated: bool, reward_sum: float) -> tuple[float, bool, str]:
-    """(return in [0, 1], won, end) from the last step's info (``score``/``max_score``, else the rewards)."""
-    score = info.get("score")
-    if score is None:
-        score = reward_sum
-    max_score = info.get("max_score")
-    if max_score:
-        score = score / max_score
-    ret = min(max(float(score), 0.0), 1.0)
-    won = bool(info.get("won", False))
-    if won:
-        return ret, True, "won"
-    if terminated:
-        return ret, False, "lost"
-    return ret, False, "truncated"
+    def reach(self, path: list[int]) -> tuple[EpisodeRecorder, bool] | None:
+        """Put the env into the state of ``path[-1]``: restore the deepest cached state on the path (envs that
+        clone) and replay the actions after it, or reset and replay them all.
+
+        Returns the episode recorded so far and whether it has ended, or None when a replay ends before
+        reaching the node.
+        """
+        tree = self.tree
+        start = next((i for i in range(len(path) - 1, -1, -1) if path[i] in self.saved), -1)
+        if start >= 0:
+            saved = self.saved[path[start]]
+            self.env.restore_state(saved.env_state)  # type: ignore[attr-defined]
+            root = self.root
+            assert root is not None  # a state was cached after a reset
+            rec = EpisodeRecorder(
+                root.task_id,
+                root.env_id,
+                self.source,
+                instruction=root.instruction,
+                initial_observation=root.initial_observation,
+                grammar=root.grammar,
+            )
+            rec.restore(list(saved.steps), saved.admissible)
+        else:
+            start = 0
+            rec = self.reset()
+            self.save(ROOT, rec)
+        ended = False
+        for i in range(start + 1, len(path)):
+            n = path[i]
+            terminated, truncated, _ = self.step(rec, Proposal(tree.action(n), 1.0, tree.thought(n)))
+            ended = terminated or truncated
+            if ended and i < len(path) - 1:
+                return None
+        return rec, ended
 
 
 def expand_online(
@@ -189,31 +231,29 @@ def expand_online(
 ) -> OnlineResult:
     """Grow ``tree`` with episodes chosen by PUCT and played in ``env``; store the search statistics in it.
 
-    The tree's ``mcts_visits`` / ``mcts_value`` afterwards hold this search's N and W (sum of backed-up
-    returns) per node, so :func:`~w2s_agents.search.best_path` over ``node_values(tree, "mcts")`` gives the
-    search's best path. Deterministic for a seed when the env and policy are.
+    The tree's search statistics afterwards hold this search's N and W (sum of backed-up returns) per node, so
+    :func:`~w2s_agents.search.best_path` over ``node_values(tree, "mcts")`` gives the search's best path.
+    Deterministic for a seed when the env and policy are.
     """
     cfg = config or OnlineSearchConfig()
     start_nodes = len(tree)
-    n_vis: dict[int, int] = {}
-    w_sum: dict[int, float] = {}
-    priors: dict[
-        int, dict[str, tuple[float, Proposal]]
-    ] = {}  # expanded nodes: action key -> (prior, proposal)
-    episode = _Episode(env, tree.task_id, cfg.seed)
+    stats = SearchStats.zeros(len(tree))
+    priors: dict[int, dict[str, tuple[float, Proposal]]] = {}  # expanded nodes: action key -> (prior, proposal)
+    source = Source(model=cfg.model, role="search", sampler="online-puct", seed=cfg.seed)
+    player = _Player(env, tree, source, cfg.seed)
     tokens = 0
     played: list[Trajectory] = []
-    source = Source(model=cfg.model, role="search", sampler="online-puct", seed=cfg.seed)
 
-    def ask(node_messages: list[Message]) -> dict[str, tuple[float, Proposal]]:
+    def ask(state: EpisodeState) -> dict[str, tuple[float, Proposal]]:
         nonlocal tokens
-        out = policy(node_messages)
+        out = policy(state)
         tokens += int(out.tokens)
         return _normalised(out.proposals)
 
     def over_budget() -> bool:
-        return (cfg.max_env_steps and episode.steps >= cfg.max_env_steps) or (
-            cfg.max_tokens and tokens >= cfg.max_tokens
+        return bool(
+            (cfg.max_env_steps and player.env_steps >= cfg.max_env_steps)
+            or (cfg.max_tokens and tokens >= cfg.max_tokens)
         )
 
     it = 0
@@ -223,72 +263,52 @@ def expand_online(
         node = ROOT
         chosen: Proposal | None = None
         while node in priors and not _ended(tree, node) and tree.depth(node) < cfg.max_depth:
-            child, chosen = _select(tree, node, priors[node], n_vis, w_sum, cfg)
+            child, chosen = _select(tree, node, priors[node], stats, cfg.c_puct)
             if child is None:
                 break
             node = child
         # -- reach the node's state
         path = tree.path(node)
-        prefix = _reach(tree, episode, path)
-        if prefix is None:  # the env ended on the way (a replay that does not reproduce): stop here
+        reached = player.reach(path)
+        if reached is None:  # the env ended on the way (a replay that does not reproduce): stop here
             logger.warning("%s: replay of node %d ended early; stopping the search", tree.task_id, node)
             break
-        first_obs, steps, obs, done = prefix
+        rec, done = reached
         if done or _ended(tree, node) or len(path) - 1 >= cfg.max_depth:
-            value = tree.mean_return(node) if tree.visits(node) else 0.0
-            _backup(path, value, n_vis, w_sum)
+            stats.backup(path, tree.mean_return(node) if tree.visits(node) else 0.0)
             continue
         # -- expand: the most probable new action, then follow the policy's top action
-        context = _messages(tree, path, obs)
         if node not in priors:
-            priors[node] = ask(context)
+            priors[node] = ask(rec.state())
         if not priors[node]:
-            _backup(path, tree.mean_return(node), n_vis, w_sum)
+            stats.backup(path, tree.mean_return(node))
             continue
         if chosen is None:  # first expansion: the most probable action that is not a child yet
             existing = {tree.action_key(c) for c in tree.children(node)}
             ranked = sorted(priors[node].items(), key=lambda kv: (-kv[1][0], kv[0]))
             chosen = next((p for k, (_, p) in ranked if k not in existing), ranked[0][1][1])
-        new_steps, (info, terminated, truncated) = _rollout(
-            episode, chosen, context, ask, cfg, len(path) - 1, over_budget
-        )
-        steps.extend(new_steps)
-        ret, won, end = _outcome(info, terminated, truncated, sum(st.reward for st in steps))
-        traj = Trajectory(
-            task_id=tree.task_id,
-            env_id=tree.env_id or "unknown",
-            source=source,
-            instruction=tree.instruction,
-            initial_observation=first_obs,
-            steps=tuple(steps),
-            return_=ret,
-            success=won,
-            end=end,
-        )
+        first_new = rec.num_steps
+        terminated, states = _rollout(player, rec, chosen, ask, cfg, over_budget)
+        traj = rec.finish(terminated=terminated)
         leaf = tree.add(traj)
-        if episode.can_clone:
-            new_path = tree.path(leaf)[-len(new_steps) :]
-            for n, state in zip(new_path, episode.pending_states, strict=True):
-                if state is not None:
-                    episode.states.setdefault(n, state)
+        new_path = tree.path(leaf)
+        for n, state in zip(new_path[first_new + 1 :], states, strict=True):
+            if state is not None and n not in player.saved:
+                player.saved[n] = state
         played.append(traj)
-        _backup(tree.path(leaf), ret, n_vis, w_sum)
+        stats.backup(new_path, traj.return_)
 
-    visits = np.zeros(len(tree), dtype=np.int64)
-    values = np.zeros(len(tree), dtype=np.float64)
-    for n, v in n_vis.items():
-        visits[n] = v
-        values[n] = w_sum[n]
+    visits, value_sum = stats.arrays(len(tree))
     tree.set_search_values(
         visits,
-        values,
+        value_sum,
         algorithm="online-puct",
         iterations=it,
         c_puct=cfg.c_puct,
         seed=cfg.seed,
         model=cfg.model,
     )
-    return OnlineResult(it, episode.steps, tokens, len(tree) - start_nodes, tuple(played))
+    return OnlineResult(it, player.env_steps, tokens, len(tree) - start_nodes, tuple(played))
 
 
 def _ended(tree: TrajectoryTree, node: int) -> bool:
@@ -301,9 +321,8 @@ def _select(
     tree: TrajectoryTree,
     node: int,
     prior: dict[str, tuple[float, Proposal]],
-    n_vis: dict[int, int],
-    w_sum: dict[int, float],
-    cfg: OnlineSearchConfig,
+    stats: SearchStats,
+    c_puct: float,
 ) -> tuple[int | None, Proposal | None]:
     """PUCT over ``node``'s children and the proposed actions that are not children yet.
 
@@ -313,8 +332,9 @@ def _select(
     children in canonical order, then to new actions in key order.
     """
     children = tree.children(node)
-    parent_n = max(n_vis.get(node, 0), 1)
-    fpu = w_sum[node] / n_vis[node] if n_vis.get(node) else tree.mean_return(node)
+    stats.grow(len(tree))
+    parent_n = max(stats.visits[node], 1)
+    fpu = stats.q(node, tree.mean_return(node))
     best_child: int | None = None
     best_new: Proposal | None = None
     best_score = -math.inf
@@ -323,105 +343,43 @@ def _select(
         key = tree.action_key(c)
         existing.add(key)
         p = prior[key][0] if key in prior else 0.0
-        n = n_vis.get(c, 0)
-        q = w_sum[c] / n if n else tree.mean_return(c)
-        score = puct_score(q, p, parent_n, n, cfg.c_puct)
+        score = puct_score(stats.q(c, tree.mean_return(c)), p, parent_n, stats.visits[c], c_puct)
         if score > best_score:
             best_child, best_new, best_score = c, None, score
     for key in sorted(prior):
         if key in existing:
             continue
         p, proposal = prior[key]
-        score = puct_score(fpu, p, parent_n, 0, cfg.c_puct)
+        score = puct_score(fpu, p, parent_n, 0, c_puct)
         if score > best_score:
             best_child, best_new, best_score = None, proposal, score
     return best_child, best_new
 
 
-def _backup(path: Sequence[int], value: float, n_vis: dict[int, int], w_sum: dict[int, float]) -> None:
-    for n in path:
-        n_vis[n] = n_vis.get(n, 0) + 1
-        w_sum[n] = w_sum.get(n, 0.0) + value
-
-
-def _reach(
-    tree: TrajectoryTree, episode: _Episode, path: list[int]
-) -> tuple[str, list[Step], str, bool] | None:
-    """Put the env into the state of ``path[-1]``: restore the deepest cached state on the path (when the env
-    clones) and replay the actions after it, or reset and replay them all.
-
-    Returns (first observation, steps so far, current observation, episode ended), or None when a replay
-    ends before reaching the node.
-    """
-    start = 0
-    if episode.can_clone:
-        start = next((i for i in range(len(path) - 1, -1, -1) if path[i] in episode.states), -1)
-    if start >= 0 and episode.can_clone and path[start] in episode.states:
-        episode.env.restore_state(episode.states[path[start]])  # type: ignore[attr-defined]
-        first = tree.observation(ROOT)
-        obs = tree.observation(path[start])
-        steps = [
-            Step(action=tree.action(n), observation=tree.observation(n), thought=tree.thought(n))
-            for n in path[1 : start + 1]
-        ]
-    else:
-        start = 0
-        first = obs = episode.reset()
-        steps = []
-        if episode.can_clone:
-            episode.states[ROOT] = episode.env.clone_state()  # type: ignore[attr-defined]
-    ended = False
-    for i in range(start + 1, len(path)):
-        n = path[i]
-        obs, reward, terminated, truncated, _ = episode.step(tree.action(n))
-        steps.append(
-            Step(action=tree.action(n), observation=obs, thought=tree.thought(n), reward=float(reward))
-        )
-        ended = bool(terminated or truncated)
-        if ended and i < len(path) - 1:
-            return None
-    return first, steps, obs, ended
-
-
-def _messages(tree: TrajectoryTree, path: list[int], obs: str) -> list[Message]:
-    """The conversation up to the current observation ``obs`` at ``path[-1]``."""
-    if len(path) == 1:
-        return task_messages(tree.instruction, obs)
-    msgs = context_messages(tree, path[-1])
-    msgs.append(agent_message(tree.action(path[-1]), tree.thought(path[-1])))
-    msgs.append({"role": "user", "content": obs})
-    return msgs
-
-
 def _rollout(
-    episode: _Episode,
+    player: _Player,
+    rec: EpisodeRecorder,
     first: Proposal,
-    context: list[Message],
-    ask: Callable[[list[Message]], dict[str, tuple[float, Proposal]]],
+    ask: Callable[[EpisodeState], dict[str, tuple[float, Proposal]]],
     cfg: OnlineSearchConfig,
-    depth: int,
     over_budget: Callable[[], bool],
-) -> tuple[list[Step], tuple[dict, bool, bool]]:
-    """Play ``first`` then the policy's most probable action until the episode ends; returns the new steps
-    and (last info, terminated, truncated)."""
-    steps: list[Step] = []
-    states = episode.pending_states = []
+) -> tuple[bool, list[_Saved | None]]:
+    """Play ``first`` then the policy's most probable action until the episode ends, the depth limit or the
+    budget; returns whether the env terminated the episode and the env state after each new step (None where
+    the env does not clone or the episode ended)."""
+    states: list[_Saved | None] = []
     proposal = first
-    msgs = list(context)
     while True:
-        obs, reward, terminated, truncated, info = episode.step(proposal.action)
-        states.append(episode.env.clone_state() if episode.can_clone and not terminated else None)  # type: ignore[attr-defined]
-        steps.append(
-            Step(action=proposal.action, observation=obs, thought=proposal.thought, reward=float(reward))
-        )
-        depth += 1
+        terminated, truncated, _ = player.step(rec, proposal)
+        saved = None
+        if player.can_clone and not terminated:
+            saved = _Saved(player.env.clone_state(), tuple(rec.steps), rec.admissible)  # type: ignore[attr-defined]
+        states.append(saved)
         if terminated or truncated:
-            return steps, (info, terminated, truncated)
-        if depth >= cfg.max_depth or over_budget():
-            return steps, (info, False, True)
-        msgs.append(agent_message(proposal.action, proposal.thought))
-        msgs.append({"role": "user", "content": obs})
-        ranked = ask(msgs)
+            return terminated, states
+        if rec.num_steps >= cfg.max_depth or over_budget():
+            return False, states
+        ranked = ask(rec.state())
         if not ranked:
-            return steps, (info, False, True)
+            return False, states
         proposal = min(ranked.items(), key=lambda kv: (-kv[1][0], kv[0]))[1][1]

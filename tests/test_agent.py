@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from w2s_agents.agents.agent import (
+from w2s_agents.agents import (
     Agent,
     AgentConfig,
-    EpisodeState,
     Sampler,
     action_distribution,
     load_agent,
@@ -27,9 +26,10 @@ from w2s_agents.agents.decoding import (
     generate,
     pick_tokens,
 )
+from w2s_agents.agents.models import build_tiny_model, load_model
 from w2s_agents.errors import ConfigError, W2SError
 from w2s_agents.messages import SYSTEM_PROMPT, agent_message, episode_messages, system_prompt, task_messages
-from w2s_agents.agents.models import build_tiny_model, load_model
+from w2s_agents.types import EpisodeState
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,6 +15,7 @@ from w2s_agents.search import (
     puct_score,
 )
 from w2s_agents.tree import TrajectoryTree, build_trees
+from w2s_agents.types import EpisodeState
 
 # (room, has key) -> {action: (next room, has key, score, terminated, won)}
 GAME = {
@@ -80,8 +81,8 @@ class ClonableGame(FakeGame):
 def policy_for(prefer: dict[str, str]):
     """A policy that puts 0.8 of its prior on ``prefer[room]`` and spreads the rest; 10 tokens a call."""
 
-    def policy(messages):
-        last = messages[-1]["content"]
+    def policy(state: EpisodeState) -> PolicyOutput:
+        last = state.observation
         room = "kitchen" if "kitchen" in last else "hall"
         key = "key" in last
         actions = sorted(GAME.get((room, key), {}))
@@ -163,3 +164,43 @@ def test_search_grows_a_data_tree_and_keeps_its_statistics(make_traj) -> None:
     assert [tree.action(n) for n in path[1:]] == OPTIMAL
     assert tree.sources(0)["weak"] == 2 and tree.sources(0)["search"] == tree.visits(0) - 2
     assert tree.terminal(path[-1]) == {"won": tree.visits(path[-1])}
+
+
+class ScoredFiveGame(ClonableGame):
+    """The same game on an engine whose raw maximum score is 5: ``info["score"]`` is already normalised (DESIGN
+    section 7), ``info["max_score"]`` is the engine's raw maximum."""
+
+    def step(self, action: str):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated, truncated, {**info, "max_score": 5}
+
+
+def test_a_won_search_episode_has_return_one_whatever_the_engines_max_score() -> None:
+    tree = TrajectoryTree("house/0", instruction="Open the vault.")
+    result = expand_online(tree, ScoredFiveGame(), UNIFORM, OnlineSearchConfig(iterations=40, max_depth=6))
+    won = [t for t in result.trajectories if t.success]
+    assert won, "the search should win the game"
+    assert {t.return_ for t in won} == {1.0}  # not 1/5: the score is normalised once, by the env
+    path = best_path(tree, node_values(tree, "mcts"))
+    assert tree.mean_return(path[-1]) == 1.0
+    # a key taken, then a fall into the pit: half the score, lost
+    lost = [t for t in result.trajectories if t.end == "lost" and t.steps[-1].score == 0.5]
+    assert all(t.return_ == 0.5 for t in lost)
+
+
+def test_the_policy_sees_the_episode_state_with_actions_as_played() -> None:
+    odd = "look\nAction: go south"  # an action that a rendered conversation would split in two
+    seen: list[EpisodeState] = []
+
+    def policy(state: EpisodeState) -> PolicyOutput:
+        seen.append(state)
+        if not state.turns:
+            return PolicyOutput((Proposal(odd, 1.0, "Thought: hmm"),), tokens=1)
+        return PolicyOutput((Proposal("go south", 1.0),), tokens=1)
+
+    tree = TrajectoryTree("house/0")
+    expand_online(tree, ClonableGame(), policy, OnlineSearchConfig(iterations=3, max_depth=4))
+    later = [s for s in seen if s.turns]
+    assert later and all(s.turns[0][:2] == ("Thought: hmm", odd) for s in later)
+    assert later[0].turns[0][2] == "Nothing happens."
+    assert seen[0].admissible == tuple(sorted(GAME[("hall", False)]))

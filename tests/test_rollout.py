@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
+from w2s_agents.agents import Agent, AgentConfig, Sampler, load_model
 from w2s_agents.cli import main
 from w2s_agents.errors import ConfigError, W2SError
-from w2s_agents.agents.models import load_model
 from w2s_agents.rollout import (
+    EngineOptions,
+    RayOptions,
     RolloutConfig,
     collect,
     episode_seed,
@@ -120,7 +121,8 @@ def test_collect_runs_every_episode_once_and_resumes(agent: Agent, tmp_path: Pat
         return made[-1]
 
     with TrajectoryStore(path) as store:
-        s = collect(TASKS, agent, SAMPLERS, store, env=factory, seeds=3, max_steps=6, batch_size=4, shard_size=5,
+        s = collect(TASKS, agent, SAMPLERS, store, env=factory, seeds=3, max_steps=6,
+                    engine=EngineOptions(batch_size=4, shard_size=5),
                     on_episode=lambda t, summ: seen.append(t.task_id))  # fmt: skip
     assert len(made) == 4 and all(e.closed == 1 for e in made)  # 6 shards share 4 envs, closed at the end
     want = {EpisodeKey(t, "nano", sm.name, seed) for t in TASKS for sm in SAMPLERS for seed in range(3)}
@@ -156,7 +158,14 @@ def test_collect_runs_every_episode_once_and_resumes(agent: Agent, tmp_path: Pat
     # again: nothing to do
     with TrajectoryStore(path) as store:
         again = collect(
-            TASKS, agent, SAMPLERS, store, env=Corridor, seeds=3, max_steps=6, batch_size=4, shard_size=5
+            TASKS,
+            agent,
+            SAMPLERS,
+            store,
+            env=Corridor,
+            seeds=3,
+            max_steps=6,
+            engine=EngineOptions(batch_size=4, shard_size=5),
         )
     assert (again.episodes, again.skipped) == (0, 27)
     # a crash after 11 episodes, in the middle of writing the 12th: the rest is run, the first 11 are kept
@@ -164,7 +173,14 @@ def test_collect_runs_every_episode_once_and_resumes(agent: Agent, tmp_path: Pat
     path.write_bytes(b"".join(lines[:11]) + lines[11][:40])
     with TrajectoryStore(path) as store:
         resumed = collect(
-            TASKS, agent, SAMPLERS, store, env=Corridor, seeds=3, max_steps=6, batch_size=4, shard_size=5
+            TASKS,
+            agent,
+            SAMPLERS,
+            store,
+            env=Corridor,
+            seeds=3,
+            max_steps=6,
+            engine=EngineOptions(batch_size=4, shard_size=5),
         )
     assert (resumed.episodes, resumed.skipped) == (16, 11)
     after = list(read_trajectories(path))
@@ -185,7 +201,16 @@ def test_shards_give_the_same_trajectories_in_any_order_and_process(agent: Agent
     shards = shard_episodes(planned, 4)
     assert [len(s) for s in shards] == [4, 4, 4, 4, 2]
     with TrajectoryStore(tmp_path / "a.jsonl") as store:
-        collect(TASKS, agent, SAMPLERS, store, env=Corridor, seeds=2, max_steps=5, batch_size=3, shard_size=4)
+        collect(
+            TASKS,
+            agent,
+            SAMPLERS,
+            store,
+            env=Corridor,
+            seeds=2,
+            max_steps=5,
+            engine=EngineOptions(batch_size=3, shard_size=4),
+        )
     reference = {t.key: _plain(t) for t in read_trajectories(tmp_path / "a.jsonl")}
     # what a Ray worker does: one shard at a time, shards in any order, a fresh agent replica
     replica = Agent(load_model(agent.lm.path), agent.config)
@@ -223,7 +248,7 @@ def test_env_failures_restart_the_episode_or_store_an_error(agent: Agent, tmp_pa
             store,
             env=factory,
             max_steps=4,
-            episode_retries=2,
+            engine=EngineOptions(episode_retries=2),
         )
     trajs = {t.task_id: t for t in read_trajectories(tmp_path / "e.jsonl")}
     assert s.errors == 2 and s.episodes == 3
@@ -241,7 +266,15 @@ def test_env_failures_restart_the_episode_or_store_an_error(agent: Agent, tmp_pa
         TrajectoryStore(tmp_path / "u.jsonl") as store,
         pytest.raises(W2SError, match="unknown task 'maze/1'"),
     ):
-        collect(["corridor/2", "maze/1"], agent, SAMPLERS[:1], store, env=Corridor, max_steps=2, batch_size=1)
+        collect(
+            ["corridor/2", "maze/1"],
+            agent,
+            SAMPLERS[:1],
+            store,
+            env=Corridor,
+            max_steps=2,
+            engine=EngineOptions(batch_size=1),
+        )
     assert [t.task_id for t in read_trajectories(tmp_path / "u.jsonl")] == ["corridor/2"]
 
 
@@ -273,8 +306,8 @@ def test_collect_checks_its_arguments(agent: Agent, tmp_path: Path) -> None:
                 collect(
                     args["tasks"], agent, args["samplers"], store, env=Corridor, seeds=kwargs.get("seeds", 1)
                 )
-        with pytest.raises(W2SError, match="not from a factory"):
-            collect(["corridor/2"], agent, SAMPLERS, store, env=Corridor, workers=2)
+        with pytest.raises(W2SError, match="not from a callable"):
+            collect(["corridor/2"], agent, SAMPLERS, store, env=Corridor, ray=RayOptions(workers=2))
     with pytest.raises(ConfigError, match="names must be unique"):
         RolloutConfig(samplers=[Sampler(), Sampler()])
 
@@ -299,7 +332,7 @@ def test_tiny_agent_plays_textworld_in_both_modes(
         path = tmp_path / f"{mode}.jsonl"
         with TrajectoryStore(path) as store:
             s = collect(tasks, agent, SAMPLERS[:2], store, env="w2s/TextWorld-v0", env_kwargs={"cache_dir": game_cache_dir},
-                        seeds=5, max_steps=3, batch_size=16)  # fmt: skip
+                        seeds=5, max_steps=3, engine=EngineOptions(batch_size=16))  # fmt: skip
         trajs = list(read_trajectories(path))
         assert s.episodes == 50 == len({t.key for t in trajs}) and s.errors == 0
         for t in trajs:

@@ -10,9 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from w2s_agents.agents.agent import Agent, AgentConfig, Sampler
-from w2s_agents.agents.models import load_model
-from w2s_agents.rollout import collect
+from w2s_agents.agents import Agent, AgentConfig, Sampler, load_model
+from w2s_agents.rollout import EngineOptions, RayOptions, collect
 from w2s_agents.store import TrajectoryStore, read_trajectories, scan_store
 from w2s_agents.types import EpisodeKey
 
@@ -36,7 +35,7 @@ def _ray_dirs() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance for the module (collect uses a running instance and leaves it up)."""
-    from w2s_agents.rollout.ray import RayOptions, ray_session
+    from w2s_agents.rollout.ray import ray_session
 
     before = _ray_dirs()
     with ray_session(RayOptions(workers=2)):
@@ -68,8 +67,7 @@ def _collect(agent: Agent, tasks: list[str], path: Path, **kwargs) -> tuple:
             store,
             env="w2s/TextWorld-v0",
             max_steps=4,
-            batch_size=3,
-            shard_size=3,
+            engine=EngineOptions(batch_size=3, shard_size=3),
             **kwargs,
         )
     return summary, {t.key: _plain(t) for t in read_trajectories(path)}
@@ -82,8 +80,8 @@ def test_same_trajectories_in_process_and_on_1_or_2_workers(
     kwargs = {"seeds": 3}
     local, want = _collect(agent, tasks, tmp_path / "local.jsonl", **kwargs)
     assert local.workers == 0 and len(want) == 12
-    one, got1 = _collect(agent, tasks, tmp_path / "w1.jsonl", workers=1, **kwargs)
-    two, got2 = _collect(agent, tasks, tmp_path / "w2.jsonl", workers=2, **kwargs)
+    one, got1 = _collect(agent, tasks, tmp_path / "w1.jsonl", ray=RayOptions(workers=1), **kwargs)
+    two, got2 = _collect(agent, tasks, tmp_path / "w2.jsonl", ray=RayOptions(workers=2), **kwargs)
     assert (one.workers, two.workers, one.worker_failures, two.worker_failures) == (1, 2, 0, 0)
     assert got1 == want and got2 == want
     assert one.steps == two.steps == local.steps
@@ -116,8 +114,9 @@ def test_a_killed_worker_loses_and_duplicates_nothing(
 
     path = tmp_path / "killed.jsonl"
     with TrajectoryStore(path) as store:
-        summary = collect(tasks, agent, SAMPLERS, store, env="w2s/TextWorld-v0", seeds=4, max_steps=4, batch_size=2,
-                          shard_size=2, workers=2, on_episode=kill_one)  # fmt: skip
+        summary = collect(tasks, agent, SAMPLERS, store, env="w2s/TextWorld-v0", seeds=4, max_steps=4,
+                          engine=EngineOptions(batch_size=2, shard_size=2), ray=RayOptions(workers=2),
+                          on_episode=kill_one)  # fmt: skip
     assert killed and summary.worker_failures == 1
     scan = scan_store(path)
     want = {EpisodeKey(t, "nano", s.name, seed) for t in tasks for s in SAMPLERS for seed in range(4)}

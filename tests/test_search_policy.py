@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from w2s_agents.agents.agent import Agent, AgentConfig, EpisodeState
+from w2s_agents.agents import Agent, AgentConfig, AgentPolicy, load_model
 from w2s_agents.envs.textworld_env import TextWorldEnv
-from w2s_agents.errors import W2SError
-from w2s_agents.agents.models import load_model
-from w2s_agents.search import OnlineSearchConfig, expand_online
-from w2s_agents.agents.policy import AgentPolicy, TrackedEnv
+from w2s_agents.search import OnlineSearchConfig, PolicyOutput, expand_online
 from w2s_agents.tree import ROOT, TrajectoryTree
+from w2s_agents.types import EpisodeState
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,12 +31,11 @@ def agent(nano_model_dir: Path) -> Agent:
 
 
 def test_priors_are_the_agents_choose_mode_distribution(env: TextWorldEnv, agent: Agent) -> None:
-    policy = AgentPolicy(agent, env, temperature=0.5)
-    obs, info = policy.env.reset(options={"task": TASK})
-    out = policy([{"role": "system", "content": "x"}, {"role": "user", "content": f"Task: ...\n\n{obs}"}])
+    obs, info = env.reset(options={"task": TASK})
     state = EpisodeState(
         info["instruction"], obs, (), tuple(info["admissible_commands"]), env.command_grammar or None
     )
+    out = AgentPolicy(agent, temperature=0.5)(state)
     expected = agent.action_distributions([state], temperature=0.5)[0]
     got = {p.action: p.prior for p in out.proposals}
     assert set(got) == set(info["admissible_commands"])
@@ -46,56 +43,31 @@ def test_priors_are_the_agents_choose_mode_distribution(env: TextWorldEnv, agent
         assert math.isclose(got[cmd], p, rel_tol=1e-9, abs_tol=1e-12)
     assert [p.prior for p in out.proposals] == sorted(got.values(), reverse=True)
     assert out.tokens > 0
-
-    # after a step the state holds the turn and the new commands
-    action = out.proposals[0].action
-    obs2, *_, info2 = policy.env.step(action)
-    state2 = policy.state(
-        [
-            {"role": "user", "content": "task"},
-            {"role": "assistant", "content": f"Thought: why not\nAction: {action}"},
-            {"role": "user", "content": obs2},
-        ]
-    )
-    assert state2.turns == (("why not", action, obs2),)
-    assert state2.admissible == tuple(info2["admissible_commands"])
-    top2 = AgentPolicy(agent, policy.env, top_k=2)
-    assert top2.env is policy.env and len(top2(state_messages(obs2, action)).proposals) == 2
+    assert len(AgentPolicy(agent, top_k=2)(state).proposals) == 2
 
 
-def state_messages(obs: str, action: str) -> list[dict]:
-    return [
-        {"role": "user", "content": "task"},
-        {"role": "assistant", "content": action},
-        {"role": "user", "content": obs},
-    ]
-
-
-def test_tracked_env_carries_the_commands_through_clone_and_restore(env: TextWorldEnv) -> None:
-    tracked = TrackedEnv(env)
-    _, info = tracked.reset(options={"task": TASK})
-    saved = tracked.clone_state()
-    first = tracked.admissible
-    assert first == tuple(info["admissible_commands"])
-    tracked.step(info["expert_plan"][0])
-    assert tracked.admissible != first
-    tracked.restore_state(saved)
-    assert tracked.admissible == first
-    assert not hasattr(TrackedEnv(object()), "clone_state")  # an env without clones is replayed instead
-
-
-def test_policy_refuses_a_conversation_before_reset(env: TextWorldEnv, agent: Agent) -> None:
-    with pytest.raises(W2SError, match="not been reset"):
-        AgentPolicy(agent, env)([{"role": "user", "content": "Task: x"}])
+def test_a_state_without_commands_gets_the_agents_generated_action(env: TextWorldEnv, agent: Agent) -> None:
+    obs, info = env.reset(options={"task": TASK})
+    state = EpisodeState(info["instruction"], obs, (), None, env.command_grammar or None)
+    out = AgentPolicy(agent)(state)
+    assert len(out.proposals) <= 1 and out.tokens > 0
+    if out.proposals:
+        assert out.proposals[0].prior == 1.0
 
 
 def test_online_expansion_on_textworld_with_a_tiny_agent(
     env: TextWorldEnv, agent: Agent, game_cache_dir: Path, tw_test_suites: dict
 ) -> None:
-    policy = AgentPolicy(agent, env)
+    states: list[EpisodeState] = []
+    agent_policy = AgentPolicy(agent)
+
+    def policy(state: EpisodeState) -> PolicyOutput:
+        states.append(state)
+        return agent_policy(state)
+
     tree = TrajectoryTree(TASK, env_id="w2s/TextWorld-v0")
     cfg = OnlineSearchConfig(iterations=8, max_env_steps=60, max_depth=6, model="tiny-search")
-    result = expand_online(tree, policy.env, policy, cfg)
+    result = expand_online(tree, env, policy, cfg)
 
     assert 1 <= result.iterations <= 8 and result.trajectories
     assert result.env_steps <= cfg.max_env_steps + cfg.max_depth
@@ -113,6 +85,16 @@ def test_online_expansion_on_textworld_with_a_tiny_agent(
                 assert step.action in info["admissible_commands"]
                 obs, _, _, _, info = fresh.step(step.action)
                 assert obs == step.observation
+        # the states handed to the policy (also after restoring cloned states) are the env's real ones: the
+        # turns replay to the state's observation and the env offers exactly the state's commands there
+        for state in states:
+            obs, info = fresh.reset(options={"task": TASK})
+            assert obs == state.initial_observation and state.grammar == fresh.command_grammar
+            for _thought, action, observation in state.turns:
+                obs, _, _, _, info = fresh.step(action)
+                assert obs == observation
+            assert state.admissible == tuple(info["admissible_commands"])
     finally:
         fresh.close()
+    assert len(states) >= result.iterations
     assert tree.search_info["algorithm"] == "online-puct"

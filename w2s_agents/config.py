@@ -14,6 +14,8 @@ Example::
     cfg = load_config(ExperimentConfig, "configs/quickstart.yaml", ["run.seed=3", "weak.tiny_preset=nano"])
     save_config(cfg, run_dir)
 
+:class:`RunConfig` is the ``run:`` section shared by every job (``w2s run``, ``w2s rollout``): name, folder, seed.
+
 Supported field types: ``bool``, ``int``, ``float``, ``str``, ``pathlib.Path``, ``Literal[...]``, ``X | None``,
 ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``Any`` and nested config dataclasses.
 """
@@ -25,11 +27,12 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -37,6 +40,7 @@ from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import ConfigError
 
 __all__ = [
+    "RunConfig",
     "check",
     "config_hash",
     "config_to_dict",
@@ -481,3 +485,43 @@ def describe_config(cls: type[Any], prefix: str = "") -> list[tuple[str, str, An
             default = "(required)"
         rows.append((key, _type_name(tp), config_to_dict(default), f.metadata.get("help", "")))
     return rows
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    name: str = option("quickstart", "run name; outputs go to <out_dir>/<name>/")
+    out_dir: Path = option(Path("runs"), "folder holding one sub-folder per run")
+    seed: int = option(0, "seed of every random source of the run (derived per stage and episode)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = option("INFO", "logging level")
+    seeds: list[int] = option(
+        default_factory=list,
+        help="run the whole pipeline once per seed (in <run dir>/seed-<k>/) and report over all of them; "
+        "empty: just 'seed'",
+    )
+    threads: int = option(0, "torch threads of the run (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        check(all(s >= 0 for s in self.seeds), "seeds", f"must be non-negative, got {self.seeds}")
+        check(len(set(self.seeds)) == len(self.seeds), "seeds", f"must not repeat, got {self.seeds}")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        check(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) is not None,
+            "name",
+            f"must be letters, digits, '.', '_' or '-' (it names a folder), got {self.name!r}",
+        )
+        check(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's output folder."""
+        return self.out_dir / self.name
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The run seeds: ``seeds``, or ``[seed]`` when it is empty."""
+        return list(self.seeds) or [self.seed]

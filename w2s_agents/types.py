@@ -13,6 +13,9 @@ observation, the :class:`Step` sequence and the outcome. It is persisted as one 
                 "latency_s": 0.021}],
      "return": 0.0, "success": false, "end": "truncated"}
 
+:class:`EpisodeState` is what an agent sees of a live episode: the task, the turns so far and the commands
+admissible now.
+
 ``Step.observation`` is the observation *after* the step's action; the observation an action was chosen on is
 the previous step's observation (or ``initial_observation`` for the first step).
 """
@@ -30,6 +33,7 @@ __all__ = [
     "TRAJECTORY_SCHEMA",
     "EndReason",
     "EpisodeKey",
+    "EpisodeState",
     "Role",
     "Source",
     "Step",
@@ -301,6 +305,37 @@ class Trajectory:
             extra=d.get("extra", {}),
             schema=schema,
         )
+
+
+@dataclass(frozen=True)
+class EpisodeState:
+    """What the agent sees of a live episode: the task, the history so far and the current options."""
+
+    instruction: str
+    initial_observation: str
+    turns: tuple[tuple[str, str, str], ...] = ()
+    """``(thought, action, observation after the action)`` of every step so far, oldest first."""
+    admissible: tuple[str, ...] | None = None
+    """Commands the env accepts now, None when the env does not report them."""
+    grammar: str | None = None
+    """The env's command language (``TextEnv.command_grammar``), None when unknown."""
+
+    @property
+    def observation(self) -> str:
+        """The current observation (what the next action acts on)."""
+        return self.turns[-1][2] if self.turns else self.initial_observation
+
+    @classmethod
+    def from_trajectory(cls, traj: Trajectory, step: int, *, grammar: str | None = None) -> EpisodeState:
+        """The state in which ``traj`` chose its action number ``step`` (0-based).
+
+        Raises:
+            IndexError: ``step`` is not an index of ``traj.steps``.
+        """
+        if not 0 <= step < len(traj.steps):
+            raise IndexError(f"step {step} of a {len(traj.steps)}-step trajectory")
+        turns = tuple((s.thought, s.action, s.observation) for s in traj.steps[:step])
+        return cls(traj.instruction, traj.initial_observation, turns, traj.steps[step].admissible, grammar)
 
 
 _TRAJ_REQUIRED = (

@@ -30,219 +30,30 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import time
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from w2s_agents.config import check, option
 from w2s_agents.errors import ConfigError, ModelLoadError, W2SError
-from w2s_agents.messages import Message, agent_message, episode_messages, system_prompt
+from w2s_agents.messages import agent_message
+from w2s_agents.types import EpisodeState
 
 if TYPE_CHECKING:
     import torch
 
     from w2s_agents.agents.models import LoadedModel
-    from w2s_agents.types import Trajectory
 
-__all__ = [
-    "Agent",
-    "AgentConfig",
-    "Decision",
-    "EpisodeState",
-    "ParsedOutput",
-    "Prompt",
-    "Sampler",
-    "action_distribution",
-    "load_agent",
-    "parse_react",
-    "score_actions",
-]
+from w2s_agents.agents.config import AgentConfig, Mode
+from w2s_agents.agents.parsing import action_line_complete, parse_react
+from w2s_agents.agents.prompts import PromptBuilder, answer_affixes
+from w2s_agents.agents.sampling import Sampler, pick, softmax
+
+__all__ = ["Agent", "Decision", "action_distribution", "load_agent", "score_actions"]
 
 logger = logging.getLogger(__name__)
-
-Mode = Literal["generate", "choose"]
-
-
-# ------------------------------------------------------------------------------------------- configs
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """One sampling setting of exploration (one slot of the paper's tree width).
-
-    Temperature 0 is greedy: the argmax, ties broken by the lowest index (first admissible command, lowest token
-    id). Otherwise the agent samples from ``softmax(score / temperature)`` cut to the smallest set of most
-    probable choices whose probability reaches ``top_p``.
-    """
-
-    name: str = option("", "name recorded in trajectories (source.sampler); empty: 'greedy' or 't<T>-p<P>'")
-    temperature: float = option(0.0, "softmax temperature; 0 is greedy (argmax)")
-    top_p: float = option(1.0, "nucleus: keep the most probable choices up to this cumulative probability")
-
-    def __post_init__(self) -> None:
-        check(
-            math.isfinite(self.temperature) and self.temperature >= 0,
-            "temperature",
-            f"must be a finite number >= 0, got {self.temperature}",
-        )
-        check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(
-            self.name == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name) is not None,
-            "name",
-            f"must be letters, digits, '.', '_', '+' or '-', got {self.name!r}",
-        )
-        if not self.name:
-            auto = "greedy" if self.temperature == 0 else f"t{self.temperature:g}-p{self.top_p:g}"
-            object.__setattr__(self, "name", auto)
-
-    @property
-    def greedy(self) -> bool:
-        """Whether this sampler takes the argmax."""
-        return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """How an LLM agent turns a state into an action."""
-
-    mode: Mode = option(
-        "choose",
-        "'choose': score every admissible command and pick one; 'generate': write 'Thought: ... Action: ...'",
-    )
-    name: str | None = option(
-        None, "model name recorded in trajectories (source.model); null: the model folder's name"
-    )
-    role: Literal["weak", "strong", "expert", "search"] = option(
-        "weak", "role recorded in trajectories (source.role)"
-    )
-    max_context_tokens: int = option(
-        2048, "longest prompt plus answer; older turns are dropped to fit (capped by the model's positions)"
-    )
-    max_new_tokens: int = option(64, "generate mode: longest answer in tokens")
-    score_batch_size: int = option(
-        0,
-        "choose mode: most rows (a prompt with its candidates packed behind it) per forward pass; 0: 4 on a CPU "
-        "(long rows are compute-bound there and larger batches only add memory traffic), 16 on a GPU",
-    )
-    score_block_tokens: int = option(
-        256, "choose mode: most candidate tokens packed behind one copy of a prompt (bounds the logits kept)"
-    )
-    share_prompt: bool = option(
-        True,
-        "choose mode: pack the candidates behind one copy of their prompt (False: one row per candidate)",
-    )
-    prefix_cache: int = option(
-        64,
-        "choose mode with share_prompt: keep the keys and values of this many recent prompts, so that a prompt "
-        "extending one (the next step of an episode) runs only its new tokens; at least the number of live "
-        "episodes for all to reuse theirs; 0 turns it off",
-    )
-    length_normalize: bool = option(
-        False, "choose mode: score a command by its mean token log-probability instead of the sum"
-    )
-    prompt_grammar: bool = option(True, "describe the env's command language in the system instruction")
-    prompt_admissible: bool = option(True, "list the admissible commands in the system instruction")
-    max_admissible_in_prompt: int = option(
-        100, "show at most this many admissible commands in the prompt (choose mode still scores all)"
-    )
-    bare_action: bool = option(
-        True,
-        "generate mode: accept an answer without 'Thought:'/'Action:' as a bare command (the format of steps "
-        "without a thought)",
-    )
-    stop_after_action: bool = option(True, "generate mode: stop an answer at the end of its 'Action:' line")
-    amateur_path: str | None = option(
-        None, "contrastive decoding: local folder of the amateur model (same tokenizer); null turns it off"
-    )
-    contrastive_lambda: float = option(
-        0.5, "contrastive decoding: lambda of (1 + lambda) * log p_expert - lambda * log p_amateur"
-    )
-    contrastive_alpha: float = option(
-        0.1, "contrastive decoding: a token is plausible when p_expert >= alpha * max p_expert"
-    )
-
-    def __post_init__(self) -> None:
-        check(
-            self.max_context_tokens >= 16,
-            "max_context_tokens",
-            f"must be >= 16, got {self.max_context_tokens}",
-        )
-        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        check(
-            self.max_new_tokens < self.max_context_tokens,
-            "max_new_tokens",
-            f"must be below max_context_tokens ({self.max_context_tokens}), got {self.max_new_tokens}",
-        )
-        check(self.score_batch_size >= 0, "score_batch_size", f"must be >= 0, got {self.score_batch_size}")
-        check(
-            self.score_block_tokens >= 1, "score_block_tokens", f"must be >= 1, got {self.score_block_tokens}"
-        )
-        check(self.prefix_cache >= 0, "prefix_cache", f"must be >= 0, got {self.prefix_cache}")
-        check(
-            self.max_admissible_in_prompt >= 0,
-            "max_admissible_in_prompt",
-            f"must be >= 0, got {self.max_admissible_in_prompt}",
-        )
-        check(self.name is None or bool(self.name.strip()), "name", "must be a non-empty string or null")
-        check(
-            self.amateur_path is None or bool(self.amateur_path.strip()),
-            "amateur_path",
-            "must be a directory or null",
-        )
-        check(
-            math.isfinite(self.contrastive_lambda) and self.contrastive_lambda >= 0,
-            "contrastive_lambda",
-            f"must be a finite number >= 0, got {self.contrastive_lambda}",
-        )
-        check(
-            0.0 <= self.contrastive_alpha <= 1.0,
-            "contrastive_alpha",
-            f"must be in [0, 1], got {self.contrastive_alpha}",
-        )
-
-    @property
-    def contrastive(self) -> bool:
-        """Whether contrastive decoding is on (an amateur model is configured)."""
-        return self.amateur_path is not None
-
-
-# ------------------------------------------------------------------------------------------- states
-
-
-@dataclass(frozen=True)
-class EpisodeState:
-    """What the agent sees of a live episode: the task, the history so far and the current options."""
-
-    instruction: str
-    initial_observation: str
-    turns: tuple[tuple[str, str, str], ...] = ()
-    """``(thought, action, observation after the action)`` of every step so far, oldest first."""
-    admissible: tuple[str, ...] | None = None
-    """Commands the env accepts now, None when the env does not report them."""
-    grammar: str | None = None
-    """The env's command language (``TextEnv.command_grammar``), None when unknown."""
-
-    @property
-    def observation(self) -> str:
-        """The current observation (what the next action acts on)."""
-        return self.turns[-1][2] if self.turns else self.initial_observation
-
-    @classmethod
-    def from_trajectory(cls, traj: Trajectory, step: int, *, grammar: str | None = None) -> EpisodeState:
-        """The state in which ``traj`` chose its action number ``step`` (0-based).
-
-        Raises:
-            IndexError: ``step`` is not an index of ``traj.steps``.
-        """
-        if not 0 <= step < len(traj.steps):
-            raise IndexError(f"step {step} of a {len(traj.steps)}-step trajectory")
-        turns = tuple((s.thought, s.action, s.observation) for s in traj.steps[:step])
-        return cls(traj.instruction, traj.initial_observation, turns, traj.steps[step].admissible, grammar)
 
 
 @dataclass(frozen=True)
@@ -271,400 +82,6 @@ class Decision:
     """Choose mode: probability of the chosen command under the sampler's distribution."""
     turns_dropped: int = 0
     """Oldest turns left out of the prompt to fit the context length."""
-
-
-@dataclass(frozen=True)
-class ParsedOutput:
-    """A generated answer split into thought and action."""
-
-    thought: str
-    action: str
-    ok: bool
-    error: str = ""
-
-
-# ------------------------------------------------------------------------------------------- parsing
-
-_MARKER = re.compile(r"(?i)(?<![a-z0-9])(thought|action)\b[ \t]*\**[ \t]*[:：]")
-_LINE_START = re.compile(r"^[ \t>*_#\-]*$")
-_WRAPPERS = "*_`\"' \t"
-_PAIRS = {"[": "]", "(": ")", "<": ">", "{": "}"}
-
-
-def _clean_action(text: str) -> str:
-    text = text.strip().strip(_WRAPPERS)
-    while len(text) >= 2 and text[0] in _PAIRS and text[-1] == _PAIRS[text[0]]:
-        text = text[1:-1].strip().strip(_WRAPPERS)
-    return text.rstrip(".!?;,").strip().strip(_WRAPPERS)
-
-
-def parse_react(text: str, *, bare_action: bool = True) -> ParsedOutput:
-    """Split a generated ReAct answer into thought and action.
-
-    Accepts ``Thought: ... Action: ...`` in any letter case, with or without spaces before the colon, markdown
-    emphasis (``**Action:**``), on separate lines or one line, and extra text after the action line (a
-    hallucinated observation, further turns): the action is the rest of the first ``Action:`` line (or the next
-    non-empty line when that is empty), stripped of quotes, brackets and trailing punctuation; the thought is the
-    text before it, without its ``Thought:`` marker. Markers at the start of a line win over markers inside text.
-
-    An answer with neither marker is a bare command (its first non-empty line) when ``bare_action`` is true, the
-    format :func:`w2s_agents.messages.agent_message` renders for a step without a thought. An answer with a
-    thought but no action, an empty answer or an empty action is unparseable (``ok`` false, ``error`` says why).
-    """
-    text = text.strip()
-    if not text:
-        return ParsedOutput("", "", False, "empty output")
-    markers = list(_MARKER.finditer(text))
-
-    def at_line_start(m: re.Match[str]) -> bool:
-        return _LINE_START.match(text[text.rfind("\n", 0, m.start()) + 1 : m.start()]) is not None
-
-    actions = [m for m in markers if m.group(1).lower() == "action"]
-    actions = [m for m in actions if at_line_start(m)] or actions
-    if not actions:
-        if markers:
-            thought = text[markers[0].end() :].strip().strip(_WRAPPERS)
-            return ParsedOutput(thought, "", False, "no 'Action:' in the output")
-        if not bare_action:
-            return ParsedOutput("", "", False, "no 'Action:' in the output")
-        line = next(ln for ln in text.splitlines() if ln.strip())
-        action = _clean_action(line)
-        if not action:
-            return ParsedOutput("", "", False, "empty action")
-        return ParsedOutput("", action, True)
-    act = actions[0]
-    rest = text[act.end() :]
-    first, _, after = rest.partition("\n")
-    action = _clean_action(first)
-    if not action:
-        following = next((ln for ln in after.splitlines() if ln.strip()), "")
-        if following and not _MARKER.search(following):
-            action = _clean_action(following)
-    thoughts = [m for m in markers if m.group(1).lower() == "thought" and m.start() < act.start()]
-    start = thoughts[0].end() if thoughts else 0
-    thought = text[start : act.start()].strip().strip(_WRAPPERS).strip()
-    if not action:
-        return ParsedOutput(thought, "", False, "empty action")
-    return ParsedOutput(thought, action, True)
-
-
-def _action_line_complete(text: str) -> bool:
-    """Whether ``text`` already holds an ``Action:`` line with a command, ended by a newline."""
-    for m in _MARKER.finditer(text):
-        if m.group(1).lower() != "action":
-            continue
-        rest = text[m.end() :]
-        line, newline, _ = rest.partition("\n")
-        if newline and _clean_action(line):
-            return True
-    return False
-
-
-# ------------------------------------------------------------------------------------------- prompts
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt rendered for the model."""
-
-    ids: list[int]
-    messages: list[Message]
-    turns_dropped: int = 0
-    """Oldest turns left out to fit the context."""
-    shortened: tuple[str, ...] = ()
-    """What else was cut to fit (``admissible``, ``grammar``, ``initial_observation``, ``observation``)."""
-
-
-_PROBE_SYSTEM: Message = {"role": "system", "content": "probe"}
-
-
-@dataclass(frozen=True)
-class _Segments:
-    """How a chat template renders a conversation message by message (see :func:`_template_segments`)."""
-
-    tokenizer: Any
-    system_prefix: str
-    """The rendering of the probe system message alone."""
-    gen_ids: tuple[int, ...]
-    """Tokens of the generation prompt (the opening of the assistant's answer)."""
-    bos_ids: tuple[int, ...] = ()
-    """Tokens before the first message (none: the first message's piece holds the template's opening)."""
-
-    def piece(self, message: Message, first: bool) -> str:
-        """The text ``message`` adds to a conversation (after a system message unless it comes first; the first
-        message's piece includes the template's opening, such as a bos token)."""
-        render = self.tokenizer.apply_chat_template
-        if first:
-            full, base = render([message], tokenize=False), ""
-        else:
-            full, base = render([_PROBE_SYSTEM, message], tokenize=False), self.system_prefix
-        if not full.startswith(base):  # pragma: no cover - excluded by the probe of _template_segments
-            raise W2SError("the chat template renders messages differently by position")
-        return full[len(base) :]
-
-
-def _template_segments(tokenizer: Any) -> _Segments | None:
-    """The message-by-message form of the tokenizer's chat template, or None when it has none.
-
-    A conversation's ids can then be assembled from cached per-message ids, which is exact when (checked on a
-    probe conversation) the template renders each message independently of the others, and every message and
-    the generation prompt start with a special token, at which tokenization always splits.
-    """
-    try:
-        render = tokenizer.apply_chat_template
-
-        def ids(text: str) -> list[int]:
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        seg = _Segments(tokenizer, render([_PROBE_SYSTEM], tokenize=False), ())
-        user: Message = {"role": "user", "content": "u"}
-        closed = render([_PROBE_SYSTEM, user], tokenize=False)
-        opened = render([_PROBE_SYSTEM, user], tokenize=False, add_generation_prompt=True)
-        if not opened.startswith(closed):
-            return None
-        gen = opened[len(closed) :]
-        probe: list[Message] = [
-            {"role": "system", "content": "You act.\n\nCommands: look, go X"},
-            {"role": "user", "content": "Task: leave\n\n-= Room =-\nYou are here.  "},
-            {"role": "assistant", "content": "Thought: a door\nAction: open door"},
-            {"role": "user", "content": "\nThe door opens.\n"},
-            {"role": "assistant", "content": "go north"},
-            {"role": "user", "content": " Outside. 3 points"},
-        ]
-        pieces = [seg.piece(m, i == 0) for i, m in enumerate(probe)]
-        whole = render(probe, tokenize=False, add_generation_prompt=True)
-        if "".join(pieces) + gen != whole:
-            return None
-        parts = [ids(p) for p in [*pieces, gen]]
-        special = set(tokenizer.all_special_ids)
-        if any(not p or p[0] not in special for p in parts):
-            return None
-        if ids(whole) != [t for p in parts for t in p]:
-            return None
-        return _Segments(tokenizer, seg.system_prefix, tuple(parts[-1]))
-    except Exception:  # a template that refuses these conversations: render whole prompts
-        logger.debug("chat template probe failed", exc_info=True)
-        return None
-
-
-class PromptBuilder:
-    """Renders :class:`EpisodeState` as token ids through the tokenizer's chat template, fitted to a budget.
-
-    Fitting, in order, until the prompt fits ``budget`` tokens: drop the fewest oldest turns that make it fit (the
-    last turn, which holds the current observation, stays); leave the admissible list, then the command grammar out
-    of the system instruction; shorten the first observation (when it is not the current one), then, as a last resort, the current
-    observation, each to its tail. The instruction is never cut: a prompt that still does not fit raises
-    :class:`W2SError`.
-    """
-
-    def __init__(self, tokenizer: object, config: AgentConfig) -> None:
-        self.tokenizer = tokenizer
-        self.config = config
-        self._counts: dict[str, int] = {}
-        self._overhead: int | None = None
-        self._pieces: dict[tuple[str, str, bool], array] = {}
-        self._piece_tokens = 0
-        self._segments = _template_segments(tokenizer)
-        if self._segments is None:
-            logger.info("the chat template is not message-by-message; prompts are rendered whole (slower)")
-
-    @property
-    def incremental(self) -> bool:
-        """Whether prompts are assembled from cached per-message token ids (exact for this template)."""
-        return self._segments is not None
-
-    def _piece(self, message: Message, first: bool) -> array:
-        """Token ids one message adds to a conversation (cached by role and text)."""
-        key = (message["role"], message["content"], first)
-        ids = self._pieces.get(key)
-        if ids is None:
-            assert self._segments is not None
-            text = self._segments.piece(message, first)
-            ids = array("l", self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if self._piece_tokens > 4_000_000:  # bound the cache (8 bytes a token)
-                self._pieces.clear()
-                self._piece_tokens = 0
-            self._pieces[key] = ids
-            self._piece_tokens += len(ids)
-        return ids
-
-    def messages(
-        self,
-        state: EpisodeState,
-        *,
-        drop: int = 0,
-        admissible: bool = True,
-        grammar: bool = True,
-        initial: str | None = None,
-        current: str | None = None,
-    ) -> list[Message]:
-        """The conversation of ``state`` with the ``drop`` oldest turns left out, the admissible list or the
-        grammar left out of the system instruction, and shortened observations."""
-        cfg = self.config
-        system = system_prompt(
-            state.admissible if (cfg.prompt_admissible and admissible) else None,
-            state.grammar if (cfg.prompt_grammar and grammar) else None,
-            max_admissible=cfg.max_admissible_in_prompt,
-        )
-        turns = list(state.turns[drop:])
-        if current is not None:
-            if turns:
-                thought, action, _ = turns[-1]
-                turns[-1] = (thought, action, current)
-            else:
-                initial = current
-        first = state.initial_observation if initial is None else initial
-        return episode_messages(state.instruction, first, turns, system=system)
-
-    def encode_messages(self, messages: list[Message]) -> list[int]:
-        """Token ids of a conversation followed by the opening of the agent's answer."""
-        if self._segments is not None and messages and messages[0]["role"] == "system":
-            out = array("l", self._segments.bos_ids)
-            for i, m in enumerate(messages):
-                out.extend(self._piece(m, i == 0))
-            out.extend(self._segments.gen_ids)
-            return out.tolist()
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def count(self, text: str) -> int:
-        """Tokens of ``text`` alone (cached; observations and commands repeat across steps)."""
-        n = self._counts.get(text)
-        if n is None:
-            n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if len(self._counts) > 200_000:
-                self._counts.clear()
-            self._counts[text] = n
-        return n
-
-    def _turn_overhead(self) -> int:
-        """Template tokens one (assistant, user) turn adds beyond its two texts."""
-        if self._overhead is None:
-            base = [{"role": "user", "content": "x"}]
-            turn = [agent_message("a"), {"role": "user", "content": "o"}]
-            extra = len(self.encode_messages(base + turn)) - len(self.encode_messages(base))
-            self._overhead = max(0, extra - self.count("a") - self.count("o"))
-        return self._overhead
-
-    def build(self, state: EpisodeState, budget: int) -> Prompt:
-        """The prompt of ``state`` in at most ``budget`` tokens (see the class docstring).
-
-        Raises:
-            W2SError: not even the shortened instruction, observation and system instruction fit.
-        """
-        n = len(state.turns)
-        if self._segments is not None:
-            # exact arithmetic on cached per-message ids: drop the fewest oldest turns that make it fit
-            msgs = self.messages(state)
-            pieces = [self._piece(m, i == 0) for i, m in enumerate(msgs)]
-            seg = self._segments
-            total = len(seg.bos_ids) + len(seg.gen_ids) + sum(len(p) for p in pieces)
-            d = 0
-            while total > budget and d < n - 1:
-                total -= len(pieces[2 + 2 * d]) + len(pieces[3 + 2 * d])
-                d += 1
-            if total <= budget:
-                kept = msgs[:2] + msgs[2 + 2 * d :]
-                out = array("l", seg.bos_ids)
-                for p in pieces[:2] + pieces[2 + 2 * d :]:
-                    out.extend(p)
-                out.extend(seg.gen_ids)
-                return Prompt(out.tolist(), kept, turns_dropped=d)
-            drop = max(0, n - 1)
-        elif n <= 1:
-            msgs = self.messages(state)
-            ids = self.encode_messages(msgs)
-            if len(ids) <= budget:
-                return Prompt(ids, msgs)
-            drop = 0
-        else:
-            # tokens with every droppable turn dropped, plus an exact-by-construction estimate of each turn's
-            # tokens, give the smallest drop; rendering checks it (and corrects it, should BPE merge differently)
-            shortest = self.messages(state, drop=n - 1)
-            shortest_ids = self.encode_messages(shortest)
-            fixed = len(shortest_ids)
-            over = self._turn_overhead()
-            costs = [
-                self.count(agent_message(a, t)["content"]) + self.count(o) + over for t, a, o in state.turns
-            ]
-            drop = n - 1
-            total = fixed
-            while drop > 0 and total + costs[drop - 1] <= budget:
-                drop -= 1
-                total += costs[drop]
-            found: tuple[int, list[int], list[Message]] | None = None
-            for d in range(drop, n):
-                if d == n - 1:
-                    msgs, ids = shortest, shortest_ids
-                else:
-                    msgs = self.messages(state, drop=d)
-                    ids = self.encode_messages(msgs)
-                if len(ids) <= budget:
-                    found = (d, ids, msgs)
-                    break
-            if found is not None:
-                d, ids, msgs = found
-                while d > 0:  # an estimate that was too cautious: keep the turns that still fit
-                    m = self.messages(state, drop=d - 1)
-                    i = self.encode_messages(m)
-                    if len(i) > budget:
-                        break
-                    d, ids, msgs = d - 1, i, m
-                return Prompt(ids, msgs, turns_dropped=d)
-            drop = n - 1
-        overrides: dict[str, object] = {"drop": drop}
-        shortened: list[str] = []
-        steps: list[str] = []
-        if state.admissible is not None and self.config.prompt_admissible:
-            steps.append("admissible")
-        if state.grammar and self.config.prompt_grammar:
-            steps.append("grammar")
-        if n > 0:
-            steps.append("initial")
-        steps.append("current")  # the instruction is never cut
-        texts = {"initial": state.initial_observation, "current": state.observation}
-        for what in steps:
-            if what in ("admissible", "grammar"):
-                overrides[what] = False
-                shortened.append(what)
-            else:
-                overrides[what] = self._shorten(state, overrides, what, texts[what], budget)
-                shortened.append({"initial": "initial_observation", "current": "observation"}[what])
-            msgs = self.messages(state, **overrides)  # type: ignore[arg-type]
-            ids = self.encode_messages(msgs)
-            if len(ids) <= budget:
-                logger.debug(
-                    "prompt fitted to %d tokens by dropping %d turns and shortening %s",
-                    budget,
-                    drop,
-                    shortened,
-                )
-                return Prompt(ids, msgs, drop, tuple(shortened))
-        raise W2SError(
-            f"the prompt does not fit in {budget} tokens even with its history dropped and its texts cut "
-            f"({len(ids)} tokens); raise agent.max_context_tokens or lower agent.max_new_tokens"
-        )
-
-    def _shorten(
-        self, state: EpisodeState, overrides: dict[str, object], what: str, text: str, budget: int
-    ) -> str:
-        """The tail of ``text`` short enough for the prompt to fit (as far as this field allows)."""
-        tok = self.tokenizer
-        pieces = tok(text, add_special_tokens=False)["input_ids"]
-        keep = len(pieces)
-        marker = "... "
-        for _ in range(6):
-            trial = {**overrides, what: (marker + tok.decode(pieces[len(pieces) - keep :])) if keep else ""}
-            over = len(self.encode_messages(self.messages(state, **trial))) - budget  # type: ignore[arg-type]
-            if over <= 0:
-                return str(trial[what])
-            if keep == 0:
-                break
-            keep = max(0, keep - over - 2)
-        return ""
-
-
-# ------------------------------------------------------------------------------------------- agent
 
 
 def load_agent(
@@ -713,7 +130,7 @@ class Agent:
         positions = getattr(lm.model.config, "max_position_embeddings", None)
         self.max_context = min(self.config.max_context_tokens, positions or self.config.max_context_tokens)
         self.prompts = PromptBuilder(tok, self.config)
-        self._answer_affixes = _answer_affixes(tok)
+        self._answer_affixes = answer_affixes(tok)
         self._completion_cache: dict[str, list[int]] = {}
         self.amateur: LoadedModel | None = amateur
         if self.amateur is None and self.config.amateur_path is not None:
@@ -857,7 +274,7 @@ class Agent:
         scores = self.score_actions(states, cands)
         out = []
         for cs, sc in zip(cands, scores, strict=True):
-            probs = _softmax(sc, temperature)
+            probs = softmax(sc, temperature)
             out.append({c: float(p) for c, p in zip(cs, probs, strict=True)})
         return out
 
@@ -933,7 +350,7 @@ class Agent:
         for cs, ids, prompt, sc, sampler, rng in zip(
             cands, cand_ids, prompts, scores, samplers, rngs, strict=True
         ):
-            k, prob = _pick(sc, sampler, rng)
+            k, prob = pick(sc, sampler, rng)
             out.append(
                 Decision(
                     action=cs[k],
@@ -980,7 +397,7 @@ class Agent:
         def stop(row: int, ids: list[int]) -> bool:
             if not cfg.stop_after_action or ids[-1] not in newline_ids:
                 return False
-            return _action_line_complete(tok.decode(ids, skip_special_tokens=True))
+            return action_line_complete(tok.decode(ids, skip_special_tokens=True))
 
         outputs = generate(
             self.lm.model,
@@ -1040,66 +457,9 @@ def _stop_ids(lm: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
-_PLACEHOLDER = "\x00W2S-ANSWER\x00"
-
-
-def _answer_affixes(tokenizer: object) -> tuple[str, str]:
-    """The text the chat template puts around an assistant answer after the generation prompt.
-
-    Raises:
-        ModelLoadError: the template has no chat template or renders a generation prompt that is not a prefix
-            of the conversation with the answer (choose mode could not score answers as the model reads them).
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError("the tokenizer has no chat template; an agent needs one to render conversations")
-    base: list[Message] = [{"role": "user", "content": "x"}]
-    prompt = tokenizer.apply_chat_template(base, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        [*base, {"role": "assistant", "content": _PLACEHOLDER}], tokenize=False
-    )
-    if not full.startswith(prompt) or _PLACEHOLDER not in full[len(prompt) :]:
-        raise ModelLoadError(
-            "the chat template's generation prompt is not the start of an assistant turn; choose mode cannot "
-            "score answers with this tokenizer"
-        )
-    before, after = full[len(prompt) :].split(_PLACEHOLDER, 1)
-    return before, after
-
-
 def _reduce(scores: torch.Tensor, mean: bool) -> float:
     total = float(scores.double().sum())
     return total / scores.numel() if mean else total
-
-
-def _softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
-    if temperature == 0:
-        out = np.zeros_like(scores)
-        out[int(np.argmax(scores))] = 1.0
-        return out
-    z = scores / temperature
-    z = z - np.max(z[np.isfinite(z)])
-    p = np.where(np.isfinite(z), np.exp(z), 0.0)
-    return p / p.sum()
-
-
-def _pick(scores: np.ndarray, sampler: Sampler, rng: random.Random) -> tuple[int, float]:
-    """Index chosen among candidate ``scores`` by ``sampler`` and the probability it had."""
-    import torch
-
-    from w2s_agents.agents.decoding import pick_tokens
-
-    if sampler.greedy:
-        k = int(np.argmax(scores))
-        return k, 1.0
-    u = rng.random()
-    k = int(pick_tokens(torch.from_numpy(scores)[None, :], [sampler.temperature], [sampler.top_p], [u])[0])
-    probs = _softmax(scores, sampler.temperature)
-    order = np.argsort(-probs, kind="stable")
-    cum = np.cumsum(probs[order])
-    keep = order[(cum - probs[order]) < sampler.top_p]
-    if keep.size == 0:
-        keep = order[:1]
-    return k, float(probs[k] / probs[keep].sum())
 
 
 # ------------------------------------------------------------------------------------------- helpers

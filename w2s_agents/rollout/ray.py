@@ -1,6 +1,6 @@
 """Rollouts on Ray: the only module of w2s-agents that imports ``ray``.
 
-:func:`run_shards` runs shards of episodes (see :mod:`w2s_agents.rollout`) on ``W`` Ray actors. Each actor
+:func:`run_shards` runs shards of episodes (see :mod:`w2s_agents.rollout.collect`) on ``W`` Ray actors. Each actor
 (:class:`RolloutWorker`) loads a replica of the agent's model and keeps its envs between shards; it runs one
 shard at a time with the batched engine :func:`w2s_agents.rollout.run_episodes` and streams every trajectory
 back the moment it ends (a Ray generator). The driver, the process that called
@@ -27,41 +27,22 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ray
 
 from w2s_agents.errors import W2SError
 
+from .engine import AgentSpec, EnvFactory, EnvPool, EpisodeSpec, run_episodes
+from .options import EngineOptions, RayOptions
+
 if TYPE_CHECKING:
-    from w2s_agents.rollout import AgentSpec, EnvSpec, EpisodeSpec
     from w2s_agents.types import Trajectory
 
-__all__ = ["RayOptions", "RolloutWorker", "ray_session", "run_shards"]
+__all__ = ["RayOptions", "RolloutWorker", "ray_session", "run_shards"]  # RayOptions: from .options
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how the Ray workers run."""
-
-    workers: int = 2
-    address: str | None = None
-    """Cluster to join; None starts a local instance (unless Ray is already initialised here)."""
-    worker_cpus: float = 1.0
-    worker_gpus: float = 0.0
-    worker_threads: int = 1
-    """torch threads per worker."""
-    max_worker_restarts: int = 4
-    log_to_driver: bool = False
-    temp_dir: str | None = None
-    """Ray's temporary folder for a local instance; None: a fresh short folder removed at the end."""
-    start_timeout_s: float = 600.0
-    """How long a worker may take to start (load its model) before the run fails; a cluster without the CPUs or
-    GPUs asked for would otherwise wait for ever."""
 
 
 def _short_tmp_root() -> str:
@@ -119,23 +100,25 @@ class RolloutWorker:
     Args:
         agent: how to load the agent (model folder, agent config, device, dtype).
         env: how to make envs.
-        runner: keyword arguments of :func:`w2s_agents.rollout.run_episodes` (``batch_size``, ``max_steps``,
-            ``episode_retries``).
+        max_steps: step limit of an episode.
+        engine: batching and retries of :func:`~w2s_agents.rollout.run_episodes`.
         threads: torch threads of this process.
     """
 
-    def __init__(self, agent: AgentSpec, env: EnvSpec, runner: Mapping[str, Any], threads: int = 1) -> None:
+    def __init__(
+        self, agent: AgentSpec, env: EnvFactory, max_steps: int, engine: EngineOptions, threads: int = 1
+    ) -> None:
         import torch
 
         from w2s_agents.log import setup_logging
-        from w2s_agents.rollout import EnvPool
 
         setup_logging(os.environ.get("W2S_WORKER_LOG_LEVEL", "WARNING"))
         torch.set_num_threads(threads)
         self.agent = agent.load()
         self.env = env
         self.pool = EnvPool(env.make)  # envs live as long as the worker, across shards
-        self.runner = dict(runner)
+        self.max_steps = max_steps
+        self.engine = engine
 
     def pid(self) -> int:
         """The worker's process id."""
@@ -143,9 +126,15 @@ class RolloutWorker:
 
     def run(self, shard: Sequence[EpisodeSpec]) -> Iterator[Trajectory]:
         """Run a shard, yielding each trajectory as it ends."""
-        from w2s_agents.rollout import run_episodes
-
-        yield from run_episodes(self.agent, self.env, shard, pool=self.pool, **self.runner)
+        yield from run_episodes(
+            self.agent,
+            self.env,
+            shard,
+            batch_size=self.engine.batch_size,
+            max_steps=self.max_steps,
+            episode_retries=self.engine.episode_retries,
+            pool=self.pool,
+        )
 
 
 _DEATH = (
@@ -177,8 +166,9 @@ class _Slot:
 def run_shards(
     shards: Sequence[Sequence[EpisodeSpec]],
     agent: AgentSpec,
-    env: EnvSpec,
-    runner: Mapping[str, Any],
+    env: EnvFactory,
+    max_steps: int,
+    engine: EngineOptions,
     options: RayOptions,
     write: Callable[[Trajectory], None],
     *,
@@ -190,7 +180,8 @@ def run_shards(
         shards: the episodes, in shards (each runs start to end on one worker).
         agent: how workers load the agent.
         env: how workers make envs.
-        runner: :func:`w2s_agents.rollout.run_episodes` options.
+        max_steps: step limit of an episode.
+        engine: batching and retries of :func:`~w2s_agents.rollout.run_episodes` in each worker.
         options: workers, resources, cluster.
         write: stores one trajectory (the driver is the only writer).
         name: the agent's name (the ``model`` of episode keys).
@@ -214,7 +205,7 @@ def run_shards(
         failures = 0
 
         def start_workers(n: int) -> list[_Slot]:
-            actors = [remote_cls.remote(agent, env, runner, threads) for _ in range(n)]
+            actors = [remote_cls.remote(agent, env, max_steps, engine, threads) for _ in range(n)]
             slots = []
             for actor in actors:
                 try:

@@ -1,0 +1,143 @@
+"""``w2s envs``: list the registered text envs and task suites, play a task, export expert demos."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``w2s envs [list|suites|tasks|play|demos]`` (no subcommand lists the envs)."""
+    p_envs = sub.add_parser(
+        "envs",
+        help="list, play and export demos of text environments",
+        description="Without a subcommand: list the registered text envs, one a line (built-in and plugins).",
+    )
+    p_envs.set_defaults(func=_cmd_envs_list)
+    envs_sub = p_envs.add_subparsers(dest="envs_command", metavar="SUBCOMMAND")
+    p = envs_sub.add_parser("list", help="list the registered text envs, one a line")
+    p.set_defaults(func=_cmd_envs_list)
+    p = envs_sub.add_parser("suites", help="list the task suites, one a line")
+    p.set_defaults(func=_cmd_envs_suites)
+    p = envs_sub.add_parser("tasks", help="list the task ids of a suite split")
+    p.add_argument("suite")
+    p.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    p.set_defaults(func=_cmd_envs_tasks)
+    p = envs_sub.add_parser(
+        "play",
+        help="play a task in the terminal (commands from stdin; 'quit' or end of input stops)",
+    )
+    p.add_argument("env_id", metavar="ID", help="env id, e.g. w2s/TextWorld-v0")
+    p.add_argument("--task", default=None, help="task id, e.g. tw-simple/train/0 or boil/0")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--show-admissible", action="store_true", help="print the admissible commands each turn")
+    p.add_argument("--no-admissible", action="store_true", help="do not compute admissible commands")
+    p.add_argument("--cache-dir", default=None, help="game cache folder (TextWorld)")
+    p.set_defaults(func=_cmd_envs_play)
+    p = envs_sub.add_parser(
+        "demos",
+        help="write the expert trajectories of a suite split to a .jsonl file (exit 1 if one fails to win)",
+    )
+    p.add_argument("suite", help="task suite, e.g. tw-simple (see `w2s envs suites`)")
+    p.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    p.add_argument("-o", "--out", required=True, metavar="FILE", help="trajectory .jsonl file (appended)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N tasks")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--no-admissible", action="store_true", help="do not record admissible commands")
+    p.add_argument("--cache-dir", default=None, help="TextWorld game cache folder")
+    p.set_defaults(func=_cmd_envs_demos)
+
+
+def _env_kwargs(ns: argparse.Namespace) -> dict:
+    """Constructor arguments from the command line: only those given, so plugin envs need not accept them."""
+    kwargs: dict = {"max_steps": ns.max_steps}
+    if ns.no_admissible:
+        kwargs["admissible_commands"] = False
+    if ns.cache_dir:
+        kwargs["cache_dir"] = ns.cache_dir
+    return kwargs
+
+
+def _cmd_envs_list(ns: argparse.Namespace) -> int:
+    from w2s_agents.envs import registered_envs
+
+    for entry in registered_envs():
+        print(f"{entry.env_id}  {entry.entry_point}  ({entry.source})")
+    return 0
+
+
+def _cmd_envs_suites(ns: argparse.Namespace) -> int:
+    from w2s_agents.envs.suites import TextWorldSuite, get_suite, suite_names
+
+    for name in suite_names():
+        suite = get_suite(name)
+        if isinstance(suite, TextWorldSuite):
+            sizes = " / ".join(f"{suite.sizes.get(s, 0)} {s}" for s in ("train", "valid", "test"))
+        else:
+            sizes = (
+                " / ".join(
+                    f"{'all' if suite.sizes.get(s) is None else suite.sizes[s]} {s}"
+                    for s in ("train", "valid", "test")
+                )
+                + " variations per task"
+            )
+        print(f"{name}  {suite.env_id}  {sizes}  {suite.description}")
+    return 0
+
+
+def _cmd_envs_tasks(ns: argparse.Namespace) -> int:
+    from w2s_agents.envs.demos import suite_task_ids
+
+    for task_id in suite_task_ids(ns.suite, ns.split):
+        print(task_id)
+    return 0
+
+
+def _cmd_envs_play(ns: argparse.Namespace) -> int:
+    from w2s_agents.envs import make_env
+
+    env = make_env(ns.env_id, **_env_kwargs(ns))
+    try:
+        obs, info = env.reset(options={"task": ns.task} if ns.task else None)
+        print(f"# {info['task_id']}: {info.get('instruction', '')}")
+        print(obs.rstrip())
+        total = 0.0
+        while True:
+            if info.get("admissible_commands") and ns.show_admissible:
+                print(f"[admissible: {' | '.join(info['admissible_commands'])}]")
+            print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip().lower() in ("quit", "exit", "q"):
+                print()
+                break
+            obs, reward, terminated, truncated, info = env.step(line.rstrip("\n"))
+            total += reward
+            print(obs.rstrip())
+            if reward:
+                print(f"[reward {reward:+.3f}, score {info['score']:.3f}]")
+            if terminated or truncated:
+                end = "won" if info["won"] else "lost" if info["lost"] else "step limit reached"
+                print(f"[{end} after {info['moves']} steps, return {total:.3f}]")
+                break
+    finally:
+        env.close()
+    return 0
+
+
+def _cmd_envs_demos(ns: argparse.Namespace) -> int:
+    from w2s_agents.envs.demos import export_demos
+
+    kwargs = {"cache_dir": ns.cache_dir} if ns.cache_dir else {}
+    written, won = export_demos(
+        ns.suite,
+        ns.split,
+        ns.out,
+        limit=ns.limit,
+        max_steps=ns.max_steps,
+        admissible_commands=not ns.no_admissible,
+        **kwargs,
+    )
+    print(f"{ns.out}: wrote {written} expert trajectories of {ns.suite}/{ns.split} ({won} won)")
+    return 0 if won == written else 1

@@ -1,0 +1,106 @@
+"""``w2s search``: offline MCTS over tree files; best-path SFT rows and TreeDPO pairs as JSONL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from w2s_agents.cli.args import tree_files
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``w2s search``."""
+    p = sub.add_parser(
+        "search",
+        help="MCTS over trees; write values into the trees and best-path SFT rows and pairs as JSONL",
+        description="Run the offline MCTS on every tree (files or folders of *.json), store mcts_visits and "
+        "mcts_value in the tree files, and write OUT/sft.jsonl (best paths), OUT/pairs.jsonl (TreeDPO pairs, "
+        "step and continuation level) and OUT/search.json. Settings: the keys of SearchConfig (--config YAML, "
+        "--set KEY=VALUE, or the flags below).",
+    )
+    p.add_argument("trees", nargs="+", metavar="TREE.json|DIR")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the datasets")
+    p.add_argument("--config", default=None, metavar="YAML", help="SearchConfig values")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--iterations", type=int, default=None, help="MCTS simulations per tree")
+    p.add_argument("--gamma", type=float, default=None, help="UCB exploration weight")
+    p.add_argument("--seed", type=int, default=None, help="seed of the tie-breaking order")
+    p.add_argument("--value", default=None, choices=["mcts", "mean", "max", "success"], help="node value")
+    p.add_argument("--margin", type=float, default=None, help="smallest value gap of a pair")
+    p.add_argument(
+        "--keep-values",
+        action="store_true",
+        help="with a value other than mcts, leave the trees' search values as they are (no search)",
+    )
+    p.add_argument(
+        "--trajectories",
+        action="append",
+        default=[],
+        metavar="STORE.jsonl",
+        help="also write expert-vs-failed trajectory pairs (ETO) from these files to OUT/expert_pairs.jsonl",
+    )
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(ns: argparse.Namespace) -> int:
+    from w2s_agents.config import config_to_dict, load_config
+    from w2s_agents.search import (
+        SearchConfig,
+        best_path_row,
+        expert_failure_pairs,
+        node_values,
+        search_tree,
+        tree_pairs,
+        unique_rows,
+        write_jsonl,
+    )
+    from w2s_agents.store import iter_trajectories
+    from w2s_agents.tree import TrajectoryTree
+
+    overrides = list(ns.set)
+    for key in ("iterations", "gamma", "seed", "value", "margin"):
+        if getattr(ns, key) is not None:
+            overrides.append(f"{key}={getattr(ns, key)}")
+    cfg = load_config(SearchConfig, ns.config, overrides)
+    files = tree_files(ns.trees)
+    sft_rows, pair_rows = [], []
+    for path in files:
+        tree = TrajectoryTree.load(path)
+        if cfg.value == "mcts" or not ns.keep_values:
+            search_tree(tree, cfg)
+            tree.save(path)
+        values = node_values(tree, cfg.value, cfg.discount)
+        row = best_path_row(tree, values, min_return=cfg.sft_min_value)
+        if row is not None:
+            sft_rows.append(row)
+        pairs = tree_pairs(
+            tree,
+            values,
+            margin=cfg.margin,
+            per_node=cfg.pairs_per_node,
+            step=cfg.step_pairs,
+            continuation=cfg.continuation_pairs,
+        )
+        pair_rows.extend(pairs)
+        print(
+            f"{path}: task {tree.task_id}, {len(tree)} nodes, best path {'kept' if row else 'skipped'}, "
+            f"{len(pairs)} pairs"
+        )
+    out = Path(ns.out)
+    n_sft = write_jsonl(unique_rows(sft_rows), out / "sft.jsonl")
+    n_pairs = write_jsonl(unique_rows(pair_rows), out / "pairs.jsonl")
+    summary = {"trees": len(files), "sft_rows": n_sft, "pair_rows": n_pairs, "config": config_to_dict(cfg)}
+    if ns.trajectories:
+        eto = expert_failure_pairs(
+            iter_trajectories(ns.trajectories), margin=cfg.margin, per_task=cfg.pairs_per_node
+        )
+        summary["expert_pair_rows"] = write_jsonl(eto, out / "expert_pairs.jsonl")
+    (out / "search.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"{out}: sft.jsonl {n_sft} rows, pairs.jsonl {n_pairs} rows"
+        + (f", expert_pairs.jsonl {summary['expert_pair_rows']} rows" if ns.trajectories else "")
+    )
+    return 0

@@ -1,0 +1,79 @@
+"""``w2s train``: fine-tune an agent with SFT, TreeDPO or MCTS-SFT from a YAML job config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from w2s_agents.errors import W2SError
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``w2s train sft|dpo|mcts-sft``."""
+    p_train = sub.add_parser("train", help="fine-tune an agent: SFT, TreeDPO or MCTS-SFT")
+    train_sub = p_train.add_subparsers(dest="train_command", metavar="METHOD", required=True)
+    for method, text in (
+        ("sft", "supervised fine-tuning on agent conversations or trajectory files (baselines)"),
+        ("dpo", "TreeDPO on preference pairs, reference log-probs from the reference model"),
+        ("mcts-sft", "SFT on the best paths of searched trees"),
+    ):
+        p = train_sub.add_parser(
+            method,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. CONFIG is a YAML file with model, data, out_dir, "
+            "weak_model / strong_model (DPO reference) and a train section (see docs/training.md); "
+            "KEY=VALUE overrides any key, e.g. train.lr=1e-4 train.lora.enabled=true. A rerun resumes from "
+            "the last checkpoint.",
+        )
+        p.add_argument("config", metavar="CONFIG", help="YAML file (e.g. configs/train-sft-tiny.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        p.set_defaults(func=_cmd_train, method=method)
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from w2s_agents.config import load_config, load_yaml
+    from w2s_agents.trainers import TrainJobConfig, train_dpo, train_sft
+
+    method = ns.method
+    written = load_yaml(ns.config).get("train", {})
+    if isinstance(written, dict) and written.get("method", method) != method:
+        raise W2SError(
+            f"{ns.config}: train.method is {written['method']!r} but the command trains {method!r}; "
+            f"run `w2s train {written['method']}` or change the file"
+        )
+    job = load_config(TrainJobConfig, ns.config, [*ns.overrides, f"train.method={method}"])
+    cfg = job.train
+    if cfg.is_dpo:
+        result = train_dpo(
+            job.model,
+            job.data,
+            job.out_dir,
+            cfg,
+            reference_path=job.reference_path(),
+            valid_pairs_or_path=job.valid_data or None,
+            resume=job.resume,
+        )
+    else:
+        result = train_sft(
+            job.model,
+            job.data,
+            job.out_dir,
+            cfg,
+            valid_rows_or_path=job.valid_data or None,
+            resume=job.resume,
+        )
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun the main process reports
+        return 0
+    first, last = result.loss_curve[0][1], result.loss_curve[-1][1]
+    print(
+        f"{result.out_dir}: {result.method}, {result.rows} rows ({result.skipped_rows} too long), "
+        f"{result.steps} steps, loss {first:.4f} -> {last:.4f}, {result.tokens_per_second:,.0f} tokens/s"
+    )
+    if result.best_step is not None:
+        print(f"  best {result.valid_metric} {result.best_value:.4f} at step {result.best_step}")
+    if result.source_weights:
+        print("  source weights " + ", ".join(f"{k}={v:.4f}" for k, v in result.source_weights.items()))
+    print(f"  model {result.model_dir} (step {result.exported_step})")
+    return 0
