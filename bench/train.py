@@ -43,11 +43,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from w2s_agents.agents.models import create_tiny_model, train_tokenizer
 from w2s_agents.config import from_dict
 from w2s_agents.messages import SYSTEM_PROMPT, agent_message, episode_messages
-from w2s_agents.agents.models import create_tiny_model, train_tokenizer
-from w2s_agents.trainers import TrainConfig, train_dpo, train_sft
-from w2s_agents.trainers.loop import Example, collate, epoch_order
+from w2s_agents.trainers import Example, TrainConfig, Trainer, collate, epoch_order, train_dpo, train_sft
 
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
                     "GH200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}  # fmt: skip
@@ -154,17 +153,17 @@ def baseline(
         t0 = time.perf_counter()
         exs = [examples[i] for i in batches[step % len(batches)]]
         b = collate(exs, pad_id=0, device=device)
-        labels = b["input_ids"].masked_fill(b["target_mask"] == 0, -100)
+        labels = b.input_ids.masked_fill(b.target_mask == 0, -100)
         with amp:
             if not dpo:
-                loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
+                loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
             else:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
                 lab = labels[:, 1:]
                 logp = torch.log_softmax(logits.float(), -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
                 sums = (logp * (lab != -100)).sum(-1)
                 chosen, rejected = sums.chunk(2)
-                margin = (chosen - b["ref_chosen"]) - (rejected - b["ref_rejected"])
+                margin = (chosen - b.ref_chosen) - (rejected - b.ref_rejected)
                 loss = -F.logsigmoid(cfg.beta * margin).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -190,8 +189,6 @@ def captured_examples(
     model_dir: Path, data: list[dict], cfg: TrainConfig, root: Path, dpo: bool
 ) -> list[Example]:
     """The trainer's tokenized examples (the baseline trains on exactly these), from a one-step run."""
-    from w2s_agents.trainers.loop import Trainer
-
     seen: list[list[Example]] = []
     original = Trainer.run
 

@@ -28,7 +28,7 @@ from w2s_agents.envs import register_env
 from w2s_agents.envs.base import EngineStatus, TextEnv, UnknownTaskError
 from w2s_agents.log import setup_logging
 from w2s_agents.rollout import collect
-from w2s_agents.search import best_path_row, node_values, search_tree, tree_pairs, write_jsonl
+from w2s_agents.search import best_path_row, node_values, search_tree, tree_pairs, write_rows
 from w2s_agents.search.mcts import SearchConfig
 from w2s_agents.tree import build_trees, tree_filename
 from w2s_agents.viz import export_static, render_run_index
@@ -173,8 +173,8 @@ def main() -> None:
             best.append(row)
         pairs += tree_pairs(tree, values, margin=search.margin)
         files.append(tree.save(out / "trees" / tree_filename(task)))
-    write_jsonl(best, out / "sft.jsonl")
-    write_jsonl(pairs, out / "pairs.jsonl")
+    write_rows(best, out / "sft.jsonl")
+    write_rows(pairs, out / "pairs.jsonl")
     index, _ = render_run_index(out, out / "viz", search=search, pairs=out / "pairs.jsonl")
     export_static(files[0], out / "viz" / "first-tree.svg", depth=4, search=search)
     results = {
@@ -182,7 +182,7 @@ def main() -> None:
         "trees": len(files),
         "best_paths": len(best),
         "pairs": len(pairs),
-        "best_returns": {r["task_id"]: r["return"] for r in best},
+        "best_returns": {r.task_id: r.return_ for r in best},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"search: {len(files)} trees, {len(best)} best paths, {len(pairs)} TreeDPO pairs")

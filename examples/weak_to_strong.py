@@ -19,24 +19,11 @@ from w2s_agents.agents import Agent, AgentConfig, Sampler
 from w2s_agents.agents.models import create_tiny_model, load_model
 from w2s_agents.envs.demos import export_demos, suite_task_ids
 from w2s_agents.log import setup_logging
-from w2s_agents.messages import episode_messages
 from w2s_agents.rollout import collect
-from w2s_agents.search import best_path_row, node_values, search_tree, tree_pairs, write_jsonl
+from w2s_agents.search import best_path_row, node_values, read_sft_rows, search_tree, tree_pairs, write_rows
 from w2s_agents.search.mcts import SearchConfig
 from w2s_agents.trainers import TrainConfig, train_sft
 from w2s_agents.tree import build_trees
-
-
-def sft_rows(demos: Path) -> list[dict]:
-    """Expert trajectories as SFT conversations (the agent's turns carry the loss)."""
-    rows = []
-    for t in read_trajectories(demos):
-        turns = [(s.thought, s.action, s.observation) for s in t.steps]
-        turns[-1] = (turns[-1][0], turns[-1][1], None)
-        rows.append(
-            {"messages": episode_messages(t.instruction, t.initial_observation, turns), "task_id": t.task_id}
-        )
-    return rows
 
 
 def success_rate(
@@ -75,8 +62,8 @@ def main() -> None:
 
     # 1. expert demos of the train tasks, and tiny models whose tokenizer is trained on their text
     export_demos(args.suite, "train", out / "demos.jsonl", limit=args.train)
-    rows = sft_rows(out / "demos.jsonl")
-    texts = ["\n".join(m["content"] for m in r["messages"]) for r in rows]
+    rows, _ = read_sft_rows(out / "demos.jsonl")  # the won expert episodes as conversations
+    texts = ["\n".join(m["content"] for m in r.messages) for r in rows]
     for role, preset in (("weak", args.weak), ("strong", args.strong)):
         if not (out / role).exists():
             create_tiny_model(out / role, texts, preset=preset, seed=0)
@@ -110,8 +97,8 @@ def main() -> None:
         if row is not None:
             best.append(row)
         pairs += tree_pairs(tree, values, margin=search.margin)
-    write_jsonl(best, out / "best_paths.jsonl")
-    write_jsonl(pairs, out / "pairs.jsonl")
+    write_rows(best, out / "best_paths.jsonl")
+    write_rows(pairs, out / "pairs.jsonl")
     print(f"search: {len(best)} best paths, {len(pairs)} TreeDPO pairs")
 
     # 5. the strong agent: MCTS-SFT on the weak agent's best paths (nothing to learn if none succeeded)

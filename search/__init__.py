@@ -6,6 +6,7 @@
 ``online``      online PUCT expansion with an env and a policy prior (beyond the paper)
 ``values``      node values (search, mean, max, success) and the greedy best path
 ``extract``     training data from searched trees: best-path SFT rows, TreeDPO pairs ("tree -> pairs")
+``rows``        the typed rows (:class:`SftRow`, :class:`PairRow`): the one writer and reader of row files
 ==============  ======================================================================================
 
 Import it as ``w2s_agents.search``, never as ``search``.
@@ -17,8 +18,6 @@ from .extract import (
     continuation_messages,
     expert_failure_pairs,
     tree_pairs,
-    unique_rows,
-    write_jsonl,
 )
 from .mcts import MCTSResult, SearchConfig, run_mcts, search_tree, tie_orders
 from .online import (
@@ -29,6 +28,17 @@ from .online import (
     Proposal,
     SearchEnv,
     expand_online,
+)
+from .rows import (
+    PAIR_LEVELS,
+    PairRow,
+    RowsInput,
+    SftRow,
+    iter_jsonl,
+    read_pairs,
+    read_sft_rows,
+    unique_rows,
+    write_rows,
 )
 from .stats import SearchStats, backup, puct_score, select_child, ucb_score
 from .values import (
@@ -45,15 +55,19 @@ from .values import (
 )
 
 __all__ = [
+    "PAIR_LEVELS",
     "MCTSResult",
     "OnlineResult",
     "OnlineSearchConfig",
+    "PairRow",
     "Policy",
     "PolicyOutput",
     "Proposal",
+    "RowsInput",
     "SearchConfig",
     "SearchEnv",
     "SearchStats",
+    "SftRow",
     "ValueKind",
     "backup",
     "best_child",
@@ -63,12 +77,15 @@ __all__ = [
     "continuation_messages",
     "expand_online",
     "expert_failure_pairs",
+    "iter_jsonl",
     "leaf_values",
     "max_values",
     "mcts_values",
     "mean_values",
     "node_values",
     "puct_score",
+    "read_pairs",
+    "read_sft_rows",
     "run_mcts",
     "search_tree",
     "search_values",
@@ -78,5 +95,5 @@ __all__ = [
     "tree_pairs",
     "ucb_score",
     "unique_rows",
-    "write_jsonl",
+    "write_rows",
 ]

@@ -1,12 +1,10 @@
-"""Training data from searched trees: best-path SFT rows and preference pairs, as HF conversational rows.
+"""Training data from searched trees ("tree -> pairs"): best-path SFT rows and preference pairs.
 
-Rows follow DESIGN section 4 and load with ``datasets.load_dataset("json", data_files=...)``:
+The rows are the typed rows of :mod:`w2s_agents.search.rows` (written and read there, DESIGN section 4):
 
-* SFT (MCTS-SFT): ``{"messages": [...], "task_id", "node", "value", "return", "sources", "steps"}``: the whole
-  best path e* as one conversation ending on the agent's last action.
-* Pairs (TreeDPO): ``{"prompt": [...], "chosen": [...], "rejected": [...], "task_id", "node", "level",
-  "chosen_node", "rejected_node", "chosen_value", "rejected_value", "value_gap", "chosen_sources",
-  "rejected_sources"}``. At a divergence point (a node whose children acted on the same observation), two
+* :class:`~w2s_agents.search.rows.SftRow` (MCTS-SFT): the whole best path e* as one conversation ending on the
+  agent's last action.
+* :class:`~w2s_agents.search.rows.PairRow` (TreeDPO). At a divergence point (a node whose children acted on the same observation), two
   children whose values differ by at least the margin give a pair; the prompt is the conversation up to that
   observation, chosen/rejected are the better/worse child's action (``level="step"``) or that action followed
   by its greedy best continuation (``level="continuation"``; observations appear as user turns inside it).
@@ -19,18 +17,16 @@ Messages are built by :mod:`w2s_agents.messages`, the single renderer shared wit
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
-from typing import Any
 
 import numpy as np
 
-from w2s_agents.atomic import atomic_write
 from w2s_agents.messages import SYSTEM_PROMPT, Message, agent_message, task_messages
 from w2s_agents.tree import ROOT, TrajectoryTree, normalize_text
 from w2s_agents.types import Trajectory
 
+from .rows import PairRow, SftRow
 from .values import best_path
 
 __all__ = [
@@ -39,8 +35,6 @@ __all__ = [
     "continuation_messages",
     "expert_failure_pairs",
     "tree_pairs",
-    "unique_rows",
-    "write_jsonl",
 ]
 
 
@@ -69,13 +63,13 @@ def continuation_messages(tree: TrajectoryTree, nodes: Sequence[int]) -> list[Me
     return out
 
 
-def _sources(tree: TrajectoryTree, node: int) -> list[str]:
-    return sorted(tree.sources(node))
+def _sources(tree: TrajectoryTree, node: int) -> tuple[str, ...]:
+    return tuple(sorted(tree.sources(node)))
 
 
 def best_path_row(
     tree: TrajectoryTree, values: np.ndarray, *, min_return: float = 0.0, system: str | None = SYSTEM_PROMPT
-) -> dict[str, Any] | None:
+) -> SftRow | None:
     """The SFT row of the tree's best path (greedy by ``values``), or None when the tree has no step or the
     mean return at the path's leaf is below ``min_return``."""
     path = best_path(tree, values)
@@ -86,15 +80,15 @@ def best_path_row(
     if ret < min_return:
         return None
     messages = context_messages(tree, path[1], system=system) + continuation_messages(tree, path[1:])
-    return {
-        "messages": messages,
-        "task_id": tree.task_id,
-        "node": leaf,
-        "value": float(values[leaf]),
-        "return": ret,
-        "sources": _sources(tree, leaf),
-        "steps": len(path) - 1,
-    }
+    return SftRow(
+        messages=messages,
+        task_id=tree.task_id,
+        node=leaf,
+        value=float(values[leaf]),
+        return_=ret,
+        sources=_sources(tree, leaf),
+        steps=len(path) - 1,
+    )
 
 
 def tree_pairs(
@@ -106,7 +100,7 @@ def tree_pairs(
     step: bool = True,
     continuation: bool = True,
     system: str | None = SYSTEM_PROMPT,
-) -> list[dict[str, Any]]:
+) -> list[PairRow]:
     """TreeDPO pairs at every divergence point of ``tree``.
 
     Children of a node are compared only when they acted on the same observation (same observation key).
@@ -119,11 +113,11 @@ def tree_pairs(
     """
     vals = values.tolist() if isinstance(values, np.ndarray) else list(values)
     off = tree.child_arrays()[0].tolist()
-    rows: list[dict[str, Any]] = []
+    rows: list[PairRow] = []
     for node in tree.canonical_order():
         if off[node + 1] - off[node] < 2:
             continue
-        groups: dict[Any, list[int]] = {}
+        groups: dict[object, list[int]] = {}
         for c in tree.children(node):
             if vals[c] == vals[c]:  # not NaN
                 groups.setdefault(tree.obs_key_before(c), []).append(c)
@@ -155,51 +149,21 @@ def tree_pairs(
                 if step:
                     chosen = [agent_message(tree.action(good), tree.thought(good))]
                     rejected = [agent_message(tree.action(bad), tree.thought(bad))]
-                    rows.append(
-                        {"prompt": prompt, "chosen": chosen, "rejected": rejected, "level": "step", **meta}
-                    )
+                    rows.append(PairRow(prompt, chosen, rejected, "step", **meta))
                 if continuation:
                     good_path, bad_path = best_path(tree, vals, good), best_path(tree, vals, bad)
                     if step and len(good_path) == 1 and len(bad_path) == 1:
                         continue  # the same conversation as the step row
                     rows.append(
-                        {
-                            "prompt": prompt,
-                            "chosen": continuation_messages(tree, good_path),
-                            "rejected": continuation_messages(tree, bad_path),
-                            "level": "continuation",
+                        PairRow(
+                            prompt,
+                            continuation_messages(tree, good_path),
+                            continuation_messages(tree, bad_path),
+                            "continuation",
                             **meta,
-                        }
+                        )
                     )
     return rows
-
-
-def _append_unique(
-    rows: list[dict[str, Any]],
-    seen: set[str],
-    prompt: list[Message],
-    chosen: list[Message],
-    rejected: list[Message],
-    meta: dict[str, Any],
-) -> None:
-    key = json.dumps([prompt, chosen, rejected], ensure_ascii=False)
-    if key in seen:
-        return
-    seen.add(key)
-    rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **meta})
-
-
-def unique_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """``rows`` without repeats of the same conversation (prompt/chosen/rejected, or messages), first kept."""
-    seen: set[str] = set()
-    for row in rows:
-        if "messages" in row:
-            key = json.dumps(row["messages"], ensure_ascii=False)
-        else:
-            key = json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False)
-        if key not in seen:
-            seen.add(key)
-            yield row
 
 
 def _trajectory_turns(traj: Trajectory) -> list[Message]:
@@ -218,7 +182,7 @@ def expert_failure_pairs(
     margin: float = 0.1,
     per_task: int = 4,
     system: str | None = SYSTEM_PROMPT,
-) -> list[dict[str, Any]]:
+) -> list[PairRow]:
     """Trajectory-level pairs in the ETO scheme: an expert trajectory chosen, a failed one rejected.
 
     Per task the chosen trajectory is the highest-return one whose role is in ``chosen_roles`` (ties: the
@@ -229,7 +193,7 @@ def expert_failure_pairs(
     by_task: dict[str, list[Trajectory]] = {}
     for t in trajectories:
         by_task.setdefault(t.task_id, []).append(t)
-    rows: list[dict[str, Any]] = []
+    rows: list[PairRow] = []
     seen: set[str] = set()
     for task_id in sorted(by_task):
         trajs = by_task[task_id]
@@ -251,27 +215,26 @@ def expert_failure_pairs(
         prompt = task_messages(best.instruction, best.initial_observation, system=system)
         chosen = _trajectory_turns(best)
         for bad in failed[:per_task]:
-            meta = {
-                "task_id": task_id,
-                "node": ROOT,
-                "level": "trajectory",
-                "chosen_node": -1,
-                "rejected_node": -1,
-                "chosen_value": best.return_,
-                "rejected_value": bad.return_,
-                "value_gap": best.return_ - bad.return_,
-                "chosen_sources": [best.source.model],
-                "rejected_sources": [bad.source.model],
-            }
-            _append_unique(rows, seen, prompt, chosen, _trajectory_turns(bad), meta)
+            rejected = _trajectory_turns(bad)
+            key = json.dumps([prompt, chosen, rejected], ensure_ascii=False)
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append(
+                PairRow(
+                    prompt,
+                    chosen,
+                    rejected,
+                    "trajectory",
+                    task_id=task_id,
+                    node=ROOT,
+                    chosen_node=-1,
+                    rejected_node=-1,
+                    chosen_value=best.return_,
+                    rejected_value=bad.return_,
+                    value_gap=best.return_ - bad.return_,
+                    chosen_sources=(best.source.model,),
+                    rejected_sources=(bad.source.model,),
+                )
+            )
     return rows
-
-
-def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
-    """Write rows as JSON lines atomically (temp file + rename); returns the number of rows."""
-    n = 0
-    with atomic_write(path) as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-            n += 1
-    return n

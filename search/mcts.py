@@ -32,7 +32,6 @@ algorithm
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,7 +44,6 @@ from .stats import backup
 from .values import ValueKind
 
 __all__ = ["MCTSResult", "SearchConfig", "run_mcts", "search_tree", "tie_orders"]
-
 
 
 @dataclass(frozen=True)
@@ -287,5 +285,3 @@ def search_tree(tree: TrajectoryTree, config: SearchConfig | None = None) -> MCT
         discount=cfg.discount,
     )
     return result
-
-

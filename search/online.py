@@ -238,7 +238,9 @@ def expand_online(
     cfg = config or OnlineSearchConfig()
     start_nodes = len(tree)
     stats = SearchStats.zeros(len(tree))
-    priors: dict[int, dict[str, tuple[float, Proposal]]] = {}  # expanded nodes: action key -> (prior, proposal)
+    priors: dict[
+        int, dict[str, tuple[float, Proposal]]
+    ] = {}  # expanded nodes: action key -> (prior, proposal)
     source = Source(model=cfg.model, role="search", sampler="online-puct", seed=cfg.seed)
     player = _Player(env, tree, source, cfg.seed)
     tokens = 0

@@ -44,8 +44,6 @@ def leaf_values(tree: TrajectoryTree, discount: float = 1.0) -> list[float]:
     return [tree.mean_return(n) * discount ** tree.depth(n) for n in range(len(tree))]
 
 
-
-
 def _ended(tree: TrajectoryTree, node: int, children: Sequence[int]) -> tuple[int, float]:
     """Trajectories that ended at ``node`` and the sum of their returns."""
     ended = tree.visits(node) - sum(tree.visits(c) for c in children)

@@ -344,8 +344,8 @@ def tw_game_files(game_cache_dir: Path, tw_test_suites: dict) -> list[str]:
 @pytest.fixture(scope="session")
 def nano_model_dir(tmp_path_factory: pytest.TempPathFactory, game_texts: list[str]) -> Path:
     """A tiny random-weight ``nano`` Llama model whose tokenizer knows the game text and the agent prompts."""
-    from w2s_agents.messages import SYSTEM_PROMPT
     from w2s_agents.agents.models import create_tiny_model
+    from w2s_agents.messages import SYSTEM_PROMPT
 
     texts = [
         *game_texts,

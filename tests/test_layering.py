@@ -216,3 +216,21 @@ def _is_stdlib(name: str) -> bool:
     import sys
 
     return name in sys.stdlib_module_names or name == "__future__"
+
+
+def test_moved_modules_keep_their_old_import_paths() -> None:
+    """Scripts written against the flat layout (``w2s_agents.models`` ...) still import, with a warning."""
+    import importlib
+    import sys
+    import warnings
+
+    from w2s_agents._moved import MOVED
+
+    for old, new in MOVED.items():
+        assert new in MODULES, f"{old} points at {new}, which does not exist"
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new)
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from w2s_agents.errors import ModelLoadError
 from w2s_agents.agents.models import (
     TINY_PRESETS,
     build_tiny_model,
@@ -21,6 +20,7 @@ from w2s_agents.agents.models import (
     resolve_dtype,
     train_tokenizer,
 )
+from w2s_agents.errors import ModelLoadError
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from w2s_agents.pipeline import build_stages, run_pipeline, stage_names
 from w2s_agents.pipeline.experiment import load_experiment
-from w2s_agents.pipeline import run_pipeline, stage_names
 from w2s_agents.store import read_trajectories
 
 MINI = """\
@@ -42,6 +42,32 @@ def mini_config(tmp_path: Path, game_cache_dir: Path, monkeypatch: pytest.Monkey
     path = tmp_path / "mini.yaml"
     path.write_text(MINI.format(out=tmp_path / "runs"))
     return path
+
+
+def test_stage_table_names_each_stages_inputs() -> None:
+    """Dependencies are part of the stage keys: a changed table would redo finished stages of old runs."""
+    deps = {s.name: s.deps for s in build_stages(load_experiment(None), 0)}
+    assert deps == {
+        "tasks": (),
+        "demos": ("tasks",),
+        "models": ("demos",),
+        "weak-sft": ("models",),
+        "strong-sft": ("models",),
+        "explore": ("weak-sft",),
+        "trees": ("explore",),
+        "search": ("trees", "demos"),
+        "w2s-mcts": ("search", "models"),
+        "w2s-treedpo": ("search", "strong-sft", "weak-sft"),
+        "ceiling": ("search", "strong-sft"),
+        "eval": ("weak-sft", "strong-sft", "explore", "w2s-mcts", "w2s-treedpo", "ceiling"),
+    }
+    cfg = load_experiment(
+        None, ["expand.iterations=2", "train.variants=[w2s-mcts-treedpo]", "train.ceiling=false"]
+    )
+    deps = {s.name: s.deps for s in build_stages(cfg, 0)}
+    assert deps["expand"] == ("trees", "weak-sft") and deps["search"] == ("expand", "demos")
+    assert deps["w2s-mcts-treedpo"] == ("search", "w2s-mcts", "weak-sft")  # W2S-MCTS runs as its start
+    assert deps["eval"] == ("weak-sft", "strong-sft", "explore", "w2s-mcts", "w2s-mcts-treedpo")
 
 
 def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:

@@ -27,7 +27,7 @@ from w2s_agents.search import (
     tie_orders,
     tree_pairs,
     unique_rows,
-    write_jsonl,
+    write_rows,
 )
 from w2s_agents.tree import TrajectoryTree, build_trees
 
@@ -59,7 +59,8 @@ def test_golden_mcts_after_six_iterations(golden: TrajectoryTree) -> None:
     # it6: UCB(1) = 0 + 1.41*sqrt(ln5/2) = 1.2648 < UCB(2) = 1.5/3 + 1.41*sqrt(ln5/3) = 1.5328 -> 2;
     #      at 2 (c=3): UCB(3) = 0 + 1.41*sqrt(ln3/1) = 1.4779 < UCB(4) = 1.5/2 + 1.41*sqrt(ln3/2) = 1.7950 -> 4;
     #      at 4 (c=2): UCB(5) = 1 + 1.1739 > UCB(6) = 0.5 + 1.1739 -> 5, leaf 1.0.
-    assert ucb(0, 1, 2) == ucb(0, 1, 2)  # the it3 tie
+    # the it3 tie (both children r0 c1) goes to 1, the first in canonical order: after 3 iterations 1 has 2 visits
+    assert run_mcts(golden, 3, G, tie_break="order").visits.tolist() == [3, 2, 1, 1, 0, 0, 0]
     assert ucb(0, 2, 3) < ucb(0, 1, 3)
     assert ucb(0, 2, 5) < ucb(1.5, 3, 5)
     assert ucb(0, 1, 3) < ucb(1.5, 2, 3)
@@ -229,7 +230,7 @@ def _golden_searched(golden: TrajectoryTree) -> np.ndarray:
 
 def test_golden_pairs(golden: TrajectoryTree) -> None:
     values = _golden_searched(golden)
-    rows = tree_pairs(golden, values, margin=0.1, per_node=4)
+    rows = [r.to_dict() for r in tree_pairs(golden, values, margin=0.1, per_node=4)]
     # divergence points: node 0 (1 vs 2, same observation "start"), node 2 (3 vs 4, "got key"),
     # node 4 (5 vs 6, "door open"). Gaps: 0.625 - 0 = 0.625; 0.8333 - 0 = 0.8333; 1.0 - 0.5 = 0.5.
     # Each gives a step row and a continuation row, except at node 4 where both children are leaves and
@@ -268,7 +269,7 @@ def test_golden_pairs(golden: TrajectoryTree) -> None:
     ]
     assert cont["rejected"] == [{"role": "assistant", "content": "go south"}]
     # a margin above 0.625 keeps only the pair at node 2 (gap 0.8333); per_node caps each node
-    assert [r["node"] for r in tree_pairs(golden, values, margin=0.7, continuation=False)] == [2]
+    assert [r.node for r in tree_pairs(golden, values, margin=0.7, continuation=False)] == [2]
     assert len(tree_pairs(golden, values, margin=0.0, per_node=1, continuation=False)) == 3
 
 
@@ -285,7 +286,9 @@ def test_pairs_only_between_children_on_the_same_observation(make_traj) -> None:
 def test_cap_per_node_keeps_largest_gaps(make_traj) -> None:
     trajs = [make_traj([(f"act {i}", f"o{i}")], i / 4, "won" if i == 4 else "lost", seed=i) for i in range(5)]
     tree = build_trees(trajs)["house/0"]
-    rows = tree_pairs(tree, mean_values(tree), margin=0.3, per_node=3, continuation=False)
+    rows = [
+        r.to_dict() for r in tree_pairs(tree, mean_values(tree), margin=0.3, per_node=3, continuation=False)
+    ]
     # values 0, .25, .5, .75, 1; gaps >= 0.3: (4,0)=1, (3,0)=.75, (4,1)=.75, (2,0)=.5, (3,1)=.5, (4,2)=.5
     # largest three, ties by better child's then worse child's canonical position
     got = [(tree.action(r["chosen_node"]), tree.action(r["rejected_node"])) for r in rows]
@@ -295,8 +298,9 @@ def test_cap_per_node_keeps_largest_gaps(make_traj) -> None:
 
 def test_best_path_sft_row(golden: TrajectoryTree) -> None:
     values = _golden_searched(golden)
-    row = best_path_row(golden, values)
-    assert row is not None
+    typed = best_path_row(golden, values)
+    assert typed is not None
+    row = typed.to_dict()
     assert [m["content"] for m in row["messages"][2:]] == [
         "Take  Key",
         "got key",
@@ -316,7 +320,10 @@ def test_expert_failure_pairs(make_traj) -> None:
     weak_fail = make_traj([("look", "start")], 0.0, "lost", seed=1)
     weak_half = make_traj([("take key", "got key")], 0.5, "truncated", seed=2)
     weak_win = make_traj([("take key", "got key"), ("open door", "out")], 1.0, "won", seed=3)
-    rows = expert_failure_pairs([weak_half, expert, weak_win, weak_fail], margin=0.1, per_task=4)
+    rows = [
+        r.to_dict()
+        for r in expert_failure_pairs([weak_half, expert, weak_win, weak_fail], margin=0.1, per_task=4)
+    ]
     # failed (not won) weak trajectories, lowest return first; the won weak one is never rejected
     assert [r["rejected_value"] for r in rows] == [0.0, 0.5]
     assert rows[0]["chosen"] == [
@@ -339,8 +346,8 @@ def test_rows_load_with_hf_datasets(tmp_path, golden: TrajectoryTree, make_traj)
             make_traj([("look", "start")], 0.0, "lost", seed=1),
         ]
     )
-    assert write_jsonl([*pairs, *eto], tmp_path / "pairs.jsonl") == len(pairs) + len(eto)
-    assert write_jsonl([best_path_row(golden, values)], tmp_path / "sft.jsonl") == 1
+    assert write_rows([*pairs, *eto], tmp_path / "pairs.jsonl") == len(pairs) + len(eto)
+    assert write_rows([best_path_row(golden, values)], tmp_path / "sft.jsonl") == 1
     ds = datasets.load_dataset("json", data_files=str(tmp_path / "pairs.jsonl"), split="train")
     assert ds.num_rows == len(pairs) + 1
     assert ds[0]["prompt"][0]["role"] == "system" and ds[0]["chosen"][0]["role"] == "assistant"

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from w2s_agents.errors import ConfigError
-from w2s_agents.pipeline.cache import Stage, StageContext, collect_manifest, run_stages, stage_keys, write_manifest
+from w2s_agents.pipeline.cache import (
+    Stage,
+    StageContext,
+    collect_manifest,
+    run_stages,
+    stage_keys,
+    write_manifest,
+)
 
 
 class Recorder:

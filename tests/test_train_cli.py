@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from w2s_agents.agents.models import load_model
 from w2s_agents.cli import main
 from w2s_agents.config import load_config
-from w2s_agents.agents.models import load_model
 from w2s_agents.trainers import TrainJobConfig
 
 REPO = Path(__file__).resolve().parents[1]

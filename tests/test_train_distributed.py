@@ -47,6 +47,10 @@ def test_two_processes_equal_one_with_accumulation(train_models, pair_rows, tmp_
     assert ddp["steps"] == one.steps == 6
     for (s1, a), (s2, b) in zip(one.loss_curve, ddp["loss_curve"], strict=True):
         assert s1 == s2 and a == pytest.approx(b, abs=1e-5)
+    # the DPO metrics are averaged over the pairs of both processes
+    for a, b in zip(one.metrics_curve, ddp["metrics_curve"], strict=True):
+        assert a.keys() == b.keys() and "rewards/margins" in a
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
     wa = load_file(str(one.model_dir / "model.safetensors"))
     wb = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
     for name in wa:

@@ -9,13 +9,23 @@ import math
 import pytest
 import torch
 
+from w2s_agents.agents.models import load_model
 from w2s_agents.config import from_dict
 from w2s_agents.errors import DataFormatError
-from w2s_agents.agents.models import load_model
 from w2s_agents.search import SearchConfig, node_values, search_tree, tree_pairs
-from w2s_agents.trainers import ChatEncoder, PairPlan, TrainConfig, load_pairs, pair_messages, train_dpo
+from w2s_agents.trainers import (
+    ChatEncoder,
+    PairPlan,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    epoch_order,
+    load_pairs,
+    load_tokenizer,
+    pair_messages,
+    train_dpo,
+)
 from w2s_agents.trainers import reference as reference_module
-from w2s_agents.trainers.loop import Trainer, load_tokenizer
 from w2s_agents.tree import build_trees
 
 
@@ -39,7 +49,7 @@ def tree_pair_rows(golden_trajectories) -> list[dict]:
     """Step and continuation pairs extracted from a searched tree (sources 'weak' and 'strong')."""
     tree = next(iter(build_trees(golden_trajectories).values()))
     search_tree(tree, SearchConfig(iterations=50))
-    return tree_pairs(tree, node_values(tree, "mean"))
+    return [row.to_dict() for row in tree_pairs(tree, node_values(tree, "mean"))]  # typed rows as JSON dicts
 
 
 def _naive_completion_logp(lm, row: dict, side: str) -> float:
@@ -185,3 +195,80 @@ def test_source_weights_are_learned_with_easy_pairs_first(
     saved = json.loads((out / "source_weights.json").read_text())
     assert saved["weights"] == weights and len(saved["history"]) == 3
     assert result.valid_metric == "valid_loss" and len(result.valid_curve) == 3
+
+
+DPO_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected"]  # fmt: skip
+
+
+def test_step_metrics_equal_a_hand_computation_and_are_saved(
+    train_models, pair_rows, tmp_path, caplog
+) -> None:
+    """One step over micro-batches of 5, 5 and 2 pairs: each metric is the mean over the step's 12 pairs of
+    values recomputed by hand (policy log-probs from a naive per-prefix loop, the rows' reference log-probs),
+    not the mean of the micro-batches' means. The per-step curve lands in result.json and curves.json."""
+    beta = 0.5
+    policy = load_model(train_models["policy"])
+    logps = [
+        (_naive_completion_logp(policy, r, "chosen"), _naive_completion_logp(policy, r, "rejected"))
+        for r in pair_rows
+    ]
+    # references that put the reward of the chosen side above that of the rejected one for 8 pairs of 12
+    rows = [
+        dict(r, ref_chosen_logp=c - (i % 3 - 0.5), ref_rejected_logp=j - 0.25 * (i % 2))
+        for i, (r, (c, j)) in enumerate(zip(pair_rows, logps, strict=True))
+    ]
+    r_plus = [beta * (c - r["ref_chosen_logp"]) for r, (c, _) in zip(rows, logps, strict=True)]
+    r_minus = [beta * (j - r["ref_rejected_logp"]) for r, (_, j) in zip(rows, logps, strict=True)]
+    per_pair = {
+        "rewards/chosen": r_plus,
+        "rewards/rejected": r_minus,
+        "rewards/margins": [a - b for a, b in zip(r_plus, r_minus, strict=True)],
+        "rewards/accuracies": [float(a > b) for a, b in zip(r_plus, r_minus, strict=True)],
+        "logps/chosen": [c for c, _ in logps],
+        "logps/rejected": [j for _, j in logps],
+    }
+    expected = {k: sum(v) / len(v) for k, v in per_pair.items()}
+    assert expected["rewards/accuracies"] == pytest.approx(8 / 12)
+    out = tmp_path / "metrics"
+    config = cfg(beta=beta, batch_size=5, grad_accum=3, epochs=2)
+    with caplog.at_level("INFO", logger="w2s_agents.trainers.loop"):
+        result = train_dpo(train_models["policy"], rows, out, config, reference_path=None)
+    assert result.steps == 2
+    first = result.metrics_curve[0]
+    assert list(first) == ["step", "loss", "grad_norm", "learning_rate", *DPO_METRICS]
+    for name, value in expected.items():
+        assert first[name] == pytest.approx(value, abs=1e-4), name
+    # the micro-batches' means, averaged without their sizes, would be another number
+    order = epoch_order(len(rows), config.seed, 0)
+    means = [
+        sum(per_pair["logps/chosen"][i] for i in mb) / len(mb) for mb in (order[:5], order[5:10], order[10:])
+    ]
+    assert abs(sum(means) / 3 - expected["logps/chosen"]) > 1e-2
+    losses = [math.log1p(math.exp(-m)) for m in per_pair["rewards/margins"]]
+    assert first["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert [[e["step"], e["loss"]] for e in result.metrics_curve] == [list(p) for p in result.loss_curve]
+    # saved per step in result.json and curves.json; the final metrics average the last log_every steps
+    saved = json.loads((out / "result.json").read_text())
+    curves = json.loads((out / "curves.json").read_text())
+    assert saved["metrics_curve"] == curves["metrics"] == result.metrics_curve
+    assert [e["step"] for e in curves["metrics"]] == [1, 2]
+    assert all(set(DPO_METRICS) <= set(e) for e in curves["metrics"])
+    names = ["loss", "grad_norm", "learning_rate", *DPO_METRICS]
+    assert result.final_metrics == pytest.approx(
+        {k: sum(e[k] for e in result.metrics_curve) / 2 for k in names}
+    )
+    assert saved["final_metrics"] == result.final_metrics
+    assert TrainResult.load(out) == result
+    logged = [r.getMessage() for r in caplog.records if " step 1/2 " in r.getMessage()]
+    assert len(logged) == 1 and "rewards/margins" in logged[0] and "logps/rejected" in logged[0]
+    # a result.json written before the metrics curve existed still loads
+    old = tmp_path / "old"
+    old.mkdir()
+    for key in ("metrics_curve", "final_metrics"):
+        saved.pop(key)
+    (old / "result.json").write_text(json.dumps(saved))
+    loaded = TrainResult.load(old)
+    assert (
+        loaded.metrics_curve == [] and loaded.final_metrics == {} and loaded.loss_curve == result.loss_curve
+    )

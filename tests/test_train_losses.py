@@ -1,8 +1,9 @@
 """Log-prob gathering and losses against independent computations: a naive per-prefix loop, Python floats,
-and TRL's own DPO loss on the same batch; source weights and the epoch order by hand."""
+and TRL's own DPO loss on the same batch; the DPO metrics, source weights and the epoch order by hand."""
 
 from __future__ import annotations
 
+import doctest
 import math
 from pathlib import Path
 
@@ -11,9 +12,20 @@ import pytest
 import torch
 
 from w2s_agents.agents.models import load_model
-from w2s_agents.trainers import ChatEncoder, SourceWeights, epoch_order, pair_messages, token_logps
+from w2s_agents.trainers import (
+    Batch,
+    ChatEncoder,
+    DPOObjective,
+    Example,
+    SourceWeights,
+    collate,
+    epoch_order,
+    pair_messages,
+    sft_objective,
+    token_logps,
+)
+from w2s_agents.trainers import batch as batch_module
 from w2s_agents.trainers import logps as logps_module
-from w2s_agents.trainers.loop import Example, collate, make_dpo_objective, sft_objective
 
 BETA = 0.3
 
@@ -59,7 +71,7 @@ def test_token_logps_match_a_naive_per_prefix_loop(policy, sft_rows) -> None:
     seqs = [enc.encode(m) for m in msgs]
     batch = collate([Example((s,), 1.0) for s in seqs], pad_id=tok.eos_token_id, device=torch.device("cpu"))
     with torch.no_grad():
-        fast = token_logps(policy.model, batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+        fast = token_logps(policy.model, batch.input_ids, batch.attention_mask, batch.target_mask)
     for i, s in enumerate(seqs):
         scored = [t for t, f in enumerate(s.loss_mask) if f]
         assert (fast[i] != 0).sum() == len(scored)
@@ -75,7 +87,7 @@ def test_full_logits_fallback_and_chunked_head_agree(policy, sft_rows, monkeypat
     enc = ChatEncoder(tok)
     seqs = [enc.encode(r["messages"]) for r in sft_rows[:3]]
     batch = collate([Example((s,), 1.0) for s in seqs], pad_id=tok.pad_token_id, device=torch.device("cpu"))
-    args = (batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+    args = (batch.input_ids, batch.attention_mask, batch.target_mask)
 
     def loss_and_grads():
         model.zero_grad()
@@ -115,7 +127,7 @@ def test_dpo_loss_equals_an_independent_computation(policy, pair_rows) -> None:
     refs = [(-20.0 - i, -15.0 + 0.5 * i) for i in range(len(rows))]
     examples, batch = _pair_batch(tok, rows, refs)
     with torch.no_grad():
-        ours = make_dpo_objective(BETA)(lambda *a: token_logps(model, *a), batch)
+        ours = DPOObjective(BETA)(lambda *a: token_logps(model, *a), batch).losses
     for i, (row, ex) in enumerate(zip(rows, examples, strict=True)):
         sums = []
         for side, seq in zip(("chosen", "rejected"), ex.seqs, strict=True):
@@ -137,8 +149,8 @@ def test_dpo_sft_weight_adds_the_chosen_mean_token_nll(policy, pair_rows) -> Non
     refs = [(-20.0 - i, -15.0 + 0.5 * i) for i in range(len(rows))]
     examples, batch = _pair_batch(tok, rows, refs)
     with torch.no_grad():
-        plain = make_dpo_objective(BETA)(lambda *a: token_logps(model, *a), batch)
-        rpo = make_dpo_objective(BETA, 0.5)(lambda *a: token_logps(model, *a), batch)
+        plain = DPOObjective(BETA)(lambda *a: token_logps(model, *a), batch).losses
+        rpo = DPOObjective(BETA, sft_weight=0.5)(lambda *a: token_logps(model, *a), batch).losses
     for i, ex in enumerate(examples):
         chosen = ex.seqs[0]
         positions = [t for t, f in enumerate(chosen.loss_mask) if f]
@@ -169,16 +181,16 @@ def test_dpo_loss_equals_trl_on_the_same_batch(train_models, pair_rows, tmp_path
     )
     trainer.precompute_ref_logps = True  # take the reference log-probs from the batch, as ours does
     inputs = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-        "completion_mask": batch["target_mask"],  # observation tokens inside continuations masked
-        "ref_chosen_logps": batch["ref_chosen"],
-        "ref_rejected_logps": batch["ref_rejected"],
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "completion_mask": batch.target_mask,  # observation tokens inside continuations masked
+        "ref_chosen_logps": batch.ref_chosen,
+        "ref_rejected_logps": batch.ref_rejected,
     }
     trl_loss = trainer.compute_loss(trainer.model, inputs)
     model = ours_model.model.train()
-    ours = make_dpo_objective(BETA)(lambda *a: token_logps(model, *a), batch).mean()
-    assert abs(float(ours) - float(trl_loss)) < 1e-5
+    ours = DPOObjective(BETA)(lambda *a: token_logps(model, *a), batch).losses.mean()
+    assert abs(float(ours.detach()) - float(trl_loss.detach())) < 1e-5
     assert float(ours) != pytest.approx(math.log(2), abs=1e-3)  # a real margin, not the trivial value
 
 
@@ -188,9 +200,47 @@ def test_sft_objective_is_the_summed_agent_token_nll(policy, sft_rows) -> None:
     seq = enc.encode(sft_rows[3]["messages"])
     batch = collate([Example((seq,), 1.0)], tok.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
-        loss = sft_objective(lambda *a: token_logps(model, *a), batch)
+        loss, metrics = sft_objective(lambda *a: token_logps(model, *a), batch)
+    assert metrics == {}
     scored = [t for t, f in enumerate(seq.loss_mask) if f]
     assert float(loss[0]) == pytest.approx(-_naive_logps(model, seq.input_ids, scored), abs=1e-4)
+
+
+def test_dpo_metrics_of_a_batch_by_hand() -> None:
+    """Two pairs whose summed agent-token log-probs are set by a stand-in scorer (beta 0.3):
+
+    pair  log pi(y+)   log pi(y-)   ref(y+)  ref(y-)  r+ = 0.3 (pi - ref)  r- = 0.3 (pi - ref)  r+ > r-
+    1     -3 - 1 = -4  -6           -5       -5        0.3                 -0.3                 yes
+    2     -2           -1 - 1 = -2  -1       -4       -0.3                  0.6                 no
+    """
+    ids = torch.zeros((4, 3), dtype=torch.int64)
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 1, 0], [0, 1, 1]])
+    batch = Batch(ids, torch.ones_like(ids), mask, torch.tensor([-5.0, -1.0]), torch.tensor([-5.0, -4.0]))
+    token = torch.tensor([[0.0, -3.0, -1.0], [0.0, -2.0, 0.0], [0.0, -6.0, 0.0], [0.0, -1.0, -1.0]])
+    losses, metrics = DPOObjective(BETA)(lambda *a: token, batch)
+    expected = {
+        "rewards/chosen": [0.3, -0.3],
+        "rewards/rejected": [-0.3, 0.6],
+        "rewards/margins": [0.6, -0.9],
+        "rewards/accuracies": [1.0, 0.0],
+        "logps/chosen": [-4.0, -2.0],
+        "logps/rejected": [-6.0, -2.0],
+    }
+    assert list(metrics) == list(expected)  # TRL's names
+    for name, values in expected.items():
+        assert metrics[name].tolist() == pytest.approx(values, abs=1e-6), name
+    sigmoid = [1 / (1 + math.exp(-m)) for m in expected["rewards/margins"]]
+    assert losses.tolist() == pytest.approx([-math.log(p) for p in sigmoid], abs=1e-6)
+    # RPO adds w * (-log pi(y+)) / |y+| to the loss and leaves the metrics as they are
+    rpo_losses, rpo_metrics = DPOObjective(BETA, sft_weight=0.5)(lambda *a: token, batch)
+    assert (rpo_losses - losses).tolist() == pytest.approx([0.5 * 4 / 2, 0.5 * 2 / 1], abs=1e-6)
+    assert all(torch.equal(rpo_metrics[k], metrics[k]) for k in metrics)
+    assert not any(t.requires_grad for t in metrics.values())
+
+
+def test_collate_pads_as_its_docstring_shows() -> None:
+    result = doctest.testmod(batch_module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 5 and result.failed == 0
 
 
 def test_source_weights_take_a_clipped_renormalised_gradient_step() -> None:

@@ -11,9 +11,17 @@ import pytest
 
 from w2s_agents.errors import DataFormatError
 from w2s_agents.messages import agent_message, episode_messages
-from w2s_agents.trainers import ChatEncoder, PairPlan, fit_conversation, fit_pair, pair_messages
+from w2s_agents.trainers import (
+    ChatEncoder,
+    Example,
+    PairPlan,
+    collate,
+    fit_conversation,
+    fit_pair,
+    load_tokenizer,
+    pair_messages,
+)
 from w2s_agents.trainers.data import load_pairs, load_sft_rows, split_by_task
-from w2s_agents.trainers.loop import Example, collate
 from w2s_agents.types import Source, Step, Trajectory
 
 CHATML = (
@@ -27,8 +35,6 @@ CHATML = (
 
 @pytest.fixture(scope="module")
 def tokenizer(train_models: dict[str, Path]):
-    from w2s_agents.trainers.loop import load_tokenizer
-
     return load_tokenizer(train_models["policy"])
 
 
@@ -127,7 +133,7 @@ def test_pad_equal_to_eos_keeps_the_loss_on_end_of_turn_tokens(tokenizer, sft_ro
     short = episode_messages("Escape.", "A door.", [("", "go north", None)])
     examples = [Example((enc.encode(short),), 1.0), Example((enc.encode(sft_rows[2]["messages"]),), 1.0)]
     batch = collate(examples, tok.pad_token_id, device=torch.device("cpu"))
-    ids, attn, target = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+    ids, attn, target = batch.input_ids, batch.attention_mask, batch.target_mask
     eos = tok.eos_token_id
     n = len(examples[0].seqs[0])
     assert n < ids.shape[1]
@@ -199,7 +205,7 @@ def test_rows_are_validated_with_file_and_line(tmp_path: Path, sft_rows, pair_ro
         load_sft_rows(pair_rows[:1])
     with pytest.raises(DataFormatError, match=r"rows\[1\]: 'prompt' must end with a user turn"):
         load_pairs([pair_rows[0], dict(pair_rows[1], prompt=pair_rows[1]["prompt"][:-1])])
-    with pytest.raises(DataFormatError, match=r"data file not found"):
+    with pytest.raises(DataFormatError, match=r"pairs file not found: .*missing.jsonl"):
         load_pairs(tmp_path / "missing.jsonl")
     rows = load_pairs(pair_rows)
     assert rows[0].sources == ("weak-a", "weak-b") and rows[0].easy  # both branches from both sources

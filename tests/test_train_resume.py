@@ -94,4 +94,6 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_run(train_models, sft_ro
     assert not torch.equal(a["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
     ra, rb = (json.loads((d / "result.json").read_text()) for d in (reference, killed))
     assert ra["loss_curve"] == rb["loss_curve"] and ra["source_weights"] == rb["source_weights"]
+    assert ra["metrics_curve"] == rb["metrics_curve"] and len(ra["metrics_curve"]) == 9  # part of the state
+    assert ra["final_metrics"] == rb["final_metrics"]
     assert ra["source_weights"]["weak-a"] != pytest.approx(0.5)

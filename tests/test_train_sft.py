@@ -11,13 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from w2s_agents.agents.models import load_model
 from w2s_agents.config import from_dict
 from w2s_agents.errors import W2SError
-from w2s_agents.agents.models import load_model
-from w2s_agents.trainers import NonFiniteLossError, TrainConfig, TrainResult, latest_checkpoint, train_sft
+from w2s_agents.trainers import (
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    latest_checkpoint,
+    train_sft,
+)
 from w2s_agents.trainers import logps as logps_module
 from w2s_agents.trainers.checkpoint import trainable_state
-from w2s_agents.trainers.loop import Trainer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,6 +78,11 @@ def test_sft_changes_every_parameter_and_the_loss_falls(
         assert (out / name).is_file()
     curves = json.loads((out / "curves.json").read_text())
     assert [s for s, _ in curves["loss"]] == list(range(1, 13))
+    # SFT records its loss, gradient norm and learning rate per step in the metrics curve
+    assert curves["metrics"] == result.metrics_curve
+    assert [(e["step"], e["loss"]) for e in result.metrics_curve] == result.loss_curve
+    assert all(set(e) == {"step", "loss", "grad_norm", "learning_rate"} for e in result.metrics_curve)
+    assert result.metrics_curve[0]["learning_rate"] == pytest.approx(5e-3)  # no warmup: the peak at once
     assert TrainResult.load(out) == result
     meta = json.loads((result.model_dir / "w2s_train.json").read_text())
     assert meta["method"] == "sft" and meta["step"] == 12
@@ -223,7 +234,7 @@ def test_a_lora_run_resumes_to_the_same_adapters(train_models, sft_rows, tmp_pat
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     resumed = train_sft(train_models["policy"], sft_rows, out, config)  # from step 4, dropout RNG restored
-    assert resumed.loss_curve == whole.loss_curve
+    assert resumed.loss_curve == whole.loss_curve and resumed.metrics_curve == whole.metrics_curve
     again = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
     assert all(torch.equal(adapters[k], again[k]) for k in adapters)
     assert all(

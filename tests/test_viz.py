@@ -13,7 +13,7 @@ import pytest
 
 from w2s_agents.cli import main
 from w2s_agents.errors import DataFormatError, W2SError
-from w2s_agents.search import SearchConfig, best_path, node_values, search_tree, tree_pairs, write_jsonl
+from w2s_agents.search import SearchConfig, best_path, node_values, search_tree, tree_pairs, write_rows
 from w2s_agents.tree import TrajectoryTree, build_trees
 from w2s_agents.viz import (
     VizConfig,
@@ -48,7 +48,7 @@ def test_view_data_matches_the_search_module(tree: TrajectoryTree) -> None:
     values = node_values(tree, "mcts")
     assert data["meta"]["value"] == "mcts" and data["meta"]["value_note"] == ""
     assert data["best_paths"] == [best_path(tree, values)]
-    expected = {(r["node"], r["chosen_node"], r["rejected_node"]) for r in tree_pairs(tree, values)}
+    expected = {(r.node, r.chosen_node, r.rejected_node) for r in tree_pairs(tree, values)}
     assert {tuple(p[:3]) for p in data["pairs"]} == expected and expected
     assert all(p[4] == "step+continuation" for p in data["pairs"])
     n = len(tree)
@@ -83,16 +83,17 @@ def test_unsearched_tree_falls_back_to_mean_unless_mcts_is_asked_for(viz_traject
 
 def test_pairs_and_paths_from_the_files_of_w2s_search(tmp_path: Path, tree: TrajectoryTree) -> None:
     values = node_values(tree, "mcts")
-    rows = tree_pairs(tree, values, margin=0.3)
+    rows = [r.to_dict() for r in tree_pairs(tree, values, margin=0.3)]
     # an expert-vs-failed row (whole trajectories, no tree nodes) and a row of another task are left out
     rows.append(
         {**rows[0], "task_id": "house/0", "level": "trajectory", "chosen_node": -1, "rejected_node": -1}
     )
     rows.append({**rows[0], "task_id": "other/0"})
-    write_jsonl(rows, tmp_path / "pairs.jsonl")
+    write_rows(rows, tmp_path / "pairs.jsonl")
     leaf = len(tree) - 1
-    sft = [{"messages": [], "task_id": "house/0", "node": leaf, "steps": tree.depth(leaf)}]
-    write_jsonl(sft, tmp_path / "sft.jsonl")
+    agent_turn = {"role": "assistant", "content": "go"}
+    sft = [{"messages": [agent_turn], "task_id": "house/0", "node": leaf, "steps": tree.depth(leaf)}]
+    write_rows(sft, tmp_path / "sft.jsonl")
     data = tree_view_data(tree, pairs=tmp_path / "pairs.jsonl", paths=tmp_path / "sft.jsonl")
     assert {tuple(p[:3]) for p in data["pairs"]} == {
         (r["node"], r["chosen_node"], r["rejected_node"]) for r in rows[:-2]
@@ -108,7 +109,7 @@ def test_pairs_and_paths_from_the_files_of_w2s_search(tmp_path: Path, tree: Traj
     (tmp_path / "moved.jsonl").write_text(json.dumps({**rows[0], "node": a, "chosen_node": b}) + "\n")
     with pytest.raises(DataFormatError, match=r"moved\.jsonl:1: .* are not children of node"):
         tree_view_data(tree, pairs=tmp_path / "moved.jsonl")
-    (tmp_path / "sft2.jsonl").write_text(json.dumps({"task_id": "house/0", "node": leaf, "steps": 9}) + "\n")
+    (tmp_path / "sft2.jsonl").write_text(json.dumps({**sft[0], "steps": 9}) + "\n")
     with pytest.raises(DataFormatError, match=r"sft2\.jsonl:1: the row has 9 steps"):
         tree_view_data(tree, paths=tmp_path / "sft2.jsonl")
     (tmp_path / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
@@ -226,12 +227,10 @@ def test_run_index_links_a_page_per_tree_and_lists_bad_files(
     # with the pair rows that `w2s search` wrote (one file for every task of the run)
     tree0 = TrajectoryTree.load(run / "trees" / "tree0.json")
     rows = tree_pairs(tree0, node_values(tree0, "mcts"), margin=0.5)
-    write_jsonl(rows, tmp_path / "pairs.jsonl")
+    write_rows(rows, tmp_path / "pairs.jsonl")
     assert main(["viz", str(run), "-o", str(out), "--pairs", str(tmp_path / "pairs.jsonl")]) == 1
     data = _embedded((out / "trees__tree0.html").read_text(encoding="utf-8"))
-    assert {tuple(p[:3]) for p in data["pairs"]} == {
-        (r["node"], r["chosen_node"], r["rejected_node"]) for r in rows
-    }
+    assert {tuple(p[:3]) for p in data["pairs"]} == {(r.node, r.chosen_node, r.rejected_node) for r in rows}
     assert data["meta"]["pairs_origin"] == "pair rows"
     assert _embedded((out / "trees__tree1.html").read_text(encoding="utf-8"))["pairs"] == []
 

@@ -196,8 +196,8 @@ def test_pairs_and_outcomes_are_marked(page: Page, tree) -> None:
 
     pairs = tree_pairs(tree, values)
     page.page.click("#expand-all")
-    assert page.rows_with("chosen") == {r["chosen_node"] for r in pairs}
-    assert page.rows_with("rejected") == {r["rejected_node"] for r in pairs}
+    assert page.rows_with("chosen") == {r.chosen_node for r in pairs}
+    assert page.rows_with("rejected") == {r.rejected_node for r in pairs}
     badges = page.page.eval_on_selector_all(
         "#tree .row", "rs => rs.map(r => [+r.dataset.node, r.querySelector('.bd').textContent])"
     )

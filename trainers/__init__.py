@@ -10,6 +10,25 @@ SFT, TreeDPO and MCTS-SFT on conversational rows extracted from searched trees, 
     dpo = train_dpo(sft.model_dir, "data/pairs.jsonl", "runs/dpo", TrainConfig(method="dpo"),
                     reference_path="runs/weak-sft/model")
     load_model(dpo.model_dir)
+
+=================  =====================================================================================
+``config``         :class:`TrainConfig` (hyperparameters), :class:`TrainJobConfig` (a ``w2s train`` run)
+``data``           reading, checking and splitting SFT rows and preference pairs
+``masks``          chat-template rendering, agent-token masks, history cuts (:class:`ChatEncoder`)
+``batch``          :class:`Example` (a tokenized row), :class:`Batch`, :func:`collate`, :class:`Objective`
+``sft``            SFT / MCTS-SFT: :func:`sft_objective`, :func:`train_sft`
+``dpo``            TreeDPO: :class:`DPOObjective` (loss and metrics), :func:`train_dpo`
+``reference``      reference log-probs with the reference model's own tokenizer, cached per run
+``losses``         the DPO loss and margins as functions; per-source weights (:class:`SourceWeights`)
+``loop``           :class:`Trainer`: the training loop shared by every method
+``logps``          agent-token log-probs without materialising every logit
+``model``          the policy, its tokenizer, AdamW and the learning-rate schedule
+``distributed``    the processes of a run (accelerate / torchrun, DDP)
+``checkpoint``     atomic checkpoints: trainable weights, optimizer, schedule, random states, loop state
+``export``         the exported model (LoRA merged) in ``out_dir/model``
+``result``         :class:`TrainResult`, saved as ``result.json``
+``fingerprint``    a run's identity, the reuse of finished runs
+=================  =====================================================================================
 """
 
 from __future__ import annotations
@@ -18,18 +37,26 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .config import METHOD_LR, LoraOptions, SourceOptions, TrainConfig, TrainJobConfig
-from .data import load_pairs, load_sft_rows, sft_row_from_trajectory, split_by_task
+from .data import load_pairs, load_sft_rows, split_by_task
 from .result import TrainResult
 
 # Everything below needs torch: it is imported on first use, so that reading a config (``w2s config``, the
 # experiment loader, the CLI's start-up) does not pay for importing torch.
 _LAZY = {
+    "Batch": "batch",
+    "Example": "batch",
+    "Objective": "batch",
+    "ObjectiveOutput": "batch",
+    "collate": "batch",
     "latest_checkpoint": "checkpoint",
+    "DPOObjective": "dpo",
     "REFERENCE_FILE": "dpo",
     "encode_pairs": "dpo",
     "resolve_reference": "dpo",
     "train_dpo": "dpo",
     "export_model": "export",
+    "model_identity": "fingerprint",
+    "run_fingerprint": "fingerprint",
     "TokenScorer": "logps",
     "sequence_logps": "logps",
     "token_logps": "logps",
@@ -45,21 +72,26 @@ _LAZY = {
     "fit_conversation": "masks",
     "fit_pair": "masks",
     "pair_messages": "masks",
+    "load_tokenizer": "model",
     "reference_logps": "reference",
     "encode_sft_rows": "sft",
+    "sft_objective": "sft",
     "train_sft": "sft",
 }
 
 if TYPE_CHECKING:
+    from .batch import Batch, Example, Objective, ObjectiveOutput, collate
     from .checkpoint import latest_checkpoint
-    from .dpo import REFERENCE_FILE, encode_pairs, resolve_reference, train_dpo
+    from .dpo import REFERENCE_FILE, DPOObjective, encode_pairs, resolve_reference, train_dpo
     from .export import export_model
+    from .fingerprint import model_identity, run_fingerprint
     from .logps import TokenScorer, sequence_logps, token_logps
     from .loop import NonFiniteLossError, Trainer, epoch_order
     from .losses import SourceWeights, dpo_loss, dpo_margins
     from .masks import ChatEncoder, EncodedConversation, PairPlan, fit_conversation, fit_pair, pair_messages
+    from .model import load_tokenizer
     from .reference import reference_logps
-    from .sft import encode_sft_rows, train_sft
+    from .sft import encode_sft_rows, sft_objective, train_sft
 
 
 def __getattr__(name: str) -> Any:
@@ -78,10 +110,15 @@ def __dir__() -> list[str]:
 __all__ = [
     "METHOD_LR",
     "REFERENCE_FILE",
+    "Batch",
     "ChatEncoder",
+    "DPOObjective",
     "EncodedConversation",
+    "Example",
     "LoraOptions",
     "NonFiniteLossError",
+    "Objective",
+    "ObjectiveOutput",
     "PairPlan",
     "SourceOptions",
     "SourceWeights",
@@ -90,6 +127,7 @@ __all__ = [
     "TrainJobConfig",
     "TrainResult",
     "Trainer",
+    "collate",
     "dpo_loss",
     "dpo_margins",
     "encode_pairs",
@@ -101,11 +139,14 @@ __all__ = [
     "latest_checkpoint",
     "load_pairs",
     "load_sft_rows",
+    "load_tokenizer",
+    "model_identity",
     "pair_messages",
     "reference_logps",
     "resolve_reference",
+    "run_fingerprint",
     "sequence_logps",
-    "sft_row_from_trajectory",
+    "sft_objective",
     "split_by_task",
     "token_logps",
     "train_dpo",

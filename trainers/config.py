@@ -142,7 +142,11 @@ class TrainConfig:
     export: Literal["best", "last"] = option(
         "best", "which weights the exported model gets: the best validated checkpoint or the last"
     )
-    log_every: int = option(10, "log the loss every N optimizer steps")
+    log_every: int = option(
+        10,
+        "log the loss and the method's metrics every N optimizer steps (and at step 1); the result's "
+        "final_metrics average the last N steps",
+    )
     success_only: bool = option(
         True, "SFT on trajectory files: only won episodes become rows (expert demos are won)"
     )

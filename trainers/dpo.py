@@ -1,10 +1,28 @@
 """TreeDPO: sigmoid DPO on preference pairs taken where the branches of a searched tree diverge.
 
-The reference (the weak SFT agent by default, as in the paper; the strong SFT agent or any model folder as
-options) scores each pair once, with its own tokenizer, before training (:mod:`.reference`); the policy is
-then trained with ``L = -log sigmoid(beta * margin)`` on the same messages tokenized its own way. Step-level
-pairs compare one agent turn; continuation-level pairs compare agent turns interleaved with observations,
-and only the agent turns carry loss.
+From pairs to gradient, top to bottom (:func:`train_dpo` runs the steps in this order):
+
+1. **Load pairs** (:func:`.data.load_pairs`): ``{"prompt", "chosen", "rejected", ...}`` rows, checked with
+   ``file:line``; without validation pairs or ``valid_fn`` a share of the tasks is held out.
+2. **Reference log-probs** (:func:`.reference.reference_logps`): each pair is cut to fit ``max_length``
+   under both the policy's and the reference's tokenizer, then the reference (the weak SFT agent by default,
+   as in the paper; :func:`resolve_reference`) renders it with its own chat template and scores it once:
+   ``log pi_ref(y|x)`` summed over the completion's agent tokens. The results are cached in the run's
+   ``reference.jsonl``, so weak and strong models need not share a tokenizer.
+3. **Encode** (:func:`encode_pairs`): the same cut messages tokenized with the policy's tokenizer; one
+   :class:`~.batch.Example` per pair (chosen and rejected conversation, one loss unit, the two reference
+   log-probs). Step-level pairs compare one agent turn; continuation-level pairs compare agent turns
+   interleaved with observations, and only the agent turns carry loss.
+4. **Objective** (:class:`DPOObjective`): with ``log pi(y|x)`` summed over the agent tokens of a completion,
+
+       r+ = beta * (log pi(y+|x) - log pi_ref(y+|x))        r- = beta * (log pi(y-|x) - log pi_ref(y-|x))
+       L  = -log sigmoid(r+ - r-)  [ + w * (-log pi(y+|x) / |y+|)  with sft_weight w > 0 (RPO) ]
+
+   averaged over the pairs of an optimizer step. Metrics per step (TRL's names, means over the step's
+   pairs): ``rewards/chosen`` (r+), ``rewards/rejected`` (r-), ``rewards/margins`` (r+ - r-),
+   ``rewards/accuracies`` (share with r+ > r-), ``logps/chosen`` and ``logps/rejected`` (log pi(y|x)).
+5. **Train** (:class:`.loop.Trainer`): micro-batches collated chosen-first, the loss accumulated, clipped,
+   AdamW; the metrics go to the metrics curve (``curves.json``, ``result.json``) and the log.
 """
 
 from __future__ import annotations
@@ -12,20 +30,26 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from w2s_agents.errors import ConfigError
 
+from .batch import Batch, Example, ObjectiveOutput
 from .config import TrainConfig
 from .data import Row, RowsInput, data_fingerprint, load_pairs, split_by_task
-from .loop import Example, Trainer, ValidFn, finished_result, load_tokenizer, run_fingerprint
+from .fingerprint import finished_result, model_identity, run_fingerprint
+from .loop import Trainer, ValidFn
+from .losses import dpo_loss, dpo_margins
 from .masks import ChatEncoder, pair_messages
-from .reference import RefPair, model_identity, reference_logps
+from .model import load_tokenizer
+from .reference import RefPair, reference_logps
 from .result import TrainResult
 
-__all__ = ["REFERENCE_FILE", "encode_pairs", "resolve_reference", "train_dpo"]
+__all__ = ["REFERENCE_FILE", "DPOObjective", "encode_pairs", "resolve_reference", "train_dpo"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +100,44 @@ def encode_pairs(
     if skipped:
         logger.warning("%d pairs longer than max_length %d (uncut rows); skipped", skipped, config.max_length)
     return out, skipped
+
+
+@dataclass(frozen=True)
+class DPOObjective:
+    """The sigmoid DPO loss of each pair, plus ``sft_weight`` times the chosen side's mean agent-token NLL
+    (RPO), and the pairs' rewards and log-probs as metrics (an :class:`~.batch.Objective`; the equations are
+    in the module docstring). A batch holds the chosen sequences first, then the rejected."""
+
+    beta: float  # temperature of the sigmoid loss
+    sft_weight: float = 0.0  # weight of the RPO term; 0 is plain DPO
+
+    def __call__(self, scorer: nn.Module, batch: Batch) -> ObjectiveOutput:
+        """Per-pair losses ``(B,)`` and per-pair metrics of a pair batch.
+
+        Raises:
+            ValueError: the batch has no reference log-probs.
+        """
+        if batch.ref_chosen is None or batch.ref_rejected is None:
+            raise ValueError("a DPO batch needs the reference log-probs of its pairs")
+        token = scorer(batch.input_ids, batch.attention_mask, batch.target_mask)  # (2B, T)
+        chosen, rejected = token.sum(dim=-1).chunk(2)  # (B,) each: log pi(y+|x), log pi(y-|x)
+        losses = dpo_loss(chosen, rejected, batch.ref_chosen, batch.ref_rejected, self.beta)
+        if self.sft_weight:
+            n_chosen = batch.target_mask.chunk(2)[0].sum(dim=-1).clamp(min=1)
+            losses = losses - self.sft_weight * chosen / n_chosen
+        chosen, rejected = chosen.detach(), rejected.detach()
+        ref_chosen, ref_rejected = batch.ref_chosen, batch.ref_rejected
+        reward_chosen = self.beta * (chosen - ref_chosen)  # r+
+        reward_rejected = self.beta * (rejected - ref_rejected)  # r-
+        metrics = {  # TRL's names
+            "rewards/chosen": reward_chosen,
+            "rewards/rejected": reward_rejected,
+            "rewards/margins": self.beta * dpo_margins(chosen, rejected, ref_chosen, ref_rejected),
+            "rewards/accuracies": (reward_chosen > reward_rejected).float(),
+            "logps/chosen": chosen,
+            "logps/rejected": rejected,
+        }
+        return ObjectiveOutput(losses, metrics)
 
 
 def _reference_device(config: TrainConfig) -> torch.device:
@@ -169,6 +231,7 @@ def train_dpo(
         model_path=model_path,
         out_dir=out,
         config=cfg,
+        objective=DPOObjective(cfg.beta, cfg.sft_weight),
         examples=examples,
         valid_examples=valid_examples,
         valid_fn=valid_fn,

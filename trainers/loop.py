@@ -7,6 +7,12 @@ normalised loss, clip, step, and checkpoint every ``checkpoint_every`` steps and
 validating. The data order of an epoch depends only on the seed and the epoch, so a resumed run takes
 exactly the batches the interrupted one would have taken.
 
+The loop knows no method: it is handed an :class:`~.batch.Objective` (:func:`.sft.sft_objective`,
+:class:`.dpo.DPOObjective`) that turns a :class:`~.batch.Batch` into per-row losses and metrics. Each step's
+loss, gradient norm, learning rate and the objective's metrics (averaged over the step's rows) form one entry
+of the metrics curve, which is checkpointed with the rest of the state and written to ``curves.json`` and
+``result.json``.
+
 Several GPUs: run under ``accelerate launch`` (or ``torchrun``); accelerate's process state joins the process
 group, the policy is wrapped by DDP, the micro-batches of a step are dealt round-robin to the processes, and
 only the main process writes files.
@@ -21,21 +27,21 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from w2s_agents.atomic import atomic_write
-from w2s_agents.config import config_to_dict, save_config
-from w2s_agents.errors import ModelLoadError, W2SError
+from w2s_agents.config import save_config
+from w2s_agents.errors import W2SError
 from w2s_agents.log import progress
 from w2s_agents.seeding import derive_seed, seed_everything
 
 from . import logps as logps_module
+from .batch import Example, Objective, collate
 from .checkpoint import (
     capture_rng,
     checkpoint_dirs,
@@ -48,28 +54,21 @@ from .checkpoint import (
     rotate_checkpoints,
     write_checkpoint,
 )
-from .config import BOOKKEEPING_KEYS, TrainConfig
+from .config import TrainConfig
+from .distributed import Processes
 from .export import export_model
-from .losses import SourceWeights, dpo_loss
-from .masks import EncodedConversation
-from .result import RESULT_FILE, TrainResult
+from .losses import SourceWeights
+from .model import load_policy, make_optimizer, make_scheduler, saved_dtype
+from .result import RESULT_FILE, TrainResult, final_metrics
 
-__all__ = [
-    "CURVES_FILE",
-    "Example",
-    "NonFiniteLossError",
-    "Trainer",
-    "ValidFn",
-    "epoch_order",
-    "finished_result",
-    "load_tokenizer",
-    "run_fingerprint",
-]
+__all__ = ["CURVES_FILE", "NonFiniteLossError", "Trainer", "ValidFn", "epoch_order"]
 
 logger = logging.getLogger(__name__)
 
 CURVES_FILE = "curves.json"
 SOURCE_WEIGHTS_FILE = "source_weights.json"
+# what every step records; the other entries of a step's record are its objective's metrics
+_STEP_KEYS = ("step", "loss", "grad_norm", "learning_rate")
 
 ValidFn = Callable[[nn.Module, Any], float]
 """``valid_fn(model, tokenizer) -> score``: higher is better (e.g. the success rate of rollouts)."""
@@ -77,79 +76,6 @@ ValidFn = Callable[[nn.Module, Any], float]
 
 class NonFiniteLossError(W2SError):
     """The loss or the gradient norm became NaN or infinite; training stopped without saving that state."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training row after tokenization: one conversation (SFT) or a chosen and a rejected one (DPO)."""
-
-    seqs: tuple[EncodedConversation, ...]
-    units: float  # its share of the loss normaliser: agent tokens, agent turns, or 1 per pair
-    sources: tuple[int, ...] = ()  # indices of the row's sources in the run's source list
-    easy: bool = True
-    ref: tuple[float, float] | None = None  # reference log-probs (chosen, rejected) of a pair
-
-    @property
-    def tokens(self) -> int:
-        """Tokens of all its sequences."""
-        return sum(len(s) for s in self.seqs)
-
-
-class Objective(Protocol):
-    """The per-row loss of a method."""
-
-    def __call__(self, scorer: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-row losses ``(B,)``, each the row's summed loss (divided by the step's normaliser later)."""
-        ...
-
-
-def sft_objective(scorer: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Negative log-likelihood of each row's agent tokens (summed)."""
-    token = scorer(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-    return -token.sum(dim=-1)
-
-
-def make_dpo_objective(beta: float, sft_weight: float = 0.0) -> Objective:
-    """The sigmoid DPO loss of each pair, plus ``sft_weight`` times the chosen side's mean agent-token NLL
-    (RPO); a batch holds the chosen sequences first, then the rejected."""
-
-    def dpo_objective(scorer: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        token = scorer(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-        chosen, rejected = token.sum(dim=-1).chunk(2)
-        loss = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta)
-        if sft_weight:
-            n_chosen = batch["target_mask"].chunk(2)[0].sum(dim=-1).clamp(min=1)
-            loss = loss - sft_weight * chosen / n_chosen
-        return loss
-
-    return dpo_objective
-
-
-def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded tensors of a micro-batch; pairs give ``[chosen_1..B, rejected_1..B]``.
-
-    The attention and target masks come from each sequence's own length and loss mask, never from comparing
-    ids with the pad id (which may equal the end-of-turn token that carries loss).
-    """
-    n_seq = len(examples[0].seqs)
-    seqs = [ex.seqs[k] for k in range(n_seq) for ex in examples]
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    attn = np.zeros((len(seqs), width), dtype=np.int64)
-    target = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s.input_ids
-        attn[i, : len(s)] = 1
-        target[i, : len(s)] = s.loss_mask
-    batch = {
-        "input_ids": torch.from_numpy(ids).to(device),
-        "attention_mask": torch.from_numpy(attn).to(device),
-        "target_mask": torch.from_numpy(target).to(device),
-    }
-    if examples[0].ref is not None:
-        ref = torch.tensor([ex.ref for ex in examples], dtype=torch.float32, device=device)
-        batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0], ref[:, 1]
-    return batch
 
 
 def epoch_order(n: int, seed: int, epoch: int, easy: np.ndarray | None = None) -> np.ndarray:
@@ -161,131 +87,6 @@ def epoch_order(n: int, seed: int, epoch: int, easy: np.ndarray | None = None) -
     return np.concatenate([rng.permutation(np.flatnonzero(easy)), rng.permutation(np.flatnonzero(~easy))])
 
 
-def run_fingerprint(config: TrainConfig, model_path: str | Path, *parts: str) -> str:
-    """Identity of a run: the config (bookkeeping keys aside), the model folder (path, config, weight files'
-    sizes and times) and data fingerprints."""
-    import hashlib
-
-    from .reference import model_identity
-
-    cfg = {k: v for k, v in config_to_dict(config).items() if k not in BOOKKEEPING_KEYS}
-    text = json.dumps([cfg, model_identity(model_path), *parts], sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def finished_result(out_dir: Path, fingerprint: str) -> TrainResult | None:
-    """The saved result of a finished run with this fingerprint whose exported model still exists."""
-    path = out_dir / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        result = TrainResult.load(out_dir)
-    except (ValueError, KeyError, TypeError):
-        return None
-    if result.fingerprint == fingerprint and (result.model_dir / "config.json").is_file():
-        return result
-    return None
-
-
-def load_tokenizer(model_path: str | Path) -> Any:
-    """The tokenizer of a local model folder (pad = eos when it has no pad token).
-
-    Raises:
-        ModelLoadError: the folder does not exist or holds no loadable tokenizer.
-    """
-    p = Path(model_path).expanduser()
-    if not p.is_dir():
-        raise ModelLoadError(f"model path '{model_path}' is not a local directory")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{p}: cannot load the tokenizer: {str(exc).strip().splitlines()[0]}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _saved_dtype(model_path: Path) -> torch.dtype:
-    """The dtype a model folder's weights were saved in (its config.json), float32 when unknown."""
-    try:
-        cfg = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return torch.float32
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
-
-
-def _lr_lambda(total: int, warmup: int, kind: str) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        if kind == "constant":
-            return 1.0
-        progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return 1.0 - progress_
-        return 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-    return f
-
-
-class _Processes:
-    """The processes of a run (one, or several under ``accelerate launch`` / ``torchrun``) through accelerate's
-    :class:`~accelerate.PartialState`, which joins the process group; gradients are synchronised by DDP.
-
-    Deliberately not :class:`~accelerate.Accelerator`: its mixed-precision setting is process-global and an
-    earlier user of it in the same process (e.g. a Hugging Face ``Trainer``) would silently change ours."""
-
-    def __init__(self, cpu: bool) -> None:
-        from accelerate import PartialState
-
-        self.state = PartialState(cpu=cpu)
-        self.rank, self.world = self.state.process_index, self.state.num_processes
-        self.is_main = self.state.is_main_process
-
-    def wait(self) -> None:
-        """Barrier across the processes."""
-        if self.world > 1:
-            self.state.wait_for_everyone()
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """All-reduced mean of ``t`` (``t`` itself with one process)."""
-        if self.world > 1:
-            t = t.clone()
-            torch.distributed.all_reduce(t)
-            t /= self.world
-        return t
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """All-reduced sum of ``t``."""
-        if self.world > 1:
-            t = t.clone()
-            torch.distributed.all_reduce(t)
-        return t
-
-    def broadcast(self, obj: Any) -> Any:
-        """The main process's ``obj`` on every process."""
-        if self.world == 1:
-            return obj
-        holder = [obj]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        """``module`` under DDP when there are several processes."""
-        if self.world == 1:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
-        """Skip DDP's gradient all-reduce (micro-batches before the last of a step)."""
-        return module.no_sync() if self.world > 1 else contextlib.nullcontext()
-
-
 class Trainer:
     """One training run of ``method`` on tokenized ``examples`` (see the module docstring).
 
@@ -294,6 +95,7 @@ class Trainer:
         model_path: local folder of the initial policy.
         out_dir: the run's folder.
         config: hyperparameters.
+        objective: the method's loss (:func:`.sft.sft_objective`, :class:`.dpo.DPOObjective`).
         examples: training rows, tokenized with the policy's tokenizer.
         valid_examples: rows of the validation loss (used when ``valid_fn`` is None).
         valid_fn: ``valid_fn(model, tokenizer) -> score`` (higher is better), called each epoch.
@@ -310,6 +112,7 @@ class Trainer:
         model_path: str | Path,
         out_dir: str | Path,
         config: TrainConfig,
+        objective: Objective,
         examples: Sequence[Example],
         valid_examples: Sequence[Example] = (),
         valid_fn: ValidFn | None = None,
@@ -331,19 +134,17 @@ class Trainer:
         self.source_names = list(source_names)
         self.resume = resume
         self.skipped_rows = skipped_rows
-        self.objective: Objective = (
-            make_dpo_objective(config.beta, config.sft_weight) if config.is_dpo else sft_objective
-        )
+        self.objective = objective
         self.log = logger
 
     # ------------------------------------------------------------------ set-up
 
     def _setup(self) -> None:
-        from w2s_agents.agents.models import load_model, resolve_device
+        from w2s_agents.agents.models import resolve_device
 
         cfg = self.cfg
         want = resolve_device(cfg.device)
-        self.procs = _Processes(cpu=want.type == "cpu")
+        self.procs = Processes(cpu=want.type == "cpu")
         self.device = self.procs.state.device if self.procs.world > 1 else want
         self.rank, self.world = self.procs.rank, self.procs.world
         if not self.procs.is_main:  # one process reports; the others only warn
@@ -355,45 +156,11 @@ class Trainer:
         # trainable weights stay float32 under bf16 autocast; frozen LoRA base weights may be bf16
         param_dtype = "bfloat16" if (bf16 and cfg.lora.enabled) else "float32"
         seed_everything(cfg.seed)
-        lm = load_model(self.model_path, device=str(self.device), dtype=param_dtype)
-        model, self.tokenizer = lm.model, lm.tokenizer
-        if cfg.gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:  # pragma: no cover - older transformers
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            model.config.use_cache = False
-        if cfg.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            targets = cfg.lora.target_modules
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=cfg.lora.r,
-                    lora_alpha=cfg.lora.alpha,
-                    lora_dropout=cfg.lora.dropout,
-                    target_modules=targets[0] if targets == ["all-linear"] else list(targets),
-                    task_type="CAUSAL_LM",
-                ),
-            )
-        model.train()
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=cfg.learning_rate,
-            betas=tuple(cfg.adam_betas),
-            eps=1e-8,
-            fused=cuda or None,
+        self.model, self.tokenizer = load_policy(
+            self.model_path, cfg, device=self.device, param_dtype=param_dtype
         )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, cfg, fused=cuda)
         n = len(self.examples)
         micro = math.ceil(n / cfg.batch_size)
         if self.world > 1:
@@ -405,11 +172,8 @@ class Trainer:
         self.micro_per_epoch = micro
         self.steps_per_epoch = math.ceil(micro / (cfg.grad_accum * self.world))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        warmup = int(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(self.total_steps, warmup, cfg.lr_scheduler)
-        )
-        self.scorer = self.procs.wrap(logps_module.TokenScorer(model), self.device)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
+        self.scorer = self.procs.wrap(logps_module.TokenScorer(self.model), self.device)
         self.weights = (
             SourceWeights(self.source_names, lr=cfg.sources.weight_lr, min_weight=cfg.sources.min_weight)
             if cfg.sources.weights and self.source_names
@@ -426,6 +190,7 @@ class Trainer:
             "epoch": 0,
             "micro": 0,  # next micro-batch of the epoch
             "loss_curve": [],
+            "metrics_curve": [],  # {"step", "loss", "grad_norm", "learning_rate", <objective metrics>}
             "valid_curve": [],
             "best": None,  # {"step", "value", "metric"}
             "bad_epochs": 0,
@@ -452,6 +217,7 @@ class Trainer:
         if ckpt is None:
             return self._fresh_state()
         state = read_state(ckpt)
+        state.setdefault("metrics_curve", [])  # checkpoints written before the curve existed
         if state.get("fingerprint") != self.fingerprint:
             raise W2SError(
                 f"{self.out_dir} holds checkpoints of another run (config, data or model differ: fingerprint "
@@ -486,18 +252,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _step(self, micro_batches: Sequence[np.ndarray], state: dict[str, Any]) -> tuple[float, float]:
-        """One optimizer step over this process's micro-batches; returns (loss, gradient norm)."""
+    def _step(self, micro_batches: Sequence[np.ndarray], state: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step over this process's micro-batches.
+
+        Returns the step's record: ``loss`` (the step's normalised loss, averaged over the processes),
+        ``grad_norm`` (before clipping), ``learning_rate`` (of this step) and the objective's metrics, each
+        averaged over the step's rows on every process.
+        """
         exs = [[self.examples[i] for i in mb] for mb in micro_batches]
         norm = sum(ex.units for batch in exs for ex in batch) or 1.0
         loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        rows = 0
         grad_w = np.zeros(len(self.source_names)) if self.weights is not None else None
         for j, batch_exs in enumerate(exs):
             batch = collate(batch_exs, self.pad_id, self.device)
             sync = j == len(exs) - 1  # gradients are all-reduced once per step, on the last micro-batch
             with contextlib.nullcontext() if sync else self.procs.no_sync(self.scorer):
                 with self._autocast():
-                    per_row = self.objective(self.scorer, batch)
+                    per_row, metrics = self.objective(self.scorer, batch)
                     if self.weights is not None:
                         w = torch.tensor(
                             [self.weights.row_weight(ex.sources) for ex in batch_exs], device=self.device
@@ -507,6 +280,10 @@ class Trainer:
                         loss = per_row.sum() / norm
                 loss.backward()
             loss_sum += loss.detach()
+            for name, value in metrics.items():  # summed over rows here, divided by the step's rows below
+                v = value.detach().double()
+                metric_sums[name] = metric_sums.get(name, 0.0) + (v.sum() if v.ndim else v * len(batch_exs))
+            rows += len(batch_exs)
             state["tokens"] += sum(ex.tokens for ex in batch_exs)
             if grad_w is not None:
                 for ex, value in zip(batch_exs, per_row.detach().float().cpu().tolist(), strict=True):
@@ -524,6 +301,7 @@ class Trainer:
                 f"non-finite {what} ({loss_value if what == 'loss' else grad_norm}) at step {state['step'] + 1} "
                 f"(epoch {state['epoch'] + 1}) of {self.method} in {self.out_dir}; training stopped; {kept}"
             )
+        learning_rate = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -532,7 +310,17 @@ class Trainer:
             if self.world > 1:  # DDP averaged the processes' losses; so are the weights' gradients
                 grad = self.procs.mean(torch.tensor(grad, device=self.device)).cpu().numpy()
             self.weights.step(grad)
-        return loss_value, grad_norm
+        record = {"loss": loss_value, "grad_norm": grad_norm, "learning_rate": learning_rate}
+        return record | self._row_means(metric_sums, rows)
+
+    def _row_means(self, sums: dict[str, torch.Tensor], rows: int) -> dict[str, float]:
+        """``sums[name] / rows`` with both summed over the processes (one all-reduce for all metrics)."""
+        if not sums:
+            return {}
+        names = list(sums)  # the same objective on every process: the same names in the same order
+        count = torch.tensor(float(rows), dtype=torch.float64, device=self.device)
+        packed = self.procs.sum(torch.stack([sums[n] for n in names] + [count])).cpu()
+        return {n: float(packed[i] / packed[-1]) for i, n in enumerate(names)}
 
     # ------------------------------------------------------------------ validation and checkpoints
 
@@ -559,7 +347,7 @@ class Trainer:
                         with self._autocast():
                             per_row = self.objective(
                                 self.model_forward, collate(chunk, self.pad_id, self.device)
-                            )
+                            ).losses
                         total += float(per_row.sum())
                         units += sum(ex.units for ex in chunk)
                 metric, result = "valid_loss", total / max(units, 1.0)
@@ -603,6 +391,7 @@ class Trainer:
         curves = {
             "method": self.method,
             "loss": state["loss_curve"],
+            "metrics": state["metrics_curve"],
             "valid": state["valid_curve"],
             "best": state["best"],
         }
@@ -661,26 +450,17 @@ class Trainer:
                 while state["micro"] < self.micro_per_epoch and state["step"] < self.total_steps:
                     window = batches[state["micro"] : state["micro"] + A * W]
                     t0 = time.perf_counter()
-                    loss, grad_norm = self._step(window[self.rank :: W], state)
+                    record = self._step(window[self.rank :: W], state)
                     state["train_seconds"] += time.perf_counter() - t0
                     state["micro"] += len(window)
                     state["step"] += 1
                     step = state["step"]
-                    state["loss_curve"].append([step, loss])
+                    state["loss_curve"].append([step, record["loss"]])
+                    state["metrics_curve"].append({"step": step, **record})
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
                     if step % cfg.log_every == 0 or step == 1:
-                        self.log.info(
-                            "%s step %d/%d epoch %d loss %.4f lr %.3g grad-norm %.3g %.0f tok/s",
-                            self.method,
-                            step,
-                            self.total_steps,
-                            state["epoch"] + 1,
-                            loss,
-                            self.scheduler.get_last_lr()[0],
-                            grad_norm,
-                            state["tokens"] / max(state["train_seconds"], 1e-9),
-                        )
+                        self._log_step(state, record)
                     epoch_done = state["micro"] >= self.micro_per_epoch
                     last = step >= self.total_steps
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not (epoch_done or last):
@@ -693,6 +473,22 @@ class Trainer:
         finally:
             bar.close()
         return self._finish(state)
+
+    def _log_step(self, state: dict[str, Any], record: dict[str, float]) -> None:
+        """One line: the step's loss, learning rate, gradient norm, throughput and the objective's metrics."""
+        metrics = "".join(f" {k} {v:.4g}" for k, v in record.items() if k not in _STEP_KEYS)
+        self.log.info(
+            "%s step %d/%d epoch %d loss %.4f lr %.3g grad-norm %.3g %.0f tok/s%s",
+            self.method,
+            state["step"],
+            self.total_steps,
+            state["epoch"] + 1,
+            record["loss"],
+            record["learning_rate"],
+            record["grad_norm"],
+            state["tokens"] / max(state["train_seconds"], 1e-9),
+            metrics,
+        )
 
     def _end_of_epoch(self, state: dict[str, Any]) -> None:
         measured = self._validate()
@@ -748,7 +544,7 @@ class Trainer:
                 model_dir,
                 adapter_dir=adapter_dir,
                 base_path=self.model_path,
-                dtype=_saved_dtype(self.model_path),
+                dtype=saved_dtype(self.model_path),
                 meta={
                     "method": self.method,
                     "trained_from": str(self.model_path.resolve()),
@@ -784,6 +580,8 @@ class Trainer:
             rows=len(self.examples),
             skipped_rows=self.skipped_rows,
             fingerprint=self.fingerprint,
+            metrics_curve=[dict(entry) for entry in state["metrics_curve"]],
+            final_metrics=final_metrics(state["metrics_curve"], cfg.log_every),
         )
         if self.procs.is_main:
             result.save()

@@ -1,12 +1,9 @@
-"""Losses of the trainers and the per-source weights of several weak supervisors.
+"""The DPO loss as plain functions of log-probabilities, and the per-source weights of several weak supervisors.
 
-* SFT / MCTS-SFT: the negative log-likelihood of the agent's tokens, averaged over agent tokens
-  (``loss_reduction: token``) or over agent turns, each turn's log-probability summed over its tokens
-  (``turn``; DESIGN section 5: L = -mean_t log pi(a*_t | context*_t)).
-* TreeDPO (sigmoid DPO): L = -log sigmoid(beta * [(log pi(y+|x) - log pi_ref(y+|x)) - (log pi(y-|x) -
-  log pi_ref(y-|x))]), the log-probabilities summed over the agent tokens of each completion; with
-  ``sft_weight`` w > 0 each pair adds w * (-log pi(y+|x) / |y+|), the chosen side's mean agent-token NLL (RPO,
-  Pang et al. 2024), against the likelihood collapse of DPO on small data.
+* Sigmoid DPO (used by :class:`.dpo.DPOObjective`, which holds the whole TreeDPO objective and its metrics):
+  L = -log sigmoid(beta * [(log pi(y+|x) - log pi_ref(y+|x)) - (log pi(y-|x) - log pi_ref(y-|x))]), the
+  log-probabilities summed over the agent tokens of each completion; :func:`dpo_margins` is the bracket.
+  The SFT / MCTS-SFT objective is :func:`.sft.sft_objective`.
 * Source weights (RAVEN): one weight alpha_s per weak model on the simplex. A row with sources S is weighted
   w = K * mean_{s in S} alpha_s (w = 1 for uniform weights; rows without sources keep w = 1). After each
   optimizer step the weights take a gradient step on the weighted loss, dL/dalpha_s = sum over rows with s in

@@ -28,12 +28,14 @@ from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import DataFormatError, W2SError
 from w2s_agents.log import progress
 
+from .batch import Example, collate
 from .config import TrainConfig
 from .data import Row, data_fingerprint, load_pairs
+from .fingerprint import model_identity
 from .logps import token_logps
 from .masks import ChatEncoder, EncodedConversation, PairPlan, fit_pair, pair_messages
 
-__all__ = ["RefPair", "model_identity", "reference_logps", "score_pairs"]
+__all__ = ["RefPair", "reference_logps", "score_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +50,6 @@ class RefPair:
     plan: PairPlan | None  # None: the pair is used whole
     ref_chosen: float
     ref_rejected: float
-
-
-def model_identity(path: str | Path) -> str:
-    """A cheap identity of a model folder: its absolute path, config and tokenizer contents, and the names,
-    sizes and modification times of its weight files."""
-    p = Path(path).expanduser().resolve()
-    h = hashlib.sha256(str(p).encode())
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        f = p / name
-        if f.is_file():
-            h.update(name.encode() + f.read_bytes())
-    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def _tokenizer_identity(tokenizer: Any) -> str:
@@ -83,8 +70,6 @@ def score_pairs(
     desc: str = "reference log-probs",
 ) -> list[tuple[float, float]]:
     """Summed agent-token log-probabilities of (chosen, rejected) conversations under ``model``."""
-    from .loop import Example, collate
-
     out: list[tuple[float, float]] = []
     model.eval()
     amp = (
@@ -96,9 +81,7 @@ def score_pairs(
         for i in progress(range(0, len(encoded), batch_size), desc=desc, unit="batch"):
             chunk = [Example(seqs, 1.0) for seqs in encoded[i : i + batch_size]]
             batch = collate(chunk, pad_id, device)
-            sums = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"]).sum(
-                -1
-            )
+            sums = token_logps(model, batch.input_ids, batch.attention_mask, batch.target_mask).sum(-1)
             chosen, rejected = sums.double().cpu().chunk(2)
             out.extend(zip(chosen.tolist(), rejected.tolist(), strict=True))
     return out

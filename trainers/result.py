@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from w2s_agents.atomic import atomic_write
 
-__all__ = ["RESULT_FILE", "TrainResult"]
+__all__ = ["RESULT_FILE", "TrainResult", "final_metrics"]
 
 RESULT_FILE = "result.json"
 
@@ -44,6 +46,10 @@ class TrainResult:
     rows: int = 0  # training rows (or pairs) after truncation
     skipped_rows: int = 0  # rows too long for max_length even with their history cut
     fingerprint: str = ""  # config + data + model identity; a rerun with the same one returns this result
+    # {"step", "loss", "grad_norm", "learning_rate", and the method's metrics (DPO: "rewards/margins", ...)}
+    # per optimizer step; empty in results written before the curve existed
+    metrics_curve: list[dict[str, float]] = field(default_factory=list)
+    final_metrics: dict[str, float] = field(default_factory=dict)  # means over the last log_every steps
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,10 +70,19 @@ class TrainResult:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> TrainResult:
-        """Read ``result.json`` of a finished run."""
+        """Read ``result.json`` of a finished run (one written before ``metrics_curve`` existed reads with an
+        empty curve)."""
         d = json.loads((Path(out_dir) / RESULT_FILE).read_text(encoding="utf-8"))
         for k in ("out_dir", "model_dir", "adapter_dir", "best_checkpoint", "last_checkpoint"):
             if d.get(k) is not None:
                 d[k] = Path(d[k])
         d["loss_curve"] = [(int(s), float(v)) for s, v in d["loss_curve"]]
         return cls(**d)
+
+
+def final_metrics(curve: Sequence[dict[str, float]], window: int) -> dict[str, float]:
+    """The mean of every entry but ``step`` over the last ``window`` steps of a metrics curve (``{}`` when the
+    curve is empty): :attr:`TrainResult.final_metrics`."""
+    last = curve[-window:]
+    names = [k for k in (last[0] if last else {}) if k != "step"]
+    return {k: math.fsum(entry[k] for entry in last) / len(last) for k in names}

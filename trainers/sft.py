@@ -2,7 +2,22 @@
 
 ``train_sft`` serves the weak and strong SFT baselines (expert demos, as SFT rows or trajectory files) and
 MCTS-SFT (best-path rows of searched trees, ``method: mcts-sft``); both run the same code, named by their
-method in outputs and logs.
+method in outputs and logs. From rows to gradient, top to bottom:
+
+1. **Load rows** (:func:`.data.load_sft_rows`): ``{"messages": [...]}`` rows or trajectory files, checked
+   with ``file:line``; without validation data or ``valid_fn`` a share of the tasks is held out.
+2. **Encode** (:func:`encode_sft_rows`): each conversation rendered with the policy's chat template, its
+   agent tokens masked in (:mod:`.masks`), the oldest history cut to ``max_length``: one
+   :class:`~.batch.Example` per row whose loss units are its agent tokens (``loss_reduction: token``) or its
+   agent turns (``turn``).
+3. **Objective** (:func:`sft_objective`): each row's summed negative log-likelihood of its agent tokens,
+
+       L = -(1 / N) * sum over the step's rows of sum_t log pi(a_t | context_t),
+
+   N the agent tokens (or turns) of the optimizer step, so ``turn`` gives DESIGN's
+   ``L = -mean_t log pi(a*_t | context*_t)`` with each turn's log-probability summed over its tokens.
+4. **Train** (:class:`.loop.Trainer`): seeded micro-batches, the normalised loss accumulated, clipped,
+   AdamW; each step's loss, gradient norm and learning rate go to the metrics curve.
 """
 
 from __future__ import annotations
@@ -12,15 +27,20 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import nn
+
 from w2s_agents.errors import ConfigError
 
+from .batch import Batch, Example, ObjectiveOutput
 from .config import TrainConfig
 from .data import Row, RowsInput, data_fingerprint, load_sft_rows, split_by_task
-from .loop import Example, Trainer, ValidFn, finished_result, load_tokenizer, run_fingerprint
+from .fingerprint import finished_result, run_fingerprint
+from .loop import Trainer, ValidFn
 from .masks import ChatEncoder, fit_conversation
+from .model import load_tokenizer
 from .result import TrainResult
 
-__all__ = ["encode_sft_rows", "train_sft"]
+__all__ = ["encode_sft_rows", "sft_objective", "train_sft"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +73,13 @@ def encode_sft_rows(
             config.max_length,
         )
     return out, skipped
+
+
+def sft_objective(scorer: nn.Module, batch: Batch) -> ObjectiveOutput:
+    """Each row's negative log-likelihood of its agent tokens, summed over the row; no metrics beyond the
+    loss the loop records (an :class:`~.batch.Objective`)."""
+    token = scorer(batch.input_ids, batch.attention_mask, batch.target_mask)  # (B, T), 0 off the agent tokens
+    return ObjectiveOutput(-token.sum(dim=-1), {})
 
 
 def train_sft(
@@ -112,6 +139,7 @@ def train_sft(
         model_path=model_path,
         out_dir=out,
         config=cfg,
+        objective=sft_objective,
         examples=examples,
         valid_examples=valid_examples,
         valid_fn=valid_fn,

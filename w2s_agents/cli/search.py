@@ -55,7 +55,7 @@ def _cmd_search(ns: argparse.Namespace) -> int:
         search_tree,
         tree_pairs,
         unique_rows,
-        write_jsonl,
+        write_rows,
     )
     from w2s_agents.store import iter_trajectories
     from w2s_agents.tree import TrajectoryTree
@@ -90,14 +90,14 @@ def _cmd_search(ns: argparse.Namespace) -> int:
             f"{len(pairs)} pairs"
         )
     out = Path(ns.out)
-    n_sft = write_jsonl(unique_rows(sft_rows), out / "sft.jsonl")
-    n_pairs = write_jsonl(unique_rows(pair_rows), out / "pairs.jsonl")
+    n_sft = write_rows(unique_rows(sft_rows), out / "sft.jsonl")
+    n_pairs = write_rows(unique_rows(pair_rows), out / "pairs.jsonl")
     summary = {"trees": len(files), "sft_rows": n_sft, "pair_rows": n_pairs, "config": config_to_dict(cfg)}
     if ns.trajectories:
         eto = expert_failure_pairs(
             iter_trajectories(ns.trajectories), margin=cfg.margin, per_task=cfg.pairs_per_node
         )
-        summary["expert_pair_rows"] = write_jsonl(eto, out / "expert_pairs.jsonl")
+        summary["expert_pair_rows"] = write_rows(eto, out / "expert_pairs.jsonl")
     (out / "search.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(
         f"{out}: sft.jsonl {n_sft} rows, pairs.jsonl {n_pairs} rows"

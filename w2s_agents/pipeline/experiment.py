@@ -9,67 +9,32 @@ out as a starting point for copies (a test keeps the two equal).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from w2s_agents.agents.agent import AgentConfig, Sampler
-from w2s_agents.config import check, load_config, option, save_config
-from w2s_agents.agents.models import ModelConfig
-from w2s_agents.search.mcts import SearchConfig
-from w2s_agents.search.online import OnlineSearchConfig
-from w2s_agents.trainers.config import TrainConfig
+from w2s_agents.agents import AgentConfig, ModelConfig, Sampler
+from w2s_agents.config import RunConfig, check, load_config, option, save_config
+from w2s_agents.search import OnlineSearchConfig, SearchConfig
+from w2s_agents.trainers import TrainConfig
 
 __all__ = [
+    "W2S_VARIANTS",
     "EvalConfig",
     "ExpandConfig",
     "ExperimentConfig",
     "ExploreConfig",
     "RunConfig",
     "TasksConfig",
-    "TrainingConfig",
+    "TrainStagesConfig",
     "load_experiment",
     "prepare_run_dir",
 ]
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Where a run writes and how it is seeded."""
-
-    name: str = option("quickstart", "run name; outputs go to <out_dir>/<name>/")
-    out_dir: Path = option(Path("runs"), "folder holding one sub-folder per run")
-    seed: int = option(0, "seed of every random source of the run (derived per stage and episode)")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = option("INFO", "logging level")
-    seeds: list[int] = option(
-        default_factory=list,
-        help="run the whole pipeline once per seed (in <run dir>/seed-<k>/) and report over all of them; "
-        "empty: just 'seed'",
-    )
-    threads: int = option(0, "torch threads of the run (0: torch's default)")
-
-    def __post_init__(self) -> None:
-        check(all(s >= 0 for s in self.seeds), "seeds", f"must be non-negative, got {self.seeds}")
-        check(len(set(self.seeds)) == len(self.seeds), "seeds", f"must not repeat, got {self.seeds}")
-        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
-        check(
-            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) is not None,
-            "name",
-            f"must be letters, digits, '.', '_' or '-' (it names a folder), got {self.name!r}",
-        )
-        check(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
-
-    @property
-    def run_dir(self) -> Path:
-        """The run's output folder."""
-        return self.out_dir / self.name
-
-    @property
-    def seed_list(self) -> list[int]:
-        """The run seeds: ``seeds``, or ``[seed]`` when it is empty."""
-        return list(self.seeds) or [self.seed]
+W2S_VARIANTS = ("w2s-mcts", "w2s-treedpo", "w2s-mcts-treedpo")
+"""The weak-to-strong models a run can train (``train.variants``), in the pipeline's order."""
 
 
 @dataclass(frozen=True)
@@ -184,8 +149,9 @@ def _tiny_dpo(reference: str) -> TrainConfig:
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    """The fine-tuning runs of the pipeline."""
+class TrainStagesConfig:
+    """The training stages of an experiment (the ``train`` section): one :class:`TrainConfig` per stage, which
+    weak-to-strong variants to train, and how the stages validate."""
 
     weak_sft: TrainConfig = option(
         default_factory=lambda: _tiny_sft(3e-3, 30), help="weak model on expert demos"
@@ -261,7 +227,7 @@ class ExperimentConfig:
         ),
         help="MCTS and the extraction of paths and pairs",
     )
-    train: TrainingConfig = option(default_factory=TrainingConfig, help="fine-tuning runs")
+    train: TrainStagesConfig = option(default_factory=TrainStagesConfig, help="fine-tuning runs")
     eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation and diagnostics")
 
     @property

@@ -337,8 +337,8 @@ def tree_view_data(
                 tree, chosen_values, margin=scfg.margin, per_node=scfg.pairs_per_node, step=True,
                 continuation=False, system=None,
             ):  # fmt: skip
-                key = (row["node"], row["chosen_node"], row["rejected_node"])
-                merged[key] = {**row, "levels": levels}
+                key = (row.node, row.chosen_node, row.rejected_node)
+                merged[key] = {"value_gap": row.value_gap, "levels": levels}
     pair_list = [
         [
             node,

@@ -1,0 +1,176 @@
+"""The metrics of a run (schema ``w2s.metrics/1``), aggregated over its seeds from the stages' outputs.
+
+:func:`aggregate` reads every seed's ``eval/eval.json`` (the units of :mod:`w2s_agents.pipeline.evaluate`),
+``explore/explore.json``, ``trees/trees.json``, ``expand/expand.json`` and the first seed's training results,
+and computes what the report shows: per-model intervals, PGR, gain, misfit, correction and expansion, search
+cost, tree statistics and learning curves (layout in :mod:`w2s_agents.pipeline.report`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from w2s_agents.config import config_hash
+from w2s_agents.pipeline.evaluate import MODEL_STAGES
+from w2s_agents.pipeline.experiment import ExperimentConfig
+from w2s_agents.pipeline.report import METRICS_SCHEMA, MODEL_LABELS
+from w2s_agents.pipeline.stage_io import read_json
+from w2s_agents.pipeline.stats import bootstrap_interval, paired_pgr, transfer
+from w2s_agents.seeding import derive_seed
+
+__all__ = ["aggregate"]
+
+
+def _model_metrics(
+    per_seed: dict[int, Any], names: Sequence[str], level_seed: int
+) -> tuple[dict[str, Any], dict[str, dict[tuple, float]]]:
+    """Per model: intervals of return, success and steps, episodes and tokens; and its return per unit."""
+    models: dict[str, Any] = {}
+    scores: dict[str, dict[tuple, float]] = {}
+    for name in names:
+        units = [u for ev in per_seed.values() for u in ev["models"].get(name, [])]
+        groups = [u["run_seed"] for u in units]
+        models[name] = {
+            "label": MODEL_LABELS.get(name, name),
+            "return": bootstrap_interval([u["return"] for u in units], groups, seed=level_seed).as_dict(),
+            "success": bootstrap_interval(
+                [float(u["success"]) for u in units], groups, seed=level_seed
+            ).as_dict(),
+            "steps": bootstrap_interval([u["steps"] for u in units], groups, seed=level_seed).as_dict(),
+            "episodes": len(units),
+            "tokens": sum(u["tokens"] for u in units),
+        }
+        scores[name] = {(u["run_seed"], u["task_id"], u["sampler"], u["seed"]): u["return"] for u in units}
+    return models, scores
+
+
+def _weak_to_strong(
+    metrics: dict[str, Any],
+    per_seed: dict[int, Any],
+    names: Sequence[str],
+    scores: dict[str, dict[tuple, float]],
+    level_seed: int,
+) -> None:
+    """Fill ``pgr``, ``gain``, ``misfit`` and ``transfer`` of every W2S model into ``metrics``."""
+    models = metrics["models"]
+    weak = scores.get("weak-sft", {})
+    for name in names:
+        if not name.startswith("w2s-"):
+            continue
+        if "ceiling" in scores:
+            metrics["pgr"][name] = paired_pgr(
+                weak, scores[name], scores["ceiling"], seed=level_seed
+            ).as_dict()
+        if weak:
+            metrics["gain"][name] = (
+                models[name]["return"]["estimate"] - models["weak-sft"]["return"]["estimate"]
+            )
+        mis = [ev["misfit"][name] for ev in per_seed.values() if name in ev.get("misfit", {})]
+        if mis:
+            n = sum(m["states"] for m in mis)
+            metrics["misfit"][name] = {
+                "disagreement": sum(m["disagreement"] * m["states"] for m in mis) / n if n else math.nan,
+                "kl": sum(m["kl"] * m["states"] for m in mis) / n if n else math.nan,
+                "states": n,
+            }
+        tr = [
+            transfer(ev["train"]["weak-sft"], ev["train"][name], ev["explored_solved"])
+            for ev in per_seed.values()
+            if name in ev.get("train", {}) and "weak-sft" in ev.get("train", {})
+        ]
+        if tr:
+            c, wf = sum(x.corrected for x in tr), sum(x.weak_failed for x in tr)
+            e, un = sum(x.expanded for x in tr), sum(x.uncovered for x in tr)
+            metrics["transfer"][name] = {
+                "correction": c / wf if wf else math.nan,
+                "corrected": c,
+                "weak_failed": wf,
+                "expansion": e / un if un else math.nan,
+                "expanded": e,
+                "uncovered": un,
+            }
+
+
+def _search_cost(
+    run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Exploration and search cost summed over seeds (online expansion's when it ran), and every tree's row."""
+    cost = {
+        "exploration_episodes": 0,
+        "exploration_env_steps": 0,
+        "exploration_tokens": 0,
+        "mcts_simulations": 0,
+    }
+    per_tree: list[dict[str, Any]] = []
+    for s in seeds:
+        ex = read_json(run_dir / f"seed-{s}" / "explore" / "explore.json")
+        cost["exploration_episodes"] += ex["episodes"]
+        cost["exploration_env_steps"] += ex["env_steps"]
+        cost["exploration_tokens"] += ex["tokens"]
+        trees = read_json(run_dir / f"seed-{s}" / "trees" / "trees.json")
+        cost["mcts_simulations"] += cfg.search.iterations * len(trees)
+        expanded = run_dir / f"seed-{s}" / "expand" / "expand.json"
+        if cfg.expand.iterations and expanded.is_file():
+            ex = read_json(expanded)
+            for key in ("iterations", "env_steps", "tokens", "new_nodes"):
+                cost[f"online_{key}"] = cost.get(f"online_{key}", 0) + ex[key]
+        per_tree += trees
+    return cost, per_tree
+
+
+def _curves(seed_dir: Path) -> dict[str, Any]:
+    """Loss and validation curves of every training stage of one seed that trained."""
+    curves: dict[str, Any] = {}
+    for name in MODEL_STAGES:
+        result = seed_dir / name / "train" / "result.json"
+        if result.is_file():
+            r = read_json(result)
+            curves[name] = {
+                "loss": r.get("loss_curve", []),
+                "valid": [[v["epoch"], v["value"]] for v in r.get("valid_curve", [])],
+            }
+    return curves
+
+
+def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dict[str, Any]:
+    """The metrics of a run (schema ``w2s.metrics/1``) from the outputs of every seed's stages.
+
+    Intervals are bootstrapped with a seed derived from ``run.seed``, so the same outputs give the same metrics.
+    Learning curves are the first seed's.
+    """
+    per_seed = {s: read_json(run_dir / f"seed-{s}" / "eval" / "eval.json") for s in seeds}
+    names: list[str] = []
+    for ev in per_seed.values():
+        names += [n for n in ev["models"] if n not in names]
+    level_seed = derive_seed(cfg.run.seed, "bootstrap") % 2**31
+    models, scores = _model_metrics(per_seed, names, level_seed)
+    metrics: dict[str, Any] = {
+        "schema": METRICS_SCHEMA,
+        "run": cfg.run.name,
+        "config_hash": config_hash(cfg),
+        "suite": cfg.tasks.suite,
+        "split": "test",
+        "tasks": cfg.tasks.test,
+        "seeds": list(seeds),
+        "models": models,
+        "pgr": {},
+        "gain": {},
+        "misfit": {},
+        "transfer": {},
+    }
+    _weak_to_strong(metrics, per_seed, names, scores, level_seed)
+    cost, per_tree = _search_cost(run_dir, seeds, cfg)
+    metrics["search_cost"] = cost
+    if per_tree:
+        metrics["trees"] = {
+            "trees": len(per_tree),
+            "nodes_mean": sum(t["nodes"] for t in per_tree) / len(per_tree),
+            "depth_mean": sum(t["depth"] for t in per_tree) / len(per_tree),
+            "trees_with_success": sum(t["success_leaves"] > 0 for t in per_tree),
+            "per_tree": per_tree,
+        }
+    metrics["curves"] = _curves(run_dir / f"seed-{seeds[0]}")
+    return metrics

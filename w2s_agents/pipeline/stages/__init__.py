@@ -1,0 +1,44 @@
+"""The stage functions of the pipeline, one module per stage or family of stages.
+
+Every stage is a module-level function whose first argument is the
+:class:`~w2s_agents.pipeline.cache.StageContext` (its folder and the folders of the stages before it), followed
+by what it needs of the experiment; :func:`w2s_agents.pipeline.runner.build_stages` binds those with
+``functools.partial`` and declares each stage's config part and dependencies.
+
+Stage, module, function::
+
+    tasks, demos                                tasks.py     run_tasks, run_demos
+    models                                      models.py    run_models
+    weak-sft, strong-sft                        train.py     run_sft
+    w2s-mcts                                    train.py     run_mcts_sft
+    w2s-treedpo, w2s-mcts-treedpo, ceiling      train.py     run_dpo
+    explore, trees                              explore.py   run_explore, run_trees
+    expand                                      expand.py    run_expand
+    search                                      search.py    run_search
+    eval                                        eval.py      run_eval (the work: pipeline/evaluate.py)
+
+What several stages share (files of earlier stages, agents, episodes, validation) is in
+:mod:`w2s_agents.pipeline.stage_io`.
+"""
+
+from .eval import run_eval
+from .expand import run_expand
+from .explore import run_explore, run_trees
+from .models import run_models
+from .search import run_search
+from .tasks import run_demos, run_tasks
+from .train import run_dpo, run_mcts_sft, run_sft
+
+__all__ = [
+    "run_demos",
+    "run_dpo",
+    "run_eval",
+    "run_expand",
+    "run_explore",
+    "run_mcts_sft",
+    "run_models",
+    "run_search",
+    "run_sft",
+    "run_tasks",
+    "run_trees",
+]

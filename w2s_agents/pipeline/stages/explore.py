@@ -1,0 +1,79 @@
+"""The stages that gather the weak agent's experience: ``explore`` (episodes) and ``trees`` (one tree per task)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from w2s_agents.pipeline.cache import StageContext
+from w2s_agents.pipeline.experiment import ExperimentConfig
+from w2s_agents.pipeline.stage_io import (
+    load_agent,
+    model_path,
+    play_episodes,
+    read_trajectories,
+    task_ids,
+    write_json,
+)
+from w2s_agents.seeding import derive_seed
+
+__all__ = ["run_explore", "run_trees"]
+
+
+def run_explore(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+    """Stage ``explore``: the weak SFT agent on every train task under every sampler of ``explore.samplers``
+    (the tree width), ``explore.seeds`` episodes each, on ``explore.workers`` Ray workers or in this process.
+
+    Reads: ``weak-sft/model.json``, the train task ids. Writes: ``trajectories.jsonl`` (resumable: a stopped run
+    plays only the missing episodes) and ``explore.json`` (the statistics below plus ``solved_tasks``).
+    Returns episodes, successes, tasks solved, env steps, tokens and mean return.
+    """
+    agent = load_agent(cfg, model_path(ctx, "weak-sft"), "weak-sft", "weak")
+    trajs, _ = play_episodes(
+        cfg,
+        agent,
+        task_ids(ctx, "train"),
+        cfg.explore.samplers,
+        cfg.explore.seeds,
+        ctx.directory / "trajectories.jsonl",
+        first_seed=derive_seed(seed, "explore") % 1_000_000,
+        workers=cfg.explore.workers,
+    )
+    solved = sorted({x.task_id for x in trajs if x.success})
+    stats = {
+        "episodes": len(trajs),
+        "successes": sum(x.success for x in trajs),
+        "tasks_solved": len(solved),
+        "env_steps": sum(len(x.steps) for x in trajs),
+        "tokens": sum((s.tokens_in or 0) + (s.tokens_out or 0) for x in trajs for s in x.steps),
+        "mean_return": sum(x.return_ for x in trajs) / max(1, len(trajs)),
+    }
+    write_json(ctx.directory / "explore.json", {**stats, "solved_tasks": solved})
+    return stats
+
+
+def run_trees(ctx: StageContext) -> dict[str, Any]:
+    """Stage ``trees``: the exploration trajectories merged into one trajectory tree per train task.
+
+    Reads: ``explore/trajectories.jsonl``. Writes: ``trees/<task>.json`` and ``trees.json`` (per tree: nodes,
+    depth, leaves, branch points, successful leaves, trajectories). Returns the number of trees and nodes.
+    """
+    from w2s_agents.tree import build_trees, tree_filename
+
+    trees = build_trees(read_trajectories(ctx.output("explore") / "trajectories.jsonl"))
+    per_tree = []
+    for task_id, tree in sorted(trees.items()):
+        tree.save(ctx.directory / "trees" / tree_filename(task_id))
+        s = tree.summary()
+        per_tree.append(
+            {
+                "task_id": task_id,
+                "nodes": s.nodes,
+                "depth": s.depth,
+                "leaves": s.leaves,
+                "branch_points": s.branch_points,
+                "success_leaves": s.successes,
+                "trajectories": s.trajectories,
+            }
+        )
+    write_json(ctx.directory / "trees.json", per_tree)
+    return {"trees": len(per_tree), "nodes": sum(p["nodes"] for p in per_tree)}

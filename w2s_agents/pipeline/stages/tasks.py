@@ -1,0 +1,76 @@
+"""The stages that fix a run's tasks and their expert data: ``tasks`` and ``demos``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from w2s_agents.errors import W2SError
+from w2s_agents.pipeline.cache import StageContext
+from w2s_agents.pipeline.experiment import ExperimentConfig
+from w2s_agents.pipeline.stage_io import read_trajectories, task_ids, training_system, write_json
+
+__all__ = ["run_demos", "run_tasks"]
+
+
+def run_tasks(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Stage ``tasks``: the first ``tasks.train`` / ``valid`` / ``test`` task ids of the suite's splits, every
+    game prepared (generated into the game cache), ``tasks.workers`` processes at once.
+
+    Reads: the suite. Writes: ``tasks.json`` (split -> task ids). Returns the number of tasks per split.
+
+    Raises:
+        W2SError: the suite has fewer train or test tasks than the config asks for.
+    """
+    from w2s_agents.envs.demos import suite_env, suite_task_ids
+
+    env = suite_env(cfg.tasks.suite, max_steps=cfg.tasks.max_steps, **cfg.tasks.env_kwargs)
+    try:
+        ids = {
+            split: suite_task_ids(cfg.tasks.suite, split, env)[:n]
+            for split, n in (
+                ("train", cfg.tasks.train),
+                ("valid", cfg.tasks.valid),
+                ("test", cfg.tasks.test),
+            )
+        }
+        for split, want in (("train", cfg.tasks.train), ("test", cfg.tasks.test)):
+            if len(ids[split]) < want:
+                raise W2SError(
+                    f"tasks.{split}: suite {cfg.tasks.suite} has {len(ids[split])} {split} tasks, {want} asked"
+                )
+        all_ids = [i for split in ("train", "valid", "test") for i in ids[split]]
+        env.prepare(all_ids, workers=cfg.tasks.workers or os.cpu_count() or 1)  # makes the games
+    finally:
+        env.close()
+    write_json(ctx.directory / "tasks.json", ids)
+    return {split: len(v) for split, v in ids.items()}
+
+
+def run_demos(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Stage ``demos``: the expert trajectory of every train task, and the SFT rows of the won ones.
+
+    Reads: ``tasks/tasks.json``. Writes: ``demos.jsonl`` (a trajectory store: a stopped run carries on with the
+    tasks it lacks) and ``sft.jsonl``. Returns the counts of demos, won demos and rows.
+    """
+    from w2s_agents.envs.demos import expert_trajectory, suite_env
+    from w2s_agents.search import SftRow, write_rows
+    from w2s_agents.store import TrajectoryStore
+
+    # the expert's plan may be longer than the agents' step limit
+    env = suite_env(cfg.tasks.suite, max_steps=200, **cfg.tasks.env_kwargs)
+    try:
+        with TrajectoryStore(ctx.directory / "demos.jsonl") as store:
+            done = {k.task_id for k in store.keys}
+            for task_id in task_ids(ctx, "train"):
+                if task_id in done:
+                    continue
+                store.append(expert_trajectory(env, task_id))
+    finally:
+        env.close()
+    demos = read_trajectories(ctx.directory / "demos.jsonl")
+    won = sum(d.success for d in demos)
+    system = training_system(cfg)
+    rows = [SftRow.from_trajectory(d, system=system) for d in demos if d.success and d.steps]
+    write_rows(rows, ctx.directory / "sft.jsonl")
+    return {"demos": len(demos), "won": won, "rows": len(rows)}

@@ -1,0 +1,114 @@
+"""The training stages: ``weak-sft`` and ``strong-sft`` (SFT on the demos), ``w2s-mcts`` (MCTS-SFT on the best
+paths), and the DPO stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and ``ceiling``.
+
+Each trains into ``<stage>/train/`` (checkpoints there let a stopped run carry on) and records its model in
+``<stage>/model.json``; a stage with no data to train on records ``{"skipped": why}`` instead, and the stages
+after it treat the model as absent. With valid tasks, every stage validates by greedy success on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Literal
+
+from w2s_agents.pipeline.cache import StageContext
+from w2s_agents.pipeline.experiment import ExperimentConfig
+from w2s_agents.pipeline.stage_io import model_path, save_model_info, task_ids, validation_fn, write_json
+from w2s_agents.seeding import derive_seed
+from w2s_agents.trainers import TrainConfig
+
+__all__ = ["run_dpo", "run_mcts_sft", "run_sft"]
+
+logger = logging.getLogger(__name__)
+
+
+def _skip(ctx: StageContext, why: str, detail: str | None = None) -> dict[str, Any]:
+    """Record that the stage trained nothing, and why."""
+    logger.warning("%s: skipped (%s)", ctx.name, detail or why)
+    write_json(ctx.directory / "model.json", {"skipped": why})
+    return {"skipped": why}
+
+
+def run_sft(
+    ctx: StageContext,
+    cfg: ExperimentConfig,
+    seed: int,
+    *,
+    role: Literal["weak", "strong"],
+    train: TrainConfig,
+) -> dict[str, Any]:
+    """Stages ``weak-sft`` / ``strong-sft``: the ``role`` base model fine-tuned on the expert demos.
+
+    Reads: ``models/models.json``, ``demos/sft.jsonl``, the valid task ids. Writes: ``train/`` (the model in
+    ``train/model/``) and ``model.json``. Returns the training summary.
+    """
+    from w2s_agents.trainers import train_sft
+
+    result = train_sft(
+        model_path(ctx, role),
+        ctx.output("demos") / "sft.jsonl",
+        ctx.directory / "train",
+        replace(train, seed=derive_seed(seed, role, "sft")),
+        valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
+    )
+    return save_model_info(ctx, result)
+
+
+def run_mcts_sft(
+    ctx: StageContext, cfg: ExperimentConfig, seed: int, *, train: TrainConfig
+) -> dict[str, Any]:
+    """Stage ``w2s-mcts``: the strong *base* model, MCTS-SFT on the searched trees' best paths (``train``, the
+    experiment's ``train.mcts_sft``); no expert data. Skipped when no best path reached ``search.sft_min_value``.
+
+    Reads: ``search/sft.jsonl``, ``models/models.json``, the valid task ids. Writes: ``train/`` and
+    ``model.json``. Returns the training summary.
+    """
+    from w2s_agents.trainers import train_sft
+
+    rows = ctx.output("search") / "sft.jsonl"
+    if sum(1 for _ in rows.open(encoding="utf-8")) == 0:
+        return _skip(ctx, "no best-path rows", "no best path reached the minimum value")
+    result = train_sft(
+        model_path(ctx, "strong"),
+        rows,
+        ctx.directory / "train",
+        replace(train, method="mcts-sft", seed=derive_seed(seed, "w2s-mcts")),
+        valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
+    )
+    return save_model_info(ctx, result)
+
+
+def run_dpo(
+    ctx: StageContext,
+    cfg: ExperimentConfig,
+    seed: int,
+    *,
+    start: str,
+    pairs: str,
+    train: TrainConfig,
+    reference: str,
+) -> dict[str, Any]:
+    """Stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and ``ceiling``: DPO from the model of stage ``start`` on the
+    pairs file ``pairs`` of the search stage, against the model of stage ``reference``. Skipped when there are
+    no pairs or the ``start`` stage was skipped.
+
+    Reads: ``search/<pairs>``, ``<start>/model.json``, ``<reference>/model.json``, the valid task ids. Writes:
+    ``train/`` and ``model.json``. Returns the training summary.
+    """
+    from w2s_agents.trainers import train_dpo
+
+    data = ctx.output("search") / pairs
+    n = sum(1 for _ in data.open(encoding="utf-8"))
+    init = model_path(ctx, start)
+    if n == 0 or init is None:
+        return _skip(ctx, "no preference pairs" if n == 0 else f"no {start} model")
+    result = train_dpo(
+        init,
+        data,
+        ctx.directory / "train",
+        replace(train, method="dpo", seed=derive_seed(seed, ctx.name)),
+        reference_path=model_path(ctx, reference),
+        valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
+    )
+    return save_model_info(ctx, result)
