@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup chromium test lint format run clean
+.PHONY: setup chromium test test-fast lint format run clean
 
 setup: $(VENV)/.w2s-installed
 
@@ -18,6 +18,10 @@ chromium:
 
 test: setup chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the tests not marked slow (a few minutes): for the edit-test loop
+test-fast: setup chromium
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

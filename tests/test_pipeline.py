@@ -113,7 +113,16 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
         assert m["episodes"] == 2, name
         assert 0.0 <= m["return"]["estimate"] <= 1.0
     assert "w2s-mcts" in metrics["misfit"] and metrics["misfit"]["w2s-mcts"]["states"] > 0
-    assert metrics["transfer"]["w2s-mcts"]["weak_failed"] + 0 >= 0
+    # correction / expansion: the counts of the train tasks the weak SFT agent failed (and no exploration
+    # solved) that W2S-MCTS solves, as recorded per task in the eval stage
+    ev = json.loads((seed_dir / "eval" / "eval.json").read_text())
+    weak, w2s, explored = ev["train"]["weak-sft"], ev["train"]["w2s-mcts"], ev["explored_solved"]
+    assert set(weak) == set(w2s) == set(explored) == set(tasks["train"])
+    tr = metrics["transfer"]["w2s-mcts"]
+    assert tr["weak_failed"] == sum(not ok for ok in weak.values())
+    assert tr["corrected"] == sum(w2s[t] for t, ok in weak.items() if not ok)
+    assert tr["uncovered"] == sum(not ok for ok in explored.values())
+    assert tr["expanded"] == sum(w2s[t] for t, ok in explored.items() if not ok)
     report = (run / "report.md").read_text()
     for label in ("Weak SFT", "Strong SFT", "W2S-MCTS", "Ceiling"):
         assert f"| {label} | " in report

@@ -7,7 +7,8 @@
 ``prompts``        an :class:`~w2s_agents.types.EpisodeState` rendered through the chat template, fitted
 ``parsing``        a generated ``Thought: ... Action: ...`` answer split into thought and action
 ``sampling``       :class:`Sampler` (temperature, top-p) and how a choice is drawn
-``decoding``       batched candidate scoring with a prefix KV cache, generation, contrastive decoding (torch)
+``decoding``       batched candidate scoring, generation, contrastive decoding (torch)
+``prefix_cache``   keys and values of recent prompts, reused by the prompts that extend them
 ``models``         local model folders: :func:`load_model`, tiny models built from a config
 ``policy``         :class:`AgentPolicy`: an agent as the prior of online tree search
 =================  =====================================================================================

@@ -149,11 +149,11 @@ class Agent:
 
     @property
     def prefix_cache(self) -> Any:
-        """The :class:`~w2s_agents.agents.decoding.PrefixCache` of the model's recent prompts, or None when off."""
+        """The :class:`~w2s_agents.agents.prefix_cache.PrefixCache` of the model's recent prompts, or None when off."""
         return self._prefix
 
     def _prefix_cache(self, lm: LoadedModel) -> Any:
-        from w2s_agents.agents.decoding import PrefixCache
+        from w2s_agents.agents.prefix_cache import PrefixCache
 
         if not (self.config.prefix_cache and self.config.share_prompt):
             return None

@@ -16,7 +16,6 @@ playing.
 from __future__ import annotations
 
 import random
-from typing import Any
 
 from w2s_agents.search.online import PolicyOutput, Proposal
 from w2s_agents.types import EpisodeState
@@ -32,16 +31,14 @@ class AgentPolicy:
 
     Args:
         agent: the agent (its prompt settings, context length and contrastive decoding apply).
-        env: optional; kept as :attr:`env` for callers that hand ``policy.env`` to ``expand_online``.
         temperature: of the choose-mode distribution (0: all mass on the best command).
         top_k: propose only the k most probable commands (0: all of them).
     """
 
-    def __init__(self, agent: Agent, env: Any = None, *, temperature: float = 1.0, top_k: int = 0) -> None:
+    def __init__(self, agent: Agent, *, temperature: float = 1.0, top_k: int = 0) -> None:
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.agent = agent
-        self.env = env
         self.temperature = temperature
         self.top_k = top_k
         self._rng = random.Random(0)  # greedy decisions never draw from it

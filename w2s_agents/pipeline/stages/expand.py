@@ -41,11 +41,11 @@ def run_expand(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> dict[str,
             if stats_file.is_file():  # expanded before the run was stopped
                 continue
             tree = TrajectoryTree.load(path)
-            policy = AgentPolicy(agent, env, temperature=ec.temperature, top_k=ec.top_k)
+            policy = AgentPolicy(agent, temperature=ec.temperature, top_k=ec.top_k)
             oc = ec.online(
                 max_depth=cfg.tasks.max_steps, seed=derive_seed(seed, "expand", tree.task_id) % 2**31
             )
-            result = expand_online(tree, policy.env, policy, oc)
+            result = expand_online(tree, env, policy, oc)
             tree.canonicalize()
             tree.save(ctx.directory / "trees" / path.name)
             write_json(
