@@ -2,23 +2,33 @@
 
 Data: synthetic text games (one per task) with ~400-character room descriptions; a biased random "weak agent"
 plays 10 steps per episode. Trajectories are written as JSON lines and parsed back, so equal strings are
-distinct objects, as when reading a store. Measured on the same data in one run:
+distinct objects, as when reading a store. Two data sets, each measured in its own section of the same run:
+
+1. repeated room texts: an observation is the room's description, the same text at every visit;
+2. distinct observations: the same games and the same choices, but each observation adds the inventory and a
+   score/moves line, so that its text differs per state, as in real games (the trees have the same shape).
+
+Measured on each data set:
 
 * build: steps/s merging every trajectory into one tree per task (ours: ``add_trajectories`` and
   ``update_statistics``, every statistic, then separately the canonical renumbering that ``build_trees``
-  adds; baseline: Python node objects, children found by a linear scan comparing raw strings, visits and
-  return sum only), and the ratio; best of 5 each (``--repeat``), alternating, with the parsed input frozen
-  out of the garbage collector (``gc.freeze``). Ours groups the trajectories by task in chunks before merging
+  adds, then the settling of the texts nodes show, which ours does on the first read of a text; baseline:
+  Python node objects, children found by a linear scan comparing raw strings, visits and return sum only),
+  and the ratio; best of 5 each (``--repeat``), alternating, with the parsed input frozen out of the garbage
+  collector (``gc.freeze``). Ours groups the trajectories by task in chunks before merging
   (``add_trajectories``) and pauses the collector while it merges; the baseline takes them in file order with
   the collector on, and is also timed on them grouped by task and with the collector paused, to show what
   each of those alone would give it;
 * memory: bytes per node of each tree structure, strings excluded (sizes of every non-string object the
-  trees hold, shared objects counted once);
+  trees hold, shared objects counted once).
+
+On the first data set only:
+
 * MCTS: simulations/s on the tree closest to 10,000 nodes (ours: ``run_mcts``; baseline: node objects with
   the UCB denominator recomputed as the sum of the children's visits at every selection), and the ratio;
 * pairs: TreeDPO rows/s (step and continuation level) from the searched trees.
 
-Run ``python bench/tree.py`` (full: 100,000 trajectories) or ``python bench/tree.py --quick``.
+Run ``python bench/tree.py`` (full: 100,000 trajectories per data set) or ``python bench/tree.py --quick``.
 """
 
 from __future__ import annotations
@@ -131,13 +141,22 @@ def make_games(n_tasks: int, n_states: int, rng: random.Random) -> list[dict[str
     return games
 
 
-def play(game: dict[str, Any], seed: int, rng: random.Random, steps: int = 10) -> str:
-    """One episode of the biased weak agent as a JSON line of the trajectory format."""
+ITEMS = {"take key": "a brass key", "take coin": "a gold coin"}  # what the take actions add to the inventory
+DROPS = {"put key in box": "a brass key", "drop knife": "a knife"}  # what some actions remove from it
+
+
+def play(game: dict[str, Any], seed: int, rng: random.Random, steps: int = 10, distinct: bool = False) -> str:
+    """One episode of the biased weak agent as a JSON line of the trajectory format.
+
+    With ``distinct``, each observation is the room's description followed by the inventory and a
+    score/moves line, as in real games, so that its text differs per state (the same choices are made for
+    the same ``rng`` state either way: only the texts differ)."""
     state = 0
     out_steps = []
     reached = 0
     won = False
-    for _ in range(steps):
+    carrying = ["a knife"]
+    for move in range(1, steps + 1):
         options = game["trans"][state]
         weights = [0.2 + w * w for _, _, w in options]  # preferences of the weak policy
         action, nxt, _ = rng.choices(options, weights)[0]
@@ -145,9 +164,19 @@ def play(game: dict[str, Any], seed: int, rng: random.Random, steps: int = 10) -
         if state % 7 == 0:
             reached += 1
         won = state == game["goal"]
+        observation = game["obs"][state]
+        if distinct:
+            if action in ITEMS and ITEMS[action] not in carrying:
+                carrying.append(ITEMS[action])
+            elif action in DROPS and DROPS[action] in carrying:
+                carrying.remove(DROPS[action])
+            observation = (
+                f"{observation}\n\nYou are carrying: {', '.join(carrying) or 'nothing'}.\n"
+                f"Score: {reached} of 10    Moves: {move}"
+            )
         out_steps.append(
             {
-                "observation": game["obs"][state],
+                "observation": observation,
                 "thought": f"I should {action} because the room suggests it.",
                 "action": action,
                 "reward": 0.0,
@@ -336,46 +365,31 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small run (10,000 trajectories)")
-    ap.add_argument("--trajectories", type=int, default=None, help="number of trajectories (default 100,000)")
-    ap.add_argument("--per-task", type=int, default=2000, help="trajectories per task")
-    ap.add_argument("--simulations", type=int, default=None, help="MCTS simulations timed (default 20,000)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeat", type=int, default=5, help="builds timed per side (the best counts)")
-    ap.add_argument(
-        "--no-freeze",
-        action="store_true",
-        help="leave the parsed input in the garbage collector's generations during the builds",
-    )
-    args = ap.parse_args(argv)
-    n_traj = args.trajectories or (10_000 if args.quick else 100_000)
-    sims = args.simulations or (5_000 if args.quick else 20_000)
-    per_task = min(args.per_task, n_traj)
-    rng = random.Random(args.seed)
-
-    print(f"machine: {machine()}")
+def generate(n_traj: int, per_task: int, seed: int, distinct: bool) -> tuple[list[Trajectory], int]:
+    """The data set: ``n_traj`` trajectories written as JSON lines and parsed back; returns them and the steps."""
     t0 = time.perf_counter()
+    rng = random.Random(seed)
     games = make_games(max(1, n_traj // per_task), 60, rng)
-    lines = [play(games[i % len(games)], i, rng) for i in range(n_traj)]
+    lines = [play(games[i % len(games)], i, rng, distinct=distinct) for i in range(n_traj)]
     trajs = [Trajectory.from_dict(json.loads(line)) for line in lines]
     del lines
     steps = sum(t.num_steps for t in trajs)
-    mean_obs = np.mean([len(s.observation) for t in trajs[:1000] for s in t.steps])
+    obs = [s.observation for t in trajs for s in t.steps]
     print(
         f"data: {n_traj:,} trajectories, {steps:,} steps, {len(games)} tasks, mean observation "
-        f"{mean_obs:.0f} chars (generated and parsed in {time.perf_counter() - t0:.1f} s)"
+        f"{np.mean([len(o) for o in obs[:10_000]]):.0f} chars, {len(set(obs)):,} distinct observation texts "
+        f"(generated and parsed in {time.perf_counter() - t0:.1f} s)"
     )
+    return trajs, steps
 
-    # -- build (best of 2 each, alternating; the input data is moved out of the collector's way first so
-    # that neither build pays for scanning the parsed trajectories)
-    gc.collect()
-    if not args.no_freeze:
-        gc.freeze()
-    print(f"        parsed input {'left in' if args.no_freeze else 'frozen out of'} the garbage collector")
-    t_base = t_group = t_nogc = t_add = t_canon = math.inf
-    for _ in range(args.repeat):
+
+def bench_build(
+    trajs: list[Trajectory], steps: int, repeat: int
+) -> tuple[dict[str, TrajectoryTree], dict[str, BaselineNode]]:
+    """Time both builds side by side (best of ``repeat`` each, alternating) and print the build lines."""
+    t_base = t_group = t_nogc = t_add = t_canon = t_text = math.inf
+    trees: dict[str, TrajectoryTree] = {}
+    for _ in range(repeat):
         base_roots = trees = None
         gc.collect()
         base_roots, t = timed(baseline_build, trajs)
@@ -392,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         trees, t = timed(add_all, trajs)
         _, tc = timed(lambda trees=trees: [t.canonicalize() for t in trees.values()])
+        # the texts a node shows (and the keys they come from) are settled on the first read of a text
+        _, tt = timed(lambda trees=trees: [t.observation(0) for t in trees.values()])
         if t + tc < t_add + t_canon:
-            t_add, t_canon = t, tc
+            t_add, t_canon, t_text = t, tc, tt
     gc.collect()
     base_roots = baseline_build(trajs)
     n_nodes = sum(len(t) for t in trees.values())
@@ -415,15 +431,23 @@ def main(argv: list[str] | None = None) -> int:
         f"        ours {steps / t_build:>12,.0f} steps/s  with canonical node ids (+{t_canon:.2f} s)   "
         f"ratio {t_base / t_build:5.2f}x"
     )
-
-    # -- memory
+    t_build += t_text
+    print(
+        f"        ours {steps / t_build:>12,.0f} steps/s  and the texts shown settled (+{t_text:.2f} s)   "
+        f"ratio {t_base / t_build:5.2f}x"
+    )
     ours_bytes = size_without_text(list(trees.values()))
     base_bytes = size_without_text(list(base_roots.values()))
     print(
         f"memory  ours {ours_bytes / n_nodes:>8.0f} bytes/node     baseline {base_bytes / n_base:>8.0f} bytes/node "
-        "(strings excluded; ours as built)"
+        "(strings excluded; ours as built, texts settled)"
     )
+    return trees, base_roots
 
+
+def bench_search(trees: dict[str, TrajectoryTree], base_roots: dict[str, BaselineNode], sims: int) -> None:
+    """Time MCTS on the tree closest to 10,000 nodes against the baseline's, then TreeDPO pair extraction."""
+    n_nodes = sum(len(t) for t in trees.values())
     # -- MCTS on the tree closest to 10,000 nodes
     task = min(trees, key=lambda k: abs(len(trees[k]) - 10_000))
     tree: TrajectoryTree = trees[task]
@@ -467,6 +491,52 @@ def main(argv: list[str] | None = None) -> int:
         f"memory  ours {ours_bytes / n_nodes:>8.0f} bytes/node after search (with the children lists "
         "and search statistics)"
     )
+
+
+def freeze_input(freeze: bool) -> None:
+    """Move the objects alive now (the parsed input) out of the garbage collector's generations."""
+    gc.unfreeze()
+    gc.collect()
+    if freeze:
+        gc.freeze()
+    print(f"        parsed input {'frozen out of' if freeze else 'left in'} the garbage collector")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small run (10,000 trajectories per data set)")
+    ap.add_argument(
+        "--trajectories", type=int, default=None, help="trajectories per data set (default 100,000)"
+    )
+    ap.add_argument("--per-task", type=int, default=2000, help="trajectories per task")
+    ap.add_argument("--simulations", type=int, default=None, help="MCTS simulations timed (default 20,000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=5, help="builds timed per side (the best counts)")
+    ap.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the parsed input in the garbage collector's generations during the builds",
+    )
+    args = ap.parse_args(argv)
+    n_traj = args.trajectories or (10_000 if args.quick else 100_000)
+    sims = args.simulations or (5_000 if args.quick else 20_000)
+    per_task = min(args.per_task, n_traj)
+
+    print(f"machine: {machine()}")
+    print("== data set 1: repeated room texts (a room's description is the same text at every visit)")
+    trajs, steps = generate(n_traj, per_task, args.seed, distinct=False)
+    freeze_input(not args.no_freeze)
+    trees, base_roots = bench_build(trajs, steps, args.repeat)
+    bench_search(trees, base_roots, sims)
+    del trajs, trees, base_roots
+
+    print(
+        "== data set 2: distinct observations (the same games and choices; each observation adds the "
+        "inventory and a score/moves line, so its text differs per state)"
+    )
+    trajs, steps = generate(n_traj, per_task, args.seed, distinct=True)
+    freeze_input(not args.no_freeze)
+    bench_build(trajs, steps, args.repeat)
     return 0
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from w2s_agents.errors import DataFormatError
 from w2s_agents.tree import TREE_SCHEMA, TrajectoryTree, build_trees, normalize_text, tree_filename
+from w2s_agents.types import END_REASONS, Source, Step, Trajectory
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_incremental_adds_equal_one_build(make_traj) -> None:
 def test_statistics_summed_in_bulk_equal_step_by_step(make_traj, models: int) -> None:
     # many pending steps are summed with numpy, a few one node at a time: both must give the same tree,
     # whether the numpy pass starts from an empty tree or adds to summed statistics
-    from w2s_agents.tree.tree import _BULK_STEPS
+    from w2s_agents.tree.merge import _BULK_STEPS
 
     rng = random.Random(3)
     trajs = []
@@ -284,3 +285,189 @@ def test_empty_trajectory_ends_at_root(make_traj) -> None:
     assert len(tree) == 1
     assert tree.terminal(0) == {"error": 1}
     assert tree.summary().leaves == 1
+
+
+# ----------------------------------------------------------------------- the build against a reference
+
+
+def test_normalize_text_equals_split_join_lower() -> None:
+    # ASCII text takes a faster way (byte translation, split at double spaces): it must give the plain rule's
+    # result on any text, every ASCII whitespace and control character included
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(128)] + ["\x85", "\xa0", "\u2003", "\u3000", "É", "İ", "ß"]
+    texts = ["", " ", "\x1c", "a\x1fb", "  A  \n\n B\t", "Score: 3    Moves: 7\n"]
+    for _ in range(20_000):
+        texts.append(
+            "".join(
+                rng.choice(alphabet) if rng.random() < 0.3 else rng.choice(" \t\nAb")
+                for _ in range(rng.randint(0, 14))
+            )
+        )
+    for text in texts:
+        assert normalize_text(text) == " ".join(text.split()).lower(), repr(text)
+
+
+def _reference_json(trajectories: list, obs_key=normalize_text) -> str:
+    """The saved tree of one task built the straightforward way: every action and observation keyed as it
+    comes, a node per (parent, action key, observation key), children sorted when written."""
+    scale = 2**32  # returns are summed in fixed point
+    obs_text: dict = {}  # key -> smallest raw text
+    action_text: dict = {"": ""}
+
+    def okey(raw: str):
+        k = obs_key(raw)
+        obs_text[k] = min(obs_text.get(k, raw), raw)
+        return k
+
+    def akey(raw: str) -> str:
+        k = normalize_text(raw)
+        action_text[k] = min(action_text.get(k, raw), raw)
+        return k
+
+    def new_node(depth: int, key: tuple) -> dict:
+        return {"key": key, "depth": depth, "children": {}, "after": set(), "visits": 0, "ret": 0, "succ": 0,
+                "sources": {}, "terminal": {}, "best": None}  # fmt: skip
+
+    root = new_node(0, ("", None))
+    for traj in trajectories:
+        r = round(traj.return_ * scale)
+        node, before = root, okey(traj.initial_observation)
+        path = [root]
+        root["after"].add(before)
+        for step in traj.steps:
+            key = (akey(step.action), before)
+            node = node["children"].setdefault(key, new_node(node["depth"] + 1, key))
+            before = okey(step.observation)
+            node["after"].add(before)
+            best = node["best"]  # (return, thought): the highest return's, the smallest text on ties
+            if best is None or r > best[0] or (r == best[0] and step.thought < best[1]):
+                node["best"] = (r, step.thought)
+            path.append(node)
+        for n in path:
+            n["visits"] += 1
+            n["ret"] += r
+            n["succ"] += traj.success
+            n["sources"][traj.source.model] = n["sources"].get(traj.source.model, 0) + 1
+        node["terminal"][traj.end] = node["terminal"].get(traj.end, 0) + 1
+    nodes, edges = [], []
+
+    def write(node: dict, parent: int) -> None:
+        i = len(nodes)
+        if parent >= 0:
+            edges.append({"source": parent, "target": i})
+        nodes.append(
+            {
+                "id": i,
+                "depth": node["depth"],
+                "action": action_text[node["key"][0]],
+                "thought": node["best"][1] if node["best"] else "",
+                "observation": obs_text[min(node["after"])],
+                "observation_before": "" if parent < 0 else obs_text[node["key"][1]],
+                "visits": node["visits"],
+                "return_sum": node["ret"] / scale,
+                "successes": node["succ"],
+                "failures": node["visits"] - node["succ"],
+                "sources": dict(sorted(node["sources"].items())),
+                "mcts_visits": 0,
+                "mcts_value": 0.0,
+                "terminal": {e: node["terminal"][e] for e in END_REASONS if e in node["terminal"]},
+                "thought_return": node["best"][0] / scale if node["best"] else 0.0,
+            }
+        )
+        for key in sorted(node["children"]):
+            write(node["children"][key], i)
+
+    write(root, -1)
+    edges.sort(key=lambda e: (e["source"], e["target"]))  # node-link order: by source, as networkx lists them
+    graph = {
+        "task_id": trajectories[0].task_id,
+        "env_id": trajectories[0].env_id,
+        "instruction": min(t.instruction for t in trajectories),
+        "sources": sorted({t.source.model for t in trajectories}),
+        "search": {},
+    }
+    data = {"schema": TREE_SCHEMA, "directed": True, "multigraph": False, "graph": graph, "nodes": nodes,
+            "edges": edges}  # fmt: skip
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _noisy_trajectories(n: int, seed: int) -> list[Trajectory]:
+    """Trajectories of one task whose observations are distinct per state (room, carried items, moves), written
+    in several spellings of the same key (case, whitespace), and sometimes not the same after the same step."""
+    rng = random.Random(seed)
+    spellings = [
+        lambda o: o,
+        str.upper,
+        lambda o: "  " + o.replace(" ", " \t ") + "\n",
+        lambda o: o.replace("\n", "\n\n"),
+        lambda o: o + "\x1c",
+    ]
+    out = []
+    for i in range(n):
+        room, carried, steps = 0, 0, []
+        for move in range(1, rng.randrange(0, 7) + 1):
+            action = rng.choice(["go north", "Go  North", "take coin", "open door", "LOOK"])
+            room = (room * 3 + len(action) + (rng.random() < 0.15)) % 5  # now and then another outcome
+            carried += action == "take coin"
+            obs = f"Room {room}: a dusty room.\nYou carry {carried} coins.\nMoves: {move}"
+            if rng.random() < 0.3:
+                obs = rng.choice(spellings)(obs)
+            steps.append(Step(action=action, observation=obs, thought=rng.choice(["", "hm", "go", "Go"])))
+        ret, success, end = rng.choice(
+            [(1.0, True, "won"), (0.0, False, "lost"), (0.3, False, "truncated"), (0.1, False, "error")]
+        )
+        out.append(
+            Trajectory(
+                task_id="house/0",
+                env_id="w2s/Fake-v0",
+                source=Source(model=rng.choice(["weak-a", "weak-b", "strong"]), role="weak", seed=i),
+                instruction=rng.choice(["Leave the house.", "leave the house."]),
+                initial_observation=rng.choice(["Start.", "START.", " start. "]),
+                steps=tuple(steps),
+                return_=ret,
+                success=success,
+                end=end,
+            )
+        )
+    return out
+
+
+def _saved_bytes(tree: TrajectoryTree, tmp_path, name: str) -> str:
+    return tree.save(tmp_path / name).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_build_equals_a_straightforward_reference(tmp_path, seed: int) -> None:
+    # the build keys an observation only when its text differs from the first seen at its node, and settles
+    # the rest when a text is read: the saved file must be byte for byte the reference's, which keys every
+    # observation as it comes, however the trajectories are added and whenever texts are read
+    trajs = _noisy_trajectories(600, seed)
+    expected = _reference_json(trajs)
+    assert len(json.loads(expected)["nodes"]) > 300
+    assert _saved_bytes(build_trees(trajs)["house/0"], tmp_path, "built.json") == expected
+
+    rng = random.Random(seed)
+    tree = TrajectoryTree("house/0")
+    assert tree.observation(0) == ""  # read while empty: the first text is settled later all the same
+    shuffled = trajs[:]
+    rng.shuffle(shuffled)
+    for i, traj in enumerate(shuffled):
+        leaf = tree.add(traj)
+        if i % 53 == 0 and leaf:  # reads between adds, a renumbering now and then
+            assert normalize_text(tree.observation_before(leaf)) == tree.obs_key_before(leaf)
+            if i % 3 == 0:
+                tree.canonicalize()
+    assert _saved_bytes(tree, tmp_path, "added.json") == expected
+
+    loaded = TrajectoryTree.load(build_trees(trajs[:250])["house/0"].save(tmp_path / "half.json"))
+    loaded.extend(trajs[250:])
+    assert _saved_bytes(loaded, tmp_path, "loaded.json") == expected
+
+
+def test_build_with_a_custom_key_equals_the_reference(tmp_path) -> None:
+    def room_only(obs: str) -> str:  # merges the observations of a room whatever the coins and moves
+        return normalize_text(obs.split(":", 1)[0])
+
+    trajs = _noisy_trajectories(400, seed=4)
+    tree = build_trees(trajs, obs_key=room_only)["house/0"]
+    assert _saved_bytes(tree, tmp_path, "t.json") == _reference_json(trajs, room_only)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import random
 
-import w2s_agents.tree.tree as tree_module
-from w2s_agents.tree import TrajectoryTree, build_trees
+import w2s_agents.tree.counts as counts_module
+from w2s_agents.tree import TrajectoryTree, build_trees, normalize_text
 from w2s_agents.types import Source, Step, Trajectory
 
 ROOMS = [f"Room {i}: a {'dusty ' * (i % 3)}room with {i} doors." for i in range(8)]
@@ -102,8 +102,7 @@ def _path_nodes(tree: TrajectoryTree, traj: Trajectory) -> set[int]:
         node = next(
             c
             for c in tree.children(node)
-            if tree.action_key(c) == tree_module.normalize_text(step.action)
-            and tree.obs_key_before(c) == okey
+            if tree.action_key(c) == normalize_text(step.action) and tree.obs_key_before(c) == okey
         )
         out.add(node)
         okey = tree.obs_key(step.observation)
@@ -113,7 +112,7 @@ def _path_nodes(tree: TrajectoryTree, traj: Trajectory) -> set[int]:
 def test_many_models_use_sparse_counts(monkeypatch) -> None:
     trajs = _trajectories(3000, seed=3)
     reference = _saved(build_trees(trajs)["house/0"])
-    monkeypatch.setattr(tree_module, "_DENSE_MODELS", 2)
+    monkeypatch.setattr(counts_module, "_DENSE_MODELS", 2)
     assert _saved(build_trees(trajs)["house/0"]) == reference
     assert _saved(_build(trajs, 50)) == reference
 
@@ -131,7 +130,7 @@ def test_models_arriving_one_by_one_past_the_dense_limit(monkeypatch) -> None:
     # per-model counts start in dense columns and move to dicts once a model past the limit goes through a
     # node; reads in between (one-by-one sums) and big batches (numpy sums) must give the counts of a naive
     # pass over the paths
-    monkeypatch.setattr(tree_module, "_DENSE_MODELS", 3)
+    monkeypatch.setattr(counts_module, "_DENSE_MODELS", 3)
     trajs = _trajectories(3000, seed=5)
     trajs = [
         Trajectory.from_dict(
