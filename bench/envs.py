@@ -3,10 +3,11 @@
 Measured side by side in one run and printed as ratios:
 
 * steps/s of ``w2s/TextWorld-v0`` with admissible commands and expert plan (TextWorld's state tracking) and
-  without them (bare Z-machine steps);
+  without them (bare Z-machine steps), each with and without state keys (``info["state_key"]``);
 * returning to the state after a 20-step prefix: ``clone_state`` + ``restore_state`` (exact engine snapshot)
   vs TextWorld's ``Environment.copy()`` vs ``reset`` + replay of the prefix;
-* the same for ``w2s/ScienceWorld-v0`` (clone there is replay-based), unless ``--no-sciworld``.
+* the same for ``w2s/ScienceWorld-v0`` (clone there is replay-based), and its steps/s with and without state
+  keys, unless ``--no-sciworld``.
 
 Usage: ``python bench/envs.py [--quick] [--no-sciworld] [--cache-dir DIR]``. The target is clone+restore at least
 10x faster than reset+replay on TextWorld.
@@ -77,17 +78,33 @@ def bench_textworld(cache_dir: str, quick: bool) -> dict[str, float]:
     repeats = 10 if quick else 40
     out: dict[str, float] = {}
 
-    for label, kwargs in [
+    configs = [
         ("with admissible commands + expert plan", {"admissible_commands": True, "expert_plan": True}),
         ("without (bare steps)", {"admissible_commands": False, "expert_plan": False}),
-    ]:
+    ]
+    cmds = ["look", "inventory", "go north", "go south", "examine cookbook", "open fridge"]
+    for label, kwargs in configs:
+        # one env, the keys switched on and off between rounds: the same interpreter and the same load
         env = TextWorldEnv(task, cache_dir=cache_dir, max_steps=10**6, **kwargs)
-        env.reset()
-        cmds = ["look", "inventory", "go north", "go south", "examine cookbook", "open fridge"]
-        start = time.perf_counter()
-        for i in range(steps):
-            env.step(cmds[i % len(cmds)])
-        out[f"steps/s {label}"] = steps / (time.perf_counter() - start)
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(3 if quick else 7):
+            for keys in (True, False):
+                env.state_key = keys
+                env.reset()
+                start = time.perf_counter()
+                for i in range(steps):
+                    env.step(cmds[i % len(cmds)])
+                rates[keys].append(steps / (time.perf_counter() - start))
+        out[f"steps/s {label}"] = statistics.median(rates[True])
+        out[f"steps/s {label}, no state keys"] = statistics.median(rates[False])
+        if not kwargs["admissible_commands"]:  # the key alone, without the noise of whole steps
+            env.state_key = True
+            status = env.clone_state().status
+            calls = 2000
+            start = time.perf_counter()
+            for _ in range(calls):
+                env._engine_state_key(status)
+            out["state key us"] = 1e6 * (time.perf_counter() - start) / calls
         env.close()
 
     env = TextWorldEnv(task, cache_dir=cache_dir, max_steps=10**6)
@@ -129,8 +146,12 @@ def bench_scienceworld(quick: bool) -> dict[str, float]:
 
     out: dict[str, float] = {}
     steps = 30 if quick else 100
-    for label, adm in [("with admissible commands", True), ("without", False)]:
-        env = ScienceWorldEnv("chemistry-mix/0", admissible_commands=adm, max_steps=10**6)
+    for label, adm, keys in [
+        ("with admissible commands", True, True),
+        ("without", False, True),
+        ("without, no state keys", False, False),
+    ]:
+        env = ScienceWorldEnv("chemistry-mix/0", admissible_commands=adm, max_steps=10**6, state_key=keys)
         env.reset()
         start = time.perf_counter()
         for i in range(steps):
@@ -179,6 +200,12 @@ def main() -> None:
     without = tw["steps/s without (bare steps)"]
     print(f"steps/s with admissible commands + expert plan: {with_:9.1f}")
     print(f"steps/s without (bare steps):                   {without:9.1f}   ({without / with_:.1f}x)")
+    print("state keys (on above): steps/s without them, and the share of speed the keys cost")
+    for label in ("with admissible commands + expert plan", "without (bare steps)"):
+        keyed, plain = tw[f"steps/s {label}"], tw[f"steps/s {label}, no state keys"]
+        print(f"  {label + ':':39} {plain:9.1f}   (keyed / plain {keyed / plain:.2f}x)")
+    key_us = tw["state key us"]
+    print(f"  one state key: {key_us:.1f} us = {key_us * without / 1e4:.1f}% of a bare step")
     print("return to the state after a 20-step prefix (median):")
     cr, rs, cp, rr = tw["clone+restore ms"], tw["restore only ms"], tw["env.copy() ms"], tw["reset+replay ms"]
     print(f"  clone+restore  {cr:8.3f} ms   (restore alone {rs:.3f} ms)")
@@ -193,8 +220,10 @@ def main() -> None:
         sw = bench_scienceworld(args.quick)
         print("\n## w2s/ScienceWorld-v0 (chemistry-mix/0)")
         a, b = sw["steps/s with admissible commands"], sw["steps/s without"]
+        c = sw["steps/s without, no state keys"]
         print(f"steps/s with admissible commands: {a:8.1f}")
         print(f"steps/s without:                  {b:8.1f}   ({b / a:.1f}x)")
+        print(f"steps/s without, no state keys:   {c:8.1f}   (keyed / plain {b / c:.2f}x)")
         cr, rr = sw["clone+restore ms (replay-based)"], sw["reset+replay ms"]
         print(f"  clone+restore (replay) {cr:8.1f} ms;  reset+replay {rr:8.1f} ms  ({rr / cr:.2f}x)")
 

@@ -15,17 +15,24 @@
   huge, non-ASCII or control-character input gets the game's own answer and costs a step, never an exception;
 * ``command_grammar`` describes the command language for an agent's system instruction (empty when unknown);
 * ``clone_state()`` / ``restore_state(state)`` save and restore everything the next steps depend on: exactly
-  when the engine can snapshot itself, otherwise by resetting and replaying the action prefix.
+  when the engine can snapshot itself, otherwise by resetting and replaying the action prefix;
+* ``info["state_key"]`` (after ``reset`` and every ``step``) identifies the game state reached: a short string,
+  equal for two visits of the same state (on one path or on different branches), or ``None`` when the env
+  cannot tell. Engines provide it through the optional hook ``_engine_state_key(status)`` (the name is
+  reserved; the default returns ``None``, so a plugin env without it reports ``None``); the constructor
+  option ``state_key=False`` turns the computation off. A key compares states of one task; after
+  ``restore_state`` the env is back in the saved state and so is its key (``EnvState.state_key``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import unicodedata
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -38,12 +45,14 @@ __all__ = [
     "ACTION_MAX_CHARS",
     "OBSERVATION_CHARSET",
     "OBSERVATION_MAX_CHARS",
+    "STATE_KEY_HEX_DIGITS",
     "EngineStatus",
     "EnvState",
     "TextEnv",
     "UnknownTaskError",
     "clean_action",
     "fit_observation",
+    "hash_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +105,22 @@ def clean_action(action: Any) -> str:
     return text[:ACTION_MAX_CHARS].rstrip()
 
 
+STATE_KEY_HEX_DIGITS = 16
+"""Length of a state key made by :func:`hash_state` (64 bits: collisions are negligible among the states of
+one task)."""
+
+
+def hash_state(*parts: bytes | str) -> str:
+    """A state key: the first :data:`STATE_KEY_HEX_DIGITS` hex digits of the BLAKE2b hash of ``parts``
+    (each length-prefixed, so ``("ab", "c")`` and ``("a", "bc")`` differ). Stable across processes."""
+    h = hashlib.blake2b(digest_size=STATE_KEY_HEX_DIGITS // 2)
+    for part in parts:
+        data = part.encode("utf-8") if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
 def fit_observation(text: str) -> str:
     """``text`` made a member of the observation space: characters outside :data:`OBSERVATION_CHARSET`
     replaced by ``?`` and the length cut to :data:`OBSERVATION_MAX_CHARS`."""
@@ -129,6 +154,9 @@ class EngineStatus:
     """Commands the engine accepts in the new state, ``None`` when not computed."""
     expert_plan: tuple[str, ...] | None = None
     """The expert's remaining commands from the new state, ``None`` when unknown."""
+    state_key: str | None = None
+    """Identity of the new state (``info["state_key"]``); engines leave it ``None``: :class:`TextEnv` fills it
+    in from :meth:`TextEnv._engine_state_key`."""
 
     @property
     def score(self) -> float:
@@ -156,6 +184,11 @@ class EnvState:
     engine: Any = field(default=None, compare=False, repr=False)
     """Opaque engine snapshot, or ``None`` (restore by replay)."""
 
+    @property
+    def state_key(self) -> str | None:
+        """The key of the saved state (``info["state_key"]`` when it was reached)."""
+        return self.status.state_key
+
 
 class TextEnv(gym.Env[str, str]):
     """Base class of the w2s text environments (see the module docstring for the contract).
@@ -164,6 +197,8 @@ class TextEnv(gym.Env[str, str]):
         task: task id used by a ``reset()`` without ``options["task"]`` (default: the env's default task).
         max_steps: step limit; the step that reaches it returns ``truncated=True``.
         render_mode: ``None``, ``"ansi"`` (``render()`` returns the last observation) or ``"human"`` (logs it).
+        state_key: report ``info["state_key"]`` (computed by the engine's ``_engine_state_key``); with
+            ``False`` the hook is never called and the key is ``None``.
 
     Subclasses set :attr:`env_id` and implement the ``_load_task`` / ``_engine_*`` hooks, ``task_ids`` and
     ``default_task``.
@@ -176,7 +211,14 @@ class TextEnv(gym.Env[str, str]):
     """The command language in a few lines (verbs and argument patterns) for an agent's instructions; empty
     when the env does not describe it."""
 
-    def __init__(self, task: str | None = None, *, max_steps: int = 100, render_mode: str | None = None):
+    def __init__(
+        self,
+        task: str | None = None,
+        *,
+        max_steps: int = 100,
+        render_mode: str | None = None,
+        state_key: bool = True,
+    ):
         if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
             raise W2SError(f"max_steps must be a positive integer, got {max_steps!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -185,6 +227,7 @@ class TextEnv(gym.Env[str, str]):
             )
         self.max_steps = max_steps
         self.render_mode = render_mode
+        self.state_key = bool(state_key)
         self.observation_space = spaces.Text(
             max_length=OBSERVATION_MAX_CHARS, min_length=0, charset=OBSERVATION_CHARSET
         )
@@ -222,6 +265,16 @@ class TextEnv(gym.Env[str, str]):
         """Put the engine back into ``snapshot`` (from :meth:`_engine_snapshot`, never ``None``); return
         ``False`` when this engine cannot apply it (the state is then restored by replay)."""
         raise NotImplementedError
+
+    def _engine_state_key(self, status: EngineStatus) -> str | None:
+        """Identity of the state the engine is in now, which ``status`` reports (optional hook).
+
+        Called after every engine reset and step while :attr:`state_key` is on. Return a short string that is
+        equal for two visits of the same game state, whatever the path and the number of moves to it, and
+        differs for states whose continuations may differ (score included); :func:`hash_state` makes one.
+        The default, ``None``, means the env cannot tell.
+        """
+        return None
 
     @abstractmethod
     def task_ids(self, split: str | None = None) -> list[str]:
@@ -279,7 +332,7 @@ class TextEnv(gym.Env[str, str]):
             self._task_id = task
         self._actions = []
         self._done = False
-        self._status = self._engine_reset()
+        self._status = self._keyed(self._engine_reset())
         info = self._info(self._status)
         info["instruction"] = self._instruction
         if self.render_mode == "human":
@@ -303,13 +356,18 @@ class TextEnv(gym.Env[str, str]):
         command = clean_action(action)
         # the first step is also credited with any score the task starts with, so the return is the final score
         previous = self._status.score if self._actions else 0.0
-        self._status = self._engine_step(command)
+        self._status = self._keyed(self._engine_step(command))
         self._actions.append(command)
         result = self._result(self._status, self._status.score - previous)
         self._done = result[2] or result[3]
         if self.render_mode == "human":
             self.render()
         return result
+
+    def _keyed(self, status: EngineStatus) -> EngineStatus:
+        """``status`` with the key of the engine's current state (``None`` while :attr:`state_key` is off)."""
+        key = self._engine_state_key(status) if self.state_key else None
+        return status if key == status.state_key else replace(status, state_key=key)
 
     def _result(self, status: EngineStatus, reward: float) -> tuple[str, float, bool, bool, dict]:
         terminated = bool(status.won or status.lost)
@@ -327,6 +385,7 @@ class TextEnv(gym.Env[str, str]):
             "admissible_commands": list(status.admissible) if status.admissible is not None else None,
             "expert_plan": list(status.expert_plan) if status.expert_plan is not None else None,
             "moves": len(self._actions),
+            "state_key": status.state_key,
         }
 
     def render(self) -> str | None:

@@ -14,6 +14,16 @@ follows it, the rest of the walkthrough; after a deviation, TextWorld's winning 
 ``clone_state`` is exact: it saves the Z-machine state (memory, stack, program counter, random generator) and
 TextWorld's tracking of the game (quest progression, last action, tracked infos), so a restore costs a
 fraction of a millisecond plus a copy of the quest progression.
+
+The state key (``info["state_key"]``) hashes the world held in the Z-machine's object table (every object's
+parent, attributes and property values, less Inform 7's history and scratch bits: see
+:mod:`w2s_agents.envs.zmachine`) with the raw score and the won / lost flags. It does not depend on the move
+counter, on the order in which things were put somewhere, on which rooms were visited or things handled, nor
+on whether admissible commands or the expert plan are computed. A question of the parser awaiting its answer
+("What do you want to take?") is part of the state: the key then also hashes the question. The last command
+is not, so ``again`` (``g``) and ``oops``, which refer to it, may act differently from two states with one
+key. Jericho's ``get_world_state_hash`` is not used: without per-game bindings it hashes an empty object list,
+the same for every state of a TextWorld game.
 """
 
 from __future__ import annotations
@@ -26,9 +36,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from w2s_agents.envs.base import EngineStatus, TextEnv, UnknownTaskError
+import numpy as np
+
+from w2s_agents.envs.base import EngineStatus, TextEnv, UnknownTaskError, hash_state
 from w2s_agents.envs.suites import TextWorldSuite, get_suite, parse_textworld_task, suite_names
 from w2s_agents.envs.textworld_games import GameCache
+from w2s_agents.envs.zmachine import WorldLayout
 from w2s_agents.errors import ConfigError
 
 __all__ = ["TextWorldEnv"]
@@ -101,6 +114,7 @@ class TextWorldEnv(TextEnv):
         cache_dir: where generated games are cached (default: ``$W2S_CACHE/games`` or
             ``~/.cache/w2s-agents/games``).
         render_mode: ``None``, ``"ansi"`` or ``"human"``.
+        state_key: report ``info["state_key"]`` (see the module docstring).
     """
 
     env_id = "w2s/TextWorld-v0"
@@ -120,8 +134,9 @@ class TextWorldEnv(TextEnv):
         banner: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         render_mode: str | None = None,
+        state_key: bool = True,
     ) -> None:
-        super().__init__(task, max_steps=max_steps, render_mode=render_mode)
+        super().__init__(task, max_steps=max_steps, render_mode=render_mode, state_key=state_key)
         self.admissible_commands = bool(admissible_commands)
         self.expert_plan = bool(expert_plan)
         self.banner = bool(banner)
@@ -130,6 +145,11 @@ class TextWorldEnv(TextEnv):
         self._tw: Any = None  # textworld Environment (wrapper stack)
         self._walkthrough: tuple[str, ...] = ()
         self._max_score = 1.0
+        # where the world state lies in the game's memory: read on the first key, None if unreadable
+        self._layout: WorldLayout | None = None
+        self._layout_read = False
+        self._memory: np.ndarray | None = None  # the game's dynamic memory, copied into it for each key
+        self._command_depth = 0  # call depth of the interpreter while it waits for a command (after a reset)
 
     # ------------------------------------------------------------------------------ tasks
 
@@ -207,6 +227,7 @@ class TextWorldEnv(TextEnv):
         # a fixed interpreter seed: TextWorld games are deterministic, and so must be their replays
         self._tw.seed(_ENGINE_SEED)
         self._game_path = path
+        self._layout, self._layout_read, self._memory = None, False, None
         game = self._tw._wrapped_env._game
         self._walkthrough = tuple(game.metadata.get("walkthrough") or game.walkthrough or ())
         self._max_score = float(game.max_score or 1)
@@ -238,6 +259,7 @@ class TextWorldEnv(TextEnv):
 
     def _engine_reset(self) -> EngineStatus:
         gs = self._tw.reset()
+        self._command_depth = self._layers()[-1]._jericho.frotz_lib.getFrameCount()
         status = self._report(gs, 0)
         if not self.banner:
             status = dataclasses.replace(status, observation=_strip_banner(status.observation))
@@ -252,6 +274,31 @@ class TextWorldEnv(TextEnv):
             and command == self._walkthrough[n]
         )
         return self._report(gs, n + 1 if on_walkthrough else None)
+
+    def _engine_state_key(self, status: EngineStatus) -> str | None:
+        machine = self._layers()[-1]._jericho
+        if not self._layout_read:
+            self._layout_read = True
+            memory = machine._get_ram()  # Jericho's copy of the dynamic memory
+            try:
+                self._layout = WorldLayout.read(memory)
+            except ValueError as exc:
+                logger.warning("no state keys for %s: %s", self._game_path, exc)
+            self._memory = memory
+        if self._layout is None or self._memory is None:
+            return None
+        memory = self._memory
+        machine.frotz_lib.getRAM(memory.ctypes.data)  # what _get_ram() does, without a new array per step
+        outcome = f"{status.raw_score!r}|{status.won:d}|{status.lost:d}"
+        # The parser asks for a missing noun ("What do you want to take?", "Which do you mean, ...?") and
+        # reads the answer deeper in the call stack than the main loop reads a command; the next input then
+        # means something else, so a pending question (its text says which) is part of the state. The menu
+        # after the end of the game ("Would you like to RESTART, ...", after the number of turns) is not:
+        # the episode is over.
+        depth = machine.frotz_lib.getFrameCount()
+        asking = depth != self._command_depth and not (status.won or status.lost)
+        pending = f"{depth}|{status.observation}" if asking else ""
+        return hash_state(self._layout.state_bytes(memory), outcome, pending)
 
     def _layers(self) -> list[Any]:
         layers = []

@@ -6,6 +6,7 @@
 ``online``      online PUCT expansion with an env and a policy prior (beyond the paper)
 ``values``      node values (search, mean, max, success) and the greedy best path
 ``extract``     training data from searched trees: best-path SFT rows, TreeDPO pairs ("tree -> pairs")
+``paths``       best paths without detours: state graph, loop erasure, stitching, replay verification
 ``rows``        the typed rows (:class:`SftRow`, :class:`PairRow`): the one writer and reader of row files
 ==============  ======================================================================================
 
@@ -17,6 +18,7 @@ from .extract import (
     context_messages,
     continuation_messages,
     expert_failure_pairs,
+    path_row,
     tree_pairs,
 )
 from .mcts import MCTSResult, SearchConfig, run_mcts, search_tree, tie_orders
@@ -28,6 +30,16 @@ from .online import (
     Proposal,
     SearchEnv,
     expand_online,
+)
+from .paths import (
+    PathChoice,
+    PathOutcome,
+    StateGraph,
+    choose_path,
+    is_tree_path,
+    loop_erase,
+    replay_path,
+    stitched_path,
 )
 from .rows import (
     PAIR_LEVELS,
@@ -47,7 +59,6 @@ from .values import (
     best_path,
     leaf_values,
     max_values,
-    mcts_values,
     mean_values,
     node_values,
     search_values,
@@ -60,6 +71,8 @@ __all__ = [
     "OnlineResult",
     "OnlineSearchConfig",
     "PairRow",
+    "PathChoice",
+    "PathOutcome",
     "Policy",
     "PolicyOutput",
     "Proposal",
@@ -68,28 +81,34 @@ __all__ = [
     "SearchEnv",
     "SearchStats",
     "SftRow",
+    "StateGraph",
     "ValueKind",
     "backup",
     "best_child",
     "best_path",
     "best_path_row",
+    "choose_path",
     "context_messages",
     "continuation_messages",
     "expand_online",
     "expert_failure_pairs",
+    "is_tree_path",
     "iter_jsonl",
     "leaf_values",
+    "loop_erase",
     "max_values",
-    "mcts_values",
     "mean_values",
     "node_values",
+    "path_row",
     "puct_score",
     "read_pairs",
     "read_sft_rows",
+    "replay_path",
     "run_mcts",
     "search_tree",
     "search_values",
     "select_child",
+    "stitched_path",
     "success_values",
     "tie_orders",
     "tree_pairs",

@@ -26,6 +26,7 @@ from w2s_agents.messages import SYSTEM_PROMPT, Message, agent_message, task_mess
 from w2s_agents.tree import ROOT, TrajectoryTree, normalize_text
 from w2s_agents.types import Trajectory
 
+from .paths import PathChoice
 from .rows import PairRow, SftRow
 from .values import best_path
 
@@ -34,6 +35,7 @@ __all__ = [
     "context_messages",
     "continuation_messages",
     "expert_failure_pairs",
+    "path_row",
     "tree_pairs",
 ]
 
@@ -68,11 +70,16 @@ def _sources(tree: TrajectoryTree, node: int) -> tuple[str, ...]:
 
 
 def best_path_row(
-    tree: TrajectoryTree, values: np.ndarray, *, min_return: float = 0.0, system: str | None = SYSTEM_PROMPT
+    tree: TrajectoryTree,
+    values: np.ndarray,
+    *,
+    min_return: float = 0.0,
+    system: str | None = SYSTEM_PROMPT,
+    path: Sequence[int] | None = None,
 ) -> SftRow | None:
-    """The SFT row of the tree's best path (greedy by ``values``), or None when the tree has no step or the
-    mean return at the path's leaf is below ``min_return``."""
-    path = best_path(tree, values)
+    """The SFT row of the tree's best path (greedy by ``values``, or ``path``: tree nodes from the root down),
+    or None when the path has no step or the mean return at its leaf is below ``min_return``."""
+    path = list(path) if path is not None else best_path(tree, values)
     if len(path) < 2:
         return None
     leaf = path[-1]
@@ -88,6 +95,37 @@ def best_path_row(
         return_=ret,
         sources=_sources(tree, leaf),
         steps=len(path) - 1,
+    )
+
+
+def path_row(
+    tree: TrajectoryTree,
+    choice: PathChoice,
+    values: np.ndarray,
+    *,
+    min_return: float = 0.0,
+    system: str | None = SYSTEM_PROMPT,
+) -> SftRow | None:
+    """The SFT row of a chosen path (:func:`~w2s_agents.search.paths.choose_path`): a tree path's row as
+    :func:`best_path_row` makes it, or the replayed episode of a shortened path (its texts are the env's);
+    None when the path has no step or its return is below ``min_return``."""
+    if choice.trajectory is None:
+        return best_path_row(tree, values, min_return=min_return, system=system, path=choice.nodes)
+    traj = choice.trajectory
+    if not traj.steps or traj.return_ < min_return:
+        return None
+    leaf = choice.nodes[-1]
+    value = float(values[leaf])
+    row = SftRow.from_trajectory(traj, system=system)
+    return SftRow(
+        messages=row.messages,
+        task_id=tree.task_id,
+        node=leaf,
+        value=value if value == value else None,
+        return_=traj.return_,
+        sources=_sources(tree, leaf),
+        steps=len(traj.steps),
+        extra={"path": choice.kind},
     )
 
 

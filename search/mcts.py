@@ -59,7 +59,15 @@ class SearchConfig:
     )
     value: ValueKind = option(
         "mcts",
-        "node value for best paths and pairs: mcts (the search value W/N), mean return, max (Bellman), success rate",
+        "node value for best paths and pairs: mcts (the search value W/N), mean return, max (Bellman), "
+        "success rate",
+    )
+    paths: Literal["tree", "loop-erased", "stitched"] = option(
+        "stitched",
+        "what a tree's SFT row is made of, where the env reports state keys: the greedy tree path by value "
+        "(tree, the paper's), that path with its cycles cut (loop-erased), or the fewest moves over the states "
+        "the trajectories reached to the best outcome observed (stitched); a shortened path becomes a row only "
+        "when its replay in the env reaches that outcome",
     )
     margin: float = option(0.1, "smallest value gap between the chosen and the rejected child of a pair")
     pairs_per_node: int = option(4, "most pairs taken at one divergence point (largest value gaps first)")
@@ -269,7 +277,8 @@ def run_mcts(
 
 
 def search_tree(tree: TrajectoryTree, config: SearchConfig | None = None) -> MCTSResult:
-    """Run :func:`run_mcts` with ``config`` and store the statistics in the tree (``mcts_visits``, ``mcts_value``)."""
+    """Run :func:`run_mcts` with ``config`` and store N and W in the tree (``search_visits``,
+    ``search_value_sum``)."""
     cfg = config or SearchConfig()
     result = run_mcts(
         tree, cfg.iterations, cfg.gamma, seed=cfg.seed, tie_break=cfg.tie_break, discount=cfg.discount

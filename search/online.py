@@ -206,6 +206,7 @@ class _Player:
                 self.source,
                 instruction=root.instruction,
                 initial_observation=root.initial_observation,
+                initial_state_key=root.initial_state_key,
                 grammar=root.grammar,
             )
             rec.restore(list(saved.steps), saved.admissible)

@@ -27,7 +27,6 @@ __all__ = [
     "best_path",
     "leaf_values",
     "max_values",
-    "mcts_values",
     "mean_values",
     "node_values",
     "search_values",
@@ -142,8 +141,3 @@ def best_path(tree: TrajectoryTree, values: np.ndarray | Sequence[float], start:
         path.append(node)
         node = best_child(tree, node, values)
     return path
-
-
-def mcts_values(tree: TrajectoryTree) -> np.ndarray:
-    """Alias of :func:`search_values` (the name of earlier releases)."""
-    return search_values(tree)

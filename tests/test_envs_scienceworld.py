@@ -145,3 +145,31 @@ def test_demos_of_a_scienceworld_suite(tmp_path) -> None:
     trajs = list(read_trajectories(out))
     assert [t.task_id.split("/")[0] for t in trajs] == ["chemistry-mix", "find-plant"]
     assert all(t.success and t.return_ == 1.0 and t.env_id == "w2s/ScienceWorld-v0" for t in trajs)
+
+
+def test_state_keys_follow_the_world_not_the_path(env: ScienceWorldEnv) -> None:
+    _, info = env.reset(options={"task": "boil/0"})
+    start = info["state_key"]
+    assert isinstance(start, str) and env.reset()[1]["state_key"] == start
+    keys = {a: env.step(a)[4]["state_key"] for a in ("look around", "inventory", "xyzzy", "")}
+    assert set(keys.values()) == {start}, keys  # time passes, nothing visible changes
+    there = env.step("go to kitchen")[4]["state_key"]
+    back = env.step("go to hallway")[4]["state_key"]
+    assert there != start and back == start
+    closed = env.step("close door to kitchen")[4]["state_key"]
+    assert closed != start and env.step("open door to kitchen")[4]["state_key"] == start
+    state = env.clone_state()
+    env.step("go to kitchen")
+    env.restore_state(state)  # by replay
+    assert env.clone_state().state_key == start and env.step("look around")[4]["state_key"] == start
+    # failing the task changes the score, and so the key, even where the room looks the same
+    assert env.step("focus on agent")[4]["state_key"] != start
+
+
+def test_state_keys_can_be_turned_off() -> None:
+    e = ScienceWorldEnv(admissible_commands=False, expert_plan=False, state_key=False)
+    try:
+        _, info = e.reset(options={"task": "boil/0"})
+        assert info["state_key"] is None and e.step("look around")[4]["state_key"] is None
+    finally:
+        e.close()

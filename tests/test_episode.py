@@ -88,7 +88,9 @@ def test_rollout_demos_and_search_record_the_same_episode() -> None:
     def plan_policy(state: EpisodeState) -> PolicyOutput:
         return PolicyOutput((Proposal(PLAN[len(state.turns)], 1.0),))
 
-    result = expand_online(TrajectoryTree("room/0"), FiveGame(), plan_policy, OnlineSearchConfig(iterations=1))
+    result = expand_online(
+        TrajectoryTree("room/0"), FiveGame(), plan_policy, OnlineSearchConfig(iterations=1)
+    )
     (search,) = result.trajectories
     for traj in (demo, rollout, search):
         assert (traj.return_, traj.success, traj.end) == (1.0, True, "won")  # never 1/5
@@ -126,6 +128,40 @@ def test_recorder_state_steps_and_errors() -> None:
     assert state.turns == (("first look", "look", "Nothing happens."),) and state.observation == obs
     assert rec.steps[0].tokens_in == 7 and dict(rec.steps[0].extra) == {"k": 1}
     failed = rec.finish(error="step 2: RuntimeError: boom")
-    assert (failed.end, failed.success, failed.extra["error"]) == ("error", False, "step 2: RuntimeError: boom")
+    assert (failed.end, failed.success, failed.extra["error"]) == (
+        "error",
+        False,
+        "step 2: RuntimeError: boom",
+    )
     ended = rec.finish()  # with the last info recorded: not over yet
     assert ended.end == "truncated" and ended.num_steps == 1
+
+
+class KeyedFiveGame(FiveGame):
+    """FiveGame whose env reports state keys: the number of plan steps done (failed actions change nothing)."""
+
+    def _info(self) -> dict[str, Any]:
+        return {**super()._info(), "state_key": f"done-{self.done}"}
+
+
+def test_recorder_stores_the_state_keys() -> None:
+    demo = expert_trajectory(KeyedFiveGame(), "room/0")
+    (rollout,) = run_episodes(
+        ScriptedAgent(), KeyedFiveGame, [EpisodeSpec("room/0", Sampler(), 0)], max_steps=10
+    )
+    for traj in (demo, rollout):
+        assert traj.initial_state_key == "done-0"
+        assert [s.state_key for s in traj.steps] == ["done-1", "done-2", "done-3"]
+    env = KeyedFiveGame()
+    rec, _ = EpisodeRecorder.reset(env, "room/0", Source(model="m", role="weak"))
+    for action in ("look", "take key", "dance"):
+        obs, reward, *_, info = env.step(action)
+        rec.step(action, obs, reward, info)
+    traj = rec.finish()
+    assert traj.initial_state_key == "done-0"
+    assert [s.state_key for s in traj.steps] == ["done-0", "done-1", "done-1"]  # a loop shows in its keys
+    # envs without keys (or with unusable ones) leave them unset
+    assert expert_trajectory(FiveGame(), "room/0").initial_state_key is None
+    rec.step("look", "x", 0.0, {"state_key": ""})
+    rec.step("look", "x", 0.0, {"state_key": 7})
+    assert [s.state_key for s in rec.steps[-2:]] == [None, None]

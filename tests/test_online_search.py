@@ -204,3 +204,26 @@ def test_the_policy_sees_the_episode_state_with_actions_as_played() -> None:
     assert later and all(s.turns[0][:2] == ("Thought: hmm", odd) for s in later)
     assert later[0].turns[0][2] == "Nothing happens."
     assert seen[0].admissible == tuple(sorted(GAME[("hall", False)]))
+
+
+def test_search_episodes_keep_the_state_keys_also_after_a_restore() -> None:
+    class KeyedGame(ClonableGame):
+        def _key(self) -> str:
+            room, key, _, _ = self.state
+            return f"{room}/{key}"
+
+        def reset(self, *, seed=None, options=None):
+            obs, info = super().reset(seed=seed, options=options)
+            return obs, {**info, "state_key": self._key()}
+
+        def step(self, action: str):
+            obs, reward, terminated, truncated, info = super().step(action)
+            return obs, reward, terminated, truncated, {**info, "state_key": self._key()}
+
+    tree = TrajectoryTree("house/0")
+    result = expand_online(tree, KeyedGame(), UNIFORM, OnlineSearchConfig(iterations=20, max_depth=6))
+    assert len(result.trajectories) > 3
+    for traj in result.trajectories:
+        assert traj.initial_state_key == "hall/False"
+        assert all(s.state_key is not None for s in traj.steps)
+    assert tree.has_state_keys and tree.state_key(0) == "hall/False"

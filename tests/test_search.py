@@ -372,7 +372,7 @@ def test_search_config_validation() -> None:
 def test_search_writes_values_into_the_tree_and_file(tmp_path, golden: TrajectoryTree) -> None:
     search_tree(golden, SearchConfig(iterations=6, tie_break="order"))
     loaded = TrajectoryTree.load(golden.save(tmp_path / "t.json"))
-    assert [loaded.mcts_visits(n) for n in range(7)] == [6, 2, 4, 1, 3, 2, 1]
+    assert [loaded.search_visits(n) for n in range(7)] == [6, 2, 4, 1, 3, 2, 1]
     assert loaded.search_info["iterations"] == 6
     assert node_values(loaded, "mcts").tolist() == node_values(golden, "mcts").tolist()
 

@@ -73,6 +73,52 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert path.read_bytes().count(b"\n") == 3  # one line per record even with newlines in the text
 
 
+# written by the store before state keys existed; a trajectory without keys must still encode to exactly this
+UNKEYED_LINE = (
+    b'{"schema":"w2s.trajectory/1","task_id":"t0","env_id":"w2s/Toy-v0","source":{"model":"weak","role":"weak",'
+    b'"sampler":"t0.7","seed":1},"instruction":"reach the end","initial_observation":"start","steps":[{"observation'
+    b'":"room 0","thought":"","action":"go 0","reward":0.0,"score":0.0,"admissible":["go 0","look"],"tokens_in":3,'
+    b'"tokens_out":0,"latency_s":0.0},{"observation":"room 1","thought":"done","action":"go 1","reward":1.0,"score'
+    b'":1.0,"admissible":null,"tokens_in":0,"tokens_out":0,"latency_s":0.0}],"return":1.0,"success":true,"end":"w'
+    b'on"}\n'
+)
+
+
+def _small_traj(keys: tuple[str | None, ...] = (None, None, None)) -> Trajectory:
+    steps = (
+        Step("go 0", "room 0", admissible=("go 0", "look"), tokens_in=3, state_key=keys[1]),
+        Step("go 1", "room 1", 1.0, 1.0, "done", state_key=keys[2]),
+    )
+    source = Source("weak", "weak", "t0.7", seed=1)
+    return Trajectory(
+        "t0",
+        "w2s/Toy-v0",
+        source,
+        "reach the end",
+        "start",
+        steps,
+        1.0,
+        True,
+        "won",
+        initial_state_key=keys[0],
+    )
+
+
+def test_state_keys_round_trip_and_files_without_them_are_unchanged(tmp_path: Path) -> None:
+    assert encode_trajectory(_small_traj()) == UNKEYED_LINE
+    keyed = _small_traj(("k-start", "k-room0", None))
+    path = tmp_path / "t.jsonl"
+    with TrajectoryStore(path) as store:
+        store.append(keyed)
+    (back,) = read_trajectories(path)
+    assert back == keyed
+    assert back.initial_state_key == "k-start" and [s.state_key for s in back.steps] == ["k-room0", None]
+    record = json.loads(path.read_bytes())
+    assert list(record)[5:8] == ["initial_observation", "initial_state_key", "steps"]
+    assert list(record["steps"][0])[-1] == "state_key" and "state_key" not in record["steps"][1]
+    assert Trajectory.from_dict(json.loads(UNKEYED_LINE)) == _small_traj()  # older files read as before
+
+
 def test_reopen_resumes_with_finished_keys(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     with TrajectoryStore(path) as store:
@@ -146,6 +192,14 @@ def _bad_file(tmp_path: Path, bad_line: str) -> Path:
         (
             lambda r: r["source"].update(role="oracle"),
             "source.role must be one of weak, strong, expert, search",
+        ),
+        (
+            lambda r: r["steps"][2].update(state_key=3),
+            "steps[2]: state_key must be a non-empty string or null, got 3",
+        ),
+        (
+            lambda r: r.update(initial_state_key=""),
+            "initial_state_key must be a non-empty string or null, got ''",
         ),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -194,7 +195,7 @@ def test_networkx_round_trip_keeps_every_attribute(golden: TrajectoryTree, make_
     assert isinstance(g, nx.DiGraph)
     assert nx.is_arborescence(g)
     assert g.nodes[5]["action"] == "go north" and g.nodes[5]["terminal"] == {"won": 1}
-    assert g.nodes[3]["mcts_visits"] == 3 and g.nodes[3]["mcts_value"] == 1.5
+    assert g.nodes[3]["search_visits"] == 3 and g.nodes[3]["search_value_sum"] == 1.5
     expected_attrs = {
         "depth",
         "action",
@@ -205,8 +206,9 @@ def test_networkx_round_trip_keeps_every_attribute(golden: TrajectoryTree, make_
         "successes",
         "failures",
         "sources",
-        "mcts_visits",
-        "mcts_value",
+        "search_visits",
+        "search_value_sum",
+        "state_key",
         "terminal",
     }
     assert expected_attrs <= set(g.nodes[0])
@@ -368,8 +370,9 @@ def _reference_json(trajectories: list, obs_key=normalize_text) -> str:
                 "successes": node["succ"],
                 "failures": node["visits"] - node["succ"],
                 "sources": dict(sorted(node["sources"].items())),
-                "mcts_visits": 0,
-                "mcts_value": 0.0,
+                "search_visits": 0,
+                "search_value_sum": 0.0,
+                "state_key": None,
                 "terminal": {e: node["terminal"][e] for e in END_REASONS if e in node["terminal"]},
                 "thought_return": node["best"][0] / scale if node["best"] else 0.0,
             }
@@ -471,3 +474,48 @@ def test_build_with_a_custom_key_equals_the_reference(tmp_path) -> None:
     trajs = _noisy_trajectories(400, seed=4)
     tree = build_trees(trajs, obs_key=room_only)["house/0"]
     assert _saved_bytes(tree, tmp_path, "t.json") == _reference_json(trajs, room_only)
+
+
+def test_a_first_version_tree_file_is_read(tmp_path, golden: TrajectoryTree) -> None:
+    """``w2s.tree/1`` files (N and W named mcts_visits / mcts_value, no state keys) still load."""
+    golden.set_search_values([6, 2, 4, 1, 3, 2, 1], [2.5, 0.0, 2.5, 0.0, 2.5, 2.0, 0.5], algorithm="x")
+    data = golden.to_json()
+    old = dict(data, schema="w2s.tree/1", nodes=[])
+    for rec in data["nodes"]:
+        rec = dict(rec)
+        rec["mcts_visits"], rec["mcts_value"] = rec.pop("search_visits"), rec.pop("search_value_sum")
+        del rec["state_key"]
+        old["nodes"].append(rec)
+    (tmp_path / "old.json").write_text(json.dumps(old), encoding="utf-8")
+    loaded = TrajectoryTree.load(tmp_path / "old.json")
+    assert loaded.to_json() == data and loaded.search_value_sum(2) == 2.5
+
+
+def test_state_keys_per_node_and_conflicts(tmp_path, make_traj) -> None:
+    """A node keeps the state key its trajectories agree on; two different keys make it unknown, in any order."""
+
+    def keyed(steps, keys, ret, end, seed):
+        t = make_traj(steps, ret, end, seed=seed)
+        new_steps = tuple(replace(s, state_key=k) for s, k in zip(t.steps, keys, strict=True))
+        return replace(t, steps=new_steps, initial_state_key="s0")
+
+    a = keyed([("go east", "hall"), ("go west", "start")], ["s1", "s0"], 0.0, "truncated", 1)
+    b = keyed([("go east", "hall"), ("take key", "got key")], ["s1", "s2"], 0.5, "truncated", 2)
+    c = keyed([("go east", "hall"), ("take key", "got key")], ["s1", "s3"], 0.5, "truncated", 3)  # disagrees
+    plain = make_traj([("look", "start")], 0.0, "lost", seed=4)  # no keys: changes nothing
+    trees = [build_trees(order)["house/0"] for order in ([a, b, c, plain], [plain, c, b, a])]
+    assert trees[0].to_json() == trees[1].to_json()
+    tree = trees[0]
+    keys = {tuple(tree.action(n) for n in tree.path(i)[1:]): tree.state_key(i) for i in range(len(tree))}
+    assert keys == {
+        (): "s0",
+        ("go east",): "s1",
+        ("go east", "go west"): "s0",
+        ("go east", "take key"): None,
+        ("look",): None,
+    }
+    path = tree.save(tmp_path / "t.json")
+    back = TrajectoryTree.load(path)
+    assert back.to_json() == tree.to_json()
+    back.add(b)  # a conflict stays a conflict after a reload
+    assert [back.state_key(n) for n in range(len(back))] == [tree.state_key(n) for n in range(len(tree))]

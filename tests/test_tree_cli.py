@@ -48,7 +48,7 @@ def test_tree_build_summary_and_search(tmp_path, store, capsys) -> None:
     args = ["search", str(trees), "-o", str(data), "--iterations", "50", "--set", "tie_break=order"]
     assert main([*args, "--trajectories", str(store)]) == 0
     tree = TrajectoryTree.load(house)
-    assert tree.mcts_visits(0) == 50 and tree.search_info["iterations"] == 50
+    assert tree.search_visits(0) == 50 and tree.search_info["iterations"] == 50
     sft = [json.loads(line) for line in (data / "sft.jsonl").read_text().splitlines()]
     assert {r["task_id"] for r in sft} == {"house/0", "tw/other task"}
     house_row = next(r for r in sft if r["task_id"] == "house/0")

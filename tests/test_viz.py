@@ -74,7 +74,7 @@ def test_unsearched_tree_falls_back_to_mean_unless_mcts_is_asked_for(viz_traject
     tree = build_trees(viz_trajectories)["house/0"]
     data = tree_view_data(tree)
     assert data["meta"]["value"] == "mean" and "no search values" in data["meta"]["value_note"]
-    assert "mcts" not in data["values"] and data["mcts_visits"] is None
+    assert "mcts" not in data["values"] and data["search_visits"] is None
     assert data["best_paths"] == [best_path(tree, node_values(tree, "mean"))]
     with pytest.raises(W2SError, match="no search values"):
         tree_view_data(tree, value="mcts")

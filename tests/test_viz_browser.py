@@ -161,7 +161,7 @@ def test_click_opens_the_node_panel(page: Page, tree) -> None:
     text = panel.text_content()
     for model, count in tree.sources(n).items():
         assert f"{model}{count}" in text  # sources table: model, count
-    assert f"MCTS visits c_M{tree.mcts_visits(n)}" in text
+    assert f"search visits N (c_M){tree.search_visits(n)}" in text
     # a link in the panel (the breadcrumb of the path) selects that node
     parent = tree.parent(n)
     panel.locator(f'.crumbs [data-goto="{parent}"]').click()

@@ -17,6 +17,9 @@ score, so the return is that score clipped to [0, 1] (the sum of the rewards whe
 ``info["max_score"]`` is the engine's raw maximum and is never divided by again); the episode is ``won`` when
 ``info["won"]``, ``lost`` when ``info["lost"]`` or the env terminated it without a win, and ``truncated``
 otherwise (a step limit, the caller's or the env's).
+
+State keys: the reset's ``info["state_key"]`` becomes the trajectory's ``initial_state_key`` and every step's
+``info["state_key"]`` its step's ``state_key`` (``None`` when the env reports none).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from w2s_agents.types import EndReason, EpisodeState, Source, Step, Trajectory
 
-__all__ = ["EpisodeRecorder", "Outcome", "admissible_of", "episode_outcome"]
+__all__ = ["EpisodeRecorder", "Outcome", "admissible_of", "episode_outcome", "state_key_of"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ def admissible_of(info: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The admissible commands an env's ``info`` reports, None when it reports none."""
     cmds = info.get("admissible_commands")
     return tuple(cmds) if cmds is not None else None
+
+
+def state_key_of(info: Mapping[str, Any]) -> str | None:
+    """The state key an env's ``info`` reports, None when it reports none (or an empty or non-string one)."""
+    key = info.get("state_key")
+    return key if isinstance(key, str) and key else None
 
 
 def episode_outcome(info: Mapping[str, Any], terminated: bool, reward_sum: float = 0.0) -> Outcome:
@@ -78,6 +87,7 @@ class EpisodeRecorder:
         initial_observation: the env's first observation.
         admissible: the commands admissible in the first state, None when the env reports none.
         grammar: the env's command language (``TextEnv.command_grammar``), None when unknown.
+        initial_state_key: the key of the first state (``info["state_key"]`` of the reset), None when unknown.
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class EpisodeRecorder:
         initial_observation: str = "",
         admissible: tuple[str, ...] | None = None,
         grammar: str | None = None,
+        initial_state_key: str | None = None,
     ) -> None:
         self.task_id = task_id
         self.env_id = env_id
@@ -98,6 +109,7 @@ class EpisodeRecorder:
         self.initial_observation = initial_observation
         self.admissible = admissible
         self.grammar = grammar
+        self.initial_state_key = initial_state_key
         self.steps: list[Step] = []
         self.reward_sum = 0.0
         self._turns: list[tuple[str, str, str]] = []
@@ -129,6 +141,7 @@ class EpisodeRecorder:
             initial_observation=observation,
             admissible=admissible_of(info),
             grammar=grammar,
+            initial_state_key=state_key_of(info),
         )
         rec._last_info = info
         return rec
@@ -199,7 +212,7 @@ class EpisodeRecorder:
         """Record one action and the env's answer; returns the recorded step.
 
         The step keeps the commands that were admissible when the action was chosen; ``info``'s commands
-        become the admissible commands of the new state.
+        become the admissible commands of the new state, and ``info``'s state key is the step's.
         """
         step = Step(
             action=action,
@@ -211,6 +224,7 @@ class EpisodeRecorder:
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             latency_s=latency_s,
+            state_key=state_key_of(info),
             extra=dict(extra or {}),
         )
         self.steps.append(step)
@@ -267,4 +281,5 @@ class EpisodeRecorder:
             success=outcome.success,
             end=outcome.end,
             extra=meta,
+            initial_state_key=self.initial_state_key,
         )

@@ -7,11 +7,16 @@ observation, the :class:`Step` sequence and the outcome. It is persisted as one 
     {"schema": "w2s.trajectory/1", "task_id": "tw-simple/train/0", "env_id": "w2s/TextWorld-v0",
      "source": {"model": "weak-sft", "role": "weak", "sampler": "t0.7-p0.95", "temperature": 0.7,
                 "top_p": 0.95, "seed": 3},
-     "instruction": "...", "initial_observation": "...",
+     "instruction": "...", "initial_observation": "...", "initial_state_key": "02d06bce150280b8",
      "steps": [{"observation": "...", "thought": "...", "action": "open door", "reward": 0.0, "score": 0.0,
                 "admissible": ["open door", "go north"], "tokens_in": 312, "tokens_out": 9,
-                "latency_s": 0.021}],
+                "latency_s": 0.021, "state_key": "586f182833e8469e"}],
      "return": 0.0, "success": false, "end": "truncated"}
+
+``initial_state_key`` and a step's ``state_key`` identify the game state reached (the env's
+``info["state_key"]``, DESIGN section 7): equal keys within one task mean the same state, whatever the path to
+it. Both are optional: written only when the env reported a key, absent in older files and for envs that
+cannot tell.
 
 :class:`EpisodeState` is what an agent sees of a live episode: the task, the turns so far and the commands
 admissible now.
@@ -52,6 +57,10 @@ END_REASONS: tuple[str, ...] = get_args(EndReason)
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_key(x: Any) -> bool:
+    return x is None or (isinstance(x, str) and x != "")
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,8 @@ class Step:
     """Generated (or scored) tokens of that call."""
     latency_s: float = 0.0
     """Wall time of choosing the action, in seconds."""
+    state_key: str | None = None
+    """Identity of the state the action led to (the env's ``info["state_key"]``), None when unknown."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form JSON metadata (e.g. a raw model output that could not be parsed)."""
 
@@ -136,6 +147,8 @@ class Step:
                 object.__setattr__(self, "admissible", tuple(self.admissible))
             if not all(isinstance(a, str) for a in self.admissible):
                 raise ValueError("step.admissible must be a list of strings or null")
+        if not _is_key(self.state_key):
+            raise ValueError(f"step.state_key must be a non-empty string or null, got {self.state_key!r}")
         if not isinstance(self.extra, Mapping):
             raise ValueError("step.extra must be a mapping")
 
@@ -152,6 +165,8 @@ class Step:
             "tokens_out": self.tokens_out,
             "latency_s": self.latency_s,
         }
+        if self.state_key is not None:
+            d["state_key"] = self.state_key
         if self.extra:
             d["extra"] = dict(self.extra)
         return d
@@ -195,6 +210,8 @@ class Trajectory:
     """How it ended: ``won``, ``lost``, ``truncated`` (step limit) or ``error`` (env or agent failure)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form JSON metadata."""
+    initial_state_key: str | None = None
+    """Identity of the first state (the reset's ``info["state_key"]``), None when unknown."""
     schema: str = TRAJECTORY_SCHEMA
 
     def __post_init__(self) -> None:
@@ -225,6 +242,10 @@ class Trajectory:
             raise ValueError(f"a successful trajectory must end 'won', not {self.end!r}")
         if not isinstance(self.extra, Mapping):
             raise ValueError("extra must be a mapping")
+        if not _is_key(self.initial_state_key):
+            raise ValueError(
+                f"initial_state_key must be a non-empty string or null, got {self.initial_state_key!r}"
+            )
 
     @property
     def key(self) -> EpisodeKey:
@@ -245,6 +266,10 @@ class Trajectory:
             "source": self.source.to_dict(),
             "instruction": self.instruction,
             "initial_observation": self.initial_observation,
+        }
+        if self.initial_state_key is not None:
+            d["initial_state_key"] = self.initial_state_key
+        d |= {
             "steps": [s.to_dict() for s in self.steps],
             "return": self.return_,
             "success": self.success,
@@ -303,6 +328,7 @@ class Trajectory:
             success=d["success"],
             end=d["end"],
             extra=d.get("extra", {}),
+            initial_state_key=d.get("initial_state_key"),
             schema=schema,
         )
 
@@ -350,7 +376,7 @@ _TRAJ_REQUIRED = (
     "success",
     "end",
 )
-_TRAJ_OPTIONAL = ("extra",)
+_TRAJ_OPTIONAL = ("extra", "initial_state_key")
 _STEP_REQUIRED = ("observation", "action")
 _STEP_OPTIONAL = (
     "thought",
@@ -360,6 +386,7 @@ _STEP_OPTIONAL = (
     "tokens_in",
     "tokens_out",
     "latency_s",
+    "state_key",
     "extra",
 )
 

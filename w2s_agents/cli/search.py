@@ -16,8 +16,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "search",
         help="MCTS over trees; write values into the trees and best-path SFT rows and pairs as JSONL",
-        description="Run the offline MCTS on every tree (files or folders of *.json), store mcts_visits and "
-        "mcts_value in the tree files, and write OUT/sft.jsonl (best paths), OUT/pairs.jsonl (TreeDPO pairs, "
+        description="Run the offline MCTS on every tree (files or folders of *.json), store the search "
+        "statistics (search_visits, search_value_sum) in the tree files, and write OUT/sft.jsonl (best paths), OUT/pairs.jsonl (TreeDPO pairs, "
         "step and continuation level) and OUT/search.json. Settings: the keys of SearchConfig (--config YAML, "
         "--set KEY=VALUE, or the flags below).",
     )

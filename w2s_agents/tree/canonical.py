@@ -32,6 +32,7 @@ _NODE_LISTS = (
     "_ret",
     "_succ",
     "_src",
+    "_state",
 )
 # per-node int64 statistics held as array('q') (8 bytes a node, copied to and from numpy without a loop);
 # return sums stay a list: past 2**62 they are summed as Python ints
@@ -141,12 +142,13 @@ def _renumber(tree: TrajectoryTree) -> None:
         else:
             setattr(tree, name, [values[0], *pick(values)])
     tree._src_sparse = {new_id[n]: d for n, d in tree._src_sparse.items()}
+    tree._state_conflicts = {new_id[n] for n in tree._state_conflicts}
     tree._mix.remap(new_id)
     tree._terminal.remap(new_id)
     tree._index = dict(zip(tree._key[1:], range(1, n), strict=True))
-    if tree._mcts_visits is not None and tree._mcts_value is not None:
-        tree._mcts_visits = tree._mcts_visits[perm]
-        tree._mcts_value = tree._mcts_value[perm]
+    if tree._search_visits is not None and tree._search_value_sum is not None:
+        tree._search_visits = tree._search_visits[perm]
+        tree._search_value_sum = tree._search_value_sum[perm]
     if tree._settled_below < n:  # the nodes not settled are scattered now
         tree._settled_below = 0
     tree._canonical = True

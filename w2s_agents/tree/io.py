@@ -1,15 +1,19 @@
-"""Trajectory trees as networkx graphs and as versioned node-link JSON files (``w2s.tree/1``).
+"""Trajectory trees as networkx graphs and as versioned node-link JSON files (``w2s.tree/2``).
 
 The saved form (canonical ids; node attributes of :meth:`TrajectoryTree.node`)::
 
-    {"schema": "w2s.tree/1", "directed": true, "multigraph": false,
+    {"schema": "w2s.tree/2", "directed": true, "multigraph": false,
      "graph": {"task_id": ..., "env_id": ..., "instruction": ..., "sources": [...], "search": {...}},
      "nodes": [{"id": 0, "depth": 0, "action": "", "thought": "", "observation": ..., "observation_before": "",
                 "visits": 12, "return_sum": 4.5, "successes": 4, "failures": 8, "sources": {"weak-sft": 12},
-                "mcts_visits": 1000, "mcts_value": 398.2, "terminal": {}, "thought_return": 0.0}, ...],
+                "search_visits": 1000, "search_value_sum": 398.2, "state_key": "9f1c...", "terminal": {},
+                "thought_return": 0.0}, ...],
      "edges": [{"source": 0, "target": 1}, ...]}
 
-Readers check every node and edge and name the file (or graph) and the node of the first problem.
+``search_visits`` and ``search_value_sum`` are N and W of the last search; ``state_key`` (null when unknown) is
+the key of the game state the node's action reached. Files of the first version (``w2s.tree/1``: the same
+with ``mcts_visits`` and ``mcts_value`` for N and W, and no state keys) are read too. Readers check every node
+and edge and name the file (or graph) and the node of the first problem.
 """
 
 from __future__ import annotations
@@ -35,8 +39,11 @@ from .keys import FIRST_SEEN, ObservationKey, action_key, observation_key
 if TYPE_CHECKING:
     from .tree import TrajectoryTree
 
-TREE_SCHEMA = "w2s.tree/1"
-"""Schema tag of saved trees; :meth:`TrajectoryTree.load` rejects any other value."""
+TREE_SCHEMA = "w2s.tree/2"
+"""Schema tag of saved trees; :meth:`TrajectoryTree.load` reads this and :data:`OLD_TREE_SCHEMAS`."""
+
+OLD_TREE_SCHEMAS = {"w2s.tree/1": {"mcts_visits": "search_visits", "mcts_value": "search_value_sum"}}
+"""Earlier schemas still read, with the names their node attributes had (old name -> name now)."""
 
 
 def to_networkx(tree: TrajectoryTree) -> nx.DiGraph:
@@ -49,6 +56,8 @@ def to_networkx(tree: TrajectoryTree) -> nx.DiGraph:
         sources=sorted(tree._models),
         search=dict(tree.search_info),
     )
+    if tree._state_conflicts:  # nodes reached with two different state keys (their state_key is null)
+        g.graph["state_conflicts"] = sorted(tree._state_conflicts)
     for n in range(len(tree)):
         g.add_node(n, **tree.node(n))
     for n in range(1, len(tree)):
@@ -96,12 +105,18 @@ def load(
     if not isinstance(data, dict):
         raise DataFormatError(f"{p}: a tree file must hold a JSON object, got {type(data).__name__}")
     schema = data.get("schema")
-    if schema != TREE_SCHEMA:
+    if schema != TREE_SCHEMA and schema not in OLD_TREE_SCHEMAS:
         what = "missing field 'schema'" if schema is None else f"unsupported tree schema {schema!r}"
-        raise DataFormatError(f"{p}: {what} (this version reads {TREE_SCHEMA!r})")
+        readable = ", ".join(repr(s) for s in (TREE_SCHEMA, *OLD_TREE_SCHEMAS))
+        raise DataFormatError(f"{p}: {what} (this version reads {readable})")
     nodes, edges = data.get("nodes"), data.get("edges")
     if not isinstance(nodes, list) or not isinstance(edges, list):
         raise DataFormatError(f"{p}: 'nodes' and 'edges' must be lists")
+    renamed = OLD_TREE_SCHEMAS.get(schema)
+    if renamed:
+        nodes = [
+            {renamed.get(k, k): v for k, v in rec.items()} if isinstance(rec, dict) else rec for rec in nodes
+        ]
     gattrs = data.get("graph")
     if not isinstance(gattrs, dict):
         raise DataFormatError(f"{p}: 'graph' must be an object")
@@ -188,6 +203,7 @@ def from_records(
     tree._canonical = False
     tree._thought, tree._tret, tree._ret = [], array("q"), []
     tree._visits, tree._succ, tree._src = array("q"), array("q"), array("q")
+    tree._state = []
     mv: list[int] = []
     mval: list[float] = []
     for old in order:
@@ -229,14 +245,23 @@ def from_records(
         if attrs["terminal"]:
             for j, name in enumerate(END_REASONS):
                 tree._terminal.add(i, j, attrs["terminal"].get(name, 0))
-        mv.append(attrs["mcts_visits"])
-        mval.append(attrs["mcts_value"])
+        mv.append(attrs["search_visits"])
+        mval.append(attrs["search_value_sum"])
+        state = rec.get("state_key")
+        if state is not None and (not isinstance(state, str) or not state):
+            raise fail(f"node {old}: attribute 'state_key' must be a non-empty string or null, got {state!r}")
+        tree._state.append(state)
+    tree._state_seen = any(s is not None for s in tree._state)
+    conflicts = gattrs.get("state_conflicts", [])
+    if not isinstance(conflicts, list) or not all(isinstance(v, int) and v in new_id for v in conflicts):
+        raise fail("graph attribute 'state_conflicts' must be a list of node ids")
+    tree._state_conflicts = {new_id[v] for v in conflicts}
     for model in gattrs.get("sources", []) or []:
         if isinstance(model, str):
             model_id(tree, model)
     if any(mv) or any(mval):
-        tree._mcts_visits = np.asarray(mv, dtype=np.int64)
-        tree._mcts_value = np.asarray(mval, dtype=np.float64)
+        tree._search_visits = np.asarray(mv, dtype=np.int64)
+        tree._search_value_sum = np.asarray(mval, dtype=np.float64)
     tree._ret_bound = max(map(abs, tree._ret))
     tree._settled_below = n  # every text was keyed above
     search = gattrs.get("search", {})
@@ -256,8 +281,8 @@ _NODE_FIELDS: dict[str, tuple[type, ...]] = {
     "successes": (int,),
     "failures": (int,),
     "sources": (dict,),
-    "mcts_visits": (int,),
-    "mcts_value": (int, float),
+    "search_visits": (int,),
+    "search_value_sum": (int, float),
     "terminal": (dict,),
     "thought_return": (int, float),
 }

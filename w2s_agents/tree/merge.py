@@ -60,6 +60,7 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
     task_id = tree.task_id
     akc, index, keys, parents = tree._akc, tree._index, tree._key, tree._parent
     oka, otext, thoughts, trets = tree._oka, tree._otext, tree._thought, tree._tret
+    states_append = tree._state.append
     models = tree._model_index
     flat_append, ret_append = tree._pend_nodes.append, tree._pend_ret.append
     end_index, n_end, first = _END_INDEX, _N_END, FIRST_SEEN
@@ -115,6 +116,7 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
                     otext.append(o)
                     thoughts.append(step.thought)
                     trets.append(r)
+                    states_append(None)
                     flat_append(c)
                     node = c
                     break
@@ -141,15 +143,41 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
                 otext.append(step.observation)
                 thoughts.append(step.thought)
                 trets.append(r)
+                states_append(None)
                 flat_append(c)
                 node = c
                 c += 1
+            if traj.initial_state_key is not None:
+                record_states(tree, traj)
     finally:
         if len(keys) != n0:
             tree._canonical = False
             tree._children = None
     # visits, return sums, successes, sources, depths and ends are summed when next read (see flush)
     return count, node
+
+
+def record_states(tree: TrajectoryTree, traj: Trajectory) -> None:
+    """Record the state keys of ``traj``, whose path was just merged (its nodes end the pending path list).
+
+    A node keeps the key its trajectories agree on; a node reached with two different keys (an env that is not
+    deterministic given its key, or a key that misses part of the state) gets None for good, so the result does
+    not depend on the order trajectories are added in.
+    """
+    states, conflicts = tree._state, tree._state_conflicts
+    n = len(traj.steps)
+    path = [0, *tree._pend_nodes[len(tree._pend_nodes) - n :]] if n else [0]
+    keys = [traj.initial_state_key, *(s.state_key for s in traj.steps)]
+    for node, key in zip(path, keys, strict=True):
+        if key is None or node in conflicts:
+            continue
+        old = states[node]
+        if old is None:
+            states[node] = key
+        elif old != key:
+            states[node] = None
+            conflicts.add(node)
+    tree._state_seen = True
 
 
 def flush(tree: TrajectoryTree) -> None:

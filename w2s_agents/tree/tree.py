@@ -9,7 +9,8 @@ therefore stands for "this action, taken on this observation, after this history
 Per node the tree keeps the data statistics of DESIGN section 4: ``visits`` (trajectories through the node),
 ``return_sum`` (their final returns), ``successes`` and ``failures`` (won / not won), ``sources`` (trajectories
 per model) and ``terminal`` (how the trajectories that ended at the node ended), plus the search statistics
-``mcts_visits`` and ``mcts_value`` written by :mod:`w2s_agents.search`.
+``search_visits`` (N) and ``search_value_sum`` (W) written by :mod:`w2s_agents.search`, and per node the
+key of the game state its action reached (``state_key``, when the env reports keys).
 
 This module holds :class:`TrajectoryTree`: its storage, its queries, and thin methods over the modules that
 do the work: :mod:`~w2s_agents.tree.merge` (merging trajectories, summing the statistics they leave
@@ -150,10 +151,15 @@ class TrajectoryTree:
         self._model_index: dict[str, int] = {}
         self._children: tuple[np.ndarray, np.ndarray] | None = None  # CSR, see child_arrays()
         self._canonical = True  # ids are in canonical preorder (true until a node is added)
-        self._mcts_visits: np.ndarray | None = None
-        self._mcts_value: np.ndarray | None = None
+        self._search_visits: np.ndarray | None = None  # N of the last search
+        self._search_value_sum: np.ndarray | None = None  # W of the last search
+        # the key of the state each node's action reached (root: the first state), None when unknown; a node
+        # reached with two different keys (an env that is not deterministic given its key) gets None
+        self._state: list[str | None] = [None]
+        self._state_conflicts: set[int] = set()  # nodes reached with two different keys (state None)
+        self._state_seen = False  # some trajectory brought a key (else _state is all None)
         self.search_info: dict[str, Any] = {}
-        """Settings of the last search that wrote ``mcts_*`` values (saved with the tree)."""
+        """Settings of the last search that wrote search statistics (saved with the tree)."""
 
     # ------------------------------------------------------------------------------------------- building
 
@@ -291,13 +297,24 @@ class TrajectoryTree:
             return {}
         return {name: n for name, n in zip(END_REASONS, ends, strict=True) if n}
 
-    def mcts_visits(self, node: int) -> int:
-        """Simulations of the last search through ``node`` (0 before any search)."""
-        return 0 if self._mcts_visits is None else int(self._mcts_visits[node])
+    def search_visits(self, node: int) -> int:
+        """N: simulations of the last search through ``node`` (the paper's c_M; 0 before any search)."""
+        return 0 if self._search_visits is None else int(self._search_visits[node])
 
-    def mcts_value(self, node: int) -> float:
-        """Sum of the values backed up through ``node`` by the last search (r_M; 0 before any search)."""
-        return 0.0 if self._mcts_value is None else float(self._mcts_value[node])
+    def search_value_sum(self, node: int) -> float:
+        """W: the sum of the values backed up through ``node`` by the last search (the paper's r_M; 0 before
+        any search). The search value Q is W / N (:func:`w2s_agents.search.search_values`)."""
+        return 0.0 if self._search_value_sum is None else float(self._search_value_sum[node])
+
+    @property
+    def has_state_keys(self) -> bool:
+        """Whether some trajectory of the tree brought the env's state keys."""
+        return self._state_seen
+
+    def state_key(self, node: int) -> str | None:
+        """The key of the game state ``node``'s action reached (the root's: the first state), None when the
+        env reported none or the node was reached with two different keys."""
+        return self._state[node]
 
     def children(self, node: int) -> tuple[int, ...]:
         """Children of ``node`` in canonical order (by action key, then observation key)."""
@@ -335,8 +352,9 @@ class TrajectoryTree:
             "successes": self._succ[node],
             "failures": self.failures(node),
             "sources": self.sources(node),
-            "mcts_visits": self.mcts_visits(node),
-            "mcts_value": self.mcts_value(node),
+            "search_visits": self.search_visits(node),
+            "search_value_sum": self.search_value_sum(node),
+            "state_key": self._state[node],
             "terminal": self.terminal(node),
             "thought_return": max(self._tret[node], 0) / _SCALE,
         }
@@ -357,21 +375,21 @@ class TrajectoryTree:
         )
 
     def search_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(mcts_visits, mcts_value)`` of every node (int64, float64; shared, do not modify), or None
-        before any search."""
-        if self._mcts_visits is None or self._mcts_value is None:
+        """``(search_visits, search_value_sum)``, N and W of every node (int64, float64; shared, do not
+        modify), or None before any search."""
+        if self._search_visits is None or self._search_value_sum is None:
             return None
-        return self._mcts_visits, self._mcts_value
+        return self._search_visits, self._search_value_sum
 
     def set_search_values(
-        self, mcts_visits: Sequence[int] | np.ndarray, mcts_value: Sequence[float] | np.ndarray, **info: Any
+        self, visits: Sequence[int] | np.ndarray, value_sum: Sequence[float] | np.ndarray, **info: Any
     ) -> None:
-        """Store the statistics of a search (one entry per node) and the settings that produced them."""
-        v = np.asarray(mcts_visits, dtype=np.int64)
-        w = np.asarray(mcts_value, dtype=np.float64)
+        """Store N and W of a search (one entry per node) and the settings that produced them."""
+        v = np.asarray(visits, dtype=np.int64)
+        w = np.asarray(value_sum, dtype=np.float64)
         if v.shape != (len(self),) or w.shape != (len(self),):
             raise ValueError(f"search values need {len(self)} entries per array, got {v.shape} and {w.shape}")
-        self._mcts_visits, self._mcts_value = v, w
+        self._search_visits, self._search_value_sum = v, w
         self.search_info = dict(info)
 
     def summary(self) -> TreeSummary:

@@ -35,8 +35,8 @@ from w2s_agents.search import (
     ValueKind,
     best_path,
     max_values,
-    mcts_values,
     mean_values,
+    search_values,
     success_values,
     tree_pairs,
 )
@@ -53,7 +53,7 @@ __all__ = [
     "tree_view_data",
 ]
 
-VIZ_SCHEMA = "w2s.viz/1"
+VIZ_SCHEMA = "w2s.viz/2"
 """Schema tag of the JSON data embedded in the viewer pages."""
 
 VALUE_COLORS: tuple[str, str, str] = ("#d73027", "#fee08b", "#1a9850")
@@ -167,7 +167,7 @@ def _rounded(values: np.ndarray, digits: int = 4) -> list[float | None]:
 def _value_arrays(tree: TrajectoryTree, discount: float = 1.0) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if tree.search_arrays() is not None:
-        out["mcts"] = mcts_values(tree)
+        out["mcts"] = search_values(tree)
     out["mean"] = mean_values(tree, discount)
     out["success"] = success_values(tree)
     out["max"] = max_values(tree, discount)
@@ -389,8 +389,8 @@ def tree_view_data(
         "successes": successes.tolist(),
         "src": src,
         "terminal": terminal,
-        "mcts_visits": arrays[0].tolist() if arrays is not None else None,
-        "mcts_value_sum": [round(x, 6) for x in arrays[1].tolist()] if arrays is not None else None,
+        "search_visits": arrays[0].tolist() if arrays is not None else None,
+        "search_value_sum": [round(x, 6) for x in arrays[1].tolist()] if arrays is not None else None,
         "values": {k: _rounded(v) for k, v in values.items()},
         "best_paths": best_paths,
         "pairs": pair_list,

@@ -186,7 +186,7 @@
   append(header, el("div", "summary", sumText));
   var search = M.search || {};
   var notes = [];
-  notes.push(D.mcts_visits ? "search: " + (search.algorithm || "MCTS") +
+  notes.push(D.search_visits ? "search: " + (search.algorithm || "MCTS") +
     (search.iterations !== undefined ? ", " + search.iterations + " simulations" : "") +
     (search.gamma !== undefined ? ", gamma " + search.gamma : "") : "search: none (no MCTS values)");
   notes.push("best path: " + M.best_origin);
@@ -474,9 +474,9 @@
     panel.appendChild(section("Sources (trajectories per model)", srows.length ? table(srows) : el("p", "empty", "(none)"), "sources"));
 
     var mrows = [];
-    if (D.mcts_visits) {
-      var mv = D.mcts_visits[n], ms = D.mcts_value_sum[n];
-      mrows.push(["MCTS visits c_M", String(mv)], ["value sum r_M", fmt(ms, 4)], ["r_M / c_M", mv ? fmt(ms / mv) : "\u2013"]);
+    if (D.search_visits) {
+      var mv = D.search_visits[n], ms = D.search_value_sum[n];
+      mrows.push(["search visits N (c_M)", String(mv)], ["value sum W (r_M)", fmt(ms, 4)], ["search value Q = W/N", mv ? fmt(ms / mv) : "\u2013"]);
     } else {
       mrows.push(["MCTS", "not searched"]);
     }
