@@ -17,9 +17,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "search",
         help="MCTS over trees; write values into the trees and best-path SFT rows and pairs as JSONL",
         description="Run the offline MCTS on every tree (files or folders of *.json), store the search "
-        "statistics (search_visits, search_value_sum) in the tree files, and write OUT/sft.jsonl (best paths), OUT/pairs.jsonl (TreeDPO pairs, "
-        "step and continuation level) and OUT/search.json. Settings: the keys of SearchConfig (--config YAML, "
-        "--set KEY=VALUE, or the flags below).",
+        "statistics (search_visits, search_value_sum) in the tree files, and write OUT/sft.jsonl (best "
+        "paths), OUT/pairs.jsonl (TreeDPO pairs, step and continuation level) and OUT/search.json. Settings: "
+        "the keys of SearchConfig (--config YAML, --set KEY=VALUE, or the flags below). Best paths are "
+        "loop-erased or stitched over the trees' state keys (search.paths) only with --suite, whose env "
+        "replays every shortened path before it becomes a row.",
     )
     p.add_argument("trees", nargs="+", metavar="TREE.json|DIR")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the datasets")
@@ -30,6 +32,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--seed", type=int, default=None, help="seed of the tie-breaking order")
     p.add_argument("--value", default=None, choices=["mcts", "mean", "max", "success"], help="node value")
     p.add_argument("--margin", type=float, default=None, help="smallest value gap of a pair")
+    p.add_argument(
+        "--suite",
+        default=None,
+        metavar="SUITE",
+        help="the task suite of the trees: its env replays shortened best paths (search.paths); without it the "
+        "rows are the greedy tree paths",
+    )
+    p.add_argument("--max-steps", type=int, default=50, help="step limit of a replayed path (with --suite)")
     p.add_argument(
         "--keep-values",
         action="store_true",
@@ -49,9 +59,12 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     from w2s_agents.config import config_to_dict, load_config
     from w2s_agents.search import (
         SearchConfig,
-        best_path_row,
+        best_path,
+        choose_path,
         expert_failure_pairs,
         node_values,
+        path_row,
+        replay_path,
         search_tree,
         tree_pairs,
         unique_rows,
@@ -59,6 +72,7 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     )
     from w2s_agents.store import iter_trajectories
     from w2s_agents.tree import TrajectoryTree
+    from w2s_agents.types import Source
 
     overrides = list(ns.set)
     for key in ("iterations", "gamma", "seed", "value", "margin"):
@@ -66,29 +80,56 @@ def _cmd_search(ns: argparse.Namespace) -> int:
             overrides.append(f"{key}={getattr(ns, key)}")
     cfg = load_config(SearchConfig, ns.config, overrides)
     files = tree_files(ns.trees)
-    sft_rows, pair_rows = [], []
-    for path in files:
-        tree = TrajectoryTree.load(path)
-        if cfg.value == "mcts" or not ns.keep_values:
-            search_tree(tree, cfg)
-            tree.save(path)
-        values = node_values(tree, cfg.value, cfg.discount)
-        row = best_path_row(tree, values, min_return=cfg.sft_min_value)
-        if row is not None:
-            sft_rows.append(row)
-        pairs = tree_pairs(
-            tree,
-            values,
-            margin=cfg.margin,
-            per_node=cfg.pairs_per_node,
-            step=cfg.step_pairs,
-            continuation=cfg.continuation_pairs,
-        )
-        pair_rows.extend(pairs)
+    replay, env = None, None
+    if cfg.paths != "tree" and ns.suite is None:
         print(
-            f"{path}: task {tree.task_id}, {len(tree)} nodes, best path {'kept' if row else 'skipped'}, "
-            f"{len(pairs)} pairs"
+            f"w2s: search.paths={cfg.paths} replays shortened paths in the env of --suite; without it the rows are tree paths"
         )
+        mode = "tree"
+    else:
+        mode = cfg.paths
+    if mode != "tree":
+        from w2s_agents.envs.demos import suite_env
+
+        env = suite_env(ns.suite, max_steps=ns.max_steps)
+        source = Source(model="path-replay", role="search", sampler="replay")
+
+        def replay(tree, nodes, target):  # type: ignore[no-untyped-def]
+            return replay_path(env, tree, nodes, expected_return=target, source=source)
+
+    sft_rows, pair_rows = [], []
+    try:
+        for path in files:
+            tree = TrajectoryTree.load(path)
+            if cfg.value == "mcts" or not ns.keep_values:
+                search_tree(tree, cfg)
+                tree.save(path)
+            values = node_values(tree, cfg.value, cfg.discount)
+            choice = choose_path(tree, best_path(tree, values), mode=mode, replay=replay)
+            row = path_row(tree, choice, values, min_return=cfg.sft_min_value)
+            if row is not None:
+                sft_rows.append(row)
+            pairs = tree_pairs(
+                tree,
+                values,
+                margin=cfg.margin,
+                per_node=cfg.pairs_per_node,
+                step=cfg.step_pairs,
+                continuation=cfg.continuation_pairs,
+            )
+            pair_rows.extend(pairs)
+            shortened = (
+                f" ({choice.kind}, {choice.raw_steps} -> {choice.steps} steps)"
+                if choice.kind != "tree"
+                else ""
+            )
+            print(
+                f"{path}: task {tree.task_id}, {len(tree)} nodes, best path {'kept' if row else 'skipped'}"
+                f"{shortened}, {len(pairs)} pairs"
+            )
+    finally:
+        if env is not None:
+            env.close()
     out = Path(ns.out)
     n_sft = write_rows(unique_rows(sft_rows), out / "sft.jsonl")
     n_pairs = write_rows(unique_rows(pair_rows), out / "pairs.jsonl")

@@ -172,5 +172,21 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
             "trees_with_success": sum(t["success_leaves"] > 0 for t in per_tree),
             "per_tree": per_tree,
         }
+    paths = _best_paths(run_dir, seeds)
+    if paths is not None:
+        metrics["best_paths"] = paths
     metrics["curves"] = _curves(run_dir / f"seed-{seeds[0]}")
     return metrics
+
+
+def _best_paths(run_dir: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
+    """The best-path summary of the search stages (``search/paths.json``) over every seed, None without one."""
+    from w2s_agents.pipeline.stages.search import summarize_paths
+
+    stats: list[dict[str, Any]] = []
+    for s in seeds:
+        f = run_dir / f"seed-{s}" / "search" / "paths.json"
+        if not f.is_file():
+            return None
+        stats += read_json(f)["trees"]
+    return summarize_paths(stats)

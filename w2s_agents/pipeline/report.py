@@ -250,6 +250,7 @@ def write_report(metrics: Mapping[str, Any], run_dir: str | os.PathLike[str], *,
     lines += _dict_section("Search cost", metrics.get("search_cost"))
     tree_stats = {k: v for k, v in (metrics.get("trees") or {}).items() if k != "per_tree"}
     lines += _dict_section("Trajectory trees", tree_stats)
+    lines += _dict_section("Best paths (search.paths)", metrics.get("best_paths"))
     if plots:
         paths = plot_metrics(metrics, run_dir / "plots")
         if paths:

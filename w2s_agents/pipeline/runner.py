@@ -84,6 +84,13 @@ def _train_part(cfg: ExperimentConfig, tc: TrainConfig, seed: int) -> dict[str, 
     }
 
 
+def _replay_part(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The env settings a search stage replays shortened paths in (none when it keeps tree paths)."""
+    if cfg.search.paths == "tree":
+        return {}
+    return {"replay_env": {"max_steps": cfg.tasks.max_steps, "env_kwargs": cfg.tasks.env_kwargs}}
+
+
 def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     """The stages of one run seed (see the module docstring), each with the config part it depends on.
 
@@ -122,8 +129,9 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             partial(run_explore, cfg=cfg, seed=seed),
             config={"explore": cfg.explore, "agent": cfg.agent, "seed": seed},
             deps=("weak-sft",),
+            version=2,  # 2: trajectories carry the env's state keys
         ),
-        Stage("trees", run_trees, deps=("explore",)),
+        Stage("trees", run_trees, deps=("explore",), version=2),  # 2: tree files w2s.tree/2
     ]
     if cfg.expand.iterations:
         stages.append(
@@ -138,7 +146,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         Stage(
             "search",
             partial(run_search, cfg=cfg, seed=seed, trees_stage=searched),
-            config={"search": cfg.search, "seed": seed},
+            config={"search": cfg.search, "seed": seed, **_replay_part(cfg)},
             deps=(searched, "demos"),
         )
     )

@@ -1,16 +1,28 @@
-"""The ``search`` stage: offline MCTS over every tree, then the training data taken from the searched trees."""
+"""The ``search`` stage: offline MCTS over every tree, then the training data taken from the searched trees.
+
+Each tree's SFT row is made of its best path as ``search.paths`` says: the greedy tree path by value (the
+paper's), or that path with its cycles cut, or the fewest moves over the states the trajectories reached
+(:mod:`w2s_agents.search.paths`). A shortened path is replayed in the env before it becomes a row; one that does
+not reach the outcome it was taken for is dropped and counted, and the next candidate is tried.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
-from w2s_agents.pipeline.stage_io import read_trajectories, training_system
+from w2s_agents.pipeline.stage_io import read_trajectories, training_system, write_json
 from w2s_agents.seeding import derive_seed
+from w2s_agents.tree import TrajectoryTree
+from w2s_agents.types import Source
 
-__all__ = ["run_search"]
+if TYPE_CHECKING:
+    from w2s_agents.search import PathChoice, PathOutcome
+
+__all__ = ["run_search", "summarize_paths"]
 
 
 def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_stage: str) -> dict[str, Any]:
@@ -20,40 +32,60 @@ def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_sta
     expert-vs-failed pairs of the ceiling.
 
     Reads: ``<trees_stage>/trees/*.json``, ``demos/demos.jsonl``, ``explore/trajectories.jsonl``. Writes:
-    ``trees/<task>.json`` (with the MCTS statistics), ``sft.jsonl``, ``pairs.jsonl``, ``expert_pairs.jsonl``.
-    Returns the row and pair counts and the simulations per tree.
+    ``trees/<task>.json`` (with the MCTS statistics), ``sft.jsonl``, ``pairs.jsonl``, ``expert_pairs.jsonl``,
+    ``paths.json`` (per tree: the best path's length before and after, how it was found, replays dropped).
+    Returns the row and pair counts, the simulations per tree and the best-path summary.
     """
+    from w2s_agents.envs.demos import suite_env
     from w2s_agents.search import (
-        best_path_row,
+        best_path,
+        choose_path,
         expert_failure_pairs,
         node_values,
+        path_row,
+        replay_path,
         search_tree,
         tree_pairs,
         unique_rows,
         write_rows,
     )
-    from w2s_agents.tree import TrajectoryTree
 
     system = training_system(cfg)
     sc = replace(cfg.search, seed=derive_seed(seed, "search") % 2**31)
-    sft_rows, pair_rows = [], []
-    for path in sorted((ctx.output(trees_stage) / "trees").glob("*.json")):
-        tree = TrajectoryTree.load(path)
-        search_tree(tree, sc)
-        tree.save(ctx.directory / "trees" / path.name)
-        values = node_values(tree, sc.value, sc.discount)
-        row = best_path_row(tree, values, min_return=sc.sft_min_value, system=system)
-        if row is not None:
-            sft_rows.append(row)
-        pair_rows += tree_pairs(
-            tree,
-            values,
-            margin=sc.margin,
-            per_node=sc.pairs_per_node,
-            step=sc.step_pairs,
-            continuation=sc.continuation_pairs,
-            system=system,
-        )
+    sft_rows, pair_rows, path_stats = [], [], []
+    env = None
+    if sc.paths != "tree":  # shortened paths are replayed in the env before they become rows
+        env = suite_env(cfg.tasks.suite, max_steps=cfg.tasks.max_steps, **cfg.tasks.env_kwargs)
+    replayer = None
+    if env is not None:
+        source = Source(model="path-replay", role="search", sampler="replay")
+
+        def replayer(tree: TrajectoryTree, nodes: Sequence[int], target: float) -> PathOutcome:
+            return replay_path(env, tree, nodes, expected_return=target, source=source)
+
+    try:
+        for path in sorted((ctx.output(trees_stage) / "trees").glob("*.json")):
+            tree = TrajectoryTree.load(path)
+            search_tree(tree, sc)
+            tree.save(ctx.directory / "trees" / path.name)
+            values = node_values(tree, sc.value, sc.discount)
+            choice = choose_path(tree, best_path(tree, values), mode=sc.paths, replay=replayer)
+            row = path_row(tree, choice, values, min_return=sc.sft_min_value, system=system)
+            if row is not None:
+                sft_rows.append(row)
+            path_stats.append(_path_stats(tree, choice, row is not None))
+            pair_rows += tree_pairs(
+                tree,
+                values,
+                margin=sc.margin,
+                per_node=sc.pairs_per_node,
+                step=sc.step_pairs,
+                continuation=sc.continuation_pairs,
+                system=system,
+            )
+    finally:
+        if env is not None:
+            env.close()
     trajs = read_trajectories(ctx.output("demos") / "demos.jsonl") + read_trajectories(
         ctx.output("explore") / "trajectories.jsonl"
     )
@@ -61,4 +93,50 @@ def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_sta
     n_sft = write_rows(unique_rows(sft_rows), ctx.directory / "sft.jsonl")
     n_pairs = write_rows(unique_rows(pair_rows), ctx.directory / "pairs.jsonl")
     n_expert = write_rows(expert, ctx.directory / "expert_pairs.jsonl")
-    return {"sft_rows": n_sft, "pairs": n_pairs, "expert_pairs": n_expert, "simulations": sc.iterations}
+    summary = summarize_paths(path_stats)
+    write_json(ctx.directory / "paths.json", {"summary": summary, "trees": path_stats})
+    return {
+        "sft_rows": n_sft,
+        "pairs": n_pairs,
+        "expert_pairs": n_expert,
+        "simulations": sc.iterations,
+        "best_paths": summary,
+    }
+
+
+def _path_stats(tree: TrajectoryTree, choice: PathChoice, kept: bool) -> dict[str, Any]:
+    """What the best path of one tree became (one entry of ``paths.json``)."""
+    won = (
+        choice.trajectory.success
+        if choice.trajectory is not None
+        else tree.terminal(choice.nodes[-1]).get("won", 0) > 0
+    )
+    return {
+        "task_id": tree.task_id,
+        "path": choice.kind,
+        "raw_steps": choice.raw_steps,
+        "steps": choice.steps,
+        "dropped": list(choice.tried),
+        "won": bool(won),
+        "tree_won": tree.successes(0) > 0,
+        "row": kept,
+    }
+
+
+def summarize_paths(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best paths of a run's trees in numbers: how many were shortened (loop-erased or stitched), their
+    mean length before and after, the stitched paths found and dropped by replay, and coverage expansion (trees
+    where no trajectory won but the chosen path's replay does)."""
+    n = len(stats)
+    shortened = [s for s in stats if s["path"] != "tree"]
+    return {
+        "trees": n,
+        "shortened": len(shortened),
+        "loop_erased": sum(s["path"] == "loop-erased" for s in stats),
+        "stitched": sum(s["path"] == "stitched" for s in stats),
+        "dropped_by_replay": sum(len(s["dropped"]) for s in stats),
+        "mean_steps_before": sum(s["raw_steps"] for s in stats) / n if n else 0.0,
+        "mean_steps_after": sum(s["steps"] for s in stats) / n if n else 0.0,
+        "won": sum(s["won"] for s in stats),
+        "expanded": sum(s["won"] and not s["tree_won"] for s in stats),
+    }
