@@ -107,8 +107,9 @@ def path_row(
     system: str | None = SYSTEM_PROMPT,
 ) -> SftRow | None:
     """The SFT row of a chosen path (:func:`~w2s_agents.search.paths.choose_path`): a tree path's row as
-    :func:`best_path_row` makes it, or the replayed episode of a shortened path (its texts are the env's);
-    None when the path has no step or its return is below ``min_return``."""
+    :func:`best_path_row` makes it, or the replayed episode of a shortened path (its texts are the env's; the
+    row also holds ``path``, how it was found, and ``path_nodes``, its tree nodes); None when the path has no
+    step or its return is below ``min_return``."""
     if choice.trajectory is None:
         return best_path_row(tree, values, min_return=min_return, system=system, path=choice.nodes)
     traj = choice.trajectory
@@ -125,7 +126,7 @@ def path_row(
         return_=traj.return_,
         sources=_sources(tree, leaf),
         steps=len(traj.steps),
-        extra={"path": choice.kind},
+        extra={"path": choice.kind, "path_nodes": list(choice.nodes)},
     )
 
 
