@@ -47,10 +47,19 @@ from typing import Any
 
 import numpy as np
 
-from w2s_agents.search import best_path, node_values, run_mcts, search_tree, tree_pairs
+from w2s_agents.search import (
+    StateGraph,
+    best_path,
+    choose_path,
+    node_values,
+    replay_path,
+    run_mcts,
+    search_tree,
+    tree_pairs,
+)
 from w2s_agents.search.mcts import SearchConfig
 from w2s_agents.tree import TrajectoryTree, add_trajectories
-from w2s_agents.types import Trajectory
+from w2s_agents.types import Source, Trajectory
 
 WORDS = [
     "old",
@@ -145,12 +154,20 @@ ITEMS = {"take key": "a brass key", "take coin": "a gold coin"}  # what the take
 DROPS = {"put key in box": "a brass key", "drop knife": "a knife"}  # what some actions remove from it
 
 
-def play(game: dict[str, Any], seed: int, rng: random.Random, steps: int = 10, distinct: bool = False) -> str:
+def play(
+    game: dict[str, Any],
+    seed: int,
+    rng: random.Random,
+    steps: int = 10,
+    distinct: bool = False,
+    keys: bool = False,
+) -> str:
     """One episode of the biased weak agent as a JSON line of the trajectory format.
 
     With ``distinct``, each observation is the room's description followed by the inventory and a
     score/moves line, as in real games, so that its text differs per state (the same choices are made for
-    the same ``rng`` state either way: only the texts differ)."""
+    the same ``rng`` state either way: only the texts differ). With ``keys``, every step carries the state
+    key of :class:`BenchEnv` (room and score), as an env that reports keys gives them."""
     state = 0
     out_steps = []
     reached = 0
@@ -183,23 +200,26 @@ def play(game: dict[str, Any], seed: int, rng: random.Random, steps: int = 10, d
                 "score": 0.0,
             }
         )
+        if keys:
+            out_steps[-1]["state_key"] = f"{state}/{min(reached, 4)}"
         if won:
             break
     ret = 1.0 if won else min(reached, 4) / 5
-    return json.dumps(
-        {
-            "schema": "w2s.trajectory/1",
-            "task_id": game["task"],
-            "env_id": "w2s/Bench-v0",
-            "source": {"model": f"weak-{seed % 3}", "role": "weak", "sampler": f"s{seed % 6}", "seed": seed},
-            "instruction": "Find the treasure and bring it to the study.",
-            "initial_observation": game["obs"][0],
-            "steps": out_steps,
-            "return": ret,
-            "success": won,
-            "end": "won" if won else "truncated",
-        }
-    )
+    record = {
+        "schema": "w2s.trajectory/1",
+        "task_id": game["task"],
+        "env_id": "w2s/Bench-v0",
+        "source": {"model": f"weak-{seed % 3}", "role": "weak", "sampler": f"s{seed % 6}", "seed": seed},
+        "instruction": "Find the treasure and bring it to the study.",
+        "initial_observation": game["obs"][0],
+        "steps": out_steps,
+        "return": ret,
+        "success": won,
+        "end": "won" if won else "truncated",
+    }
+    if keys:
+        record["initial_state_key"] = "0/0"
+    return json.dumps(record)
 
 
 # ------------------------------------------------------------------------------------------------ baseline
@@ -365,12 +385,15 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def generate(n_traj: int, per_task: int, seed: int, distinct: bool) -> tuple[list[Trajectory], int]:
-    """The data set: ``n_traj`` trajectories written as JSON lines and parsed back; returns them and the steps."""
+def generate(
+    n_traj: int, per_task: int, seed: int, distinct: bool, keys: bool = False
+) -> tuple[list[Trajectory], int, list[dict[str, Any]]]:
+    """The data set: ``n_traj`` trajectories written as JSON lines and parsed back; returns them, the steps and
+    the games."""
     t0 = time.perf_counter()
     rng = random.Random(seed)
     games = make_games(max(1, n_traj // per_task), 60, rng)
-    lines = [play(games[i % len(games)], i, rng, distinct=distinct) for i in range(n_traj)]
+    lines = [play(games[i % len(games)], i, rng, distinct=distinct, keys=keys) for i in range(n_traj)]
     trajs = [Trajectory.from_dict(json.loads(line)) for line in lines]
     del lines
     steps = sum(t.num_steps for t in trajs)
@@ -380,12 +403,12 @@ def generate(n_traj: int, per_task: int, seed: int, distinct: bool) -> tuple[lis
         f"{np.mean([len(o) for o in obs[:10_000]]):.0f} chars, {len(set(obs)):,} distinct observation texts "
         f"(generated and parsed in {time.perf_counter() - t0:.1f} s)"
     )
-    return trajs, steps
+    return trajs, steps, games
 
 
 def bench_build(
     trajs: list[Trajectory], steps: int, repeat: int
-) -> tuple[dict[str, TrajectoryTree], dict[str, BaselineNode]]:
+) -> tuple[dict[str, TrajectoryTree], dict[str, BaselineNode], float]:
     """Time both builds side by side (best of ``repeat`` each, alternating) and print the build lines."""
     t_base = t_group = t_nogc = t_add = t_canon = t_text = math.inf
     trees: dict[str, TrajectoryTree] = {}
@@ -442,7 +465,7 @@ def bench_build(
         f"memory  ours {ours_bytes / n_nodes:>8.0f} bytes/node     baseline {base_bytes / n_base:>8.0f} bytes/node "
         "(strings excluded; ours as built, texts settled)"
     )
-    return trees, base_roots
+    return trees, base_roots, t_build
 
 
 def bench_search(trees: dict[str, TrajectoryTree], base_roots: dict[str, BaselineNode], sims: int) -> None:
@@ -493,6 +516,85 @@ def bench_search(trees: dict[str, TrajectoryTree], base_roots: dict[str, Baselin
     )
 
 
+class BenchEnv:
+    """A bench game as an env: the transitions of :func:`make_games`, the return of :func:`play` and its keys."""
+
+    def __init__(self, game: dict[str, Any]) -> None:
+        self.game = game
+        self.state = self.reached = 0
+
+    def _info(self) -> dict[str, Any]:
+        won = self.state == self.game["goal"]
+        score = 1.0 if won else min(self.reached, 4) / 5
+        return {
+            "score": score,
+            "won": won,
+            "lost": False,
+            "state_key": f"{self.state}/{min(self.reached, 4)}",
+        }
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        self.state = self.reached = 0
+        return self.game["obs"][0], self._info()
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        moves = {a: nxt for a, nxt, _ in self.game["trans"][self.state]}
+        if action in moves:
+            self.state = moves[action]
+            self.reached += self.state % 7 == 0
+        info = self._info()
+        return self.game["obs"][self.state], 0.0, info["won"], False, info
+
+
+def bench_paths(trees: dict[str, TrajectoryTree], games: dict[str, dict[str, Any]], t_build: float) -> None:
+    """Time the state graph and the replay of every tree's stitched best path against the build and search."""
+    cfg = SearchConfig(iterations=1000)
+    gc.collect()
+    t0 = time.perf_counter()
+    for tree in trees.values():
+        search_tree(tree, cfg)
+    t_search = time.perf_counter() - t0
+    source = Source(model="replay", role="search")
+    t_graph = t_choose = t_replay = 0.0
+    kinds: dict[str, int] = {}
+    before = after = dropped = 0
+    for task, tree in sorted(trees.items()):
+        env = BenchEnv(games[task])
+        raw = best_path(tree, node_values(tree, "mcts"))
+        t0 = time.perf_counter()
+        graph = StateGraph.build(tree)
+        t1 = time.perf_counter()
+        spent = [0.0]
+
+        def replay(tr, nodes, target, env=env, spent=spent):  # type: ignore[no-untyped-def]
+            s0 = time.perf_counter()
+            out = replay_path(env, tr, nodes, expected_return=target, source=source)
+            spent[0] += time.perf_counter() - s0
+            return out
+
+        choice = choose_path(tree, raw, mode="stitched", replay=replay, graph=graph)
+        t2 = time.perf_counter()
+        t_graph += t1 - t0
+        t_replay += spent[0]
+        t_choose += t2 - t1 - spent[0]
+        kinds[choice.kind] = kinds.get(choice.kind, 0) + 1
+        before += choice.raw_steps
+        after += choice.steps
+        dropped += len(choice.tried)
+    n = len(trees)
+    base = t_build + t_search
+    extra = t_graph + t_choose + t_replay
+    print(
+        f"paths   state graph {t_graph:.2f} s, stitched paths and loop erasure {t_choose:.2f} s, replays "
+        f"{t_replay:.2f} s for {n} trees: {100 * extra / base:.1f}% of the build and search "
+        f"({t_build:.2f} s + {t_search:.2f} s for {cfg.iterations} simulations a tree)   target < 10%"
+    )
+    print(
+        f"        best paths: {kinds}; mean length {before / n:.2f} -> {after / n:.2f} actions; "
+        f"{dropped} shortened paths dropped by their replay"
+    )
+
+
 def freeze_input(freeze: bool) -> None:
     """Move the objects alive now (the parsed input) out of the garbage collector's generations."""
     gc.unfreeze()
@@ -524,9 +626,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine()}")
     print("== data set 1: repeated room texts (a room's description is the same text at every visit)")
-    trajs, steps = generate(n_traj, per_task, args.seed, distinct=False)
+    trajs, steps, _ = generate(n_traj, per_task, args.seed, distinct=False)
     freeze_input(not args.no_freeze)
-    trees, base_roots = bench_build(trajs, steps, args.repeat)
+    trees, base_roots, _ = bench_build(trajs, steps, args.repeat)
     bench_search(trees, base_roots, sims)
     del trajs, trees, base_roots
 
@@ -534,9 +636,19 @@ def main(argv: list[str] | None = None) -> int:
         "== data set 2: distinct observations (the same games and choices; each observation adds the "
         "inventory and a score/moves line, so its text differs per state)"
     )
-    trajs, steps = generate(n_traj, per_task, args.seed, distinct=True)
+    trajs, steps, _ = generate(n_traj, per_task, args.seed, distinct=True)
     freeze_input(not args.no_freeze)
     bench_build(trajs, steps, args.repeat)
+    del trajs
+
+    print(
+        "== data set 3: data set 2 with state keys (every step names its room and score, as envs that report "
+        "keys do): the build, then best paths over the state graph, replayed in the game"
+    )
+    trajs, steps, games = generate(n_traj, per_task, args.seed, distinct=True, keys=True)
+    freeze_input(not args.no_freeze)
+    trees, _, t_build = bench_build(trajs, steps, args.repeat)
+    bench_paths(trees, {g["task"]: g for g in games}, t_build)
     return 0
 
 

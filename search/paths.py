@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
+
 from w2s_agents.episode import EpisodeRecorder
 from w2s_agents.tree import ROOT, TrajectoryTree
 from w2s_agents.types import Source, Trajectory
@@ -45,81 +47,106 @@ __all__ = [
 ]
 
 
-def _end_return(tree: TrajectoryTree, node: int) -> float | None:
-    """Mean return of the trajectories that ended at ``node``, None when none did."""
-    children = tree.children(node)
-    ended = tree.visits(node) - sum(tree.visits(c) for c in children)
-    if ended <= 0:
-        return None
-    return (tree.return_sum(node) - sum(tree.return_sum(c) for c in children)) / ended
-
-
 @dataclass
 class StateGraph:
     """The states of one tree and the observed moves between them (see the module docstring).
 
+    Built with a few numpy passes over the nodes: the moves are the distinct (state, action, next state) of the
+    tree's steps, each with its smallest witness node, so the searches below run over the moves, not the nodes.
+
     Attributes:
         state: the state of every tree node (its key, or ``"#<node>"`` for a node without one).
-        edges: per state, per action key, the tree nodes whose action was taken in that state, grouped by the
-            state they reached: ``edges[s][a] = {t: [nodes]}``.
-        ends: per state, the best mean return of the trajectories that ended at one of its nodes, and that node.
+        state_id: the same as small integers (``names[state_id[n]] == state[n]``).
+        names: the state of every id.
+        ends: per state, the best mean return of the trajectories that ended at one of its nodes, and that
+            node (the smallest of equals).
     """
 
     tree: TrajectoryTree
     state: list[str] = field(default_factory=list)
-    edges: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
+    state_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    names: list[str] = field(default_factory=list)
     ends: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # the moves, grouped by their state (CSR: _off[s]:_off[s + 1]), each group in tie order (action key, then
+    # witness node)
+    _off: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    _action: list[str] = field(default_factory=list)
+    _dst: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
     def build(cls, tree: TrajectoryTree) -> StateGraph:
         """The state graph of ``tree``."""
-        g = cls(tree)
-        g.state = [tree.state_key(n) or f"#{n}" for n in range(len(tree))]
-        for node in tree.canonical_order():
-            s = g.state[node]
-            g.edges.setdefault(s, {})
-            if node != ROOT:
-                before = g.state[tree.parent(node)]
-                targets = g.edges[before].setdefault(tree.action_key(node), {})
-                targets.setdefault(s, []).append(node)
-            ret = _end_return(tree, node)
-            if ret is not None and (s not in g.ends or ret > g.ends[s][0]):
-                g.ends[s] = (ret, node)
+        keys = tree.state_keys()
+        n = len(keys)
+        state = [k if k is not None else f"#{i}" for i, k in enumerate(keys)]
+        index = {s: i for i, s in enumerate(dict.fromkeys(state))}
+        sid = np.fromiter(map(index.__getitem__, state), dtype=np.int64, count=n)
+        g = cls(tree, state, sid, list(index))
+        # the moves: (state before, action, state after) of every step, with the smallest node taking it
+        parents = tree.parent_array()
+        actions = tree.action_keys()
+        alphabetical = sorted(set(actions))  # action ids in the order of their keys: the tie order
+        aindex = {a: i for i, a in enumerate(alphabetical)}
+        rank = np.fromiter(map(aindex.__getitem__, actions), dtype=np.int64, count=n)
+        nodes = np.arange(1, n, dtype=np.int64)
+        src, act, dst = sid[parents[1:]], rank[1:], sid[1:]
+        perm = np.lexsort((nodes, dst, act, src))
+        src, act, dst, nodes = src[perm], act[perm], dst[perm], nodes[perm]
+        first = np.ones(len(perm), dtype=bool)
+        first[1:] = (src[1:] != src[:-1]) | (act[1:] != act[:-1]) | (dst[1:] != dst[:-1])
+        src, act, dst, nodes = src[first], act[first], dst[first], nodes[first]
+        order = np.lexsort((nodes, act, src))  # tie order: action key, then witness node
+        src, act, dst, nodes = src[order], act[order], dst[order], nodes[order]
+        g._off = np.searchsorted(src, np.arange(len(index) + 1)).astype(np.int64)
+        g._action = [alphabetical[i] for i in act.tolist()]
+        g._dst, g._node = dst, nodes
+        # where trajectories ended: a node's visits less its children's, and their mean return
+        visits, returns, _ = tree.stat_arrays()
+        child_visits = np.zeros(n, dtype=np.int64)
+        child_returns = np.zeros(n, dtype=np.float64)
+        np.add.at(child_visits, parents[1:], visits[1:])
+        np.add.at(child_returns, parents[1:], returns[1:])
+        ended = visits - child_visits
+        at = np.flatnonzero(ended > 0)
+        means = (returns[at] - child_returns[at]) / ended[at]
+        best = np.lexsort((at, -means, sid[at]))  # per state: the best mean, then the smallest node
+        first_of = np.ones(len(best), dtype=bool)
+        first_of[1:] = sid[at][best][1:] != sid[at][best][:-1]
+        for node, ret in zip(at[best][first_of].tolist(), means[best][first_of].tolist(), strict=True):
+            g.ends[state[node]] = (ret, node)
         return g
 
     @property
     def merged(self) -> int:
         """Tree nodes that share their state with another node (what the graph merges)."""
-        counts: dict[str, int] = {}
-        for s in self.state:
-            counts[s] = counts.get(s, 0) + 1
-        return sum(c for c in counts.values() if c > 1)
+        counts = np.bincount(self.state_id, minlength=len(self.names))
+        return int(counts[counts > 1].sum())
 
     def moves(self, s: str) -> list[tuple[str, str, int]]:
         """``(action key, next state, witness node)`` of every move out of ``s``, in tie order; an action seen
         reaching several states (a key that merges states the env tells apart) gives each."""
-        out = []
-        for action in sorted(self.edges.get(s, {})):
-            for t, nodes in sorted(self.edges[s][action].items(), key=lambda kv: min(kv[1])):
-                out.append((action, t, min(nodes)))
-        return out
+        i = self.names.index(s)
+        lo, hi = int(self._off[i]), int(self._off[i + 1])
+        return [(self._action[k], self.names[int(self._dst[k])], int(self._node[k])) for k in range(lo, hi)]
+
+    def _best_reachable(self) -> np.ndarray:
+        """Per state id, the best mean return observed at any state reachable from it (-inf where none)."""
+        best = np.full(len(self.names), -math.inf)
+        for ret, node in self.ends.values():
+            best[self.state_id[node]] = ret
+        src = np.repeat(np.arange(len(self.names)), np.diff(self._off))
+        while True:  # back up the maxima along the moves until nothing improves (at most the graph's depth)
+            new = best.copy()
+            np.maximum.at(new, src, best[self._dst])
+            if np.array_equal(new, best):
+                return best
+            best = new
 
     def best_reachable(self) -> dict[str, float]:
         """Per state, the best mean return observed at any state reachable from it (the max value backed up
         over the graph; -inf where no trajectory ended below)."""
-        best = {s: self.ends.get(s, (-math.inf, -1))[0] for s in self.edges}
-        preds: dict[str, set[str]] = {}
-        for s in self.edges:
-            for _, t, _ in self.moves(s):
-                preds.setdefault(t, set()).add(s)
-        queue = deque(s for s in best if best[s] > -math.inf)
-        while queue:  # propagate maxima backwards until nothing improves
-            t = queue.popleft()
-            for s in preds.get(t, ()):
-                if best[t] > best[s]:
-                    best[s] = best[t]
-                    queue.append(s)
-        return best
+        return dict(zip(self.names, self._best_reachable().tolist(), strict=True))
 
 
 def loop_erase(tree: TrajectoryTree, path: Sequence[int], graph: StateGraph | None = None) -> list[int]:
@@ -130,13 +157,14 @@ def loop_erase(tree: TrajectoryTree, path: Sequence[int], graph: StateGraph | No
     a circle. Returns the kept nodes, the root first.
     """
     g = graph or StateGraph.build(tree)
+    sid = g.state_id
     kept: list[int] = []
-    at: dict[str, int] = {}  # state -> its position in kept
+    at: dict[int, int] = {}  # state id -> its position in kept
     for node in path:
-        s = g.state[node]
+        s = int(sid[node])
         if s in at:
             for dropped in kept[at[s] + 1 :]:
-                del at[g.state[dropped]]
+                del at[int(sid[dropped])]
             del kept[at[s] + 1 :]
             continue
         at[s] = len(kept)
@@ -150,22 +178,24 @@ def stitched_path(tree: TrajectoryTree, graph: StateGraph | None = None) -> list
     be parent and child), or None when no trajectory ended anywhere.
     """
     g = graph or StateGraph.build(tree)
-    start = g.state[ROOT]
-    best = g.best_reachable()
-    goal_value = best.get(start, -math.inf)
+    start = int(g.state_id[ROOT])
+    best = g._best_reachable()
+    goal_value = best[start]
     if goal_value == -math.inf:
         return None
-    goals = {s for s, (ret, _) in g.ends.items() if ret == goal_value}
+    goals = {int(g.state_id[node]) for ret, node in g.ends.values() if ret == goal_value}
     # breadth-first from the start: the first goal reached is one of the nearest; moves in tie order
-    parent: dict[str, tuple[str, int] | None] = {start: None}
+    parent: dict[int, tuple[int, int] | None] = {start: None}
     queue = deque([start])
     found = start if start in goals else None
+    off, dst, witness = g._off, g._dst, g._node
     while queue and found is None:
         s = queue.popleft()
-        for _, t, node in g.moves(s):
+        for k in range(int(off[s]), int(off[s + 1])):
+            t = int(dst[k])
             if t in parent:
                 continue
-            parent[t] = (s, node)
+            parent[t] = (s, int(witness[k]))
             if t in goals:
                 found = t
                 break
@@ -174,8 +204,8 @@ def stitched_path(tree: TrajectoryTree, graph: StateGraph | None = None) -> list
         return None
     nodes: list[int] = []
     s = found
-    while parent[s] is not None:
-        s, node = parent[s]  # type: ignore[misc]
+    while (step := parent[s]) is not None:
+        s, node = step
         nodes.append(node)
     return [ROOT, *reversed(nodes)]
 

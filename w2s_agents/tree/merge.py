@@ -60,7 +60,8 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
     task_id = tree.task_id
     akc, index, keys, parents = tree._akc, tree._index, tree._key, tree._parent
     oka, otext, thoughts, trets = tree._oka, tree._otext, tree._thought, tree._tret
-    states_append = tree._state.append
+    states = tree._state
+    states_append = states.append
     models = tree._model_index
     flat_append, ret_append = tree._pend_nodes.append, tree._pend_ret.append
     end_index, n_end, first = _END_INDEX, _N_END, FIRST_SEEN
@@ -93,6 +94,11 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
                 token = first
             else:
                 token = first if o == t0 else other_text(tree, 0, o)
+            sk = traj.initial_state_key
+            if sk is not None:
+                tree._state_seen = True
+                if sk != states[0]:
+                    state_mismatch(tree, 0, sk)
             # the root starts the trajectory's path, marked by ~code (negative): model, success and how
             # it ended
             flat_append(~(((s << 1) | (1 if traj.success else 0)) * n_end + end_index[traj.end]))
@@ -116,11 +122,13 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
                     otext.append(o)
                     thoughts.append(step.thought)
                     trets.append(r)
-                    states_append(None)
+                    states_append(step.state_key)
                     flat_append(c)
                     node = c
                     break
                 token = first if o == otext[c] else other_text(tree, c, o)
+                if step.state_key != states[c]:
+                    state_mismatch(tree, c, step.state_key)
                 t = trets[c]
                 if r >= t and (r > t or step.thought < thoughts[c]):
                     thoughts[c] = step.thought
@@ -143,12 +151,10 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
                 otext.append(step.observation)
                 thoughts.append(step.thought)
                 trets.append(r)
-                states_append(None)
+                states_append(step.state_key)
                 flat_append(c)
                 node = c
                 c += 1
-            if traj.initial_state_key is not None:
-                record_states(tree, traj)
     finally:
         if len(keys) != n0:
             tree._canonical = False
@@ -157,27 +163,21 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
     return count, node
 
 
-def record_states(tree: TrajectoryTree, traj: Trajectory) -> None:
-    """Record the state keys of ``traj``, whose path was just merged (its nodes end the pending path list).
+def state_mismatch(tree: TrajectoryTree, node: int, key: str | None) -> None:
+    """A step reached ``node`` with a state key other than the one recorded there.
 
-    A node keeps the key its trajectories agree on; a node reached with two different keys (an env that is not
-    deterministic given its key, or a key that misses part of the state) gets None for good, so the result does
-    not depend on the order trajectories are added in.
+    A node keeps the key its trajectories agree on (a trajectory without keys agrees with any); a node reached
+    with two different keys (an env that is not deterministic given its key, or a key that misses part of the
+    state) gets None for good, so the result does not depend on the order trajectories are added in.
     """
-    states, conflicts = tree._state, tree._state_conflicts
-    n = len(traj.steps)
-    path = [0, *tree._pend_nodes[len(tree._pend_nodes) - n :]] if n else [0]
-    keys = [traj.initial_state_key, *(s.state_key for s in traj.steps)]
-    for node, key in zip(path, keys, strict=True):
-        if key is None or node in conflicts:
-            continue
-        old = states[node]
-        if old is None:
-            states[node] = key
-        elif old != key:
-            states[node] = None
-            conflicts.add(node)
+    if key is None or node in tree._state_conflicts:
+        return
     tree._state_seen = True
+    if tree._state[node] is None:
+        tree._state[node] = key
+    else:
+        tree._state[node] = None
+        tree._state_conflicts.add(node)
 
 
 def flush(tree: TrajectoryTree) -> None:

@@ -220,6 +220,18 @@ class TrajectoryTree:
         """Normalised action of ``node`` ("" for the root)."""
         return self._key[node][1]
 
+    def parent_array(self) -> np.ndarray:
+        """The parent of every node (int64, -1 for the root; a new array)."""
+        return np.array(self._parent, dtype=np.int64)
+
+    def action_keys(self) -> list[str]:
+        """The normalised action of every node ("" for the root; a new list)."""
+        return [k[1] for k in self._key]
+
+    def state_keys(self) -> list[str | None]:
+        """The state key of every node (see :meth:`state_key`; a new list)."""
+        return list(self._state)
+
     def obs_key_before(self, node: int) -> Any:
         """Key of the observation the node's action was chosen on (None for the root)."""
         return key_before(self, node)
@@ -309,6 +321,8 @@ class TrajectoryTree:
     @property
     def has_state_keys(self) -> bool:
         """Whether some trajectory of the tree brought the env's state keys."""
+        if not self._state_seen:
+            self._state_seen = any(s is not None for s in self._state)
         return self._state_seen
 
     def state_key(self, node: int) -> str | None:
