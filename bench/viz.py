@@ -1,9 +1,10 @@
 """Benchmark of the tree viewer in headless Chromium against a straightforward viewer, side by side in one run.
 
-Data: a synthetic text game (rooms with ~300-character descriptions, 5 actions per room); a biased random weak
-agent plays 12 steps per episode (three models) until the merged tree has at least ``--nodes`` nodes (20,000
-by default); the tree is searched (offline MCTS, 1,000 simulations) and written as a viewer page by
-``render_tree_html``.
+Data: a synthetic text game (rooms with ~300-character descriptions, 5 actions per room; the room is the state
+key, so the nodes that reach one room by different histories are a merged state); a biased random weak agent
+plays 12 steps per episode (three models) until the merged tree has at least ``--nodes`` nodes (20,000 by
+default); the tree is searched (offline MCTS, 1,000 simulations) and written as a viewer page by
+``render_tree_html`` (its best path stitched over the merged states, as ``SearchConfig`` does by default).
 
 Baseline: the same embedded data drawn the obvious way, every node at once as nested ``<details>`` elements
 (collapsed; the browser lays out what is open), search by scanning every row's text. Ours: rows for expanded
@@ -132,13 +133,14 @@ def make_tree(min_nodes: int, seed: int = 0) -> TrajectoryTree:
                 reached += state % 7 == 0
                 won = state == n_states - 1
                 steps.append(Step(action=action, observation=obs[state],
-                                  thought=f"Step {t}: {action} looks promising in room {state}."))  # fmt: skip
+                                  thought=f"Step {t}: {action} looks promising in room {state}.",
+                                  state_key=f"room {state}"))  # fmt: skip
                 if won:
                     break
             ret = 1.0 if won else min(reached, 4) / 5
             source = Source(model=f"weak-{episode % 3}", role="weak", sampler=f"s{episode % 6}", seed=episode)
             tree.add(Trajectory("bench-viz/0", "w2s/Bench-v0", source, "Find the treasure.", obs[0], tuple(steps),
-                                ret, won, "won" if won else "truncated"))  # fmt: skip
+                                ret, won, "won" if won else "truncated", initial_state_key="room 0"))  # fmt: skip
             episode += 1
     tree.canonicalize()
     search_tree(tree, SearchConfig(iterations=1000))
@@ -251,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     ours = render_tree_html(tree, folder / "ours.html")
     render_s = time.perf_counter() - t
+    t = time.perf_counter()
     data = tree_view_data(tree)
+    data_s = time.perf_counter() - t
+    meta = data["meta"]
+    print(f"view data: {meta['merged_nodes']:,} nodes in {meta['merged_states']} merged states; best path "
+          f"{meta['best_origin']}; computed in {data_s:.2f} s")  # fmt: skip
     base = folder / "baseline.html"
     page = html_page("baseline", ["viewer.css"], "tree.js", data, "baseline")
     page = page[: page.rindex("<script>") + 8] + BASELINE_JS + page[page.rindex("</script>") :]

@@ -13,8 +13,18 @@ import pytest
 
 from w2s_agents.cli import main
 from w2s_agents.errors import DataFormatError, W2SError
-from w2s_agents.search import SearchConfig, best_path, node_values, search_tree, tree_pairs, write_rows
+from w2s_agents.search import (
+    SearchConfig,
+    best_path,
+    loop_erase,
+    node_values,
+    search_tree,
+    stitched_path,
+    tree_pairs,
+    write_rows,
+)
 from w2s_agents.tree import TrajectoryTree, build_trees
+from w2s_agents.types import Source, Step, Trajectory
 from w2s_agents.viz import (
     VizConfig,
     embed_json,
@@ -47,7 +57,14 @@ def test_view_data_matches_the_search_module(tree: TrajectoryTree) -> None:
     data = tree_view_data(tree)
     values = node_values(tree, "mcts")
     assert data["meta"]["value"] == "mcts" and data["meta"]["value_note"] == ""
+    # the default stitched paths need state keys: this tree has none, so its greedy path stays
     assert data["best_paths"] == [best_path(tree, values)]
+    assert (
+        data["meta"]["best_origin"]
+        == "computed: greedy by MCTS value (stitched paths: the tree has no state keys)"
+    )
+    assert data["state_group"] == [-1] * len(tree) and not data["meta"]["state_keys"]
+    assert (data["meta"]["merged_nodes"], data["meta"]["merged_states"]) == (0, 0)
     expected = {(r.node, r.chosen_node, r.rejected_node) for r in tree_pairs(tree, values)}
     assert {tuple(p[:3]) for p in data["pairs"]} == expected and expected
     assert all(p[4] == "step+continuation" for p in data["pairs"])
@@ -309,3 +326,133 @@ def test_cli_writes_pages_and_figures(tmp_path: Path, tree, capsys) -> None:
     (tmp_path / "figs").mkdir()
     assert main(["viz", str(path), "--format", "png", "--dpi", "40", "-o", str(tmp_path / "figs")]) == 0
     assert (tmp_path / "figs" / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------- merged states and shortened best paths
+
+# a corridor: hall - cellar - stairs - vault (east), a side room north of the hall; the stairs score half the
+# points, the vault all of them if reached within 3 moves (the game is lost there later); the room is the state
+# key (tests/test_paths.py plays the same game in an env)
+VAULT_MOVES = {
+    ("hall", "go east"): "cellar",
+    ("cellar", "go west"): "hall",
+    ("cellar", "go east"): "stairs",
+    ("stairs", "go west"): "cellar",
+    ("stairs", "go east"): "vault",
+    ("hall", "go north"): "side",
+    ("side", "go south"): "hall",
+}
+
+
+def vault_episode(actions: list[str], seed: int) -> Trajectory:
+    """The episode of ``actions`` in the corridor game, with the room of every state as its key."""
+    room, score, steps, end = "hall", 0.0, [], "truncated"
+    for move, action in enumerate(actions, 1):
+        room, before = VAULT_MOVES.get((room, action), room), score
+        if room == "stairs":
+            score = max(score, 0.5)
+        if room == "vault" and move <= 3:
+            score = 1.0
+        steps.append(Step(action, f"You are in the {room}.", score - before, score, state_key=room))
+        if room == "vault":
+            end = "won" if move <= 3 else "lost"
+            break
+    source = Source("weak", "weak", seed=seed)
+    return Trajectory("vault/0", "w2s/Vault-v0", source, "Reach the vault.", "You are in the hall.",
+                      tuple(steps), score, end == "won", end, initial_state_key="hall")  # fmt: skip
+
+
+@pytest.fixture
+def vault_tree() -> TrajectoryTree:
+    """A wastes two moves (north, south) before walking east to the vault too late (lost, 0.5); B walks east
+    and west until its step limit (0.0). Canonical ids, by hand (action: room reached):
+
+    0 hall -+- 1 east: cellar - 2 west: hall - 3 east: cellar - 4 west: hall                    (B)
+            +- 5 north: side - 6 south: hall - 7 east: cellar - 8 east: stairs - 9 east: vault   (A)
+    """
+    a = vault_episode(["go north", "go south", "go east", "go east", "go east"], seed=1)
+    b = vault_episode(["go east", "go west", "go east", "go west"], seed=2)
+    tree = build_trees([a, b])["vault/0"]
+    tree.canonicalize()
+    assert [tree.action(n) for n in (1, 5, 9)] == ["go east", "go north", "go east"] and len(tree) == 10
+    return tree
+
+
+def test_nodes_of_one_game_state_share_a_state_group(vault_tree: TrajectoryTree) -> None:
+    data = tree_view_data(vault_tree)
+    # hall (0, 2, 4, 6) is group 0, cellar (1, 3, 7) group 1: numbered by their first node; side, stairs and
+    # vault were reached once each
+    assert data["state_group"] == [0, 1, 0, 1, 0, -1, 0, 1, -1, -1]
+    meta = data["meta"]
+    assert meta["state_keys"] and (meta["merged_nodes"], meta["merged_states"]) == (7, 2)
+    assert data["schema"] == "w2s.viz/2"
+
+
+def test_the_computed_best_path_follows_the_search_paths_setting(
+    vault_tree: TrajectoryTree, tmp_path
+) -> None:
+    tree = vault_tree
+    raw = best_path(tree, node_values(tree, "mean"))  # unsearched: by mean return
+    assert raw == [0, 5, 6, 7, 8, 9]
+    # SearchConfig's default (stitched): B's first move, then A's suffix from the cellar; node 8 is a jump
+    data = tree_view_data(tree)
+    assert data["best_paths"] == [stitched_path(tree)] == [[0, 1, 8, 9]]
+    assert data["meta"]["best_origin"] == (
+        "computed: stitched over merged states (not replayed here), 3 steps; "
+        "the greedy path by mean return has 5"
+    )
+    erased = tree_view_data(tree, search=SearchConfig(paths="loop-erased"))
+    assert erased["best_paths"] == [loop_erase(tree, raw)] == [[0, 7, 8, 9]]
+    assert (
+        "loop-erased over merged states (not replayed here), 3 of its 5 steps"
+        in erased["meta"]["best_origin"]
+    )
+    # the viewer's own setting overrides the search's
+    plain = tree_view_data(tree, search=SearchConfig(paths="stitched"), config=VizConfig(paths="tree"))
+    assert plain["best_paths"] == [raw] and plain["meta"]["best_origin"] == "computed: greedy by mean return"
+    # and so does `--set paths=...` of w2s viz
+    path = tree.save(tmp_path / "vault.json")
+    assert main(["viz", str(path), "--set", "paths=loop-erased", "-o", str(tmp_path / "v.html")]) == 0
+    assert _embedded((tmp_path / "v.html").read_text(encoding="utf-8"))["best_paths"] == [[0, 7, 8, 9]]
+    with pytest.raises(Exception, match="'paths' must be"):
+        VizConfig(paths="shortest")  # type: ignore[arg-type]
+
+
+def test_path_rows_with_their_nodes_are_shown_and_broken_ones_refused(
+    vault_tree: TrajectoryTree, tmp_path
+) -> None:
+    turn = {"messages": [{"role": "assistant", "content": "go east"}], "task_id": "vault/0"}
+    stitched = {**turn, "node": 9, "steps": 3, "path": "stitched", "path_nodes": [0, 1, 8, 9]}
+    erased = {**turn, "node": 9, "steps": 3, "path": "loop-erased", "path_nodes": [0, 7, 8, 9]}
+    plain = {**turn, "node": 4, "steps": 4}  # a tree path: from the root to its node
+    write_rows([stitched, erased, plain], tmp_path / "sft.jsonl")
+    data = tree_view_data(vault_tree, paths=tmp_path / "sft.jsonl")
+    assert data["best_paths"] == [[0, 1, 8, 9], [0, 7, 8, 9], [0, 1, 2, 3, 4]]
+    assert data["meta"]["best_origin"] == "SFT rows (3 of task 'vault/0', 1 loop-erased, 1 stitched)"
+
+    broken = {
+        "not a node": ({"path_nodes": [0, 1, 8, 99]}, "path node 99 is not a node of the tree"),
+        "not from the root": ({"path_nodes": [1, 8, 9], "steps": 2}, "path_nodes must start at the root"),
+        "another end": ({"path_nodes": [0, 1, 8]}, "path_nodes end at node 8 but the row's node is 9"),
+        # node 9's parent is the stairs (8), node 1 the cellar: no move of the tree goes from one to the other
+        "no such move": ({"path_nodes": [0, 1, 9], "steps": 2}, "path node 9 does not follow node 1"),
+        "other length": ({"steps": 5}, "the row has 5 steps but its path_nodes hold 3 actions"),
+    }
+    for name, (change, message) in broken.items():
+        write_rows([plain, {**stitched, **change}], tmp_path / "bad.jsonl")
+        with pytest.raises(DataFormatError, match=rf"bad\.jsonl:2: {re.escape(message)}"):
+            tree_view_data(vault_tree, paths=tmp_path / "bad.jsonl")
+        assert name
+    (tmp_path / "typed.jsonl").write_text(json.dumps({**stitched, "path_nodes": "0 1 8 9"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"typed\.jsonl:1: field 'path_nodes' must be a list"):
+        tree_view_data(vault_tree, paths=tmp_path / "typed.jsonl")
+
+
+def test_figures_outline_the_nodes_of_merged_states(vault_tree: TrajectoryTree, tree, tmp_path) -> None:
+    svg = export_static(vault_tree, tmp_path / "vault.svg", depth=3).read_text(encoding="utf-8")
+    ns = "{http://www.w3.org/2000/svg}"
+    rings = [c for c in ET.fromstring(svg).iter(f"{ns}circle") if c.get("stroke") == "#7b3294"]
+    # drawn (depth <= 3): 0-3 and 5-7, all but the side room (5) in merged states; and the legend's
+    assert len(rings) == 6 + 1 and "same state as another node" in svg
+    plain = export_static(tree, tmp_path / "plain.svg").read_text(encoding="utf-8")
+    assert "#7b3294" not in plain and "same state" not in plain

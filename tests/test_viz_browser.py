@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from w2s_agents.search import SearchConfig, best_path, node_values, search_tree
+from w2s_agents.search import SearchConfig, best_path, node_values, search_tree, stitched_path
 from w2s_agents.tree import TrajectoryTree, build_trees
 from w2s_agents.viz import render_run_index, render_tree_html
 
@@ -202,9 +202,9 @@ def test_pairs_and_outcomes_are_marked(page: Page, tree) -> None:
         "#tree .row", "rs => rs.map(r => [+r.dataset.node, r.querySelector('.bd').textContent])"
     )
     for n, text in badges:
-        chosen = any(r["chosen_node"] == n for r in pairs)
-        rejected = any(r["rejected_node"] == n for r in pairs)
-        at = any(r["node"] == n for r in pairs)
+        chosen = any(r.chosen_node == n for r in pairs)
+        rejected = any(r.rejected_node == n for r in pairs)
+        at = any(r.node == n for r in pairs)
         assert text == "\u25b2" * chosen + "\u25bc" * rejected + "\u25c6" * at, n
     won = {n for n in range(len(tree)) if tree.terminal(n) and set(tree.terminal(n)) == {"won"}}
     assert page.rows_with("end-won") == won
@@ -321,6 +321,87 @@ def test_colour_switch(page: Page, tree) -> None:
     page.page.select_option("#color", "success")
     assert swatch(changed) == "rgb(215, 48, 39)"
     assert page.page.text_content("#legend .legend-kind") == "success rate:"
+
+
+def _vault_tree() -> TrajectoryTree:
+    """Two failed episodes of a corridor game (hall - cellar - stairs - vault, a side room north of the hall)
+    with the room as state key, as in test_viz.py: A goes north and back, then east three times (ids 5-9); B
+    goes east and west twice (ids 1-4). Hall: 0, 2, 4, 6; cellar: 1, 3, 7; the stitched best path is B's first
+    move, then A's last two (0, 1, 8, 9: node 8 is reached from node 1's state, its parent 7 is the cellar)."""
+    from w2s_agents.types import Source, Step, Trajectory
+
+    def episode(rooms: list[tuple[str, str]], ret: float, end: str, seed: int) -> Trajectory:
+        steps = tuple(Step(a, f"You are in the {room}.", state_key=room) for a, room in rooms)
+        return Trajectory("vault/0", "w2s/Vault-v0", Source("weak", "weak", seed=seed), "Reach the vault.",
+                          "You are in the hall.", steps, ret, False, end, initial_state_key="hall")  # fmt: skip
+
+    a = episode([("go north", "side"), ("go south", "hall"), ("go east", "cellar"), ("go east", "stairs"),
+                 ("go east", "vault")], 0.5, "lost", 1)  # fmt: skip
+    b = episode([("go east", "cellar"), ("go west", "hall"), ("go east", "cellar"), ("go west", "hall")],
+                0.0, "truncated", 2)  # fmt: skip
+    tree = build_trees([a, b])["vault/0"]
+    tree.canonicalize()
+    return tree
+
+
+@pytest.fixture(scope="module")
+def vault_page(tmp_path_factory) -> tuple[TrajectoryTree, Path]:
+    tree = _vault_tree()
+    return tree, render_tree_html(tree, tmp_path_factory.mktemp("vault") / "vault.html")
+
+
+def test_a_stitched_best_path_is_shown_whole_with_its_jump(browser, vault_page) -> None:
+    tree, path = vault_page
+    best = stitched_path(tree)
+    assert best == [0, 1, 8, 9]
+    p = Page(browser, path)
+    # every ancestor of every best-path node is expanded: B's first node and all of A's branch down to the vault
+    assert p.rows() == _visible(tree, {0, 5, 6, 7, 8}) == [0, 1, 5, 6, 7, 8, 9]
+    assert p.rows_with("best") == set(best)
+    assert p.rows_with("jump") == {8}
+    assert p.page.text_content('#tree .row[data-node="8"] .jm') == "\u21b7"
+    assert all(p.page.text_content(f'#tree .row[data-node="{n}"] .jm') == "" for n in (0, 1, 9))
+    # merged-state badges on the rows shown: hall (group 0) and cellar (group 1); none on side, stairs, vault
+    assert p.rows_with("merged") == {0, 1, 6, 7}
+    badges = {n: p.page.text_content(f'#tree .row[data-node="{n}"] .sg') for n in p.rows()}
+    assert badges == {0: "\u22610", 1: "\u22611", 5: "", 6: "\u22610", 7: "\u22611", 8: "", 9: ""}
+    assert "same game state as other nodes" in p.page.text_content("#legend")
+    assert "7 nodes in 2 merged game states" in p.page.text_content("header .notes")
+    # the jump's panel says where the path came from, with a link to that node
+    p.page.click('#tree .row[data-node="8"] .act')
+    flag = p.page.locator("#panel .flag.jump")
+    assert flag.text_content() == "\u21b7 best path jumps here: reached from node 1's state"
+    flag.locator('[data-goto="1"]').click()
+    assert p.selected() == 1
+    # the "best path" button reveals the whole path again after a collapse and selects its last node
+    p.page.click("#collapse-all")
+    assert p.rows() == [0, 1, 5]
+    p.page.click("#show-best")
+    assert p.selected() == 9 and set(best) <= set(p.rows()) and p.rows_with("best") == set(best)
+    p.close()
+
+
+def test_same_state_links_reveal_each_node(browser, vault_page) -> None:
+    _, path = vault_page
+    p = Page(browser, path)
+    p.page.click('#tree .row[data-node="1"] .act')
+    panel = p.page.locator("#panel")
+    assert panel.locator(".flag.merged").text_content() == "\u22611 same state as 2 other nodes"
+    section = panel.locator(".sec.same-state")
+    assert section.locator("h3").text_content() == "Same state as 2 other nodes (state group 1)"
+    links = section.locator("[data-goto]")
+    assert [int(links.nth(k).get_attribute("data-goto")) for k in range(links.count())] == [3, 7]
+    # node 3 lies under B's collapsed second move: following the link expands its ancestors and selects it
+    assert 3 not in p.rows()
+    links.nth(0).click()
+    assert p.selected() == 3 and 3 in p.rows() and p.rows_with("sel") == {3}
+    assert panel.locator(".flag.merged").text_content() == "\u22611 same state as 2 other nodes"
+    assert [int(x) for x in panel.locator(".sec.same-state [data-goto]").evaluate_all(
+        "bs => bs.map(b => b.dataset.goto)")] == [1, 7]  # fmt: skip
+    # a node whose state no other node reached has neither the flag nor the list
+    p.page.click('#tree .row[data-node="9"] .act')
+    assert panel.locator(".flag.merged").count() == 0 and panel.locator(".sec.same-state").count() == 0
+    p.close()
 
 
 def _big_tree(n_traj: int = 700) -> TrajectoryTree:

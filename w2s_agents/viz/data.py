@@ -8,10 +8,14 @@ from :mod:`w2s_agents.search`:
   data trajectories through the node), ``success`` (share of them that were won) and ``max`` (Bellman value);
 * the **best path**: computed greedily by :func:`w2s_agents.search.best_path` from the value kind of the
   :class:`~w2s_agents.search.SearchConfig` (``mcts``, falling back to ``mean`` with a note when the tree has no
-  search values), unless SFT rows are given (``paths``: an ``sft.jsonl`` written by ``w2s search``), in which
-  case the paths of those rows are shown instead;
+  search values), then shortened over the game states as its ``paths`` says (``tree``, ``loop-erased`` or
+  ``stitched``: :func:`w2s_agents.search.choose_path`, without the replay ``w2s search`` does), unless SFT rows
+  are given (``paths``: an ``sft.jsonl`` written by ``w2s search``), in which case the paths of those rows are
+  shown instead (a shortened path's row names its nodes, ``path_nodes``);
 * the **TreeDPO pairs**: computed by :func:`w2s_agents.search.tree_pairs` with the config's value, margin and
-  pairs per node, unless pair rows are given (``pairs``: a ``pairs.jsonl``), in which case those are shown.
+  pairs per node, unless pair rows are given (``pairs``: a ``pairs.jsonl``), in which case those are shown;
+* the **merged states**: nodes whose actions reached the same game state (the same
+  :meth:`~w2s_agents.tree.TrajectoryTree.state_key`) by different histories share a state group.
 
 Rows that name nodes the tree does not have (they come from another version of the tree) are refused with
 their ``file:line``.
@@ -20,8 +24,10 @@ their ``file:line``.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,13 +40,14 @@ from w2s_agents.search import (
     SearchConfig,
     ValueKind,
     best_path,
+    choose_path,
     max_values,
     mean_values,
     search_values,
     success_values,
     tree_pairs,
 )
-from w2s_agents.tree import TREE_SCHEMA, TrajectoryTree
+from w2s_agents.tree import ROOT, TREE_SCHEMA, TrajectoryTree
 from w2s_agents.viz.rows import read_pair_rows, read_path_rows
 
 __all__ = [
@@ -62,6 +69,7 @@ NO_VALUE_COLOR = "#b0b0b0"
 """Colour of a node without a value (the search never went there)."""
 
 ColorKind = Literal["mcts", "mean", "success", "max"]
+PathKind = Literal["tree", "loop-erased", "stitched"]
 
 _VALUE_LABELS = {
     "mcts": "MCTS value",
@@ -89,12 +97,22 @@ class VizConfig:
         8, "static figures: most children drawn per node (most visited first); the rest become one '+N' node"
     )
     label_chars: int = option(28, "static figures: longest action label, in characters (longer ones are cut)")
+    paths: PathKind | None = option(
+        None,
+        "computed best path: tree (greedy by value), loop-erased or stitched over the merged game states, as "
+        "SearchConfig.paths (which it overrides; null: the SearchConfig's)",
+    )
 
     def __post_init__(self) -> None:
         check(self.expand_depth >= 0, "expand_depth", f"must be >= 0, got {self.expand_depth}")
         check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
         check(self.max_children >= 1, "max_children", f"must be >= 1, got {self.max_children}")
         check(self.label_chars >= 4, "label_chars", f"must be >= 4, got {self.label_chars}")
+        check(
+            self.paths in (None, "tree", "loop-erased", "stitched"),
+            "paths",
+            f"must be tree, loop-erased, stitched or null, got {self.paths!r}",
+        )
 
 
 def tree_and_file(tree: TrajectoryTree | str | os.PathLike[str]) -> tuple[TrajectoryTree, str]:
@@ -212,6 +230,8 @@ def _check_path(tree: TrajectoryTree, row: Mapping[str, Any]) -> list[int]:
             f"{where}: node {node} is not a node of the tree of task {tree.task_id!r} ({n} nodes); "
             "the rows come from another version of the tree"
         )
+    if row.get("path_nodes") is not None:
+        return _check_path_nodes(tree, row, where)
     path = tree.path(node)
     if steps is not None and steps != len(path) - 1:
         raise DataFormatError(
@@ -219,6 +239,79 @@ def _check_path(tree: TrajectoryTree, row: Mapping[str, Any]) -> list[int]:
             f"task {tree.task_id!r}; the rows come from another version of the tree"
         )
     return path
+
+
+def _check_path_nodes(tree: TrajectoryTree, row: Mapping[str, Any], where: str) -> list[int]:
+    """The nodes of a shortened path's row, checked against the tree: tree nodes from the root to the row's
+    node, each reached from the one before it or from a node in the same game state as its parent."""
+    n, task = len(tree), tree.task_id
+    stale = "the rows come from another version of the tree"
+    nodes = [int(v) for v in row["path_nodes"]]
+    for v in nodes:
+        if not 0 <= v < n:
+            raise DataFormatError(
+                f"{where}: path node {v} is not a node of the tree of task {task!r} ({n} nodes); {stale}"
+            )
+    if not nodes or nodes[0] != ROOT:
+        raise DataFormatError(
+            f"{where}: path_nodes must start at the root (node 0), got {nodes[:1]}; {stale}"
+        )
+    if nodes[-1] != row["node"]:
+        raise DataFormatError(
+            f"{where}: path_nodes end at node {nodes[-1]} but the row's node is {row['node']}; {stale}"
+        )
+    for a, b in pairwise(nodes):
+        p = tree.parent(b)
+        key = tree.state_key(a)
+        if p != a and (key is None or tree.state_key(p) != key):
+            raise DataFormatError(
+                f"{where}: path node {b} does not follow node {a}: its parent {p} is neither node {a} nor in "
+                f"the same game state in the tree of task {task!r}; {stale}"
+            )
+    steps = row.get("steps")
+    if steps is not None and steps != len(nodes) - 1:
+        raise DataFormatError(
+            f"{where}: the row has {steps} steps but its path_nodes hold {len(nodes) - 1} actions; {stale}"
+        )
+    return nodes
+
+
+def _computed_best_path(
+    tree: TrajectoryTree, values: np.ndarray, mode: str, label: str
+) -> tuple[list[int], str]:
+    """The best path the search would train on (without its replay) and where it comes from, for the page."""
+    raw = best_path(tree, values)
+    greedy = f"greedy by {label}"
+    if mode == "tree":
+        return raw, f"computed: {greedy}"
+    choice = choose_path(tree, raw, mode=mode, replay=None)
+    if choice.kind == "stitched":
+        return choice.nodes, (
+            f"computed: stitched over merged states (not replayed here), {choice.steps} steps; "
+            f"the greedy path by {label} has {choice.raw_steps}"
+        )
+    if choice.kind == "loop-erased":
+        return choice.nodes, (
+            f"computed: {greedy}, loop-erased over merged states (not replayed here), {choice.steps} of its "
+            f"{choice.raw_steps} steps"
+        )
+    why = "the tree has no state keys" if not tree.has_state_keys else "no shorter path over merged states"
+    return choice.nodes, f"computed: {greedy} ({mode} paths: {why})"
+
+
+def _state_groups(tree: TrajectoryTree) -> tuple[list[int], int, int]:
+    """Per node, the group of the game state its action reached when two or more nodes reached it (groups
+    numbered by their first node), else -1; and the nodes in merged states and the number of such states."""
+    keys = [tree.state_key(i) for i in range(len(tree))]
+    counts = Counter(k for k in keys if k is not None)
+    ids: dict[str, int] = {}
+    groups: list[int] = []
+    for k in keys:
+        if k is None or counts[k] < 2:
+            groups.append(-1)
+        else:
+            groups.append(ids.setdefault(k, len(ids)))
+    return groups, sum(counts[k] for k in ids), len(ids)
 
 
 def tree_view_data(
@@ -234,19 +327,22 @@ def tree_view_data(
     file: str | None = None,
 ) -> dict[str, Any]:
     """The JSON data a viewer page embeds (schema :data:`VIZ_SCHEMA`): nodes as columns over canonical ids,
-    texts in a shared string table, values of every kind, the best path(s) and the pairs.
+    texts in a shared string table, values of every kind, the state group of every node (``state_group``: an
+    id shared by the nodes that reached one game state, -1 for a node whose state no other node reached or that
+    has no state key), the best path(s) and the pairs.
 
     Args:
         tree: a tree or the path of a tree file.
-        search: value kind, margin and pairs per node of the computed best path and pairs (default
-            :class:`SearchConfig` defaults, as ``w2s search`` uses).
+        search: value kind, path kind (``paths``), margin and pairs per node of the computed best path and
+            pairs (default :class:`SearchConfig` defaults, as ``w2s search`` uses).
         value: overrides ``search.value``; asking for ``mcts`` on a tree without search values is an error,
             whereas the config's default ``mcts`` falls back to ``mean`` (noted on the page).
         pairs: pair rows (a ``pairs.jsonl`` path or the result of :func:`read_pair_rows`) to show instead of
             computing them; only the rows of this tree's task are used.
         paths: SFT rows (an ``sft.jsonl`` path or :func:`read_path_rows`) whose paths are shown as the best
-            path instead of computing it.
-        config: viewer settings.
+            path instead of computing it: a row's ``path_nodes`` when it has them, else the tree path from the
+            root to its ``node``.
+        config: viewer settings (its ``paths``, when set, overrides ``search.paths``).
         title: page title (default: the task id).
         index_href: link back to a run index page.
         file: the tree's file as shown on the page (default: the path given as ``tree``).
@@ -305,10 +401,16 @@ def tree_view_data(
     path_rows = _rows_for(paths, read_path_rows, tree.task_id)
     if path_rows is not None:
         best_paths = [_check_path(tree, row) for row in path_rows]
-        best_origin = f"SFT rows ({len(best_paths)} of task {tree.task_id!r})"
+        kinds = Counter(str(row.get("path")) for row in path_rows if row.get("path_nodes") is not None)
+        shortened = "".join(f", {c} {k}" for k, c in sorted(kinds.items()))
+        best_origin = f"SFT rows ({len(best_paths)} of task {tree.task_id!r}{shortened})"
+    elif n > 1:
+        mode = cfg.paths or scfg.paths
+        best, best_origin = _computed_best_path(tree, chosen_values, mode, _VALUE_LABELS[kind])
+        best_paths = [best]
     else:
-        best_paths = [best_path(tree, chosen_values)] if n > 1 else []
-        best_origin = f"computed: greedy by {_VALUE_LABELS[kind]}"
+        best_paths, best_origin = [], "computed: the tree has no action"
+    state_group, merged_nodes, merged_states = _state_groups(tree)
 
     # pairs: (divergence node, chosen, rejected) -> merged levels
     pair_rows = _rows_for(pairs, read_pair_rows, tree.task_id)
@@ -367,6 +469,9 @@ def tree_view_data(
             "best_origin": best_origin,
             "pairs_origin": pairs_origin,
             "trajectory_pairs": trajectory_pairs,
+            "state_keys": tree.has_state_keys,
+            "merged_nodes": merged_nodes,
+            "merged_states": merged_states,
             "color": cfg.color if cfg.color in values else "mean",
             "value_kinds": [k for k in ("mcts", "mean", "success", "max") if k in values],
             "value_labels": _VALUE_LABELS,
@@ -392,6 +497,7 @@ def tree_view_data(
         "search_visits": arrays[0].tolist() if arrays is not None else None,
         "search_value_sum": [round(x, 6) for x in arrays[1].tolist()] if arrays is not None else None,
         "values": {k: _rounded(v) for k, v in values.items()},
+        "state_group": state_group,
         "best_paths": best_paths,
         "pairs": pair_list,
     }

@@ -2,7 +2,9 @@
 
 The rows are read and checked by the one reader of row files (:mod:`w2s_agents.search.rows`); the viewer keeps
 only their node fields, grouped by task id, each with where it came from (``file:line``), so a row that does
-not fit its tree is named in the error.
+not fit its tree is named in the error. An SFT row of a shortened path (loop-erased or stitched over the game
+states, :mod:`w2s_agents.search.paths`) also names its tree nodes (``path_nodes``), which the viewer shows as
+the path.
 """
 
 from __future__ import annotations
@@ -31,6 +33,24 @@ def _task(value: str | None, where: str) -> str:
 
 def _num(value: float | None) -> float:
     return math.nan if value is None else float(value)
+
+
+def _path_nodes(value: Any, where: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise DataFormatError(
+            f"{where}: field 'path_nodes' must be a list of node ids (integers), got {value!r:.80}"
+        )
+    return value
+
+
+def _path_kind(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise DataFormatError(f"{where}: field 'path' must be a non-empty string, got {value!r:.80}")
+    return value
 
 
 def read_pair_rows(path: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]]]:
@@ -65,7 +85,9 @@ def read_path_rows(path: str | os.PathLike[str]) -> dict[str, list[dict[str, Any
     """The node fields of the SFT rows of an ``sft.jsonl`` (best paths, as written by ``w2s search``), by task.
 
     Each returned row keeps ``node`` (the path's last node), ``steps`` (its length in actions, when present),
-    ``value``, ``return`` and ``where`` (``file:line``).
+    ``value``, ``return``, ``path_nodes`` (the tree nodes of a shortened path, the root first; None for a tree
+    path, which runs from the root to ``node``), ``path`` (how the path was found: ``tree``, ``loop-erased``,
+    ``stitched``; None when the row does not say) and ``where`` (``file:line``).
 
     Raises:
         DataFormatError: the file is missing, a line is not a JSON object, a row is not an SFT row, or a field
@@ -81,6 +103,8 @@ def read_path_rows(path: str | os.PathLike[str]) -> dict[str, list[dict[str, Any
                 "steps": row.steps,
                 "value": _num(row.value),
                 "return": _num(row.return_),
+                "path_nodes": _path_nodes(row.extra.get("path_nodes"), where),
+                "path": _path_kind(row.extra.get("path"), where),
                 "where": where,
             }
         )

@@ -43,6 +43,7 @@ class _Box:
     best: bool = False
     chosen: bool = False
     rejected: bool = False
+    merged: bool = False  # its game state was reached by another node too (a merged state)
     below: int = 0  # children not drawn because of the depth limit
     inner: bool = False  # has drawn children (its label goes above it, clear of the edges)
     x: float = 0.0
@@ -83,6 +84,7 @@ class _Figure:
     title: str
     subtitle: str
     legend_y: float
+    merged: bool = False  # some drawn node is in a merged state (the legend explains the outline)
 
 
 _ROW = 22.0  # pixels per leaf row
@@ -99,6 +101,7 @@ def _static_figure(tree: TrajectoryTree, data: Mapping[str, Any], cfg: VizConfig
     best = {n for p in data["best_paths"] for n in p}
     chosen = {p[1] for p in data["pairs"]}
     rejected = {p[2] for p in data["pairs"]}
+    groups = data["state_group"]
     boxes: list[_Box] = []
     kids_of: list[list[int]] = []
 
@@ -108,7 +111,7 @@ def _static_figure(tree: TrajectoryTree, data: Mapping[str, Any], cfg: VizConfig
         box = _Box(
             node, parent, depth, _cut(tree.task_id if node == ROOT else tree.action(node), cfg.label_chars),
             tree.visits(node), math.nan if v is None else float(v), _outcome(tree.terminal(node)),
-            node in best, node in chosen, node in rejected,
+            node in best, node in chosen, node in rejected, groups[node] >= 0,
         )  # fmt: skip
         i = len(boxes)
         boxes.append(box)
@@ -158,13 +161,15 @@ def _static_figure(tree: TrajectoryTree, data: Mapping[str, Any], cfg: VizConfig
         f"{tree.summary().nodes} nodes, {tree.visits(ROOT)} trajectories; top {cfg.depth} levels, at most "
         f"{cfg.max_children} children each; colour: {label}; thick edges: best path"
     )
-    return _Figure(boxes, max(width, 640.0), legend_y + 40, tree.task_id, subtitle, legend_y)
+    merged = any(b.merged for b in boxes)
+    return _Figure(boxes, max(width, 640.0), legend_y + 40, tree.task_id, subtitle, legend_y, merged)
 
 
 _MARK = {"won": ("\u2713", "#1a9850"), "failed": ("\u2717", "#d73027"), "mixed": ("\u25d0", "#e08214")}
 _CHOSEN_RING = "#2166ac"
 _HALO = 'stroke="#ffffff" stroke-width="3" stroke-linejoin="round" paint-order="stroke"'
 _REJECTED_RING = "#c51b7d"
+_MERGED_OUTLINE = "#7b3294"  # a thin ring just outside the circle: the node's game state is a merged one
 
 
 def _svg(fig: _Figure) -> str:
@@ -198,6 +203,9 @@ def _svg(fig: _Figure) -> str:
             continue
         stroke = ' stroke="#222222" stroke-width="2"' if b.best else ' stroke="#555555" stroke-width="0.6"'
         out.append(f'<circle cx="{b.x:.1f}" cy="{b.y:.1f}" r="{b.r:.1f}" fill="{_color(b.value)}"{stroke}/>')
+        if b.merged:
+            out.append(f'<circle cx="{b.x:.1f}" cy="{b.y:.1f}" r="{b.r + 1.6:.1f}" fill="none" '
+                       f'stroke="{_MERGED_OUTLINE}" stroke-width="0.9"/>')  # fmt: skip
         if b.chosen:
             out.append(f'<circle cx="{b.x:.1f}" cy="{b.y:.1f}" r="{b.r + 3:.1f}" fill="none" '
                        f'stroke="{_CHOSEN_RING}" stroke-width="1.8"/>')  # fmt: skip
@@ -243,6 +251,13 @@ def _svg(fig: _Figure) -> str:
     )
     out.append(f'<text x="{x0 + 9}" y="{y + 9:.1f}" font-size="10">rejected</text>')
     x0 += 70
+    if fig.merged:
+        out.append(
+            f'<circle cx="{x0}" cy="{y + 5:.1f}" r="5" fill="#ffffff" '
+            f'stroke="{_MERGED_OUTLINE}" stroke-width="0.9"/>'
+        )
+        out.append(f'<text x="{x0 + 9}" y="{y + 9:.1f}" font-size="10">same state as another node</text>')
+        x0 += 150
     out.append(f'<text x="{x0}" y="{y + 9:.1f}" font-size="10"><tspan fill="#1a9850" font-weight="bold">\u2713</tspan> won '
                f'<tspan fill="#d73027" font-weight="bold">\u2717</tspan> failed '
                f'<tspan fill="#e08214" font-weight="bold">\u25d0</tspan> mixed (trajectories ending there); '
@@ -292,6 +307,10 @@ def _png(fig: _Figure, path: Path, dpi: int) -> None:
         ax.add_patch(Circle((b.x, b.y), b.r, facecolor=_color(b.value),
                             edgecolor="#222222" if b.best else "#555555",
                             linewidth=(2.0 if b.best else 0.6) * pt))  # fmt: skip
+        if b.merged:
+            ax.add_patch(
+                Circle((b.x, b.y), b.r + 1.6, fill=False, edgecolor=_MERGED_OUTLINE, linewidth=0.9 * pt)
+            )
         if b.chosen:
             ax.add_patch(Circle((b.x, b.y), b.r + 3, fill=False, edgecolor=_CHOSEN_RING, linewidth=1.8 * pt))
         if b.rejected:
@@ -327,6 +346,10 @@ def _png(fig: _Figure, path: Path, dpi: int) -> None:
                         linestyle=(0, (3, 2))))  # fmt: skip
     text(x0 + 9, y + 5, "rejected", 10)
     x0 += 70
+    if fig.merged:
+        ax.add_patch(Circle((x0, y + 5), 5, fill=False, edgecolor=_MERGED_OUTLINE, linewidth=0.9 * pt))
+        text(x0 + 9, y + 5, "same state as another node", 10)
+        x0 += 150
     text(x0, y + 5, "\u2713 won  \u2717 failed  \u25d0 mixed (trajectories ending there); size: visits; "
          "n: visits, v: value", 10)  # fmt: skip
     with atomic_write(path) as fh:  # a text handle: write the bytes through its buffer
@@ -353,8 +376,9 @@ def export_static(
     The root is on the left, each level to the right of its parent; a node's circle is coloured by the value
     of ``config.color`` and sized by visits, the best path is drawn with thick edges and bold labels, chosen
     and rejected children of TreeDPO pairs are ringed, and the outcomes of trajectories ending at a node are
-    marked. Per node at most ``config.max_children`` children are drawn (most visited first, the best path's
-    child always); the rest are one ``+N more`` node.
+    marked; a node whose game state another node reached too (a merged state) has a thin purple outline. Per
+    node at most ``config.max_children`` children are drawn (most visited first, the best path's child always);
+    the rest are one ``+N more`` node.
 
     Args:
         format: ``"svg"`` (written directly) or ``"png"`` (matplotlib); default from ``path``'s suffix.

@@ -5,6 +5,13 @@
  * The tree is an outline of rows. Only expanded nodes are listed (the "visible" list), and only the rows of
  * that list inside the viewport exist in the DOM (a recycled pool of row elements), so a tree of any size
  * costs the same to draw; expanding everything or searching costs one pass over the nodes.
+ *
+ * Nodes whose actions reached the same game state (D.state_group >= 0) carry a badge of their state group; a best
+ * path may jump between branches (a loop-erased or stitched path: a node whose predecessor on the path is not its
+ * parent, but a node in the same state as its parent), so every ancestor of every best-path node is expanded.
+ *
+ * One file on purpose: the page inlines it whole under a Content-Security-Policy hash (no module loading offline),
+ * and its parts share the page's state (visible list, row pool, selection).
  */
 (function () {
   "use strict";
@@ -88,9 +95,32 @@
     outcome[+key] = won === total ? 1 : won > 0 ? 3 : 2;
   });
 
-  // best paths and pairs
+  // best paths and pairs; jumpFrom: the node before a best-path node on its path where that is not its parent
   var best = new Uint8Array(N);
-  D.best_paths.forEach(function (p) { p.forEach(function (n) { best[n] = 1; }); });
+  var jumpFrom = new Int32Array(N).fill(-1);
+  D.best_paths.forEach(function (p) {
+    p.forEach(function (n, idx) {
+      best[n] = 1;
+      if (idx && parent[n] !== p[idx - 1] && jumpFrom[n] < 0) jumpFrom[n] = p[idx - 1];
+    });
+  });
+
+  // merged game states: the size of each state group; its members are looked up only when a panel lists them,
+  // so start-up (what a large tree costs) makes one pass over the nodes for them
+  var group = D.state_group;
+  var groupSize = new Int32Array(M.merged_states || 0);
+  for (i = 0; i < N; i++) if (group[i] >= 0) groupSize[group[i]]++;
+  function othersInState(n) { // nodes other than n that reached n's game state
+    return group[n] < 0 ? 0 : groupSize[group[n]] - 1;
+  }
+  function membersOf(g, limit) { // the first `limit` nodes of state group g, in id order
+    var out = [];
+    for (var m = 0; m < N && out.length < limit; m++) if (group[m] === g) out.push(m);
+    return out;
+  }
+  function groupColor(g) { // well-spread hues, so that two groups side by side differ
+    return "hsl(" + Math.round((g * 137.508) % 360) + ", 60%, 36%)";
+  }
   var pairsChosen = {}, pairsRejected = {}, pairsAt = {};
   D.pairs.forEach(function (p, idx) {
     (pairsAt[p[0]] = pairsAt[p[0]] || []).push(idx);
@@ -190,6 +220,10 @@
     (search.iterations !== undefined ? ", " + search.iterations + " simulations" : "") +
     (search.gamma !== undefined ? ", gamma " + search.gamma : "") : "search: none (no MCTS values)");
   notes.push("best path: " + M.best_origin);
+  if (M.state_keys) {
+    notes.push(M.merged_states ? M.merged_nodes + " nodes in " + M.merged_states + " merged game states"
+      : "no merged game states");
+  }
   notes.push(D.pairs.length + " TreeDPO pairs (" + M.pairs_origin + ")" +
     (M.trajectory_pairs ? "; " + M.trajectory_pairs + " whole-trajectory pairs not drawn" : ""));
   append(header, el("div", "notes", notes.join(" \u00b7 ")));
@@ -240,7 +274,7 @@
   }
   var expandAllBtn = button("expand-all", "expand all", "expand every node");
   var collapseAllBtn = button("collapse-all", "collapse all", "collapse every node below the root");
-  var bestBtn = button("show-best", "best path", "expand the best path and select its last node");
+  var bestBtn = button("show-best", "best path", "expand the best path (all its branches) and select its last node");
   var expandBox = append(el("span", "ctl"), expandAllBtn, collapseAllBtn, bestBtn);
 
   var srcBox = el("span", "ctl sources");
@@ -290,6 +324,8 @@
     append(el("span", "item"), el("span", "mk failed", "\u2717"), el("span", null, "failed")),
     append(el("span", "item"), el("span", "mk mixed", "\u25d0"), el("span", null, "both")),
     append(el("span", "item"), el("span", "legend-best", "best"), el("span", null, "best path")),
+    append(el("span", "item"), el("span", "jm", "\u21b7"), el("span", null, "best path jumps here from another branch (same state)")),
+    append(el("span", "item"), el("span", "sg", "\u2261" + "3"), el("span", null, "same game state as other nodes (3: its state group)")),
     append(el("span", "item"), el("span", "badge chosen", "\u25b2"), el("span", null, "chosen (TreeDPO)")),
     append(el("span", "item"), el("span", "badge rejected", "\u25bc"), el("span", null, "rejected")),
     append(el("span", "item"), el("span", "badge div", "\u25c6"), el("span", null, "pairs taken here")),
@@ -309,13 +345,15 @@
     var tog = el("span", "tog");
     var sw = el("span", "sw");
     var mk = el("span", "mk");
+    var jm = el("span", "jm");
     var act = el("span", "act");
     var bd = el("span", "bd");
     var bc = el("span", "badge chosen"), br = el("span", "badge rejected"), bv = el("span", "badge div");
     append(bd, bc, br, bv);
+    var sg = el("span", "sg");
     var st = el("span", "st");
-    append(r, ind, tog, sw, mk, act, bd, st);
-    r._p = { ind: ind, tog: tog, sw: sw, mk: mk, act: act, bc: bc, br: br, bv: bv, st: st, node: -1 };
+    append(r, ind, tog, sw, mk, jm, act, bd, sg, st);
+    r._p = { ind: ind, tog: tog, sw: sw, mk: mk, jm: jm, act: act, bc: bc, br: br, bv: bv, sg: sg, st: st, node: -1 };
     treeEl.appendChild(r);
     return r;
   }
@@ -329,6 +367,8 @@
     r.style.top = idx * ROW + "px";
     var cls = "row";
     if (best[n]) cls += " best";
+    if (jumpFrom[n] >= 0) cls += " jump";
+    if (group[n] >= 0) cls += " merged";
     if (n === selected) cls += " sel";
     if (matches[n]) cls += " match";
     if (pairsChosen[n]) cls += " chosen";
@@ -348,6 +388,13 @@
     p.bc.textContent = pairsChosen[n] ? "\u25b2" : "";
     p.br.textContent = pairsRejected[n] ? "\u25bc" : "";
     p.bv.textContent = pairsAt[n] ? "\u25c6" : "";
+    p.jm.textContent = jumpFrom[n] >= 0 ? "\u21b7" : "";
+    p.jm.title = jumpFrom[n] >= 0 ? "the best path jumps here: reached from node " + jumpFrom[n] + "'s state" : "";
+    var g = group[n];
+    p.sg.textContent = g >= 0 ? "\u2261" + g : "";
+    p.sg.style.color = g >= 0 ? groupColor(g) : "";
+    p.sg.title = g >= 0 ? "same state as " + othersInState(n) + " other node" + (othersInState(n) === 1 ? "" : "s") +
+      " (state group " + g + ")" : "";
     var v = D.values[colorKind][n];
     p.st.textContent = "n=" + D.visits[n] + (v === null ? "" : " v=" + fmt(v, 2)) +
       (nkids[n] && !expanded[n] ? " \u00b7 " + nkids[n] + (nkids[n] === 1 ? " child" : " children") : "");
@@ -421,6 +468,24 @@
   }
   function actionLabel(n) { return n === 0 ? "(task)" : oneLine(S[D.action[n]], 60); }
 
+  var SAME_STATE_LINKS = 20; // the most "same state" links a panel lists (a state can have thousands of nodes)
+  function sameStateSection(n, others) {
+    var g = group[n];
+    var ul = el("ul", "same-state");
+    var shown = 0;
+    membersOf(g, SAME_STATE_LINKS + 1).forEach(function (m) {
+      if (m === n || shown === SAME_STATE_LINKS) return;
+      var li = el("li");
+      append(li, nodeLink(m, "node " + m + ": " + actionLabel(m)),
+        el("span", "muted", " depth " + depth[m] + ", n=" + D.visits[m] + (best[m] ? ", on the best path" : "")));
+      ul.appendChild(li);
+      shown++;
+    });
+    if (others > shown) ul.appendChild(el("li", "muted", "+" + (others - shown) + " more"));
+    return section("Same state as " + others + " other node" + (others === 1 ? "" : "s") + " (state group " + g + ")",
+      ul, "same-state");
+  }
+
   function showPanel(n) {
     panel.replaceChildren();
     panel.dataset.node = String(n);
@@ -439,6 +504,15 @@
     panel.appendChild(crumbs);
     var flags = el("div", "flags");
     if (best[n]) flags.appendChild(el("span", "flag best", "on the best path"));
+    if (jumpFrom[n] >= 0) {
+      flags.appendChild(append(el("span", "flag jump", "\u21b7 best path jumps here: reached from "),
+        nodeLink(jumpFrom[n], "node " + jumpFrom[n]), el("span", null, "'s state")));
+    }
+    var others = othersInState(n);
+    if (others) {
+      flags.appendChild(el("span", "flag merged", "\u2261" + group[n] + " same state as " + others + " other node" +
+        (others === 1 ? "" : "s")));
+    }
     if (outcome[n]) flags.appendChild(el("span", "flag end-" + ["", "won", "failed", "mixed"][outcome[n]],
       ["", "trajectories ended here: won", "trajectories ended here: failed", "trajectories ended here: won and failed"][outcome[n]]));
     if (pairsChosen[n]) flags.appendChild(el("span", "flag chosen", "chosen in " + pairsChosen[n].length + " pair(s)"));
@@ -484,6 +558,8 @@
       mrows.push([M.value_labels[kind] + (kind === M.value ? " (best path, pairs)" : ""), fmt(D.values[kind][n])]);
     });
     panel.appendChild(section("Search statistics and values", table(mrows)));
+
+    if (others) panel.appendChild(sameStateSection(n, others));
 
     var prs = [];
     (pairsAt[n] || []).forEach(function (pi) {
@@ -567,10 +643,14 @@
     if (!on) showPanel(selected);
   }
 
+  function revealBestPaths() { // every ancestor of every best-path node: a path that jumps is shown whole
+    D.best_paths.forEach(function (p) { p.forEach(expandTo); });
+  }
+
   function showBest() {
     if (!D.best_paths.length) return;
     var p = D.best_paths[0];
-    for (var q3 = 0; q3 < p.length - 1; q3++) expanded[p[q3]] = 1;
+    revealBestPaths();
     refresh();
     select(p[p.length - 1]);
   }
@@ -728,7 +808,7 @@
 
   for (i = 0; i < N; i++) if (depth[i] < M.expand_depth) expanded[i] = 1;
   expanded[0] = 1;
-  D.best_paths.forEach(function (p) { for (var q5 = 0; q5 < p.length - 1; q5++) expanded[p[q5]] = 1; });
+  revealBestPaths();
   updateLegend();
   rebuildVisible();
   var start = /node=(\d+)/.exec(location.hash);
