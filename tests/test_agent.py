@@ -117,6 +117,7 @@ def _state(
     )
 
 
+@pytest.mark.slow
 def test_prompt_is_the_messages_format(nano) -> None:
     agent = Agent(nano, AgentConfig())
     state = _state()

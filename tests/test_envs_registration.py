@@ -29,6 +29,7 @@ def _params() -> list:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env_id", _params())
 def test_check_env_passes_on_every_registered_id(
     env_id: str, game_cache_dir: Path, tw_test_suites: dict
@@ -128,6 +129,7 @@ def test_plugin_env_registers_and_appears_in_w2s_envs(
     assert "cannot create env toy/Counter-v0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_play_reads_commands_from_stdin(
     game_cache_dir: Path, tw_test_suites: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -153,6 +155,7 @@ def test_cli_play_unknown_task_is_one_line_error(capsys: pytest.CaptureFixture, 
     assert len(err) == 1 and err[0].startswith("w2s: error: unknown task suite 'nope'; registered: ")
 
 
+@pytest.mark.slow
 def test_cli_demos_exports_expert_trajectories(
     game_cache_dir: Path, tw_test_suites: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -47,6 +47,7 @@ def _play(env: TextWorldEnv, actions: list[str]) -> list[tuple]:
     return [env.step(a) for a in actions]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("challenge", CHALLENGES)
 def test_expert_plan_wins_every_game_of_a_suite(env: TextWorldEnv, challenge: str) -> None:
     suite = f"test-{challenge}"
@@ -126,6 +127,7 @@ def test_infos_are_computed_only_when_asked(game_cache_dir: Path, tw_test_suites
     env.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("challenge", ["tw-simple", "tw-cooking", "custom"])
 def test_restore_gives_the_same_continuation(env: TextWorldEnv, challenge: str) -> None:
     """Property over seeded random action sequences: after restore_state, the same actions give the same
@@ -213,6 +215,7 @@ def test_clean_action() -> None:
     assert all(c in ACTION_CHARSET for c in clean_action("".join(map(chr, range(300)))))
 
 
+@pytest.mark.slow
 def test_same_spec_twice_gives_identical_games_the_second_time_from_cache(tmp_path: Path) -> None:
     from textworld import Game
 
@@ -235,6 +238,7 @@ def test_same_spec_twice_gives_identical_games_the_second_time_from_cache(tmp_pa
     assert other.key() != spec.key()
 
 
+@pytest.mark.slow
 def test_games_made_in_worker_processes_equal_games_made_here(tmp_path: Path) -> None:
     from textworld import Game
 
@@ -267,6 +271,7 @@ def test_a_game_that_fails_in_a_worker_gets_a_one_line_error(tmp_path: Path, mon
         GameCache(tmp_path / "c").generate(specs, workers=2)
 
 
+@pytest.mark.slow
 def test_generation_leaves_home_untouched(env: TextWorldEnv, tmp_path: Path) -> None:
     home = Path(os.environ["HOME"])
     env.reset(options={"task": "test-tw-coin_collector/valid/0"})
@@ -311,6 +316,7 @@ _POOL = ["look", "inventory", "", "xyzzy", "go north", "go east", "go west", "ta
     prefix=st.lists(st.integers(min_value=0, max_value=40), max_size=10),
     continuation=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=8),
 )
+@pytest.mark.slow
 def test_restore_property(env: TextWorldEnv, prefix: list[int], continuation: list[int]) -> None:
     """Hypothesis: any prefix and continuation (indices into walkthrough + admissible commands + junk)."""
 
@@ -348,6 +354,7 @@ def test_state_restores_on_an_env_with_another_cache(env: TextWorldEnv, tmp_path
     other.close()
 
 
+@pytest.mark.slow
 def test_first_observation_drops_the_title_art(game_cache_dir):
     from w2s_agents.envs import make_env
 

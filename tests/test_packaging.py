@@ -23,6 +23,7 @@ def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
+@pytest.mark.slow
 def test_installed_namespace_and_no_bare_top_level_names(tmp_path: Path) -> None:
     code = (
         "import importlib.util, w2s_agents.envs, w2s_agents.search, w2s_agents.trainers\n"
@@ -86,6 +87,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_nothing_imports_the_installed_folders_by_bare_names() -> None:
     """envs/, search/ and trainers/ install as w2s_agents.<name>; a bare ``import search`` works only from a
     checkout. (The layering contract itself is tests/test_layering.py.)"""

@@ -70,6 +70,7 @@ def test_stage_table_names_each_stages_inputs() -> None:
     assert deps["eval"] == ("weak-sft", "strong-sft", "explore", "w2s-mcts", "w2s-mcts-treedpo")
 
 
+@pytest.mark.slow
 def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
     cfg = load_experiment(mini_config)
     names = stage_names(cfg)
@@ -139,6 +140,7 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
     assert statuses["search"] == "cached" and statuses["w2s-mcts"] == "done" and statuses["eval"] == "done"
 
 
+@pytest.mark.slow
 def test_online_expansion_stage_grows_the_trees_before_the_search(mini_config: Path) -> None:
     from w2s_agents.tree import TrajectoryTree
 
@@ -167,6 +169,7 @@ def test_online_expansion_stage_grows_the_trees_before_the_search(mini_config: P
     assert {r.name: r.status for r in again.records[0]}["expand"] == "cached"
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_stages(mini_config: Path, tmp_path: Path) -> None:
     env = {**os.environ, "W2S_PROGRESS": "0"}
     proc = subprocess.Popen(
@@ -196,6 +199,7 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(mini_config: Path,
     assert (tmp_path / "runs" / "mini" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_example_script_runs(tmp_path: Path, game_cache_dir: Path, repo_root: Path) -> None:
     env = {**os.environ, "W2S_PROGRESS": "0", "W2S_CACHE": str(game_cache_dir.parent / "w2s-cache")}
     out = tmp_path / "example"
@@ -227,6 +231,7 @@ def test_example_script_runs(tmp_path: Path, game_cache_dir: Path, repo_root: Pa
     assert len(list(read_trajectories(out / "explore.jsonl"))) == 9  # 3 tasks x 3 samplers
 
 
+@pytest.mark.slow
 def test_env_plugin_example_runs(tmp_path: Path, repo_root: Path) -> None:
     env = {**os.environ, "W2S_PROGRESS": "0"}
     out = tmp_path / "vault"

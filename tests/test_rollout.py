@@ -315,6 +315,7 @@ def test_collect_checks_its_arguments(agent: Agent, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- TextWorld
 
 
+@pytest.mark.slow
 def test_tiny_agent_plays_textworld_in_both_modes(
     nano_model_dir: Path, game_cache_dir: Path, tw_test_suites: dict, tmp_path: Path
 ) -> None:
@@ -403,6 +404,7 @@ def _stop_rollout_at(cfg: Path, store: Path, records: int, sig: int) -> tuple[in
         proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_rollout_sigkilled_half_way_then_rerun(
     nano_model_dir: Path, tw_game_files: list[str], tmp_path: Path, capsys
 ) -> None:
@@ -437,6 +439,7 @@ def test_rollout_sigkilled_half_way_then_rerun(
     assert (summary["planned"], summary["episodes"], summary["skipped"]) == (24, 0, 24)
 
 
+@pytest.mark.slow
 def test_rollout_command_builds_a_tiny_model_and_refuses_bad_input(
     tw_game_files: list[str], tmp_path: Path, capsys
 ) -> None:

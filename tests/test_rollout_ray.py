@@ -15,7 +15,7 @@ from w2s_agents.rollout import EngineOptions, RayOptions, collect
 from w2s_agents.store import TrajectoryStore, read_trajectories, scan_store
 from w2s_agents.types import EpisodeKey
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SAMPLERS = [Sampler(), Sampler(temperature=1.0)]
 

@@ -55,6 +55,7 @@ def test_a_state_without_commands_gets_the_agents_generated_action(env: TextWorl
         assert out.proposals[0].prior == 1.0
 
 
+@pytest.mark.slow
 def test_online_expansion_on_textworld_with_a_tiny_agent(
     env: TextWorldEnv, agent: Agent, game_cache_dir: Path, tw_test_suites: dict
 ) -> None:

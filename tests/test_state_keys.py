@@ -182,6 +182,7 @@ def _textworld_world(env: TextWorldEnv, info: dict) -> tuple:
     return frozenset(map(str, progression.state.facts)), info["raw_score"], info["won"], info["lost"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["test-tw-cooking/valid/0", "test-custom/test/0", "test-tw-simple/valid/0"])
 def test_keys_match_textworlds_own_world_state(env: TextWorldEnv, task: str) -> None:
     """Property over seeded random walks: two states share a key exactly when TextWorld's logic engine sees the

@@ -71,6 +71,7 @@ def _naive_completion_logp(lm, row: dict, side: str) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_tree_dpo_with_weak_and_strong_of_different_tokenizers(
     train_models, pair_rows, tree_pair_rows, tmp_path
 ) -> None:

@@ -41,6 +41,7 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_an_uninterrupted_run(train_models, sft_rows, tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()

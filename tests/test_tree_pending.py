@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 import w2s_agents.tree.counts as counts_module
 from w2s_agents.tree import TrajectoryTree, build_trees, normalize_text
 from w2s_agents.types import Source, Step, Trajectory
@@ -63,6 +65,7 @@ def _build(trajs: list[Trajectory], read_every: int) -> TrajectoryTree:
     return tree
 
 
+@pytest.mark.slow
 def test_reads_between_adds_do_not_change_the_tree() -> None:
     trajs = _trajectories(3000, seed=1)
     reference = _saved(build_trees(trajs)["house/0"])
@@ -174,6 +177,7 @@ def _tracked(obj: object) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_a_tree_holds_a_few_objects_for_the_garbage_collector_whatever_its_size() -> None:
     # every full collection walks the tracked objects: a tree must not add one per node (it used to hold
     # a list per node for its per-model and end counts)

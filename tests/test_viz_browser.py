@@ -18,6 +18,8 @@ from w2s_agents.search import SearchConfig, best_path, node_values, search_tree,
 from w2s_agents.tree import TrajectoryTree, build_trees
 from w2s_agents.viz import render_run_index, render_tree_html
 
+pytestmark = pytest.mark.slow  # a real browser (Debian's chromium, driven by Playwright)
+
 CHROMIUM = os.environ.get("W2S_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
