@@ -291,7 +291,8 @@ def choose_path(
 
     ``mode`` is ``tree`` (``raw`` as it is), ``loop-erased`` (``raw`` with its cycles cut) or ``stitched`` (the
     fewest moves over the state graph to the best outcome observed, :func:`stitched_path`; when its replay fails,
-    ``raw`` loop-erased is tried next). A shortened path becomes the choice only when ``replay`` reaches at least
+    ``raw`` loop-erased is tried next). A candidate is tried only when it is shorter than ``raw`` or was taken
+    for a better outcome than ``raw``'s (the mean return at its last node). A shortened path becomes the choice only when ``replay`` reaches at least
     the return it was taken for (None: a shortened path is taken without replay); otherwise it is dropped and
     counted in :attr:`PathChoice.tried`, and the next candidate is tried, down to ``raw``.
 
@@ -314,8 +315,10 @@ def choose_path(
     leaf_return = tree.mean_return(raw[-1])
     candidates.append(("loop-erased", erased, leaf_return))
     dropped: list[str] = []
+    raw_return = leaf_return
     for kind, nodes, target in candidates:
-        if nodes == raw or len(nodes) < 2:
+        # a candidate is worth a replay only if it is shorter, or was taken for a better outcome
+        if len(nodes) < 2 or not (len(nodes) < len(raw) or target > raw_return):
             continue
         if replay is None:
             return PathChoice(nodes, kind, None, len(raw) - 1, tuple(dropped))
