@@ -105,6 +105,12 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
     )
     assert len(list((seed_dir / "trees" / "trees").glob("*.json"))) == 3
     assert (seed_dir / "search" / "sft.jsonl").stat().st_size > 0
+    # every tree's best path: shortened only when shorter (and then replayed in the game), summed in the metrics
+    paths = json.loads((seed_dir / "search" / "paths.json").read_text())
+    assert paths["summary"]["trees"] == 3 == len(paths["trees"])
+    for entry in paths["trees"]:
+        assert entry["steps"] <= entry["raw_steps"] or entry["won"]
+        assert entry["path"] != "tree" or entry["steps"] == entry["raw_steps"]
     # every trained model loads; evaluation of each on the test tasks
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["schema"] == "w2s.metrics/1"
@@ -114,6 +120,7 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
         assert m["episodes"] == 2, name
         assert 0.0 <= m["return"]["estimate"] <= 1.0
     assert "w2s-mcts" in metrics["misfit"] and metrics["misfit"]["w2s-mcts"]["states"] > 0
+    assert metrics["best_paths"] == paths["summary"]
     # correction / expansion: the counts of the train tasks the weak SFT agent failed (and no exploration
     # solved) that W2S-MCTS solves, as recorded per task in the eval stage
     ev = json.loads((seed_dir / "eval" / "eval.json").read_text())
