@@ -120,7 +120,8 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
         assert m["episodes"] == 2, name
         assert 0.0 <= m["return"]["estimate"] <= 1.0
     assert "w2s-mcts" in metrics["misfit"] and metrics["misfit"]["w2s-mcts"]["states"] > 0
-    assert metrics["best_paths"] == paths["summary"]
+    assert {k: metrics["best_paths"][k] for k in paths["summary"]} == paths["summary"]
+    assert metrics["best_paths"]["with_expert_demo"] == 3  # every train task has a won expert demo
     # correction / expansion: the counts of the train tasks the weak SFT agent failed (and no exploration
     # solved) that W2S-MCTS solves, as recorded per task in the eval stage
     ev = json.loads((seed_dir / "eval" / "eval.json").read_text())

@@ -17,7 +17,7 @@ from w2s_agents.config import config_hash
 from w2s_agents.pipeline.evaluate import MODEL_STAGES
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.report import METRICS_SCHEMA, MODEL_LABELS
-from w2s_agents.pipeline.stage_io import read_json
+from w2s_agents.pipeline.stage_io import read_json, read_trajectories
 from w2s_agents.pipeline.stats import bootstrap_interval, paired_pgr, transfer
 from w2s_agents.seeding import derive_seed
 
@@ -180,13 +180,31 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
 
 
 def _best_paths(run_dir: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
-    """The best-path summary of the search stages (``search/paths.json``) over every seed, None without one."""
+    """The best-path summary of the search stages (``search/paths.json``) over every seed, with how many best
+    paths were as short as the expert's demo of their task before and after shortening; None without one."""
     from w2s_agents.pipeline.stages.search import summarize_paths
 
     stats: list[dict[str, Any]] = []
+    expert_before = expert_after = with_demo = 0
     for s in seeds:
-        f = run_dir / f"seed-{s}" / "search" / "paths.json"
+        seed_dir = run_dir / f"seed-{s}"
+        f = seed_dir / "search" / "paths.json"
         if not f.is_file():
             return None
-        stats += read_json(f)["trees"]
-    return summarize_paths(stats)
+        trees = read_json(f)["trees"]
+        stats += trees
+        demos = {
+            t.task_id: t.num_steps for t in read_trajectories(seed_dir / "demos" / "demos.jsonl") if t.success
+        }
+        for entry in trees:
+            if entry["task_id"] in demos:
+                with_demo += 1
+                expert_before += entry["raw_steps"] <= demos[entry["task_id"]]
+                expert_after += entry["steps"] <= demos[entry["task_id"]]
+    summary = summarize_paths(stats)
+    summary.update(
+        as_short_as_expert_before=expert_before,
+        as_short_as_expert_after=expert_after,
+        with_expert_demo=with_demo,
+    )
+    return summary

@@ -134,6 +134,7 @@ def summarize_paths(stats: list[dict[str, Any]]) -> dict[str, Any]:
         "shortened": len(shortened),
         "loop_erased": sum(s["path"] == "loop-erased" for s in stats),
         "stitched": sum(s["path"] == "stitched" for s in stats),
+        "stitched_found": sum(s["path"] == "stitched" or "stitched" in s["dropped"] for s in stats),
         "dropped_by_replay": sum(len(s["dropped"]) for s in stats),
         "mean_steps_before": sum(s["raw_steps"] for s in stats) / n if n else 0.0,
         "mean_steps_after": sum(s["steps"] for s in stats) / n if n else 0.0,
