@@ -20,6 +20,7 @@ from .extract import (
     expert_failure_pairs,
     path_row,
     tree_pairs,
+    tree_rows,
 )
 from .mcts import MCTSResult, SearchConfig, run_mcts, search_tree, tie_orders
 from .online import (
@@ -36,6 +37,7 @@ from .paths import (
     PathOutcome,
     StateGraph,
     choose_path,
+    env_replayer,
     is_tree_path,
     loop_erase,
     replay_path,
@@ -90,6 +92,7 @@ __all__ = [
     "choose_path",
     "context_messages",
     "continuation_messages",
+    "env_replayer",
     "expand_online",
     "expert_failure_pairs",
     "is_tree_path",
@@ -112,6 +115,7 @@ __all__ = [
     "success_values",
     "tie_orders",
     "tree_pairs",
+    "tree_rows",
     "ucb_score",
     "unique_rows",
     "write_rows",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
@@ -26,7 +27,8 @@ from w2s_agents.messages import SYSTEM_PROMPT, Message, agent_message, task_mess
 from w2s_agents.tree import ROOT, TrajectoryTree, normalize_text
 from w2s_agents.types import Trajectory
 
-from .paths import PathChoice
+from .mcts import SearchConfig
+from .paths import PathChoice, PathReplayer, choose_path
 from .rows import PairRow, SftRow
 from .values import best_path
 
@@ -37,6 +39,7 @@ __all__ = [
     "expert_failure_pairs",
     "path_row",
     "tree_pairs",
+    "tree_rows",
 ]
 
 
@@ -277,3 +280,42 @@ def expert_failure_pairs(
                 )
             )
     return rows
+
+
+@dataclass(frozen=True)
+class TreeRows:
+    """The training data of one searched tree."""
+
+    choice: PathChoice
+    """Its best path and how it was found."""
+    row: SftRow | None
+    """The best path's SFT row (None: no step, or below ``sft_min_value``)."""
+    pairs: list[PairRow]
+    """The TreeDPO pairs at its divergence points."""
+
+
+def tree_rows(
+    tree: TrajectoryTree,
+    values: np.ndarray,
+    config: SearchConfig,
+    *,
+    replay: PathReplayer | None,
+    system: str | None = SYSTEM_PROMPT,
+) -> TreeRows:
+    """The best-path SFT row and the TreeDPO pairs of a searched ``tree`` valued by ``values``, as ``config``
+    says (``paths``, ``sft_min_value``, ``margin``, ``pairs_per_node``, pair levels). Shortened best paths are
+    taken only with a ``replay`` (:func:`~w2s_agents.search.paths.env_replayer`); without one the best path is
+    the greedy tree path."""
+    mode = config.paths if replay is not None else "tree"
+    choice = choose_path(tree, best_path(tree, values), mode=mode, replay=replay)
+    row = path_row(tree, choice, values, min_return=config.sft_min_value, system=system)
+    pairs = tree_pairs(
+        tree,
+        values,
+        margin=config.margin,
+        per_node=config.pairs_per_node,
+        step=config.step_pairs,
+        continuation=config.continuation_pairs,
+        system=system,
+    )
+    return TreeRows(choice, row, pairs)

@@ -40,6 +40,7 @@ __all__ = [
     "PathReplayer",
     "StateGraph",
     "choose_path",
+    "env_replayer",
     "is_tree_path",
     "loop_erase",
     "replay_path",
@@ -255,6 +256,16 @@ def replay_path(
 
 PathReplayer = Callable[[TrajectoryTree, Sequence[int], float], PathOutcome]
 """Replays a path of a tree for the return it was taken for (an env bound by the caller)."""
+
+
+def env_replayer(env: Any, *, model: str = "path-replay") -> PathReplayer:
+    """A :data:`PathReplayer` that plays paths in ``env`` (episodes recorded with role ``search`` and ``model``)."""
+    source = Source(model=model, role="search", sampler="replay")
+
+    def replay(tree: TrajectoryTree, nodes: Sequence[int], target: float) -> PathOutcome:
+        return replay_path(env, tree, nodes, expected_return=target, source=source)
+
+    return replay
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -365,3 +366,77 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ a game with state keys (best paths)
+
+# a corridor of rooms: hall - cellar - stairs - vault (east), and a side room (north of the hall); reaching the
+# stairs scores half the points, the vault all of them, but the vault door closes after 3 moves: reaching it on
+# move 4 or later loses the game (with the points scored so far)
+VAULT_MOVES = {
+    ("hall", "go east"): "cellar",
+    ("cellar", "go west"): "hall",
+    ("cellar", "go east"): "stairs",
+    ("stairs", "go west"): "cellar",
+    ("stairs", "go east"): "vault",
+    ("hall", "go north"): "side",
+    ("side", "go south"): "hall",
+}
+
+
+class VaultGame:
+    """The game above; the state key is the room (the move counter is not part of the state)."""
+
+    env_id = "w2s/Vault-v0"
+    instruction = "Reach the vault."
+
+    def __init__(self, door_closes: int = 3) -> None:
+        self.door_closes = door_closes
+        self.room, self.moves, self.score = "hall", 0, 0.0
+
+    def _info(self) -> dict[str, Any]:
+        won = self.room == "vault" and self.moves <= self.door_closes
+        lost = self.room == "vault" and not won
+        return {"score": self.score, "won": won, "lost": lost, "state_key": self.room}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        self.room, self.moves, self.score = "hall", 0, 0.0
+        return "You are in the hall.", {**self._info(), "instruction": self.instruction}
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        before = self.score
+        self.moves += 1
+        self.room = VAULT_MOVES.get((self.room, action), self.room)
+        if self.room == "stairs":
+            self.score = max(self.score, 0.5)
+        if self.room == "vault" and self.moves <= self.door_closes:
+            self.score = 1.0
+        info = self._info()
+        return f"You are in the {self.room}.", self.score - before, info["won"] or info["lost"], False, info
+
+
+def play_vault(actions: list[str], seed: int, door_closes: int = 3) -> Trajectory:
+    """The episode of ``actions`` in the vault game, recorded as a rollout would (model ``weak``)."""
+    from w2s_agents.episode import EpisodeRecorder
+
+    env = VaultGame(door_closes)
+    rec, info = EpisodeRecorder.reset(env, "vault/0", Source(model="weak", role="weak", seed=seed))
+    terminated = False
+    for a in actions:
+        obs, reward, terminated, _, info = env.step(a)
+        rec.step(a, obs, reward, info)
+        if terminated:
+            break
+    return rec.finish(info, terminated)
+
+
+@pytest.fixture(scope="session")
+def vault_game() -> type:
+    """The vault corridor game above, an env whose state key is the room."""
+    return VaultGame
+
+
+@pytest.fixture(scope="session")
+def vault_play():
+    """``play(actions, seed, door_closes=3)``: an episode of the vault game with its state keys."""
+    return play_vault

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from w2s_agents.search.paths import (
     PathOutcome,
@@ -19,65 +18,6 @@ from w2s_agents.types import Source, Trajectory
 
 SOURCE = Source(model="check", role="search")
 
-# a corridor of rooms: hall - cellar - stairs - vault (east), and a side room (north of the hall); reaching the
-# stairs scores half the points, the vault all of them, but the vault door closes after 3 moves: reaching it on
-# move 4 or later loses the game (with the points scored so far)
-MOVES = {
-    ("hall", "go east"): "cellar",
-    ("cellar", "go west"): "hall",
-    ("cellar", "go east"): "stairs",
-    ("stairs", "go west"): "cellar",
-    ("stairs", "go east"): "vault",
-    ("hall", "go north"): "side",
-    ("side", "go south"): "hall",
-}
-
-
-class VaultGame:
-    """The game above; the state key is the room (the move counter is not part of the state)."""
-
-    env_id = "w2s/Vault-v0"
-    instruction = "Reach the vault."
-
-    def __init__(self, door_closes: int = 3) -> None:
-        self.door_closes = door_closes
-        self.room, self.moves, self.score = "hall", 0, 0.0
-
-    def _info(self) -> dict[str, Any]:
-        won = self.room == "vault" and self.moves <= self.door_closes
-        lost = self.room == "vault" and not won
-        return {"score": self.score, "won": won, "lost": lost, "state_key": self.room}
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
-        self.room, self.moves, self.score = "hall", 0, 0.0
-        return "You are in the hall.", {**self._info(), "instruction": self.instruction}
-
-    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
-        before = self.score
-        self.moves += 1
-        self.room = MOVES.get((self.room, action), self.room)
-        if self.room == "stairs":
-            self.score = max(self.score, 0.5)
-        if self.room == "vault" and self.moves <= self.door_closes:
-            self.score = 1.0
-        info = self._info()
-        return f"You are in the {self.room}.", self.score - before, info["won"] or info["lost"], False, info
-
-
-def play(actions: list[str], seed: int, door_closes: int = 3) -> Trajectory:
-    """The episode of ``actions`` in the vault game, recorded as a rollout would."""
-    from w2s_agents.episode import EpisodeRecorder
-
-    env = VaultGame(door_closes)
-    rec, info = EpisodeRecorder.reset(env, "vault/0", replace(SOURCE, seed=seed, role="weak"))
-    terminated = False
-    for a in actions:
-        obs, reward, terminated, _, info = env.step(a)
-        rec.step(a, obs, reward, info)
-        if terminated:
-            break
-    return rec.finish(info, terminated)
-
 
 def _nodes_of(tree: TrajectoryTree, traj: Trajectory) -> set[int]:
     """The tree nodes of ``traj``'s path (found by its actions)."""
@@ -92,7 +32,8 @@ def _actions(tree: TrajectoryTree, nodes: list[int]) -> list[str]:
     return [tree.action(n) for n in nodes[1:]]
 
 
-def test_a_cycle_is_cut_out_of_a_path() -> None:
+def test_a_cycle_is_cut_out_of_a_path(vault_play) -> None:
+    play = vault_play
     # east, west, east, east, east: the first two moves go round in a circle back to the hall
     won = play(["go east", "go west", "go east", "go east", "go east"], seed=1, door_closes=9)
     assert won.success
@@ -112,7 +53,8 @@ def test_a_cycle_is_cut_out_of_a_path() -> None:
     assert loop_erase(tree3, tree3.path(len(tree3) - 1)) == tree3.path(len(tree3) - 1)
 
 
-def test_two_failed_trajectories_stitch_into_a_win_verified_by_replay() -> None:
+def test_two_failed_trajectories_stitch_into_a_win_verified_by_replay(vault_play, vault_game) -> None:
+    play, VaultGame = vault_play, vault_game
     # A wastes two moves, then walks east to the vault on move 5: the door has closed, A loses with half the
     # points (for the stairs). B goes straight to the cellar, then wanders back and forth until its step limit.
     a = play(["go north", "go south", "go east", "go east", "go east"], seed=1)
@@ -136,7 +78,8 @@ def test_two_failed_trajectories_stitch_into_a_win_verified_by_replay() -> None:
     assert outcome.trajectory.steps[-1].state_key == "vault"
 
 
-def test_a_stitched_path_that_does_not_replay_is_dropped() -> None:
+def test_a_stitched_path_that_does_not_replay_is_dropped(vault_play, vault_game) -> None:
+    play, VaultGame = vault_play, vault_game
     a = play(["go east", "go east", "go east"], seed=1)
     assert a.success
     tree = build_trees([a])["vault/0"]
@@ -149,7 +92,8 @@ def test_a_stitched_path_that_does_not_replay_is_dropped() -> None:
     assert good.verified
 
 
-def test_stitching_finds_the_fewest_moves_to_the_best_outcome() -> None:
+def test_stitching_finds_the_fewest_moves_to_the_best_outcome(vault_play) -> None:
+    play = vault_play
     long_win = play(["go north", "go south", "go east", "go west", "go east", "go east", "go east"], 1, 9)
     short_fail = play(["go east", "go east", "go west"], 2, 9)
     tree = build_trees([long_win, short_fail])["vault/0"]
@@ -158,7 +102,8 @@ def test_stitching_finds_the_fewest_moves_to_the_best_outcome() -> None:
     assert stitched_path(TrajectoryTree("vault/0")) is None  # nothing ended anywhere: no path
 
 
-def test_steps_without_keys_merge_with_nothing() -> None:
+def test_steps_without_keys_merge_with_nothing(vault_play) -> None:
+    play = vault_play
     t = play(["go east", "go west"], seed=3)
     steps = (t.steps[0], replace(t.steps[1], state_key=None))
     tree = build_trees([replace(t, steps=steps)])["vault/0"]
@@ -168,7 +113,8 @@ def test_steps_without_keys_merge_with_nothing() -> None:
     assert loop_erase(tree, tree.path(leaf)) == tree.path(leaf)
 
 
-def test_choose_path_falls_back_when_a_replay_fails() -> None:
+def test_choose_path_falls_back_when_a_replay_fails(vault_play, vault_game) -> None:
+    play, VaultGame = vault_play, vault_game
     a = play(["go north", "go south", "go east", "go east", "go east"], seed=1)  # lost, 0.5
     b = play(["go east", "go west", "go east", "go west"], seed=2)
     tree = build_trees([a, b])["vault/0"]

@@ -24,7 +24,6 @@ from w2s_agents.search import (
     write_rows,
 )
 from w2s_agents.tree import TrajectoryTree, build_trees
-from w2s_agents.types import Source, Step, Trajectory
 from w2s_agents.viz import (
     VizConfig,
     embed_json,
@@ -330,48 +329,17 @@ def test_cli_writes_pages_and_figures(tmp_path: Path, tree, capsys) -> None:
 
 # ------------------------------------------------------------------- merged states and shortened best paths
 
-# a corridor: hall - cellar - stairs - vault (east), a side room north of the hall; the stairs score half the
-# points, the vault all of them if reached within 3 moves (the game is lost there later); the room is the state
-# key (tests/test_paths.py plays the same game in an env)
-VAULT_MOVES = {
-    ("hall", "go east"): "cellar",
-    ("cellar", "go west"): "hall",
-    ("cellar", "go east"): "stairs",
-    ("stairs", "go west"): "cellar",
-    ("stairs", "go east"): "vault",
-    ("hall", "go north"): "side",
-    ("side", "go south"): "hall",
-}
-
-
-def vault_episode(actions: list[str], seed: int) -> Trajectory:
-    """The episode of ``actions`` in the corridor game, with the room of every state as its key."""
-    room, score, steps, end = "hall", 0.0, [], "truncated"
-    for move, action in enumerate(actions, 1):
-        room, before = VAULT_MOVES.get((room, action), room), score
-        if room == "stairs":
-            score = max(score, 0.5)
-        if room == "vault" and move <= 3:
-            score = 1.0
-        steps.append(Step(action, f"You are in the {room}.", score - before, score, state_key=room))
-        if room == "vault":
-            end = "won" if move <= 3 else "lost"
-            break
-    source = Source("weak", "weak", seed=seed)
-    return Trajectory("vault/0", "w2s/Vault-v0", source, "Reach the vault.", "You are in the hall.",
-                      tuple(steps), score, end == "won", end, initial_state_key="hall")  # fmt: skip
-
 
 @pytest.fixture
-def vault_tree() -> TrajectoryTree:
+def vault_tree(vault_play) -> TrajectoryTree:
     """A wastes two moves (north, south) before walking east to the vault too late (lost, 0.5); B walks east
     and west until its step limit (0.0). Canonical ids, by hand (action: room reached):
 
     0 hall -+- 1 east: cellar - 2 west: hall - 3 east: cellar - 4 west: hall                    (B)
             +- 5 north: side - 6 south: hall - 7 east: cellar - 8 east: stairs - 9 east: vault   (A)
     """
-    a = vault_episode(["go north", "go south", "go east", "go east", "go east"], seed=1)
-    b = vault_episode(["go east", "go west", "go east", "go west"], seed=2)
+    a = vault_play(["go north", "go south", "go east", "go east", "go east"], seed=1)
+    b = vault_play(["go east", "go west", "go east", "go west"], seed=2)
     tree = build_trees([a, b])["vault/0"]
     tree.canonicalize()
     assert [tree.action(n) for n in (1, 5, 9)] == ["go east", "go north", "go east"] and len(tree) == 10

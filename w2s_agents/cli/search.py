@@ -59,20 +59,16 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     from w2s_agents.config import config_to_dict, load_config
     from w2s_agents.search import (
         SearchConfig,
-        best_path,
-        choose_path,
+        env_replayer,
         expert_failure_pairs,
         node_values,
-        path_row,
-        replay_path,
         search_tree,
-        tree_pairs,
+        tree_rows,
         unique_rows,
         write_rows,
     )
     from w2s_agents.store import iter_trajectories
     from w2s_agents.tree import TrajectoryTree
-    from w2s_agents.types import Source
 
     overrides = list(ns.set)
     for key in ("iterations", "gamma", "seed", "value", "margin"):
@@ -80,52 +76,36 @@ def _cmd_search(ns: argparse.Namespace) -> int:
             overrides.append(f"{key}={getattr(ns, key)}")
     cfg = load_config(SearchConfig, ns.config, overrides)
     files = tree_files(ns.trees)
-    replay, env = None, None
+    env = None
     if cfg.paths != "tree" and ns.suite is None:
         print(
             f"w2s: search.paths={cfg.paths} replays shortened paths in the env of --suite; without it the rows are tree paths"
         )
-        mode = "tree"
-    else:
-        mode = cfg.paths
-    if mode != "tree":
+    elif cfg.paths != "tree":
         from w2s_agents.envs.demos import suite_env
 
         env = suite_env(ns.suite, max_steps=ns.max_steps)
-        source = Source(model="path-replay", role="search", sampler="replay")
-
-        def replay(tree, nodes, target):  # type: ignore[no-untyped-def]
-            return replay_path(env, tree, nodes, expected_return=target, source=source)
-
     sft_rows, pair_rows = [], []
     try:
+        replay = env_replayer(env) if env is not None else None
         for path in files:
             tree = TrajectoryTree.load(path)
             if cfg.value == "mcts" or not ns.keep_values:
                 search_tree(tree, cfg)
                 tree.save(path)
-            values = node_values(tree, cfg.value, cfg.discount)
-            choice = choose_path(tree, best_path(tree, values), mode=mode, replay=replay)
-            row = path_row(tree, choice, values, min_return=cfg.sft_min_value)
-            if row is not None:
-                sft_rows.append(row)
-            pairs = tree_pairs(
-                tree,
-                values,
-                margin=cfg.margin,
-                per_node=cfg.pairs_per_node,
-                step=cfg.step_pairs,
-                continuation=cfg.continuation_pairs,
-            )
-            pair_rows.extend(pairs)
+            data = tree_rows(tree, node_values(tree, cfg.value, cfg.discount), cfg, replay=replay)
+            if data.row is not None:
+                sft_rows.append(data.row)
+            pair_rows.extend(data.pairs)
+            choice = data.choice
             shortened = (
                 f" ({choice.kind}, {choice.raw_steps} -> {choice.steps} steps)"
                 if choice.kind != "tree"
                 else ""
             )
             print(
-                f"{path}: task {tree.task_id}, {len(tree)} nodes, best path {'kept' if row else 'skipped'}"
-                f"{shortened}, {len(pairs)} pairs"
+                f"{path}: task {tree.task_id}, {len(tree)} nodes, best path {'kept' if data.row else 'skipped'}"
+                f"{shortened}, {len(data.pairs)} pairs"
             )
     finally:
         if env is not None:

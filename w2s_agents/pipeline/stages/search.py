@@ -8,7 +8,6 @@ not reach the outcome it was taken for is dropped and counted, and the next cand
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +16,9 @@ from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import read_trajectories, training_system, write_json
 from w2s_agents.seeding import derive_seed
 from w2s_agents.tree import TrajectoryTree
-from w2s_agents.types import Source
 
 if TYPE_CHECKING:
-    from w2s_agents.search import PathChoice, PathOutcome
+    from w2s_agents.search import PathChoice
 
 __all__ = ["run_search", "summarize_paths"]
 
@@ -38,14 +36,11 @@ def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_sta
     """
     from w2s_agents.envs.demos import suite_env
     from w2s_agents.search import (
-        best_path,
-        choose_path,
+        env_replayer,
         expert_failure_pairs,
         node_values,
-        path_row,
-        replay_path,
         search_tree,
-        tree_pairs,
+        tree_rows,
         unique_rows,
         write_rows,
     )
@@ -53,36 +48,21 @@ def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_sta
     system = training_system(cfg)
     sc = replace(cfg.search, seed=derive_seed(seed, "search") % 2**31)
     sft_rows, pair_rows, path_stats = [], [], []
+    # shortened best paths are replayed in the env of the suite before they become rows
     env = None
-    if sc.paths != "tree":  # shortened paths are replayed in the env before they become rows
+    if sc.paths != "tree":
         env = suite_env(cfg.tasks.suite, max_steps=cfg.tasks.max_steps, **cfg.tasks.env_kwargs)
-    replayer = None
-    if env is not None:
-        source = Source(model="path-replay", role="search", sampler="replay")
-
-        def replayer(tree: TrajectoryTree, nodes: Sequence[int], target: float) -> PathOutcome:
-            return replay_path(env, tree, nodes, expected_return=target, source=source)
-
     try:
+        replay = env_replayer(env) if env is not None else None
         for path in sorted((ctx.output(trees_stage) / "trees").glob("*.json")):
             tree = TrajectoryTree.load(path)
             search_tree(tree, sc)
             tree.save(ctx.directory / "trees" / path.name)
-            values = node_values(tree, sc.value, sc.discount)
-            choice = choose_path(tree, best_path(tree, values), mode=sc.paths, replay=replayer)
-            row = path_row(tree, choice, values, min_return=sc.sft_min_value, system=system)
-            if row is not None:
-                sft_rows.append(row)
-            path_stats.append(_path_stats(tree, choice, row is not None))
-            pair_rows += tree_pairs(
-                tree,
-                values,
-                margin=sc.margin,
-                per_node=sc.pairs_per_node,
-                step=sc.step_pairs,
-                continuation=sc.continuation_pairs,
-                system=system,
-            )
+            data = tree_rows(tree, node_values(tree, sc.value, sc.discount), sc, replay=replay, system=system)
+            if data.row is not None:
+                sft_rows.append(data.row)
+            path_stats.append(_path_stats(tree, data.choice, data.row is not None))
+            pair_rows += data.pairs
     finally:
         if env is not None:
             env.close()
