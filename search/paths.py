@@ -56,15 +56,13 @@ class StateGraph:
     tree's steps, each with its smallest witness node, so the searches below run over the moves, not the nodes.
 
     Attributes:
-        state: the state of every tree node (its key, or ``"#<node>"`` for a node without one).
-        state_id: the same as small integers (``names[state_id[n]] == state[n]``).
-        names: the state of every id.
+        state_id: the state of every tree node as a small integer.
+        names: the state of every id: its key, or ``"#<node>"`` for a node without one.
         ends: per state, the best mean return of the trajectories that ended at one of its nodes, and that
             node (the smallest of equals).
     """
 
     tree: TrajectoryTree
-    state: list[str] = field(default_factory=list)
     state_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     names: list[str] = field(default_factory=list)
     ends: dict[str, tuple[float, int]] = field(default_factory=dict)
@@ -80,10 +78,14 @@ class StateGraph:
         """The state graph of ``tree``."""
         keys = tree.state_keys()
         n = len(keys)
-        state = [k if k is not None else f"#{i}" for i, k in enumerate(keys)]
-        index = {s: i for i, s in enumerate(dict.fromkeys(state))}
-        sid = np.fromiter(map(index.__getitem__, state), dtype=np.int64, count=n)
-        g = cls(tree, state, sid, list(index))
+        index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        sid = np.fromiter(map(index.__getitem__, keys), dtype=np.int64, count=n)
+        names: list[str] = [k if k is not None else "" for k in index]
+        if None in index:  # a node without a key is a state of its own
+            alone = np.flatnonzero(sid == index[None])
+            sid[alone] = np.arange(len(index), len(index) + len(alone))
+            names += [f"#{v}" for v in alone.tolist()]
+        g = cls(tree, sid, names)
         # the moves: (state before, action, state after) of every step, with the smallest node taking it
         parents = tree.parent_array()
         actions = tree.action_keys()
@@ -104,10 +106,8 @@ class StateGraph:
         g._dst, g._node = dst, nodes
         # where trajectories ended: a node's visits less its children's, and their mean return
         visits, returns, _ = tree.stat_arrays()
-        child_visits = np.zeros(n, dtype=np.int64)
-        child_returns = np.zeros(n, dtype=np.float64)
-        np.add.at(child_visits, parents[1:], visits[1:])
-        np.add.at(child_returns, parents[1:], returns[1:])
+        child_visits = np.bincount(parents[1:], weights=visits[1:], minlength=n).astype(np.int64)
+        child_returns = np.bincount(parents[1:], weights=returns[1:], minlength=n)
         ended = visits - child_visits
         at = np.flatnonzero(ended > 0)
         means = (returns[at] - child_returns[at]) / ended[at]
@@ -115,8 +115,14 @@ class StateGraph:
         first_of = np.ones(len(best), dtype=bool)
         first_of[1:] = sid[at][best][1:] != sid[at][best][:-1]
         for node, ret in zip(at[best][first_of].tolist(), means[best][first_of].tolist(), strict=True):
-            g.ends[state[node]] = (ret, node)
+            g.ends[names[sid[node]]] = (ret, node)
         return g
+
+    @property
+    def state(self) -> list[str]:
+        """The state of every tree node (``names[state_id[n]]``)."""
+        names = self.names
+        return [names[i] for i in self.state_id.tolist()]
 
     @property
     def merged(self) -> int:
