@@ -23,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("config", metavar="CONFIG", help="YAML file (e.g. configs/rollout-tiny.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a key, e.g. rollout.workers=2")
-    p.set_defaults(func=_cmd_rollout)
+    p.set_defaults(func=_cmd_rollout, overrides_dest="overrides")
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from w2s_agents.cli.args import split_config_args
+from w2s_agents.cli.args import check_output_dir, split_config_args
 from w2s_agents.errors import W2SError
 
 __all__ = ["add_commands"]
@@ -23,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "with KEY=VALUE overrides applied.",
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
-    p.set_defaults(func=_cmd_config_show)
+    p.set_defaults(func=_cmd_config_show, overrides_dest="args")
     p = config_sub.add_parser("keys", help="list every config key with its type, default and help")
     p.add_argument("--grep", default="", help="only keys containing this text")
     p.set_defaults(func=_cmd_config_keys)
@@ -39,7 +39,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="redo this stage and every later one")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     p.add_argument("--list-stages", action="store_true", help="print the stage names and exit")
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, overrides_dest="args")
     p = sub.add_parser("report", help="rewrite report.md and its plots from a run's metrics.json")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--no-plots", action="store_true", help="leave the PNG plots out")
@@ -71,12 +71,15 @@ def _cmd_config_keys(ns: argparse.Namespace) -> int:
 
 def _cmd_run(ns: argparse.Namespace) -> int:
     from w2s_agents.pipeline import load_experiment, run_pipeline, stage_names
+    from w2s_agents.pipeline.runner import check_stage_range
 
     path, overrides = split_config_args(ns.args)
     cfg = load_experiment(path, overrides)
     if ns.list_stages:
         print("\n".join(stage_names(cfg)))
         return 0
+    check_stage_range(cfg, from_stage=ns.from_stage, until=ns.until)
+    check_output_dir(cfg.run.run_dir, "run folder (run.out_dir/run.name)")
     result = run_pipeline(cfg, from_stage=ns.from_stage, until=ns.until)
     if not result.metrics:
         print(f"{result.run_dir}: stopped after stage {ns.until}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from w2s_agents.cli.args import tree_files
+from w2s_agents.atomic import atomic_write
+from w2s_agents.cli.args import check_output_dir, tree_files
 
 __all__ = ["add_commands"]
 
@@ -75,7 +75,19 @@ def _cmd_search(ns: argparse.Namespace) -> int:
         if getattr(ns, key) is not None:
             overrides.append(f"{key}={getattr(ns, key)}")
     cfg = load_config(SearchConfig, ns.config, overrides)
+    out = check_output_dir(ns.out, "-o/--out")
     files = tree_files(ns.trees)
+    # every tree is read (and checked) before any is rewritten with its search statistics
+    trees = [TrajectoryTree.load(path) for path in files]
+    eto = (
+        list(
+            expert_failure_pairs(
+                iter_trajectories(ns.trajectories), margin=cfg.margin, per_task=cfg.pairs_per_node
+            )
+        )
+        if ns.trajectories
+        else []
+    )
     env = None
     if cfg.paths != "tree" and ns.suite is None:
         print(
@@ -88,8 +100,7 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     sft_rows, pair_rows = [], []
     try:
         replay = env_replayer(env) if env is not None else None
-        for path in files:
-            tree = TrajectoryTree.load(path)
+        for path, tree in zip(files, trees, strict=True):
             if cfg.value == "mcts" or not ns.keep_values:
                 search_tree(tree, cfg)
                 tree.save(path)
@@ -110,16 +121,13 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     finally:
         if env is not None:
             env.close()
-    out = Path(ns.out)
     n_sft = write_rows(unique_rows(sft_rows), out / "sft.jsonl")
     n_pairs = write_rows(unique_rows(pair_rows), out / "pairs.jsonl")
     summary = {"trees": len(files), "sft_rows": n_sft, "pair_rows": n_pairs, "config": config_to_dict(cfg)}
     if ns.trajectories:
-        eto = expert_failure_pairs(
-            iter_trajectories(ns.trajectories), margin=cfg.margin, per_task=cfg.pairs_per_node
-        )
         summary["expert_pair_rows"] = write_rows(eto, out / "expert_pairs.jsonl")
-    (out / "search.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(out / "search.json") as fh:
+        fh.write(json.dumps(summary, indent=2) + "\n")
     print(
         f"{out}: sft.jsonl {n_sft} rows, pairs.jsonl {n_pairs} rows"
         + (f", expert_pairs.jsonl {summary['expert_pair_rows']} rows" if ns.trajectories else "")

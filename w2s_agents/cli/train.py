@@ -29,7 +29,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         )
         p.add_argument("config", metavar="CONFIG", help="YAML file (e.g. configs/train-sft-tiny.yaml)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-        p.set_defaults(func=_cmd_train, method=method)
+        p.set_defaults(func=_cmd_train, method=method, overrides_dest="overrides")
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:

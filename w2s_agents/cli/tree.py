@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from w2s_agents.cli.args import tree_files
+from w2s_agents.cli.args import check_output_dir, tree_files
 from w2s_agents.errors import W2SError
 
 __all__ = ["add_commands"]
@@ -36,6 +35,7 @@ def _cmd_tree_build(ns: argparse.Namespace) -> int:
     from w2s_agents.store import iter_trajectories
     from w2s_agents.tree import build_trees, tree_filename
 
+    out = check_output_dir(ns.out, "-o/--out")
     wanted = set(ns.task)
     trajs = (t for t in iter_trajectories(ns.files) if not wanted or t.task_id in wanted)
     trees = build_trees(trajs)
@@ -43,7 +43,6 @@ def _cmd_tree_build(ns: argparse.Namespace) -> int:
         raise W2SError(
             "no trajectories to build trees from" + (f" for tasks {sorted(wanted)}" if wanted else "")
         )
-    out = Path(ns.out)
     for task_id, tree in trees.items():
         path = tree.save(out / tree_filename(task_id))
         s = tree.summary()

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from w2s_agents.config import save_config
+from w2s_agents.errors import ConfigError
 from w2s_agents.log import setup_logging
 from w2s_agents.pipeline.cache import Stage, StageRecord, collect_manifest, run_stages, write_manifest
 from w2s_agents.pipeline.experiment import W2S_VARIANTS, ExperimentConfig
@@ -58,7 +59,14 @@ from w2s_agents.pipeline.stages import (
 from w2s_agents.seeding import seed_everything
 from w2s_agents.trainers import TrainConfig
 
-__all__ = ["W2S_VARIANTS", "PipelineResult", "build_stages", "run_pipeline", "stage_names"]
+__all__ = [
+    "W2S_VARIANTS",
+    "PipelineResult",
+    "build_stages",
+    "check_stage_range",
+    "run_pipeline",
+    "stage_names",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +219,22 @@ def stage_names(cfg: ExperimentConfig) -> list[str]:
     return [s.name for s in build_stages(cfg, cfg.run.seed_list[0])]
 
 
+def check_stage_range(cfg: ExperimentConfig, *, from_stage: str | None, until: str | None) -> None:
+    """Check ``--from`` / ``--until`` against the stages of ``cfg``.
+
+    Raises:
+        ConfigError: either names no stage, or ``until`` comes before ``from_stage``.
+    """
+    names = stage_names(cfg)
+    for opt, value in (("--from", from_stage), ("--until", until)):
+        if value is not None and value not in names:
+            raise ConfigError(f"{opt} {value!r}: no such stage; stages are {', '.join(names)}")
+    if from_stage is not None and until is not None and names.index(until) < names.index(from_stage):
+        raise ConfigError(
+            f"--until {until!r} comes before --from {from_stage!r}; stages are {', '.join(names)}"
+        )
+
+
 def run_pipeline(
     cfg: ExperimentConfig,
     *,
@@ -223,9 +247,11 @@ def run_pipeline(
         The run folder, the report path, the metrics and the stage records per seed.
 
     Raises:
-        ConfigError: ``from_stage`` / ``until`` names no stage.
+        ConfigError: ``from_stage`` / ``until`` names no stage, or ``until`` comes before ``from_stage``
+            (checked before anything is written).
         W2SError: a stage failed with a reportable error (finished stages stay cached).
     """
+    check_stage_range(cfg, from_stage=from_stage, until=until)
     run_dir = cfg.run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(cfg.run.log_level, run_dir / "run.log")
