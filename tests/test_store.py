@@ -227,6 +227,23 @@ def test_invalid_json_and_encoding_errors_name_line(tmp_path: Path) -> None:
         list(read_trajectories(tmp_path / "nope.jsonl"))
 
 
+def test_lone_surrogate_is_refused_with_field_and_line(tmp_path: Path) -> None:
+    good = encode_trajectory(make_traj("a", 0))
+    # an escaped lone surrogate is valid JSON but no Unicode text; an escaped pair (an emoji) is fine
+    lone = encode_trajectory(make_traj("b", 0)).replace(b'"action":"go 1"', b'"action":"go \\ud800 1"')
+    pair = encode_trajectory(make_traj("c", 0)).replace(b'"action":"go 1"', b'"action":"go \\ud83d\\ude00 1"')
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(good + pair + lone)
+    with pytest.raises(
+        DataFormatError, match=r"s.jsonl:3: .*field 'steps\[1\]\.action' holds a lone surrogate"
+    ):
+        scan_store(path)
+    with pytest.raises(DataFormatError, match=r"s.jsonl:3: "):
+        list(read_trajectories(path))
+    path.write_bytes(good + pair)
+    assert [t.steps[1].action for t in read_trajectories(path)] == ["go 1", "go \U0001f600 1"]
+
+
 def test_blank_lines_are_ignored(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     line = encode_trajectory(make_traj("a", 0))

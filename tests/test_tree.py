@@ -236,6 +236,16 @@ def test_save_load_round_trip(tmp_path, golden: TrajectoryTree) -> None:
     assert g.number_of_nodes() == 7 and g.nodes[2]["visits"] == 3
 
 
+def test_tree_with_a_lone_surrogate_is_not_saved(tmp_path, make_traj) -> None:
+    # a lone surrogate cannot be written as UTF-8: one error naming the file, and no file or temp file left
+    tree = build_trees([make_traj([("take \ud800 key", "got it")], 1.0, "won")])["house/0"]
+    with pytest.raises(
+        DataFormatError, match=r"t\.json: the tree of task 'house/0' holds text that is not valid"
+    ):
+        tree.save(tmp_path / "trees" / "t.json")
+    assert list((tmp_path / "trees").iterdir()) == []
+
+
 def _saved(tmp_path, golden: TrajectoryTree) -> tuple:
     path = golden.save(tmp_path / "t.json")
     return path, json.loads(path.read_text(encoding="utf-8"))

@@ -53,10 +53,38 @@ def _parse_line(raw: bytes, path: Path, lineno: int) -> Trajectory:
         raise DataFormatError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise DataFormatError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if b"\\ud" in raw or b"\\uD" in raw:  # a \uXXXX escape of a surrogate: only a pair makes a character
+        where = _lone_surrogate(record, "")
+        if where is not None:
+            raise DataFormatError(
+                f"{path}:{lineno}: invalid trajectory record: field '{where}' holds a lone surrogate "
+                "(\\ud800-\\udfff escape without its pair), which is not Unicode text"
+            )
     try:
         return Trajectory.from_dict(record)
     except ValueError as exc:
         raise DataFormatError(f"{path}:{lineno}: invalid trajectory record: {exc}") from None
+
+
+def _lone_surrogate(value: object, where: str) -> str | None:
+    """The dotted path of the first string in ``value`` that is not valid Unicode (a lone surrogate), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "(record)"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, where) or _lone_surrogate(item, f"{where}.{key}" if where else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 @dataclass(frozen=True)

@@ -79,11 +79,21 @@ def to_json(tree: TrajectoryTree) -> dict[str, Any]:
 
 
 def save(tree: TrajectoryTree, path: str | os.PathLike[str]) -> Path:
-    """Write ``tree`` as versioned node-link JSON, atomically (temp file + rename); returns the path."""
+    """Write ``tree`` as versioned node-link JSON, atomically (temp file + rename); returns the path.
+
+    Raises:
+        DataFormatError: a text of the tree is not valid Unicode (a lone surrogate); nothing is written.
+    """
     p = Path(path)
     data = json.dumps(to_json(tree), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    with atomic_write(p) as fh:
-        fh.write(data)
+    try:
+        with atomic_write(p) as fh:
+            fh.write(data)
+    except UnicodeEncodeError as exc:
+        raise DataFormatError(
+            f"{p}: the tree of task {tree.task_id!r} holds text that is not valid Unicode "
+            f"({exc.reason}: {exc.object[exc.start : exc.end]!r} at character {exc.start}); nothing written"
+        ) from None
     return p
 
 
