@@ -177,8 +177,11 @@ def test_invalid_yaml_and_non_mapping(tmp_path: Path) -> None:
         load_config(Root, tmp_path / "missing.yaml")
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    assert load_config(Root, write(tmp_path, "# nothing\n")) == Root()
+def test_empty_file_is_refused_and_an_empty_mapping_gives_defaults(tmp_path: Path) -> None:
+    for text in ("", "# nothing\n", "\n  \n"):
+        with pytest.raises(ConfigError, match=r"c\.yaml: the config file is empty \(no keys\)"):
+            load_config(Root, write(tmp_path, text))
+    assert load_config(Root, write(tmp_path, "# every default, on purpose\n{}\n")) == Root()
 
 
 def test_missing_required_key() -> None:

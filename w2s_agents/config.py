@@ -130,7 +130,8 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping from ``path``, remembering the line of every key for error messages.
 
     Raises:
-        ConfigError: the file is missing, is not valid YAML (with file:line), or is not a mapping.
+        ConfigError: the file is missing, empty (nothing but comments; ``{}`` is an empty mapping), is not
+            valid YAML (with file:line), or is not a mapping.
     """
     p = Path(path)
     try:
@@ -150,9 +151,10 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     finally:
         loader.dispose()
-    if data is None:
-        data = _LinedDict()
-        data.key_lines, data.line = {}, 1
+    if data is None:  # nothing but blanks and comments: most likely the wrong file, or one not saved yet
+        raise ConfigError(
+            f"{p}: the config file is empty (no keys); write the keys to set, or '{{}}' to take every default"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{p}:1: a config file must be a mapping of keys to values, got {type(data).__name__}"

@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from w2s_agents.cli.args import split_config_args
+from w2s_agents.cli.args import check_output_dir, check_output_file, split_config_args
 from w2s_agents.errors import W2SError
 
 __all__ = ["add_commands"]
@@ -40,6 +40,10 @@ def _cmd_rollout(ns: argparse.Namespace) -> int:
             "w2s rollout needs a config file (e.g. configs/rollout-tiny.yaml) before KEY=VALUE overrides"
         )
     cfg = load_job(path, overrides)
+    # where the run writes, checked before the model is loaded or built
+    check_output_dir(cfg.run.run_dir, "run folder (run.out_dir/run.name)")
+    if cfg.rollout.output is not None:
+        check_output_file(cfg.rollout.output, "rollout.output")
     # a scheduler's SIGTERM (preemption) stops the run in order: the store is closed, Ray shut down
     before = signal.signal(signal.SIGTERM, _terminate)
     try:

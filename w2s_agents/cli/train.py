@@ -43,6 +43,13 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             f"{ns.config}: train.method is {written['method']!r} but the command trains {method!r}; "
             f"run `w2s train {written['method']}` or change the file"
         )
+    for item in ns.overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "train.method" and value.strip() != method:
+            raise W2SError(
+                f"override '{item}' disagrees with the command, which trains {method!r}; "
+                f"run `w2s train {value.strip()}` or leave train.method out"
+            )
     job = load_config(TrainJobConfig, ns.config, [*ns.overrides, f"train.method={method}"])
     cfg = job.train
     if cfg.is_dpo:
