@@ -1,26 +1,43 @@
-"""Atomic training checkpoints: trainable weights, optimizer, scheduler, RNG states, data position and curves.
+"""Atomic, verified training checkpoints: trainable weights, optimizer, scheduler, RNG states, data position
+and curves, read back without unpickling anything.
 
 A checkpoint is a folder ``<out>/checkpoints/step-NNNNNNNN`` holding
 
 * ``trainable.safetensors``: the trainable parameters by name (every parameter, or only the LoRA adapters);
-* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``;
-* ``rng-<rank>.pt``: the Python, NumPy and torch (CPU and CUDA) random states of each process;
+* ``optimizer.safetensors``, ``scheduler.safetensors``: their ``state_dict`` (see :func:`save_state_file`);
+* ``rng-<rank>.safetensors``: the Python, NumPy and torch (CPU and CUDA) random states of each process;
 * ``state.json``: step, epoch, position in the epoch, curves, best validation, source weights, the run's
-  fingerprint.
+  fingerprint;
+* ``manifest.json``, written last: the name, size and SHA-256 of every other file.
 
 It is written under a temporary name and renamed when complete, so a killed run leaves either a whole
 checkpoint or none; leftovers of an interrupted write are removed at the next start.
+
+Reading (:func:`verify_checkpoint`, :func:`read_checkpoint`, :func:`apply_checkpoint`) never runs code from the
+files: tensors come from safetensors, everything else from JSON. A file that is missing, truncated, altered,
+foreign or unsafe raises :class:`CorruptCheckpointError` naming the file and the reason, and nothing is
+changed in the model, optimizer, scheduler or random generators until every file has been read and checked.
+
+Checkpoints written before the manifest (``optimizer.pt``, ``scheduler.pt``, ``rng-<rank>.pt``, no
+``manifest.json``) are still read: what can be checked is (``state.json`` parses, the safetensors header is
+whole), and the ``.pt`` files are loaded with ``torch.load(weights_only=True)``, which unpickles tensors and
+plain containers only; the one extra type allowed is the NumPy ``uint32`` array of the legacy NumPy random
+state (see :data:`LEGACY_RNG_GLOBALS`). A file that names anything else is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +49,203 @@ from w2s_agents.errors import W2SError
 
 __all__ = [
     "CHECKPOINTS",
+    "CHECKPOINT_FORMAT",
+    "LEGACY_RNG_GLOBALS",
+    "MANIFEST",
+    "CheckpointContents",
+    "CorruptCheckpointError",
+    "apply_checkpoint",
+    "assign_trainable",
     "capture_rng",
     "checkpoint_dirs",
     "latest_checkpoint",
+    "load_state_file",
     "load_trainable",
+    "read_checkpoint",
     "read_state",
+    "read_trainable",
     "remove_stale",
     "restore_rng",
+    "rng_file",
     "rotate_checkpoints",
+    "save_state_file",
     "save_trainable",
+    "set_aside",
+    "verify_checkpoint",
     "write_checkpoint",
+    "write_rng",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+CHECKPOINT_FORMAT = 2  # 1: optimizer.pt, scheduler.pt, rng-<rank>.pt and no manifest (read, never written)
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+SCHEDULER = "scheduler.safetensors"
+STATE = "state.json"
+_REQUIRED = (TRAINABLE, OPTIMIZER, SCHEDULER, STATE)
 _STEP_DIR = re.compile(r"step-(\d{8})")
+_STATE_KEY = "w2s_state"  # safetensors header entry holding the JSON structure of a state file
+_TAG = "__w2s__"  # marks a JSON object that encodes a tensor, tuple, array, non-finite float or non-str-keyed dict
+_HASH_CHUNK = 8 << 20
+
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # NumPy 2 / 1
+LEGACY_RNG_GLOBALS: tuple[Any, ...] = (
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    _NUMPY_CORE.multiarray._reconstruct,
+)
+"""The only globals a legacy ``rng-<rank>.pt`` may name besides torch's own: the NumPy array of the
+MT19937 state (``ndarray``, its ``_reconstruct``, ``dtype`` and the ``uint32`` dtype class)."""
+
+
+class CorruptCheckpointError(W2SError):
+    """A checkpoint file is missing, damaged, foreign or unsafe; the message names the file and the reason."""
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------- state files (no pickle)
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {_TAG: "float", "value": repr(obj)}
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {_TAG: "tensor", "key": key}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biuf":
+            raise TypeError(f"cannot store a NumPy array of dtype {obj.dtype} in a state file")
+        return {
+            _TAG: "ndarray",
+            "dtype": obj.dtype.str,
+            "shape": list(obj.shape),
+            "data": obj.ravel().tolist(),
+        }
+    if isinstance(obj, np.generic):
+        return _encode(obj.item(), tensors)
+    if isinstance(obj, tuple):
+        return {_TAG: "tuple", "items": [_encode(x, tensors) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x, tensors) for x in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and _TAG not in obj:
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {_TAG: "dict", "items": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a state file")
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, list):
+        return [_decode(x, tensors) for x in node]
+    if not isinstance(node, dict):
+        raise ValueError(f"unexpected JSON value {type(node).__name__}")
+    tag = node.get(_TAG)
+    if tag is None:
+        return {k: _decode(v, tensors) for k, v in node.items()}
+    if tag == "tensor":
+        if node.get("key") not in tensors:
+            raise ValueError(f"it refers to tensor {node.get('key')!r}, which it does not hold")
+        return tensors[node["key"]]
+    if tag == "tuple":
+        return tuple(_decode(x, tensors) for x in node["items"])
+    if tag == "dict":
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in node["items"]}
+    if tag == "float":
+        if node["value"] not in ("nan", "inf", "-inf"):
+            raise ValueError(f"bad float {node['value']!r}")
+        return float(node["value"])
+    if tag == "ndarray":
+        dtype = np.dtype(node["dtype"])
+        if dtype.kind not in "biuf":
+            raise ValueError(f"array of dtype {dtype} (only numbers are stored)")
+        return np.asarray(node["data"], dtype=dtype).reshape([int(n) for n in node["shape"]])
+    raise ValueError(f"unknown entry {tag!r}")
+
+
+def save_state_file(obj: Any, path: Path) -> None:
+    """Write a nested state (dicts, lists, tuples, numbers, strings, None, tensors, numeric NumPy arrays) to a
+    safetensors file: the tensors as its tensors, the rest as JSON in its header. No pickle is involved, so
+    :func:`load_state_file` runs no code from the file.
+
+    Raises:
+        TypeError: ``obj`` holds a value of another type.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(_encode(obj, tensors), allow_nan=False, separators=(",", ":"))
+    save_file(tensors, str(path), metadata={_STATE_KEY: structure})
+
+
+def load_state_file(path: Path) -> Any:
+    """The state a :func:`save_state_file` file holds (tensors on the CPU, tuples as tuples).
+
+    Raises:
+        CorruptCheckpointError: the file is missing, not a safetensors file, truncated, or not a state file.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing") from None
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError kinds
+        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+    if _STATE_KEY not in meta:
+        raise CorruptCheckpointError(f"{path}: not a w2s state file (no {_STATE_KEY!r} in its header)")
+    try:
+        return _decode(json.loads(meta[_STATE_KEY]), tensors)
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{path}: malformed state ({_one_line(exc)})") from None
+
+
+def _load_legacy_pt(path: Path, allowed: tuple[Any, ...] = ()) -> Any:
+    """A checkpoint-format-1 ``.pt`` file through torch's weights-only unpickler (``allowed``: extra globals)."""
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path}: missing")
+    try:
+        if allowed:
+            safe_globals = getattr(torch.serialization, "safe_globals", None)
+            if safe_globals is None:  # torch < 2.5
+                raise CorruptCheckpointError(
+                    f"{path}: an old-format random-state file; reading it safely needs torch >= 2.5"
+                )
+            with safe_globals(list(allowed)):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except CorruptCheckpointError:
+        raise
+    except Exception as exc:  # UnpicklingError, EOFError, RuntimeError (bad zip), ...
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        if named:
+            raise CorruptCheckpointError(
+                f"{path}: refused: the pickle names {named.group(1)}, which a checkpoint never holds "
+                "(checkpoints are read without running code from them)"
+            ) from None
+        lines = [ln for ln in str(exc).splitlines() if ln.strip() and "Weights only load failed" not in ln]
+        detail = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
+        raise CorruptCheckpointError(
+            f"{path}: not a torch file that loads with weights_only=True ({type(exc).__name__}"
+            f"{': ' + _one_line(detail) if detail else ''})"
+        ) from None
+
+
+# ---------------------------------------------------------------------- trainable weights
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -62,24 +260,56 @@ def save_trainable(model: nn.Module, path: Path) -> None:
     save_file(trainable_state(model), str(path))
 
 
+def read_trainable(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a :func:`save_trainable` file, on the CPU.
+
+    Raises:
+        CorruptCheckpointError: the file is missing, truncated or not a safetensors file.
+    """
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError
+        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+
+
+def assign_trainable(model: nn.Module, saved: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``saved`` into ``model``'s trainable parameters of the same names, after checking that the names
+    and shapes match (the model is unchanged when they do not).
+
+    Raises:
+        CorruptCheckpointError: ``saved`` misses a trainable parameter, holds one the model does not have, or
+            holds one of another shape (``source`` is named in the message).
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise CorruptCheckpointError(
+            f"{source}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, p in params.items():
+        if tuple(saved[name].shape) != tuple(p.shape):
+            raise CorruptCheckpointError(
+                f"{source}: {name} has shape {tuple(saved[name].shape)}, the model's {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
+
+
 def load_trainable(model: nn.Module, path: Path) -> None:
     """Copy the tensors of a :func:`save_trainable` file into ``model``'s parameters of the same names.
 
     Raises:
-        W2SError: the file misses a trainable parameter of the model or holds one it does not have.
+        CorruptCheckpointError: the file is unreadable or does not match the model's trainable parameters.
     """
-    from safetensors.torch import load_file
+    assign_trainable(model, read_trainable(path), path)
 
-    saved = load_file(str(path))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise W2SError(
-            f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name].to(p.device, p.dtype))
+
+# ---------------------------------------------------------------------- random states
 
 
 def capture_rng() -> dict[str, Any]:
@@ -94,13 +324,54 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
+def rng_file(rank: int) -> str:
+    """The name of process ``rank``'s random-state file in a checkpoint."""
+    return f"rng-{rank}.safetensors"
+
+
+def write_rng(folder: Path, rank: int) -> Path:
+    """Write this process's :func:`capture_rng` into ``folder`` (a checkpoint being written) and return it."""
+    path = folder / rng_file(rank)
+    save_state_file(capture_rng(), path)
+    return path
+
+
+def _check_rng(state: Any) -> None:
+    """Raise ValueError/TypeError/RuntimeError unless :func:`restore_rng` can apply ``state`` completely; no
+    global generator is touched (the states are tried on fresh generators)."""
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= state.keys():
+        raise ValueError("not a random-state file (it needs python, numpy and torch states)")
+    random.Random().setstate(state["python"])
+    np.random.RandomState().set_state(state["numpy"])
+    torch.Generator().set_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None:
+        if not isinstance(cuda, (list, tuple)) or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 1 for t in cuda
+        ):
+            raise ValueError("the CUDA states are not byte tensors")
+        if torch.cuda.is_available() and len(cuda) > torch.cuda.device_count():
+            raise ValueError(f"{len(cuda)} CUDA states for {torch.cuda.device_count()} devices")
+
+
 def restore_rng(state: dict[str, Any]) -> None:
-    """Restore :func:`capture_rng`'s output."""
+    """Restore :func:`capture_rng`'s output (the CUDA states only where CUDA is available).
+
+    Raises:
+        ValueError: ``state`` is not such an output (checked before any generator is changed).
+    """
+    try:
+        _check_rng(state)
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(_one_line(exc)) from None
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------- folders
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
@@ -109,9 +380,7 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and _STEP_DIR.fullmatch(p.name) and (p / "state.json").is_file()
+        p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name) and (p / STATE).is_file()
     ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
@@ -122,9 +391,36 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+_STATE_TYPES = {"step": int, "epoch": int, "micro": int, "loss_curve": list, "valid_curve": list}
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
-    """The ``state.json`` of a checkpoint."""
-    return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    """The ``state.json`` of a checkpoint.
+
+    Raises:
+        CorruptCheckpointError: the file is missing, not JSON, not a loop state, or of another step than the
+            folder's name says.
+    """
+    path = ckpt / STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{path}: not a training state (a JSON {type(state).__name__})")
+    for key, kind in _STATE_TYPES.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CorruptCheckpointError(
+                f"{path}: not a training state ({key!r} missing or not {kind.__name__})"
+            )
+    match = _STEP_DIR.fullmatch(ckpt.name)
+    if match and int(match.group(1)) != state["step"]:
+        raise CorruptCheckpointError(
+            f"{path}: holds step {state['step']}, the folder's name says {ckpt.name}"
+        )
+    return state
 
 
 def remove_stale(out_dir: Path) -> None:
@@ -134,6 +430,18 @@ def remove_stale(out_dir: Path) -> None:
         for p in root.iterdir():
             if p.name.startswith(".") and ".tmp" in p.name:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to ``step-NNNNNNNN.corrupt`` (``.corrupt-2``, ... if taken), where it is
+    kept for inspection and never read again, and return the new path."""
+    target = ckpt.with_name(f"{ckpt.name}.corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{ckpt.name}.corrupt-{n}")
+    os.replace(ckpt, target)
+    return target
 
 
 def _fsync_dir(path: Path) -> None:
@@ -156,6 +464,272 @@ def new_checkpoint_dir(out_dir: Path, step: int) -> tuple[Path, Path]:
     return tmp, final
 
 
+# ---------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)  # releases the GIL: files hash in parallel threads
+    return digest.hexdigest()
+
+
+def _hash_files(paths: list[Path]) -> list[str]:
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(paths)))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    digests = _hash_files(files)
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "files": {
+            p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests, strict=True)
+        },
+    }
+    path = folder / MANIFEST
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write(json.dumps(manifest, indent=1) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
+    path = ckpt / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CorruptCheckpointError(
+            f"{path}: unknown checkpoint format {got!r} (this version reads {CHECKPOINT_FORMAT})"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in files.values()
+    ):
+        raise CorruptCheckpointError(f"{path}: malformed (each file needs a size and a sha256)")
+    for name in files:
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise CorruptCheckpointError(f"{path}: names {name!r}, which is not a file of the checkpoint")
+    missing = [name for name in _REQUIRED if name not in files]
+    if missing:
+        raise CorruptCheckpointError(f"{path}: does not list {', '.join(missing)}")
+    return files
+
+
+def _is_legacy(ckpt: Path) -> bool:
+    return not (ckpt / MANIFEST).exists() and (ckpt / "optimizer.pt").exists()
+
+
+def verify_checkpoint(ckpt: Path) -> bool:
+    """Check a checkpoint's files before it is read.
+
+    With a manifest, every listed file must exist with the listed size and SHA-256 (hashed in parallel
+    threads). A checkpoint written before manifests (format 1) is checked as far as it can be:
+    ``state.json`` parses and ``trainable.safetensors`` has a whole header; a warning says so.
+
+    Returns:
+        True when the manifest verified every file, False for a format-1 checkpoint.
+
+    Raises:
+        CorruptCheckpointError: naming the first file that is missing or wrong, and why.
+    """
+    if _is_legacy(ckpt):
+        read_state(ckpt)
+        _check_safetensors_header(ckpt / TRAINABLE)
+        logger.warning(
+            "%s was written before checkpoints had a manifest: only state.json and the header of %s were "
+            "checked; its .pt files are read with torch.load(weights_only=True)",
+            ckpt,
+            TRAINABLE,
+        )
+        return False
+    if not (ckpt / MANIFEST).is_file():
+        raise CorruptCheckpointError(f"{ckpt / MANIFEST}: missing (the checkpoint cannot be verified)")
+    files = _read_manifest(ckpt)
+    paths = [ckpt / name for name in files]
+    for path, entry in zip(paths, files.values(), strict=True):
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{path}: missing (listed in the manifest)")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CorruptCheckpointError(f"{path}: {size} bytes, the manifest says {entry['size']}")
+    for path, entry, digest in zip(paths, files.values(), _hash_files(paths), strict=True):
+        if digest != entry["sha256"]:
+            raise CorruptCheckpointError(
+                f"{path}: its SHA-256 differs from the manifest's (the file changed)"
+            )
+    return True
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """The header of a safetensors file parses and its tensors end within the file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            f.keys()
+    except Exception as exc:  # SafetensorError
+        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+
+
+# ---------------------------------------------------------------------- read and apply
+
+
+@dataclass(frozen=True)
+class CheckpointContents:
+    """Everything a checkpoint holds for one process, read and decoded but not yet applied."""
+
+    path: Path
+    state: dict[str, Any]  # state.json
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # the optimizer's state_dict
+    scheduler: dict[str, Any]  # the scheduler's state_dict
+    rng: dict[str, Any] | None  # this process's random states; None when the checkpoint has none for its rank
+    legacy: bool  # written before manifests (format 1): the .pt files were read with weights_only=True
+
+    def file(self, kind: str) -> Path:
+        """The path of ``kind`` (optimizer, scheduler, rng-<rank>) in this checkpoint's format."""
+        if self.legacy:
+            return self.path / f"{kind}.pt"
+        return self.path / f"{kind}.safetensors"
+
+
+def read_checkpoint(ckpt: Path, rank: int = 0) -> CheckpointContents:
+    """Read and decode every file of a checkpoint that process ``rank`` needs, changing nothing.
+
+    Call :func:`verify_checkpoint` first (once, on one process): this reads the files as they are.
+
+    Raises:
+        CorruptCheckpointError: a file is missing, unreadable, not what it should be, or unsafe.
+    """
+    state = read_state(ckpt)
+    legacy = _is_legacy(ckpt)
+    trainable = read_trainable(ckpt / TRAINABLE)
+    if legacy:
+        optimizer = _load_legacy_pt(ckpt / "optimizer.pt")
+        scheduler = _load_legacy_pt(ckpt / "scheduler.pt")
+        rng_path = ckpt / f"rng-{rank}.pt"
+        rng = _load_legacy_pt(rng_path, LEGACY_RNG_GLOBALS) if rng_path.is_file() else None
+    else:
+        optimizer = load_state_file(ckpt / OPTIMIZER)
+        scheduler = load_state_file(ckpt / SCHEDULER)
+        rng_path = ckpt / rng_file(rank)
+        rng = load_state_file(rng_path) if rng_path.name in _read_manifest(ckpt) else None
+    if rng is None and rank < state.get("processes", 1):
+        raise CorruptCheckpointError(
+            f"{rng_path}: missing (the run had {state.get('processes', 1)} processes)"
+        )
+    for name, value, path in (
+        ("optimizer", optimizer, ckpt / ("optimizer.pt" if legacy else OPTIMIZER)),
+        ("scheduler", scheduler, ckpt / ("scheduler.pt" if legacy else SCHEDULER)),
+    ):
+        if not isinstance(value, dict):
+            raise CorruptCheckpointError(f"{path}: not a {name} state (a {type(value).__name__})")
+    if rng is not None:
+        try:
+            _check_rng(rng)
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+            raise CorruptCheckpointError(
+                f"{rng_path}: not this program's random states ({_one_line(exc)})"
+            ) from None
+    return CheckpointContents(ckpt, state, trainable, optimizer, scheduler, rng, legacy)
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Raise ValueError unless ``saved`` is a state of ``optimizer``'s kind for its parameters."""
+    state, groups = saved.get("state"), saved.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        raise ValueError("no 'state' and 'param_groups'")
+    current = optimizer.param_groups
+    if len(groups) != len(current) or any(
+        not isinstance(g, dict)
+        or not isinstance(g.get("params"), list)
+        or len(g["params"]) != len(c["params"])
+        for g, c in zip(groups, current, strict=False)
+    ):
+        raise ValueError("its parameter groups differ from the optimizer's")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for g in groups for i in g["params"]]
+    index = dict(zip(saved_ids, params, strict=False))
+    for pid, entry in state.items():
+        if pid not in index or not isinstance(entry, dict):
+            raise ValueError(f"state of unknown parameter {pid!r}")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.ndim and tuple(value.shape) != tuple(index[pid].shape):
+                raise ValueError(f"{key} of parameter {pid} has shape {tuple(value.shape)}, the parameter's "
+                                 f"{tuple(index[pid].shape)}")  # fmt: skip
+
+
+def _scheduler_mismatch(scheduler: Any, saved: dict[str, Any]) -> list[str]:
+    """The entries of ``saved`` that a state of ``scheduler`` cannot hold: a known entry of another type, or
+    an unknown one that would overwrite an attribute (load_state_dict updates the scheduler's ``__dict__``)."""
+    expected = scheduler.state_dict()
+    wrong = [
+        str(k)
+        for k, v in saved.items()
+        if (k in expected and k != "lr_lambdas" and type(v) is not type(expected[k]))
+        or (k not in expected and (not isinstance(k, str) or hasattr(scheduler, k)))
+    ]
+    lambdas = saved.get("lr_lambdas")
+    if lambdas is not None and (not isinstance(lambdas, list) or any(fn is not None for fn in lambdas)):
+        wrong.append("lr_lambdas")
+    return wrong
+
+
+def apply_checkpoint(
+    contents: CheckpointContents, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> None:
+    """Load :func:`read_checkpoint`'s ``contents`` into the model's trainable parameters, the optimizer, the
+    scheduler and the random generators. Everything is checked against its target first, so on error nothing
+    has changed.
+
+    Raises:
+        CorruptCheckpointError: a file does not fit the model, optimizer or scheduler (named with the reason).
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    source = contents.path / TRAINABLE
+    if set(params) != set(contents.trainable) or any(
+        tuple(contents.trainable[n].shape) != tuple(p.shape) for n, p in params.items()
+    ):
+        assign_trainable(model, contents.trainable, source)  # raises with the names that differ
+    try:
+        _check_optimizer_state(optimizer, contents.optimizer)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptCheckpointError(
+            f"{contents.file('optimizer')}: does not fit the optimizer ({_one_line(exc)})"
+        ) from None
+    sched = contents.scheduler
+    wrong = _scheduler_mismatch(scheduler, sched)
+    if wrong:
+        raise CorruptCheckpointError(
+            f"{contents.file('scheduler')}: does not fit the learning-rate schedule (entries {wrong[:3]} differ)"
+        )
+    assign_trainable(model, contents.trainable, source)
+    try:
+        optimizer.load_state_dict(contents.optimizer)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise CorruptCheckpointError(
+            f"{contents.file('optimizer')}: does not fit the optimizer ({_one_line(exc)})"
+        ) from None
+    scheduler.load_state_dict(dict(sched))
+    if contents.rng is not None:
+        restore_rng(contents.rng)
+
+
+# ---------------------------------------------------------------------- write and rotate
+
+
 def write_checkpoint(
     tmp: Path,
     final: Path,
@@ -165,16 +739,18 @@ def write_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
 ) -> Path:
-    """Fill ``tmp`` with the model's trainable weights, optimizer, scheduler and ``state``, fsync it and rename
-    it to ``final`` (replacing an older folder of the same step). RNG files are written by each process
-    into ``tmp`` before this is called."""
-    save_trainable(model, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    """Fill ``tmp`` with the model's trainable weights, optimizer, scheduler and ``state``, then the manifest
+    of every file in it (sizes, SHA-256), fsync it and rename it to ``final`` (replacing an older folder of
+    the same step). RNG files are written by each process into ``tmp`` (:func:`write_rng`) before this is
+    called, so the manifest lists them too."""
+    save_trainable(model, tmp / TRAINABLE)
+    save_state_file(optimizer.state_dict(), tmp / OPTIMIZER)
+    save_state_file(scheduler.state_dict(), tmp / SCHEDULER)
+    (tmp / STATE).write_text(json.dumps(state, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     for f in tmp.iterdir():
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
+    _write_manifest(tmp, int(state["step"]))  # last: a folder with a valid manifest is whole
     _fsync_dir(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old.tmp-{os.getpid()}")

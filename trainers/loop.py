@@ -43,16 +43,20 @@ from w2s_agents.seeding import derive_seed, seed_everything
 from . import logps as logps_module
 from .batch import Example, Objective, collate
 from .checkpoint import (
-    capture_rng,
+    CorruptCheckpointError,
+    apply_checkpoint,
     checkpoint_dirs,
     latest_checkpoint,
     load_trainable,
     new_checkpoint_dir,
+    read_checkpoint,
     read_state,
     remove_stale,
-    restore_rng,
     rotate_checkpoints,
+    set_aside,
+    verify_checkpoint,
     write_checkpoint,
+    write_rng,
 )
 from .config import TrainConfig
 from .distributed import Processes
@@ -203,26 +207,86 @@ class Trainer:
         }
 
     def _resume(self) -> dict[str, Any]:
+        """The state to start from: the newest intact checkpoint's (its weights, optimizer, schedule and random
+        states loaded), or a fresh one when the run has no checkpoint.
+
+        A damaged checkpoint (see :func:`.checkpoint.verify_checkpoint`) is skipped with a warning naming the
+        file and the reason, and renamed ``step-NNNNNNNN.corrupt``; the next older one is tried.
+
+        Raises:
+            W2SError: checkpoints exist but none is intact (the message names each one's problem), or they
+                belong to another run.
+        """
         if self.procs.is_main:
             remove_stale(self.out_dir)
         self.procs.wait()
-        ckpt = latest_checkpoint(self.out_dir)
-        if ckpt is not None and not self.resume:
+        candidates = checkpoint_dirs(self.out_dir)
+        if candidates and not self.resume:
             if self.procs.is_main:
                 self.log.warning("resume is off: removing the checkpoints and result in %s", self.out_dir)
                 shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
                 (self.out_dir / RESULT_FILE).unlink(missing_ok=True)
             self.procs.wait()
-            ckpt = None
-        if ckpt is None:
+            candidates = []
+        if not candidates:
             return self._fresh_state()
-        state = read_state(ckpt)
-        state.setdefault("metrics_curve", [])  # checkpoints written before the curve existed
-        if state.get("fingerprint") != self.fingerprint:
+        damaged: list[tuple[Path, str]] = []
+        for ckpt in reversed(candidates):
+            problem: str | None = None
+            try:
+                state = self._load_checkpoint(ckpt)
+            except CorruptCheckpointError as exc:
+                problem = str(exc)
+            if self._all_agree(problem is None):
+                break
+            damaged.append((ckpt, problem or "unreadable on another process"))
+            self.log.warning("checkpoint %s is damaged and will not be used: %s", ckpt.name, damaged[-1][1])
+        else:
+            problems = "; ".join(f"{c.name}: {why}" for c, why in damaged)
+            raise W2SError(
+                f"no intact checkpoint in {self.out_dir / 'checkpoints'} ({problems}); move the folder away to "
+                "keep it, or rerun with resume: false to start over"
+            )
+        if damaged and self.procs.is_main:
+            for bad, _ in damaged:
+                moved = set_aside(bad)
+                self.log.warning(
+                    "moved the damaged checkpoint %s to %s (kept for inspection)", bad, moved.name
+                )
+            self.log.warning(
+                "falling back to %s: %d newer checkpoint(s) were damaged", ckpt.name, len(damaged)
+            )
+        self.procs.wait()
+        self.log.info(
+            "resuming %s from %s (step %d, epoch %d)", self.method, ckpt, state["step"], state["epoch"]
+        )
+        return state
+
+    def _load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
+        """Verify ``ckpt`` (the main process hashes it), read it and load it into the model, optimizer,
+        schedule, random generators and source weights; return its loop state.
+
+        Raises:
+            CorruptCheckpointError: a file of ``ckpt`` is missing, damaged, foreign or unsafe.
+            W2SError: ``ckpt`` belongs to another run.
+        """
+        fingerprint = read_state(ckpt).get("fingerprint")
+        if fingerprint != self.fingerprint:
             raise W2SError(
                 f"{self.out_dir} holds checkpoints of another run (config, data or model differ: fingerprint "
-                f"{state.get('fingerprint')} vs {self.fingerprint}); use another out_dir or resume: false"
+                f"{fingerprint} vs {self.fingerprint}); use another out_dir or resume: false"
             )
+        if self.procs.is_main:
+            verify_checkpoint(ckpt)
+        contents = read_checkpoint(ckpt, self.rank)
+        state = contents.state
+        state.setdefault("metrics_curve", [])  # checkpoints written before the curve existed
+        if self.weights is not None and state.get("source_weights"):
+            try:
+                self.weights.load_state_dict(state["source_weights"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CorruptCheckpointError(f"{ckpt / 'state.json'}: bad source_weights ({exc})") from None
+        apply_checkpoint(contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         if state.get("processes", 1) != self.world:
             self.log.warning(
                 "%s was checkpointed with %s processes and resumes with %d: the micro-batches of each step "
@@ -232,18 +296,12 @@ class Trainer:
                 self.world,
             )
             state["processes"] = self.world
-        load_trainable(self.model, ckpt / "trainable.safetensors")
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device))
-        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt"))
-        rng_file = ckpt / f"rng-{self.rank}.pt"
-        if rng_file.is_file():
-            restore_rng(torch.load(rng_file, weights_only=False))
-        if self.weights is not None and state.get("source_weights"):
-            self.weights.load_state_dict(state["source_weights"])
-        self.log.info(
-            "resuming %s from %s (step %d, epoch %d)", self.method, ckpt, state["step"], state["epoch"]
-        )
         return state
+
+    def _all_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every process (a collective: every process must call it)."""
+        failed = torch.tensor(0.0 if ok else 1.0, device=self.device)
+        return float(self.procs.sum(failed)) == 0.0
 
     # ------------------------------------------------------------------ steps
 
@@ -375,7 +433,7 @@ class Trainer:
             names = self.procs.broadcast([str(tmp), str(final)])
             tmp, final = Path(names[0]), Path(names[1])
         assert tmp is not None and final is not None
-        torch.save(capture_rng(), tmp / f"rng-{self.rank}.pt")
+        write_rng(tmp, self.rank)
         self.procs.wait()
         if self.procs.is_main:
             write_checkpoint(
@@ -527,13 +585,32 @@ class Trainer:
             self.log.info("%s: no better %s for %d epochs; stopping early", self.method, metric, patience)
             state["stopped_early"] = True
 
+    def _load_best(self, ckpt: Path) -> None:
+        """Load the trainable weights of the best checkpoint ``ckpt`` for export, after verifying it.
+
+        Raises:
+            W2SError: ``ckpt`` is damaged (one line naming the file; ``export: last`` exports the last weights).
+        """
+        problem = None
+        try:
+            if self.procs.is_main:
+                verify_checkpoint(ckpt)
+            load_trainable(self.model, ckpt / "trainable.safetensors")
+        except CorruptCheckpointError as exc:
+            problem = str(exc)
+        if not self._all_agree(problem is None):
+            raise W2SError(
+                f"cannot export the best checkpoint {ckpt}: {problem or 'unreadable on another process'}; "
+                "rerun with train.export=last to export the last weights instead"
+            )
+
     def _finish(self, state: dict[str, Any]) -> TrainResult:
         cfg = self.cfg
         dirs = {int(p.name[5:]): p for p in checkpoint_dirs(self.out_dir)}
         best = state["best"]
         export_step = best["step"] if (cfg.export == "best" and best) else state["step"]
         if export_step != state["step"]:
-            load_trainable(self.model, dirs[export_step] / "trainable.safetensors")
+            self._load_best(dirs[export_step])
             self.log.info("exporting the best checkpoint (step %d) instead of the last", export_step)
         model_dir = self.out_dir / "model"
         adapter_dir = self.out_dir / "adapter" if cfg.lora.enabled else None
