@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import torch
 
 from w2s_agents.agents.models import (
     TINY_PRESETS,
+    TOKENIZER_FILES,
     build_tiny_model,
     count_parameters,
     create_tiny_model,
@@ -136,6 +138,28 @@ def test_directory_without_model_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=re.escape(str(tmp_path))):
         load_model(tmp_path)
+
+
+def test_folder_without_tokenizer_names_the_files_looked_for(nano_dir: Path, tmp_path: Path) -> None:
+    from w2s_agents.trainers.model import load_tokenizer
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(nano_dir, folder)
+    for name in (*TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(ModelLoadError) as info:
+            load(folder)
+        message = str(info.value)
+        assert message.startswith(f"{folder}: no tokenizer here (looked for tokenizer.json, tokenizer_config.json")
+        assert "\n" not in message
+    # a tokenizer config without a vocabulary: the loader's whole message, on one line (it spans several)
+    (folder / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(folder)
+    message = str(info.value)
+    assert message.startswith(f"{folder}: cannot load the tokenizer: ")
+    assert "\n" not in message and not message.rstrip().endswith(":")
 
 
 def test_unavailable_cuda_is_refused(nano_dir: Path) -> None:

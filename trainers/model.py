@@ -29,15 +29,9 @@ def load_tokenizer(model_path: str | Path) -> Any:
     p = Path(model_path).expanduser()
     if not p.is_dir():
         raise ModelLoadError(f"model path '{model_path}' is not a local directory")
-    from transformers import AutoTokenizer
+    from w2s_agents.agents.models import load_tokenizer as load_local_tokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{p}: cannot load the tokenizer: {str(exc).strip().splitlines()[0]}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_local_tokenizer(p)
 
 
 def saved_dtype(model_path: Path) -> torch.dtype:

@@ -44,6 +44,7 @@ __all__ = [
     "count_parameters",
     "create_tiny_model",
     "load_model",
+    "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
     "train_tokenizer",
@@ -396,7 +397,7 @@ def load_model(
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"{p}: no config.json here; not a saved Hugging Face model directory")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from w2s_agents.log import progress_enabled
@@ -405,17 +406,11 @@ def load_model(
         hf_logging.disable_progress_bar()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{p}: cannot load the tokenizer: {_first_line(exc)}") from None
+    tokenizer = load_tokenizer(p)
     try:
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dt, **model_kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{p}: cannot load the model: {_first_line(exc)}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        logger.info("%s: tokenizer has no pad token; using eos %r", p, tokenizer.eos_token)
+        raise ModelLoadError(f"{p}: cannot load the model: {_one_line(exc)}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(dev)
@@ -426,6 +421,45 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, path=p, device=dev, dtype=dt)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tiktoken.model",
+)
+"""Files of which a model folder's tokenizer is made (one at least); :func:`load_tokenizer` looks for them."""
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer of the local model folder ``path`` (``pad = eos`` when it has no pad token).
+
+    Raises:
+        ModelLoadError: the folder holds none of :data:`TOKENIZER_FILES` (the message lists them), or loading
+            it failed (the loader's whole message, on one line).
+    """
+    p = Path(path)
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{p}: no tokenizer here (looked for {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+            "into the folder with tokenizer.save_pretrained"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{p}: cannot load the tokenizer: {_one_line(exc)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("%s: tokenizer has no pad token; using eos %r", p, tokenizer.eos_token)
+    return tokenizer
+
+
+def _one_line(exc: BaseException) -> str:
+    """The whole message of ``exc`` on one line (a loader's message can run over several)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
