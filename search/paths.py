@@ -92,16 +92,21 @@ class StateGraph:
         alphabetical = sorted(set(actions))  # action ids in the order of their keys: the tie order
         aindex = {a: i for i, a in enumerate(alphabetical)}
         rank = np.fromiter(map(aindex.__getitem__, actions), dtype=np.int64, count=n)
-        nodes = np.arange(1, n, dtype=np.int64)
         src, act, dst = sid[parents[1:]], rank[1:], sid[1:]
-        perm = np.lexsort((nodes, dst, act, src))
-        src, act, dst, nodes = src[perm], act[perm], dst[perm], nodes[perm]
-        first = np.ones(len(perm), dtype=bool)
-        first[1:] = (src[1:] != src[:-1]) | (act[1:] != act[:-1]) | (dst[1:] != dst[:-1])
-        src, act, dst, nodes = src[first], act[first], dst[first], nodes[first]
+        n_states, n_actions = len(names), max(len(alphabetical), 1)
+        if n_states * n_actions * n_states < 2**62:  # one integer per move: a single sort finds them all
+            code = (src * n_actions + act) * n_states + dst
+            _, first = np.unique(code, return_index=True)  # the first step of each move: its smallest node
+        else:
+            perm = np.lexsort((dst, act, src))  # stable: equal moves keep their node order
+            s, a, d = src[perm], act[perm], dst[perm]
+            keep = np.ones(len(perm), dtype=bool)
+            keep[1:] = (s[1:] != s[:-1]) | (a[1:] != a[:-1]) | (d[1:] != d[:-1])
+            first = perm[keep]
+        src, act, dst, nodes = src[first], act[first], dst[first], first.astype(np.int64) + 1
         order = np.lexsort((nodes, act, src))  # tie order: action key, then witness node
         src, act, dst, nodes = src[order], act[order], dst[order], nodes[order]
-        g._off = np.searchsorted(src, np.arange(len(index) + 1)).astype(np.int64)
+        g._off = np.searchsorted(src, np.arange(len(names) + 1)).astype(np.int64)
         g._action = [alphabetical[i] for i in act.tolist()]
         g._dst, g._node = dst, nodes
         # where trajectories ended: a node's visits less its children's, and their mean return
