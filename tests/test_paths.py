@@ -111,6 +111,13 @@ def test_steps_without_keys_merge_with_nothing(vault_play) -> None:
     leaf = len(tree) - 1
     assert graph.state[leaf] == f"#{leaf}" and graph.merged == 0
     assert loop_erase(tree, tree.path(leaf)) == tree.path(leaf)
+    # a keyless state in the middle of a path keeps its moves out
+    steps = (replace(t.steps[0], state_key=None), t.steps[1])
+    tree = build_trees([replace(t, steps=steps)])["vault/0"]
+    graph = StateGraph.build(tree)
+    middle, leaf = tree.path(len(tree) - 1)[1:]
+    assert graph.moves(f"#{middle}") == [("go west", graph.state[leaf], leaf)]
+    assert graph.moves(graph.state[0]) == [("go east", f"#{middle}", middle)]
 
 
 def test_choose_path_falls_back_when_a_replay_fails(vault_play, vault_game) -> None:
