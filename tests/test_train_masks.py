@@ -213,6 +213,23 @@ def test_rows_are_validated_with_file_and_line(tmp_path: Path, sft_rows, pair_ro
     assert rows[2].sources == ("weak-a", "weak-b") and not rows[2].easy  # the branches' sources differ
 
 
+def test_pairs_with_equal_sides_are_dropped_and_all_equal_is_refused(
+    tmp_path: Path, pair_rows, caplog
+) -> None:
+    same = [dict(r, rejected=r["chosen"]) for r in pair_rows[:3]]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [pair_rows[5], same[0], pair_rows[6], same[1]]))
+    with caplog.at_level("WARNING", logger="w2s_agents"):
+        rows = load_pairs(f)
+    assert [r.origin for r in rows] == [f"{f}:1", f"{f}:3"]
+    assert f"2 of 4 pairs have 'chosen' equal to 'rejected' (the first at {f}:2)" in caplog.text
+    f.write_text("".join(json.dumps(r) + "\n" for r in same))
+    with pytest.raises(
+        DataFormatError, match=rf"{f}:1: 'chosen' equals 'rejected' in every pair .*\(3 pairs\)"
+    ):
+        load_pairs(f)
+
+
 def test_trajectory_files_become_sft_rows(tmp_path: Path) -> None:
     def traj(seed: int, won: bool) -> Trajectory:
         steps = (Step("open door", "The door opens.", thought="it is closed"), Step("go north", "You win."))

@@ -61,8 +61,12 @@ def load_sft_rows(rows_or_path: RowsInput, *, success_only: bool = True) -> list
 def load_pairs(pairs_or_path: RowsInput) -> list[Row]:
     """Preference pairs from ``.jsonl`` files or memory, checked (see :func:`w2s_agents.search.rows.read_pairs`).
 
+    A pair whose chosen side equals its rejected side carries no preference (its DPO loss is log 2 whatever
+    the model does): such pairs are dropped with a warning that counts them and names the first.
+
     Raises:
-        DataFormatError: a malformed pair, with ``file:line`` (or ``rows[i]``) and what is wrong, or no pairs.
+        DataFormatError: a malformed pair, with ``file:line`` (or ``rows[i]``) and what is wrong; no pairs; or
+            only pairs whose two sides are equal (naming the first).
     """
     pairs = read_pairs(pairs_or_path)
     if not pairs:
@@ -70,6 +74,20 @@ def load_pairs(pairs_or_path: RowsInput) -> list[Row]:
             f"no preference pairs in {describe(pairs_or_path)} (pairs need trees with branches: several "
             "trajectories per task)"
         )
+    same = [p for p in pairs if p.chosen == p.rejected]
+    if same:
+        if len(same) == len(pairs):
+            raise DataFormatError(
+                f"{same[0].origin}: 'chosen' equals 'rejected' in every pair of {describe(pairs_or_path)} "
+                f"({len(pairs)} pairs); a pair needs two different continuations"
+            )
+        logger.warning(
+            "%d of %d pairs have 'chosen' equal to 'rejected' (the first at %s); dropped: they carry no preference",
+            len(same),
+            len(pairs),
+            same[0].origin,
+        )
+        pairs = [p for p in pairs if p.chosen != p.rejected]
     return [Row(p.to_dict(), p.origin, *p.supervision()) for p in pairs]
 
 
