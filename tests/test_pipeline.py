@@ -112,7 +112,8 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
         assert entry["steps"] <= entry["raw_steps"] or entry["won"]
         assert entry["path"] != "tree" or entry["steps"] == entry["raw_steps"]
     # every trained model loads; evaluation of each on the test tasks
-    metrics = json.loads((run / "metrics.json").read_text())
+    # strict JSON: a number that cannot be computed is null with a reason, never NaN
+    metrics = json.loads((run / "metrics.json").read_text(), parse_constant=pytest.fail)
     assert metrics["schema"] == "w2s.metrics/1"
     evaluated = set(metrics["models"])
     assert {"weak-sft", "strong-sft", "w2s-mcts", "ceiling"} <= evaluated

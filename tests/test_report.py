@@ -73,3 +73,36 @@ def test_report_without_optional_sections(tmp_path):
     text = write_report(m, tmp_path, plots=False).read_text()
     assert "| Weak SFT | 50.0 [40.0, 60.0] | n/a | n/a | n/a |" in text
     assert "Weak-to-strong" not in text and not (tmp_path / "plots").exists()
+
+
+def test_metrics_are_strict_json_and_the_report_gives_the_reasons(tmp_path):
+    import json
+    import math
+
+    from w2s_agents.pipeline.metrics import write_metrics
+    from w2s_agents.pipeline.stats import paired_pgr
+
+    m = metrics()
+    units = list(range(8))
+    m["pgr"]["w2s-mcts"] = paired_pgr(  # ceiling 0.001 above weak: no PGR
+        dict.fromkeys(units, 0.5), dict.fromkeys(units, 0.7), {**dict.fromkeys(units, 0.5), 0: 0.508}
+    ).as_dict()
+    m["pgr"]["w2s-treedpo"] = {**Interval(0.5, 0.1, 0.9, 8).as_dict(), "dropped_resamples": 0.125}
+    m["misfit"]["w2s-mcts"] = misfit([], []).as_dict()
+    m["search_cost"]["ratio"] = math.nan  # a NaN nobody explained: null with a generic reason
+    path = write_metrics(tmp_path / "metrics.json", m)
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in metrics.json")
+
+    back = json.loads(path.read_text(), parse_constant=refuse)
+    assert back["pgr"]["w2s-mcts"]["estimate"] is None
+    assert back["search_cost"]["ratio"] is None and back["search_cost"]["reason"]
+    text = write_report(back, tmp_path, plots=False).read_text()
+    assert "| W2S-MCTS | n/a |" in text
+    assert (
+        "- PGR of W2S-MCTS: n/a, ceiling - weak = 0.0010 in average return, below the minimum gap 0.05"
+        in text
+    )
+    assert "- PGR of W2S-TreeDPO: 12.5% of the bootstrap resamples dropped" in text
+    assert "- misfit of W2S-MCTS: n/a, no held-out weak states" in text

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from w2s_agents.pipeline.stats import Interval, bootstrap_interval, misfit, paired_pgr, pgr, transfer
+from w2s_agents.pipeline.stats import (
+    PGR_MIN_GAP,
+    Interval,
+    bootstrap_interval,
+    misfit,
+    paired_pgr,
+    pgr,
+    transfer,
+)
+
+
+def strict(data: dict) -> dict:
+    """``data`` through strict JSON: NaN or Infinity anywhere fails."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in strict JSON")
+
+    return json.loads(json.dumps(data), parse_constant=refuse)
 
 
 def test_bootstrap_mean_and_degenerate_cases():
@@ -70,6 +88,60 @@ def test_paired_pgr_uses_shared_units():
     assert iv.low <= 0.5 <= iv.high
     no_gap = paired_pgr({"a": 1.0}, {"a": 1.0}, {"a": 1.0})
     assert math.isnan(no_gap.estimate)
+    assert (
+        strict(no_gap.as_dict())["estimate"] is None and "below the minimum gap" in no_gap.as_dict()["reason"]
+    )
+
+
+def test_pgr_with_a_gap_below_the_minimum_is_not_a_number_with_its_reason():
+    # ceiling 0.0001 above weak: the ratio would be 0.2 / 0.0001 = 2000
+    units = [("t", i) for i in range(10)]
+    weak = dict.fromkeys(units, 0.5)
+    ceiling = {**weak, units[0]: 0.501}
+    w2s = dict.fromkeys(units, 0.7)
+    assert pgr(0.5, 0.7, 0.5001) == pytest.approx(2000)  # the bare formula, no minimum
+    assert math.isnan(pgr(0.5, 0.7, 0.5001, min_gap=PGR_MIN_GAP))
+    iv = paired_pgr(weak, w2s, ceiling, seed=0)
+    d = strict(iv.as_dict())
+    assert (d["estimate"], d["low"], d["high"], d["n"]) == (None, None, None, 10)
+    assert (
+        d["reason"] == "ceiling - weak = 0.0001 in average return, below the minimum gap 0.05 (PGR_MIN_GAP)"
+    )
+    assert iv.format(2) == "n/a"
+    assert Interval.from_dict(d) == iv
+
+
+def test_pgr_bootstrap_reports_the_share_of_dropped_resamples():
+    # 3 of 6 units where the ceiling is 0.5 above weak: a resample drawing none or few of them has a mean gap
+    # below 0.05 (all draws from the other 3 units give gap 0) and is dropped; every unit has gap 0 or 0.5
+    units = list(range(6))
+    weak = dict.fromkeys(units, 0.0)
+    ceiling = {u: 0.5 if u < 3 else 0.0 for u in units}
+    w2s = {u: 0.25 if u < 3 else 0.0 for u in units}
+    iv = paired_pgr(weak, w2s, ceiling, seed=0, resamples=4000)
+    assert iv.estimate == pytest.approx(0.5)
+    # a resample is dropped when none of its 6 draws is one of the first 3 units: (1/2)^6
+    assert iv.dropped == pytest.approx(0.5**6, abs=0.01)
+    d = strict(iv.as_dict())
+    assert d["dropped_resamples"] == iv.dropped and "reason" not in d
+    full = paired_pgr(dict.fromkeys(units, 0.0), w2s, dict.fromkeys(units, 1.0), seed=0)
+    assert full.dropped == 0.0
+
+
+def test_as_dict_is_strict_json_with_reasons():
+    assert strict(bootstrap_interval([]).as_dict()) == {
+        "estimate": None, "low": None, "high": None, "n": 0, "level": 0.95, "reason": "no observations",
+    }  # fmt: skip
+    assert strict(Interval(0.5, 0.25, 0.75, 8).as_dict()) == {
+        "estimate": 0.5, "low": 0.25, "high": 0.75, "n": 8, "level": 0.95,
+    }  # fmt: skip
+    m = strict(misfit([], []).as_dict())
+    assert (m["disagreement"], m["kl"], m["states"]) == (None, None, 0) and "no held-out" in m["reason"]
+    t = strict(transfer({"a": True}, {}, {"a": True}).as_dict())
+    assert (t["correction"], t["expansion"]) == (None, None)
+    assert t["reason"] == (
+        "correction: the weak agent failed no train task; expansion: exploration solved every train task"
+    )
 
 
 def test_misfit_by_hand():

@@ -93,7 +93,11 @@ def _cmd_run(ns: argparse.Namespace) -> int:
             f"  {label:<18} return {interval(m['return']).format(3)}  success {interval(m['success']).format(3)}"
         )
     for name, pgr in result.metrics.get("pgr", {}).items():
-        print(f"  PGR {MODEL_LABELS.get(name, name):<14} {interval(pgr).format(2)}")
+        iv = interval(pgr)
+        note = f" ({iv.reason})" if iv.reason else ""
+        if iv.dropped:
+            note += f" ({100 * iv.dropped:.1f}% of bootstrap resamples dropped: gap below the minimum)"
+        print(f"  PGR {MODEL_LABELS.get(name, name):<14} {iv.format(2)}{note}")
     return 0
 
 

@@ -4,24 +4,35 @@
 ``explore/explore.json``, ``trees/trees.json``, ``expand/expand.json`` and the first seed's training results,
 and computes what the report shows: per-model intervals, PGR, gain, misfit, correction and expansion, search
 cost, tree statistics and learning curves (layout in :mod:`w2s_agents.pipeline.report`).
+
+The metrics are strict JSON (:func:`write_metrics`): a number that cannot be computed is ``null`` with a
+``reason`` beside it (e.g. PGR when the ceiling does not beat weak SFT by
+:data:`~w2s_agents.pipeline.stats.PGR_MIN_GAP`), never a bare ``NaN`` that strict readers (jq, JavaScript)
+reject.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from w2s_agents.atomic import atomic_write
 from w2s_agents.config import config_hash
 from w2s_agents.pipeline.evaluate import MODEL_STAGES
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.report import METRICS_SCHEMA, MODEL_LABELS
 from w2s_agents.pipeline.stage_io import read_json, read_trajectories
-from w2s_agents.pipeline.stats import bootstrap_interval, paired_pgr, transfer
+from w2s_agents.pipeline.stats import Misfit, Transfer, bootstrap_interval, paired_pgr, transfer
 from w2s_agents.seeding import derive_seed
 
-__all__ = ["aggregate"]
+__all__ = ["aggregate", "strict_json", "write_metrics"]
+
+logger = logging.getLogger(__name__)
 
 
 def _model_metrics(
@@ -61,9 +72,17 @@ def _weak_to_strong(
         if not name.startswith("w2s-"):
             continue
         if "ceiling" in scores:
-            metrics["pgr"][name] = paired_pgr(
-                weak, scores[name], scores["ceiling"], seed=level_seed
-            ).as_dict()
+            iv = paired_pgr(weak, scores[name], scores["ceiling"], seed=level_seed)
+            metrics["pgr"][name] = iv.as_dict()
+            label = MODEL_LABELS.get(name, name)
+            if iv.reason:
+                logger.warning("PGR of %s: %s", label, iv.reason)
+            elif iv.dropped:
+                logger.warning(
+                    "PGR of %s: %.1f%% of the bootstrap resamples dropped (ceiling - weak below the minimum gap)",
+                    label,
+                    100 * iv.dropped,
+                )
         if weak:
             metrics["gain"][name] = (
                 models[name]["return"]["estimate"] - models["weak-sft"]["return"]["estimate"]
@@ -71,11 +90,11 @@ def _weak_to_strong(
         mis = [ev["misfit"][name] for ev in per_seed.values() if name in ev.get("misfit", {})]
         if mis:
             n = sum(m["states"] for m in mis)
-            metrics["misfit"][name] = {
-                "disagreement": sum(m["disagreement"] * m["states"] for m in mis) / n if n else math.nan,
-                "kl": sum(m["kl"] * m["states"] for m in mis) / n if n else math.nan,
-                "states": n,
-            }
+            metrics["misfit"][name] = Misfit(
+                disagreement=sum(m["disagreement"] * m["states"] for m in mis) / n if n else math.nan,
+                kl=sum(m["kl"] * m["states"] for m in mis) / n if n else math.nan,
+                states=n,
+            ).as_dict()
         tr = [
             transfer(ev["train"]["weak-sft"], ev["train"][name], ev["explored_solved"])
             for ev in per_seed.values()
@@ -84,14 +103,14 @@ def _weak_to_strong(
         if tr:
             c, wf = sum(x.corrected for x in tr), sum(x.weak_failed for x in tr)
             e, un = sum(x.expanded for x in tr), sum(x.uncovered for x in tr)
-            metrics["transfer"][name] = {
-                "correction": c / wf if wf else math.nan,
-                "corrected": c,
-                "weak_failed": wf,
-                "expansion": e / un if un else math.nan,
-                "expanded": e,
-                "uncovered": un,
-            }
+            metrics["transfer"][name] = Transfer(
+                correction=c / wf if wf else math.nan,
+                corrected=c,
+                weak_failed=wf,
+                expansion=e / un if un else math.nan,
+                expanded=e,
+                uncovered=un,
+            ).as_dict()
 
 
 def _search_cost(
@@ -176,7 +195,32 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
     if paths is not None:
         metrics["best_paths"] = paths
     metrics["curves"] = _curves(run_dir / f"seed-{seeds[0]}")
-    return metrics
+    return strict_json(metrics)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` (nested dicts and lists) with every NaN or infinite number replaced by None; a dict where one
+    was replaced gets a ``reason`` (unless it has one) so that no ``null`` goes unexplained."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        out = {k: strict_json(v) for k, v in value.items()}
+        replaced = any(isinstance(v, float) and not math.isfinite(v) for v in value.values())
+        if replaced and "reason" not in out:
+            out["reason"] = "not a number (nothing to compute it from)"
+        return out
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_metrics(path: str | os.PathLike[str], metrics: Mapping[str, Any]) -> Path:
+    """Write ``metrics`` as strict JSON (:func:`strict_json`; no ``NaN``), atomically; return the path."""
+    target = Path(path)
+    text = json.dumps(strict_json(metrics), indent=1, default=str, allow_nan=False)
+    with atomic_write(target) as fh:
+        fh.write(text + "\n")
+    return target
 
 
 def _best_paths(run_dir: Path, seeds: Sequence[int]) -> dict[str, Any] | None:

@@ -10,7 +10,10 @@ time (``w2s report RUN_DIR``) and tested without running models. Layout of the m
      "transfer": {w2s name: Transfer}, "search_cost": {...}, "trees": {...},
      "curves": {training name: {"loss": [[step, loss], ...], "valid": [[epoch, value], ...]}}}
 
-Intervals are dicts with ``estimate``, ``low``, ``high``, ``n``, ``level`` (see :mod:`w2s_agents.pipeline.stats`).
+Intervals are dicts with ``estimate``, ``low``, ``high``, ``n``, ``level`` (see :mod:`w2s_agents.pipeline.stats`);
+a value that could not be computed is ``null`` with a ``reason`` in the same dict, and a PGR interval has
+``dropped_resamples``, the share of bootstrap resamples left out of it. The report shows such values as n/a
+with their reason, and the share of dropped resamples where it is not 0.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from w2s_agents.atomic import atomic_write
-from w2s_agents.pipeline.stats import Interval
+from w2s_agents.pipeline.stats import PGR_MIN_GAP, Interval
 
 __all__ = ["METRICS_SCHEMA", "MODEL_LABELS", "TABLE_ORDER", "interval", "plot_metrics", "write_report"]
 
@@ -44,16 +47,8 @@ TABLE_ORDER: tuple[str, ...] = tuple(MODEL_LABELS)
 
 
 def interval(data: Mapping[str, Any] | None) -> Interval:
-    """An :class:`Interval` from its JSON dict (NaN when missing)."""
-    if not data:
-        return Interval(math.nan, math.nan, math.nan, 0)
-    return Interval(
-        float(data.get("estimate", math.nan)),
-        float(data.get("low", math.nan)),
-        float(data.get("high", math.nan)),
-        int(data.get("n", 0)),
-        float(data.get("level", 0.95)),
-    )
+    """An :class:`Interval` from its JSON dict (NaN for null or missing values)."""
+    return Interval.from_dict(data)
 
 
 def _ordered_models(models: Mapping[str, Any]) -> list[str]:
@@ -114,13 +109,25 @@ def _w2s_section(metrics: Mapping[str, Any]) -> list[str]:
     if not pgrs:
         return []
     rows = []
+    notes = []
     for name in _ordered_models(pgrs):
         mis = metrics.get("misfit", {}).get(name, {})
         tr = metrics.get("transfer", {}).get(name, {})
+        pgr = interval(pgrs.get(name))
+        if pgr.reason:
+            notes.append(f"- PGR of {_label(name, models)}: n/a, {pgr.reason}.")
+        if pgr.dropped:
+            notes.append(
+                f"- PGR of {_label(name, models)}: {100 * pgr.dropped:.1f}% of the bootstrap resamples dropped "
+                "(their ceiling did not beat weak SFT by the minimum gap); the interval is over the rest."
+            )
+        for section, data in (("misfit", mis), ("transfer", tr)):
+            if data.get("reason"):
+                notes.append(f"- {section} of {_label(name, models)}: n/a, {data['reason']}.")
         rows.append(
             [
                 _label(name, models),
-                interval(pgrs.get(name)).format(2),
+                pgr.format(2),
                 _num(metrics.get("gain", {}).get(name)),
                 _num(mis.get("disagreement")),
                 _num(mis.get("kl")),
@@ -131,7 +138,8 @@ def _w2s_section(metrics: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Weak-to-strong",
         "",
-        "PGR = (R_w2s - R_weak) / (R_ceiling - R_weak) on average return (n/a unless the ceiling beats weak SFT). "
+        "PGR = (R_w2s - R_weak) / (R_ceiling - R_weak) on average return (n/a unless the ceiling beats weak SFT "
+        f"by at least {PGR_MIN_GAP:g}). "
         "Gain = R_w2s - R_weak. Misfit: on held-out states of weak trajectories, the share where the W2S agent's "
         "most likely action differs from the weak agent's, and mean KL(pi_weak || pi_w2s) over admissible "
         "actions. Correction: train tasks the weak agent fails that the W2S agent solves; expansion: train tasks "
@@ -141,6 +149,8 @@ def _w2s_section(metrics: Mapping[str, Any]) -> list[str]:
     lines += _table(
         ["model", "PGR (CI)", "gain", "misfit: disagreement", "misfit: KL", "correction", "expansion"], rows
     )
+    if notes:
+        lines += ["", *notes]
     return [*lines, ""]
 
 

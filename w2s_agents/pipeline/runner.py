@@ -40,9 +40,9 @@ from w2s_agents.errors import ConfigError
 from w2s_agents.log import setup_logging
 from w2s_agents.pipeline.cache import Stage, StageRecord, collect_manifest, run_stages, write_manifest
 from w2s_agents.pipeline.experiment import W2S_VARIANTS, ExperimentConfig
-from w2s_agents.pipeline.metrics import aggregate
+from w2s_agents.pipeline.metrics import aggregate, write_metrics
 from w2s_agents.pipeline.report import write_report
-from w2s_agents.pipeline.stage_io import training_system, write_json
+from w2s_agents.pipeline.stage_io import training_system
 from w2s_agents.pipeline.stages import (
     run_demos,
     run_dpo,
@@ -295,7 +295,7 @@ def run_pipeline(
         return PipelineResult(run_dir, run_dir / "report.md", {}, records)
     metrics = aggregate(run_dir, seeds, cfg)
     metrics["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    write_json(run_dir / "metrics.json", metrics)
+    write_metrics(run_dir / "metrics.json", metrics)
     report = write_report(metrics, run_dir)
     manifest({"finished": time.time()})
     logger.info("report: %s", report)

@@ -8,6 +8,10 @@ Intervals are percentile bootstraps. When the evaluation ran several seeds, the 
 should; with one seed it resamples episodes. Resampling is seeded, so the same data give the same interval.
 Comparisons between models evaluated on the same (task, seed) episodes (PGR) resample those shared units
 jointly (a paired bootstrap).
+
+A number that cannot be computed (no observations, a PGR whose ceiling does not beat the weak model by
+:data:`PGR_MIN_GAP`) is NaN in memory and ``null`` in the JSON of :meth:`Interval.as_dict` and the other
+``as_dict`` methods, with a ``reason`` field saying why, so that the metrics are strict JSON.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "PGR_MIN_GAP",
     "Interval",
     "Misfit",
     "Transfer",
@@ -31,20 +37,69 @@ __all__ = [
 
 DEFAULT_RESAMPLES = 2000
 
+PGR_MIN_GAP = 0.05
+"""Smallest ceiling - weak gap in average return (returns are in [0, 1]) over which PGR is reported: below it
+the ratio divides by noise (a gap of 1e-4 turns a gain of 0.2 into a PGR of 2000), so PGR is n/a with the
+reason, and bootstrap resamples whose gap falls below it are dropped (their share is reported)."""
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with a two-sided interval (``low``, ``high``) at ``level`` from ``n`` observations."""
+    """A point estimate with a two-sided interval (``low``, ``high``) at ``level`` from ``n`` observations.
+
+    NaN marks what could not be computed, and ``reason`` says why; ``dropped`` is the share of bootstrap
+    resamples left out of the interval (PGR: those whose ceiling does not beat weak by ``PGR_MIN_GAP``),
+    None where a bootstrap drops none by design.
+    """
 
     estimate: float
     low: float
     high: float
     n: int
     level: float = 0.95
+    reason: str = ""
+    dropped: float | None = None
 
-    def as_dict(self) -> dict[str, float | int]:
-        """Plain dict for JSON."""
-        return asdict(self)
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        """Strict-JSON dict: ``estimate``, ``low``, ``high`` (null when not a number), ``n``, ``level``, plus
+        ``reason`` when a value is null and ``dropped_resamples`` when the bootstrap dropped resamples."""
+        out: dict[str, float | int | str | None] = {
+            "estimate": _finite_or_none(self.estimate),
+            "low": _finite_or_none(self.low),
+            "high": _finite_or_none(self.high),
+            "n": self.n,
+            "level": self.level,
+        }
+        if None in (out["estimate"], out["low"], out["high"]) or self.reason:
+            out["reason"] = self.reason or "not computed"
+        if self.dropped is not None:
+            out["dropped_resamples"] = self.dropped
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Interval:
+        """The interval of :meth:`as_dict` (NaN for null or missing values; all NaN for None)."""
+        if not data:
+            return cls(math.nan, math.nan, math.nan, 0)
+
+        def num(key: str) -> float:
+            v = data.get(key)
+            return math.nan if v is None else float(v)
+
+        dropped = data.get("dropped_resamples")
+        return cls(
+            num("estimate"),
+            num("low"),
+            num("high"),
+            int(data.get("n", 0)),
+            float(data.get("level", 0.95)),
+            str(data.get("reason") or ""),
+            None if dropped is None else float(dropped),
+        )
 
     def format(self, digits: int = 3, scale: float = 1.0) -> str:
         """``"0.512 [0.401, 0.620]"`` (values multiplied by ``scale``); ``"n/a"`` when not a number."""
@@ -95,7 +150,7 @@ def bootstrap_interval(
     if groups is not None and len(groups) != x.size:
         raise ValueError(f"groups has {len(groups)} labels for {x.size} values")
     if x.size == 0:
-        return Interval(math.nan, math.nan, math.nan, 0, level)
+        return Interval(math.nan, math.nan, math.nan, 0, level, "no observations")
     estimate = float(x.mean())
     if x.size == 1:
         return Interval(estimate, estimate, estimate, 1, level)
@@ -112,14 +167,17 @@ def bootstrap_interval(
         idx = rng.integers(0, x.size, (resamples, x.size))
         samples = x[idx].mean(axis=1)
     low, high = _percentiles(samples, level)
-    return Interval(estimate, low, high, int(x.size), level)
+    reason = "" if math.isfinite(low) else "no finite bootstrap resample"
+    return Interval(estimate, low, high, int(x.size), level, reason)
 
 
-def pgr(weak: float, w2s: float, ceiling: float) -> float:
-    """Performance gap recovered: ``(w2s - weak) / (ceiling - weak)``; NaN unless ``ceiling > weak``."""
-    if not ceiling > weak:
+def pgr(weak: float, w2s: float, ceiling: float, *, min_gap: float = 0.0) -> float:
+    """Performance gap recovered: ``(w2s - weak) / (ceiling - weak)``; NaN unless ``ceiling > weak`` by at
+    least ``min_gap`` (:data:`PGR_MIN_GAP` is the metrics' minimum)."""
+    gap = ceiling - weak
+    if not (gap > 0 and gap >= min_gap):
         return math.nan
-    return (w2s - weak) / (ceiling - weak)
+    return (w2s - weak) / gap
 
 
 def paired_pgr(
@@ -130,30 +188,45 @@ def paired_pgr(
     level: float = 0.95,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    min_gap: float = PGR_MIN_GAP,
 ) -> Interval:
     """PGR of mean scores over the episodes the three models share, with a paired bootstrap interval.
 
     Each mapping goes from an episode unit (e.g. ``(task_id, seed)``) to that model's score on it. Units
-    missing from any model are left out. Resamples whose ceiling does not beat the weak model are dropped
-    from the interval; the estimate is NaN when the full sample's ceiling does not beat the weak model.
+    missing from any model are left out. The estimate is NaN, with the reason, when the full sample's ceiling
+    does not beat the weak model by ``min_gap``; resamples whose ceiling does not beat the weak model by
+    ``min_gap`` are dropped from the interval and their share is the interval's ``dropped``.
     """
     _check_level(level)
     units = [u for u in weak if u in w2s and u in ceiling]
     if not units:
-        return Interval(math.nan, math.nan, math.nan, 0, level)
+        return Interval(math.nan, math.nan, math.nan, 0, level, "no episode shared by weak, W2S and ceiling")
     a = np.array([[weak[u], w2s[u], ceiling[u]] for u in units], dtype=float)
     means = a.mean(axis=0)
-    estimate = pgr(*means)
-    if len(units) == 1 or not math.isfinite(estimate):
-        return Interval(estimate, math.nan, math.nan, len(units), level)
+    estimate = pgr(*means, min_gap=min_gap)
+    if not math.isfinite(estimate):
+        gap = means[2] - means[0]
+        return Interval(
+            math.nan,
+            math.nan,
+            math.nan,
+            len(units),
+            level,
+            f"ceiling - weak = {gap:.4f} in average return, below the minimum gap {min_gap:g} (PGR_MIN_GAP)",
+        )
+    if len(units) == 1:
+        return Interval(estimate, math.nan, math.nan, 1, level, "one shared episode: no interval")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(units), (resamples, len(units)))
     m = a[idx].mean(axis=1)  # (resamples, 3)
     gap = m[:, 2] - m[:, 0]
+    kept = (gap > 0) & (gap >= min_gap)
     with np.errstate(divide="ignore", invalid="ignore"):
-        samples = np.where(gap > 0, (m[:, 1] - m[:, 0]) / gap, np.nan)
+        samples = np.where(kept, (m[:, 1] - m[:, 0]) / gap, np.nan)
     low, high = _percentiles(samples, level)
-    return Interval(float(estimate), low, high, len(units), level)
+    dropped = float(1.0 - kept.mean())
+    reason = "" if math.isfinite(low) else f"every resample's ceiling - weak gap is below {min_gap:g}"
+    return Interval(float(estimate), low, high, len(units), level, reason, dropped)
 
 
 @dataclass(frozen=True)
@@ -166,9 +239,9 @@ class Misfit:
     """Mean KL(pi_weak || pi_w2s) over the admissible actions of each state (nats)."""
     states: int
 
-    def as_dict(self) -> dict[str, float | int]:
-        """Plain dict for JSON."""
-        return asdict(self)
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        """Strict-JSON dict: NaN as null, with a ``reason`` (no states)."""
+        return _strict(asdict(self), "no held-out weak states with admissible actions")
 
 
 def misfit(
@@ -216,9 +289,22 @@ class Transfer:
     expanded: int
     uncovered: int
 
-    def as_dict(self) -> dict[str, float | int]:
-        """Plain dict for JSON."""
-        return asdict(self)
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        """Strict-JSON dict: a share with no task to count is null, with a ``reason``."""
+        reasons = []
+        if not math.isfinite(self.correction):
+            reasons.append("correction: the weak agent failed no train task")
+        if not math.isfinite(self.expansion):
+            reasons.append("expansion: exploration solved every train task")
+        return _strict(asdict(self), "; ".join(reasons))
+
+
+def _strict(data: dict[str, Any], reason: str) -> dict[str, Any]:
+    """``data`` with NaN and infinite numbers as None, and ``reason`` added when there were any."""
+    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+    if any(v is None and data[k] is not None for k, v in out.items()):
+        out["reason"] = reason or "not computed"
+    return out
 
 
 def transfer(
