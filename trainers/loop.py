@@ -239,10 +239,10 @@ class Trainer:
                 problem = str(exc)
             if self._all_agree(problem is None):
                 break
-            damaged.append((ckpt, problem or "unreadable on another process"))
+            damaged.append((ckpt, problem or f"{ckpt}: unreadable on another process"))
             self.log.warning("checkpoint %s is damaged and will not be used: %s", ckpt.name, damaged[-1][1])
         else:
-            problems = "; ".join(f"{c.name}: {why}" for c, why in damaged)
+            problems = "; ".join(why for _, why in damaged)
             raise W2SError(
                 f"no intact checkpoint in {self.out_dir / 'checkpoints'} ({problems}); move the folder away to "
                 "keep it, or rerun with resume: false to start over"
