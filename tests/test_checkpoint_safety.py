@@ -378,6 +378,31 @@ def test_no_intact_checkpoint_is_one_line_and_runs_nothing(runs, tmp_path) -> No
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-00000004"  # left as found
 
 
+def test_a_damaged_best_checkpoint_is_not_exported(runs, tmp_path) -> None:
+    out = tmp_path / "run"
+    calls: list[int] = []
+
+    def valid(model, tokenizer) -> float:  # best after epoch 1 (step 3); its weights damaged before export
+        calls.append(1)
+        if len(calls) == 2:
+            f = out / "checkpoints" / "step-00000003" / "trainable.safetensors"
+            f.write_bytes(f.read_bytes()[:1000])
+        return 1.0 if len(calls) == 1 else 0.0
+
+    with pytest.raises(W2SError) as err:
+        train_sft(runs["model"], runs["rows"], out, cfg(export="best"), valid_fn=valid)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(
+        f"cannot export the best checkpoint {out / 'checkpoints' / 'step-00000003'}:"
+    )
+    assert "trainable.safetensors: 1000 bytes" in msg and msg.endswith(
+        "rerun with train.export=last to export the last weights instead"
+    )
+    assert not (out / "model").exists() and not (out / "result.json").exists()
+    last = train_sft(runs["model"], runs["rows"], out, cfg(export="last"), valid_fn=valid)
+    assert last.exported_step == 6 and (out / "model" / "model.safetensors").is_file()
+
+
 def test_cli_refuses_a_run_folder_with_planted_pickles_in_one_line(runs, tmp_path, capsys) -> None:
     """`w2s train sft` on a copied run folder whose checkpoints carry a crafted rng file: exit 2, one line,
     and the payload did not run."""
