@@ -314,6 +314,12 @@ def _pickle_as_legacy_rng(ckpt: Path, marker: Path) -> str:
     return "rng-0.pt: refused: the pickle names "
 
 
+def _foreign_legacy_rng(ckpt: Path, marker: Path) -> str:
+    _to_legacy(ckpt)
+    torch.save({"weights": torch.zeros(3)}, ckpt / "rng-0.pt")  # loads safely, but is not random states
+    return "rng-0.pt: not this program's random states (not a random-state file"
+
+
 def _pickle_as_legacy_optimizer(ckpt: Path, marker: Path) -> str:
     _to_legacy(ckpt)
     _plant_payload(ckpt / "optimizer.pt", marker)
@@ -329,7 +335,7 @@ def _truncated_legacy_weights(ckpt: Path, marker: Path) -> str:
 
 DAMAGE = [_truncate_weights, _bad_state_json, _resealed_bad_state_json, _state_of_another_step, _flipped_byte,
           _no_manifest, _foreign_rng_file, _foreign_rng_state, _foreign_optimizer_state, _pickle_as_rng,
-          _pickle_as_legacy_rng, _pickle_as_legacy_optimizer, _truncated_legacy_weights]  # fmt: skip
+          _pickle_as_legacy_rng, _foreign_legacy_rng, _pickle_as_legacy_optimizer, _truncated_legacy_weights]  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__.strip("_"))

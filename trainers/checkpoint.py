@@ -285,6 +285,13 @@ def assign_trainable(model: nn.Module, saved: dict[str, torch.Tensor], source: P
             holds one of another shape (``source`` is named in the message).
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    _check_trainable(params, saved, source)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
+
+
+def _check_trainable(params: dict[str, nn.Parameter], saved: dict[str, torch.Tensor], source: Path) -> None:
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or unexpected:
         raise CorruptCheckpointError(
@@ -295,9 +302,6 @@ def assign_trainable(model: nn.Module, saved: dict[str, torch.Tensor], source: P
             raise CorruptCheckpointError(
                 f"{source}: {name} has shape {tuple(saved[name].shape)}, the model's {tuple(p.shape)}"
             )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name].to(p.device, p.dtype))
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
@@ -628,12 +632,12 @@ def read_checkpoint(ckpt: Path, rank: int = 0) -> CheckpointContents:
         raise CorruptCheckpointError(
             f"{rng_path}: missing (the run had {state.get('processes', 1)} processes)"
         )
-    for name, value, path in (
-        ("optimizer", optimizer, ckpt / ("optimizer.pt" if legacy else OPTIMIZER)),
-        ("scheduler", scheduler, ckpt / ("scheduler.pt" if legacy else SCHEDULER)),
-    ):
+    contents = CheckpointContents(ckpt, state, trainable, optimizer, scheduler, rng, legacy)
+    for kind, value in (("optimizer", optimizer), ("scheduler", scheduler)):
         if not isinstance(value, dict):
-            raise CorruptCheckpointError(f"{path}: not a {name} state (a {type(value).__name__})")
+            raise CorruptCheckpointError(
+                f"{contents.file(kind)}: not a {kind} state (a {type(value).__name__})"
+            )
     if rng is not None:
         try:
             _check_rng(rng)
@@ -641,7 +645,7 @@ def read_checkpoint(ckpt: Path, rank: int = 0) -> CheckpointContents:
             raise CorruptCheckpointError(
                 f"{rng_path}: not this program's random states ({_one_line(exc)})"
             ) from None
-    return CheckpointContents(ckpt, state, trainable, optimizer, scheduler, rng, legacy)
+    return contents
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
@@ -666,9 +670,9 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, An
         for key, value in entry.items():
             if not isinstance(value, torch.Tensor):
                 continue
-            if value.ndim and tuple(value.shape) != tuple(index[pid].shape):
-                raise ValueError(f"{key} of parameter {pid} has shape {tuple(value.shape)}, the parameter's "
-                                 f"{tuple(index[pid].shape)}")  # fmt: skip
+            shape, expected = tuple(value.shape), tuple(index[pid].shape)
+            if value.ndim and shape != expected:
+                raise ValueError(f"{key} of parameter {pid} has shape {shape}, the parameter's {expected}")
 
 
 def _scheduler_mismatch(scheduler: Any, saved: dict[str, Any]) -> list[str]:
@@ -699,10 +703,7 @@ def apply_checkpoint(
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     source = contents.path / TRAINABLE
-    if set(params) != set(contents.trainable) or any(
-        tuple(contents.trainable[n].shape) != tuple(p.shape) for n, p in params.items()
-    ):
-        assign_trainable(model, contents.trainable, source)  # raises with the names that differ
+    _check_trainable(params, contents.trainable, source)
     try:
         _check_optimizer_state(optimizer, contents.optimizer)
     except (ValueError, TypeError, KeyError) as exc:
