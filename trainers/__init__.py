@@ -25,6 +25,8 @@ SFT, TreeDPO and MCTS-SFT on conversational rows extracted from searched trees, 
 ``model``          the policy, its tokenizer, AdamW and the learning-rate schedule
 ``distributed``    the processes of a run (accelerate / torchrun, DDP)
 ``checkpoint``     atomic checkpoints: trainable weights, optimizer, schedule, random states, loop state
+``state_files``    the files of a checkpoint, each written and read without pickle (weights, states, RNG)
+``resume``         which checkpoint a run resumes from: the newest intact one; damaged ones set aside
 ``export``         the exported model (LoRA merged) in ``out_dir/model``
 ``result``         :class:`TrainResult`, saved as ``result.json``
 ``fingerprint``    a run's identity, the reuse of finished runs

@@ -1,10 +1,10 @@
 """The training loop shared by SFT, MCTS-SFT and TreeDPO.
 
 One loop, read top to bottom in :meth:`Trainer.run`: load the policy (LoRA adapters added when asked), build
-AdamW and the learning-rate schedule, resume from the newest checkpoint of the run, then for each optimizer
-step take ``grad_accum`` micro-batches of the epoch's seeded order, accumulate the gradient of the
-normalised loss, clip, step, and checkpoint every ``checkpoint_every`` steps and at each epoch's end after
-validating. The data order of an epoch depends only on the seed and the epoch, so a resumed run takes
+AdamW and the learning-rate schedule, resume from the newest intact checkpoint of the run (:mod:`.resume`),
+then for each optimizer step take ``grad_accum`` micro-batches of the epoch's seeded order, accumulate the
+gradient of the normalised loss, clip, step, and checkpoint every ``checkpoint_every`` steps and at each
+epoch's end after validating. The data order of an epoch depends only on the seed and the epoch, so a resumed run takes
 exactly the batches the interrupted one would have taken.
 
 The loop knows no method: it is handed an :class:`~.batch.Objective` (:func:`.sft.sft_objective`,
@@ -21,6 +21,7 @@ only the main process writes files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -43,20 +44,12 @@ from w2s_agents.seeding import derive_seed, seed_everything
 from . import logps as logps_module
 from .batch import Example, Objective, collate
 from .checkpoint import (
-    CorruptCheckpointError,
-    apply_checkpoint,
     checkpoint_dirs,
     latest_checkpoint,
-    load_trainable,
     new_checkpoint_dir,
-    read_checkpoint,
-    read_state,
     remove_stale,
     rotate_checkpoints,
-    set_aside,
-    verify_checkpoint,
     write_checkpoint,
-    write_rng,
 )
 from .config import TrainConfig
 from .distributed import Processes
@@ -64,6 +57,8 @@ from .export import export_model
 from .losses import SourceWeights
 from .model import load_policy, make_optimizer, make_scheduler, saved_dtype
 from .result import RESULT_FILE, TrainResult, final_metrics
+from .resume import load_run_checkpoint, load_verified_trainable, resume_newest_intact
+from .state_files import write_rng
 
 __all__ = ["CURVES_FILE", "NonFiniteLossError", "Trainer", "ValidFn", "epoch_order"]
 
@@ -211,7 +206,8 @@ class Trainer:
         states loaded), or a fresh one when the run has no checkpoint.
 
         A damaged checkpoint (see :func:`.checkpoint.verify_checkpoint`) is skipped with a warning naming the
-        file and the reason, and renamed ``step-NNNNNNNN.corrupt``; the next older one is tried.
+        file and the reason, and renamed ``step-NNNNNNNN.corrupt``; the next older one is tried
+        (:func:`.resume.resume_newest_intact`).
 
         Raises:
             W2SError: checkpoints exist but none is intact (the message names each one's problem), or they
@@ -230,78 +226,23 @@ class Trainer:
             candidates = []
         if not candidates:
             return self._fresh_state()
-        damaged: list[tuple[Path, str]] = []
-        for ckpt in reversed(candidates):
-            problem: str | None = None
-            try:
-                state = self._load_checkpoint(ckpt)
-            except CorruptCheckpointError as exc:
-                problem = str(exc)
-            if self._all_agree(problem is None):
-                break
-            damaged.append((ckpt, problem or f"{ckpt}: unreadable on another process"))
-            self.log.warning("checkpoint %s is damaged and will not be used: %s", ckpt.name, damaged[-1][1])
-        else:
-            problems = "; ".join(why for _, why in damaged)
-            raise W2SError(
-                f"no intact checkpoint in {self.out_dir / 'checkpoints'} ({problems}); move the folder away to "
-                "keep it, or rerun with resume: false to start over"
-            )
-        if damaged and self.procs.is_main:
-            for bad, _ in damaged:
-                moved = set_aside(bad)
-                self.log.warning(
-                    "moved the damaged checkpoint %s to %s (kept for inspection)", bad, moved.name
-                )
-            self.log.warning(
-                "falling back to %s: %d newer checkpoint(s) were damaged", ckpt.name, len(damaged)
-            )
-        self.procs.wait()
+        load = functools.partial(
+            load_run_checkpoint,
+            fingerprint=self.fingerprint,
+            procs=self.procs,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            weights=self.weights,
+            log=self.log,
+        )
+        ckpt, state = resume_newest_intact(
+            candidates, procs=self.procs, device=self.device, load=load, log=self.log
+        )
         self.log.info(
             "resuming %s from %s (step %d, epoch %d)", self.method, ckpt, state["step"], state["epoch"]
         )
         return state
-
-    def _load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
-        """Verify ``ckpt`` (the main process hashes it), read it and load it into the model, optimizer,
-        schedule, random generators and source weights; return its loop state.
-
-        Raises:
-            CorruptCheckpointError: a file of ``ckpt`` is missing, damaged, foreign or unsafe.
-            W2SError: ``ckpt`` belongs to another run.
-        """
-        fingerprint = read_state(ckpt).get("fingerprint")
-        if fingerprint != self.fingerprint:
-            raise W2SError(
-                f"{self.out_dir} holds checkpoints of another run (config, data or model differ: fingerprint "
-                f"{fingerprint} vs {self.fingerprint}); use another out_dir or resume: false"
-            )
-        if self.procs.is_main:
-            verify_checkpoint(ckpt)
-        contents = read_checkpoint(ckpt, self.rank)
-        state = contents.state
-        state.setdefault("metrics_curve", [])  # checkpoints written before the curve existed
-        if self.weights is not None and state.get("source_weights"):
-            try:
-                self.weights.load_state_dict(state["source_weights"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CorruptCheckpointError(f"{ckpt / 'state.json'}: bad source_weights ({exc})") from None
-        apply_checkpoint(contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        if state.get("processes", 1) != self.world:
-            self.log.warning(
-                "%s was checkpointed with %s processes and resumes with %d: the micro-batches of each step "
-                "differ from an uninterrupted run from here on",
-                ckpt,
-                state.get("processes", 1),
-                self.world,
-            )
-            state["processes"] = self.world
-        return state
-
-    def _all_agree(self, ok: bool) -> bool:
-        """Whether ``ok`` holds on every process (a collective: every process must call it)."""
-        failed = torch.tensor(0.0 if ok else 1.0, device=self.device)
-        return float(self.procs.sum(failed)) == 0.0
 
     # ------------------------------------------------------------------ steps
 
@@ -585,32 +526,13 @@ class Trainer:
             self.log.info("%s: no better %s for %d epochs; stopping early", self.method, metric, patience)
             state["stopped_early"] = True
 
-    def _load_best(self, ckpt: Path) -> None:
-        """Load the trainable weights of the best checkpoint ``ckpt`` for export, after verifying it.
-
-        Raises:
-            W2SError: ``ckpt`` is damaged (one line naming the file; ``export: last`` exports the last weights).
-        """
-        problem = None
-        try:
-            if self.procs.is_main:
-                verify_checkpoint(ckpt)
-            load_trainable(self.model, ckpt / "trainable.safetensors")
-        except CorruptCheckpointError as exc:
-            problem = str(exc)
-        if not self._all_agree(problem is None):
-            raise W2SError(
-                f"cannot export the best checkpoint {ckpt}: {problem or 'unreadable on another process'}; "
-                "rerun with train.export=last to export the last weights instead"
-            )
-
     def _finish(self, state: dict[str, Any]) -> TrainResult:
         cfg = self.cfg
         dirs = {int(p.name[5:]): p for p in checkpoint_dirs(self.out_dir)}
         best = state["best"]
         export_step = best["step"] if (cfg.export == "best" and best) else state["step"]
         if export_step != state["step"]:
-            self._load_best(dirs[export_step])
+            load_verified_trainable(self.model, dirs[export_step], self.procs, self.device)
             self.log.info("exporting the best checkpoint (step %d) instead of the last", export_step)
         model_dir = self.out_dir / "model"
         adapter_dir = self.out_dir / "adapter" if cfg.lora.enabled else None
