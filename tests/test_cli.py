@@ -165,3 +165,16 @@ def test_model_info_on_a_hub_name_fails_cleanly(capsys: pytest.CaptureFixture[st
 def test_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "w2s_agents", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "w2s-agents" in out.stdout
+
+
+def test_overrides_are_accepted_after_options(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse leaves KEY=VALUE after an option over; the command line adds them to the overrides
+    assert main(["run", "--until", "trees", "--list-stages", "train.ceiling=false", "run.seed=3"]) == 0
+    stages = capsys.readouterr().out.split()
+    assert "trees" in stages and "ceiling" not in stages
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--list-stages", "--until", "trees", "--bogus"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "w2s: error: w2s run: unrecognized arguments: --bogus (see `w2s run --help`)\n"
+    )

@@ -385,7 +385,8 @@ def load_model(
         model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``).
 
     Raises:
-        ModelLoadError: the path is not a local model directory, or loading it failed (message names the path).
+        ModelLoadError: the path is not a local model directory, its config.json is not a valid model config,
+            or loading it failed (message names the path).
     """
     p = Path(path).expanduser()
     if not p.is_dir():
@@ -397,7 +398,7 @@ def load_model(
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"{p}: no config.json here; not a saved Hugging Face model directory")
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from w2s_agents.log import progress_enabled
@@ -406,10 +407,18 @@ def load_model(
         hf_logging.disable_progress_bar()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+    except Exception as exc:  # not JSON, an unknown model_type, or a failed check of the architecture
+        raise ModelLoadError(f"{p / 'config.json'}: not a valid model config: {_one_line(exc)}") from None
     tokenizer = load_tokenizer(p)
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dt, **model_kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(
+            p, config=config, local_files_only=True, dtype=dt, **model_kwargs
+        )
+    except (
+        Exception
+    ) as exc:  # a folder's files fail the loader in many ways (OSError, ValueError, hub checks)
         raise ModelLoadError(f"{p}: cannot load the model: {_one_line(exc)}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -451,7 +460,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # e.g. huggingface_hub's StrictDataclassError on an invalid config.json
         raise ModelLoadError(f"{p}: cannot load the tokenizer: {_one_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from w2s_agents.cli.args import check_output_dir
 from w2s_agents.errors import W2SError
 
 __all__ = ["add_commands"]
@@ -64,6 +65,9 @@ def _cmd_model_tiny(ns: argparse.Namespace) -> int:
     from w2s_agents.agents import create_tiny_model
     from w2s_agents.seeding import seed_everything
 
+    out_dir = check_output_dir(ns.out_dir, "model folder")
+    if out_dir.exists() and not ns.overwrite:
+        raise W2SError(f"model folder {out_dir} already exists; pass --overwrite to replace it")
     texts = _texts_from_files(ns.text, ns.trajectories)
     seed_everything(ns.seed)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from w2s_agents.cli.args import check_output_dir
 from w2s_agents.errors import W2SError
 
 __all__ = ["add_commands"]
@@ -51,6 +52,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
                 f"run `w2s train {value.strip()}` or leave train.method out"
             )
     job = load_config(TrainJobConfig, ns.config, [*ns.overrides, f"train.method={method}"])
+    check_output_dir(job.out_dir, "out_dir")
     cfg = job.train
     if cfg.is_dpo:
         result = train_dpo(
