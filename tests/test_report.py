@@ -90,6 +90,7 @@ def test_metrics_are_strict_json_and_the_report_gives_the_reasons(tmp_path):
     m["pgr"]["w2s-treedpo"] = {**Interval(0.5, 0.1, 0.9, 8).as_dict(), "dropped_resamples": 0.125}
     m["misfit"]["w2s-mcts"] = misfit([], []).as_dict()
     m["search_cost"]["ratio"] = math.nan  # a NaN nobody explained: null with a generic reason
+    m["curves"]["weak-sft"]["loss"].append([3, math.inf])  # inside a list: the list's dict explains it
     path = write_metrics(tmp_path / "metrics.json", m)
 
     def refuse(constant):
@@ -98,7 +99,8 @@ def test_metrics_are_strict_json_and_the_report_gives_the_reasons(tmp_path):
     back = json.loads(path.read_text(), parse_constant=refuse)
     assert back["pgr"]["w2s-mcts"]["estimate"] is None
     assert back["search_cost"]["ratio"] is None and back["search_cost"]["reason"]
-    text = write_report(back, tmp_path, plots=False).read_text()
+    assert back["curves"]["weak-sft"]["loss"][-1] == [3, None] and back["curves"]["weak-sft"]["reason"]
+    text = write_report(back, tmp_path).read_text()  # plots of curves with a null too
     assert "| W2S-MCTS | n/a |" in text
     assert (
         "- PGR of W2S-MCTS: n/a, ceiling - weak = 0.0010 in average return, below the minimum gap 0.05"

@@ -198,15 +198,24 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
     return strict_json(metrics)
 
 
+def _not_finite_in(value: Any) -> bool:
+    """Whether ``value`` is, or a list below it (not a dict, which explains its own) holds, a non-finite number."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_not_finite_in(v) for v in value)
+    return False
+
+
 def strict_json(value: Any) -> Any:
     """``value`` (nested dicts and lists) with every NaN or infinite number replaced by None; a dict where one
-    was replaced gets a ``reason`` (unless it has one) so that no ``null`` goes unexplained."""
+    was replaced (as a value or inside a list value) gets a ``reason`` unless it has one, so that no ``null``
+    goes unexplained."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
         out = {k: strict_json(v) for k, v in value.items()}
-        replaced = any(isinstance(v, float) and not math.isfinite(v) for v in value.values())
-        if replaced and "reason" not in out:
+        if "reason" not in out and any(_not_finite_in(v) for v in value.values()):
             out["reason"] = "not a number (nothing to compute it from)"
         return out
     if isinstance(value, (list, tuple)):

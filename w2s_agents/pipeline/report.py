@@ -68,6 +68,11 @@ def _num(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _float(x: Any) -> float:
+    """A number of the metrics as a float for a plot (NaN for null)."""
+    return math.nan if x is None else float(x)
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -204,10 +209,10 @@ def plot_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
         for name, c in curves.items():
             loss = c.get("loss") or []
             if loss:
-                ax1.plot([p[0] for p in loss], [p[1] for p in loss], label=name)
+                ax1.plot([p[0] for p in loss], [_float(p[1]) for p in loss], label=name)
             valid = c.get("valid") or []
             if valid:
-                ax2.plot([p[0] for p in valid], [p[1] for p in valid], marker="o", label=name)
+                ax2.plot([p[0] for p in valid], [_float(p[1]) for p in valid], marker="o", label=name)
         ax1.set_xlabel("optimizer step")
         ax1.set_ylabel("training loss")
         ax1.legend(fontsize=7)
