@@ -142,7 +142,9 @@ def _rows_file(folder: Path, rows: list[dict | str], name: str = "pairs.jsonl") 
     return _write(folder, name, "".join(line + "\n" for line in lines))
 
 
-def _train_config(folder: Path, data: str, extra: str = "", model: str = "model", out_dir: str = "out") -> Path:
+def _train_config(
+    folder: Path, data: str, extra: str = "", model: str = "model", out_dir: str = "out"
+) -> Path:
     (folder / model).mkdir(exist_ok=True)
     return _write(
         folder,

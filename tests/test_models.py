@@ -151,7 +151,9 @@ def test_folder_without_tokenizer_names_the_files_looked_for(nano_dir: Path, tmp
         with pytest.raises(ModelLoadError) as info:
             load(folder)
         message = str(info.value)
-        assert message.startswith(f"{folder}: no tokenizer here (looked for tokenizer.json, tokenizer_config.json")
+        assert message.startswith(
+            f"{folder}: no tokenizer here (looked for tokenizer.json, tokenizer_config.json"
+        )
         assert "\n" not in message
     # a tokenizer config without a vocabulary: the loader's whole message, on one line (it spans several)
     (folder / "tokenizer_config.json").write_text("{}")
