@@ -178,3 +178,27 @@ def test_overrides_are_accepted_after_options(capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err == (
         "w2s: error: w2s run: unrecognized arguments: --bogus (see `w2s run --help`)\n"
     )
+
+
+def test_output_paths_are_checked_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from w2s_agents.cli.args import check_output_dir, check_output_file
+    from w2s_agents.errors import W2SError
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert check_output_dir(tmp_path / "new" / "deeper", "-o/--out") == tmp_path / "new" / "deeper"
+    assert check_output_file(tmp_path / "new" / "t.jsonl", "rollout.output") == tmp_path / "new" / "t.jsonl"
+    with pytest.raises(W2SError, match=r"^-o/--out .*afile: is an existing file; give a folder$"):
+        check_output_dir(afile, "-o/--out")
+    with pytest.raises(W2SError, match=r"^rollout.output .*afile/t.jsonl: .*afile is a file, not a folder$"):
+        check_output_file(afile / "t.jsonl", "rollout.output")
+    with pytest.raises(W2SError, match=r"^rollout.output .*: is a folder; give a file path$"):
+        check_output_file(tmp_path, "rollout.output")
+    # a folder without write permission (simulated: root may write anywhere)
+    monkeypatch.setattr("os.access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(W2SError, match=rf"^rollout.output .*new/t.jsonl: folder {tmp_path} is not writable$"):
+        check_output_file(tmp_path / "new" / "t.jsonl", "rollout.output")
+    monkeypatch.setattr("os.access", lambda path, mode: Path(path) != afile)
+    with pytest.raises(W2SError, match=r"afile: the file is not writable$"):
+        check_output_file(afile, "rollout.output")
+    assert not (tmp_path / "new").exists()  # checking creates nothing
