@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from w2s_agents.atomic import atomic_write
 from w2s_agents.cli.args import check_output_dir, tree_files
 from w2s_agents.errors import W2SError
+
+if TYPE_CHECKING:
+    from w2s_agents.pipeline.experiment import ExperimentConfig
 
 __all__ = ["add_commands"]
 
@@ -196,14 +200,9 @@ _OFFLINE_ONLY = ("gamma", "value", "margin", "keep_values", "trajectories")
 
 def _cmd_online(ns: argparse.Namespace) -> int:
     """``w2s search --online``: the pipeline's expand stage on the given tree files, into ``OUT``."""
-    import hashlib
-
-    from w2s_agents.config import config_to_dict
-    from w2s_agents.envs.suites import get_suite
     from w2s_agents.pipeline.experiment import load_experiment
     from w2s_agents.pipeline.stage_io import read_json, write_json
     from w2s_agents.pipeline.stages.expand import expand_tree_files
-    from w2s_agents.tree import TrajectoryTree
 
     given = [f"--{k.replace('_', '-')}" for k in _OFFLINE_ONLY if getattr(ns, k) not in (None, False, [])]
     if given:
@@ -234,6 +233,43 @@ def _cmd_online(ns: argparse.Namespace) -> int:
         )
     out = check_output_dir(ns.out, "-o/--out")
     files = tree_files(ns.trees)
+    settings = _online_settings(cfg, model, files, out)
+    record = out / "online.json"
+    if any((out / "stats").glob("*.json")):  # trees grown before, which are skipped: same settings only
+        _check_same_settings(record, settings, out)
+    write_json(record, settings)
+    if cfg.run.threads:
+        import torch
+
+        torch.set_num_threads(cfg.run.threads)
+    skipped = sum(1 for f in files if (out / "stats" / f.name).is_file())
+    totals = expand_tree_files(cfg, model, files, out, cfg.run.seed)
+    for f in files:
+        stats = read_json(out / "stats" / f.name)
+        print(
+            f"{out / 'trees' / f.name}: task {stats['task_id']}, {stats['iterations']} episodes, "
+            f"{stats['new_nodes']} new nodes, {stats['successes']} won"
+        )
+    print(
+        f"{out}: {len(files)} trees ({skipped} grown before), {totals['iterations']} episodes, "
+        f"{totals['env_steps']} env steps, {totals['new_nodes']} new nodes, {totals['successes']} won; "
+        f"search them with: w2s search {out / 'trees'} -o DIR"
+    )
+    return 0
+
+
+def _online_settings(cfg: ExperimentConfig, model: Path, files: list[Path], out: Path) -> dict[str, Any]:
+    """What ``OUT/online.json`` records (JSON values): the settings, the model and the inputs' hashes.
+
+    Reads and checks every input first. Raises W2SError: two inputs share a name (the grown trees keep their
+    inputs' names), an input lies inside ``out``, or a tree's env is not the one ``tasks.suite`` plays.
+    """
+    import hashlib
+
+    from w2s_agents.config import config_to_dict
+    from w2s_agents.envs.suites import get_suite
+    from w2s_agents.tree import TrajectoryTree
+
     names: dict[str, Path] = {}
     for f in files:
         if f.name in names:
@@ -244,7 +280,7 @@ def _cmd_online(ns: argparse.Namespace) -> int:
             raise W2SError(f"{f}: an input inside -o/--out {out}; grow into another folder")
         names[f.name] = f
     env_id = get_suite(cfg.tasks.suite).env_id
-    for f in files:  # every tree is read (and checked) before anything is written
+    for f in files:
         tree = TrajectoryTree.load(f)
         if tree.env_id and tree.env_id != env_id:
             raise W2SError(
@@ -265,42 +301,26 @@ def _cmd_online(ns: argparse.Namespace) -> int:
         "expand": config_to_dict(cfg.expand),
         "inputs": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
     }
-    record = out / "online.json"
-    grown_before = sorted(p.name for p in (out / "stats").glob("*.json"))
-    if grown_before:
-        # trees grown before are skipped: only with the settings and inputs they were grown from
-        try:
-            old = read_json(record)
-        except (OSError, ValueError):
-            old = None
-        if not isinstance(old, dict):
-            raise W2SError(
-                f"{record}: missing or unreadable, so the trees grown in {out} cannot be resumed; grow into "
-                "another folder"
-            )
-        settings = json.loads(json.dumps(settings, default=str))  # as the file holds it
-        if old != settings:
-            keys = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-            raise W2SError(
-                f"{out}: trees grown with other settings ({', '.join(keys)} differ from {record}); grow into "
-                "another folder or give the same ones"
-            )
-    write_json(record, settings)
-    if cfg.run.threads:
-        import torch
+    return json.loads(json.dumps(settings, default=str))  # as the file holds them
 
-        torch.set_num_threads(cfg.run.threads)
-    skipped = sum(1 for f in files if (out / "stats" / f.name).is_file())
-    totals = expand_tree_files(cfg, model, files, out, cfg.run.seed)
-    for f in files:
-        stats = read_json(out / "stats" / f.name)
-        print(
-            f"{out / 'trees' / f.name}: task {stats['task_id']}, {stats['iterations']} episodes, "
-            f"{stats['new_nodes']} new nodes, {stats['successes']} won"
+
+def _check_same_settings(record: Path, settings: dict[str, Any], out: Path) -> None:
+    """Raise W2SError unless ``record`` holds ``settings``: the trees grown in ``out`` are skipped, which is
+    right only when they were grown from the same inputs with the same settings."""
+    from w2s_agents.pipeline.stage_io import read_json
+
+    try:
+        old = read_json(record)
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        raise W2SError(
+            f"{record}: missing or unreadable, so the trees grown in {out} cannot be resumed; grow into "
+            "another folder"
         )
-    print(
-        f"{out}: {len(files)} trees ({skipped} grown before), {totals['iterations']} episodes, "
-        f"{totals['env_steps']} env steps, {totals['new_nodes']} new nodes, {totals['successes']} won; "
-        f"search them with: w2s search {out / 'trees'} -o DIR"
-    )
-    return 0
+    if old != settings:
+        keys = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        raise W2SError(
+            f"{out}: trees grown with other settings ({', '.join(keys)} differ from {record}); grow into "
+            "another folder or give the same ones"
+        )
