@@ -26,9 +26,24 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=_cmd_rollout, overrides_dest="overrides")
 
 
-def _terminate(signum: int, frame: object) -> None:
-    print("w2s: terminated; finished episodes are stored, run the same command to resume", file=sys.stderr)
-    raise SystemExit(128 + signum)
+_RESUME = "finished episodes are stored, run the same command to resume"
+
+
+class _Stop:
+    """Handles SIGTERM (a scheduler preempting the job) and SIGINT (Ctrl-C) during a rollout: the first one is
+    remembered and ends the run in order through the ``finally`` blocks (the store closed, Ray shut down, the
+    summary written). A second SIGTERM is ignored, so that it cannot cut that short; a second Ctrl-C is not."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
 
 
 def _cmd_rollout(ns: argparse.Namespace) -> int:
@@ -44,12 +59,21 @@ def _cmd_rollout(ns: argparse.Namespace) -> int:
     check_output_dir(cfg.run.run_dir, "run folder (run.out_dir/run.name)")
     if cfg.rollout.output is not None:
         check_output_file(cfg.rollout.output, "rollout.output")
-    # a scheduler's SIGTERM (preemption) stops the run in order: the store is closed, Ray shut down
-    before = signal.signal(signal.SIGTERM, _terminate)
+    stop = _Stop()
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         summary, output = run_job(cfg)
+    except (KeyboardInterrupt, SystemExit, W2SError):
+        if stop.signum is None:
+            raise
+        # stopped by a signal, whatever surfaced: Ray replaces the handler's exception with SystemExit(1) when its
+        # raylet, which got the same SIGTERM from a process-group kill, is gone first
+        word = "terminated" if stop.signum == signal.SIGTERM else "interrupted"
+        print(f"w2s: {word}; {_RESUME}", file=sys.stderr)
+        return 128 + stop.signum
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     s = summary
     print(
         f"{output}: {s.episodes} episodes run, {s.skipped} already stored ({s.planned} planned); "

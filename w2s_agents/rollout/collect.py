@@ -22,9 +22,12 @@ episodes re-run on another (new) worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +126,33 @@ class RolloutSummary:
         }
 
 
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """SIGTERM and SIGINT held during the body (in the main thread, for signals with a Python-level handler): one
+    that arrives meanwhile goes to the handler that was installed as soon as the body ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append((signum, frame))
+
+    sigs = [sig for sig in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(sig) is not None]
+    before = {sig: signal.signal(sig, hold) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for signum, frame in held[:1]:
+            handler = before[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
 def env_factory(
     env: str | EnvFactory,
     env_kwargs: Mapping[str, Any] | None,
@@ -166,6 +196,7 @@ def collect(
     engine: EngineOptions | None = None,
     ray: RayOptions | None = None,
     on_episode: Callable[[Trajectory, RolloutSummary], None] | None = None,
+    summary: RolloutSummary | None = None,
 ) -> RolloutSummary:
     """Run every (task, sampler, seed) episode that ``store`` lacks and append each as it ends.
 
@@ -182,6 +213,8 @@ def collect(
         engine: batching, sharding and retries (default :class:`EngineOptions`).
         ray: Ray workers; None (or ``workers == 0``) runs everything in this process.
         on_episode: called after each trajectory is stored, with the running summary.
+        summary: a fresh :class:`RolloutSummary` to count into as episodes are stored (and to return), so that a
+            caller whose call was interrupted (SIGTERM, Ctrl-C) still has what it did; None: a new one.
 
     Returns:
         The :class:`RolloutSummary` of this call.
@@ -215,7 +248,8 @@ def collect(
     ]
     shards = [s for s in shards if s]
     todo = sum(len(s) for s in shards)
-    summary = RolloutSummary(planned=len(planned), skipped=len(planned) - todo, workers=workers)
+    summary = summary if summary is not None else RolloutSummary()
+    summary.planned, summary.skipped, summary.workers = len(planned), len(planned) - todo, workers
     wanted = {spec.key(agent.name) for shard in shards for spec in shard}
     if summary.skipped:
         logger.info(
@@ -238,8 +272,9 @@ def collect(
         if key in store:
             logger.warning("episode %s arrived twice; the second copy is dropped", key)
             return
-        store.append(traj)
-        summary.add(traj)
+        with _stops_held():  # stored and counted together: the summary of a stopped run matches the store
+            store.append(traj)
+            summary.add(traj)
         bar.update(1)
         elapsed = time.perf_counter() - start
         bar.set_postfix(

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from w2s_agents.agents import Agent, AgentConfig, ModelConfig, Sampler
 from w2s_agents.atomic import atomic_write
 from w2s_agents.config import RunConfig, check, config_to_dict, load_yaml, option, save_config
-from w2s_agents.errors import ConfigError
+from w2s_agents.errors import ConfigError, W2SError
 
 from .collect import BUILTIN_ENV_IDS, RolloutSummary, collect, env_factory
 from .engine import EnvFactory
@@ -273,6 +273,10 @@ def build_task_model(
 def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
     """Run a rollout job: prepare the run folder, load (or build) the model, collect into the store.
 
+    ``<run dir>/rollout-summary.json`` records what this invocation did, also when it was stopped (SIGTERM
+    through the CLI, Ctrl-C) or failed after collecting began: its ``status`` is ``complete``, ``interrupted``
+    or ``failed``.
+
     Returns:
         The summary and the trajectory file.
 
@@ -306,21 +310,43 @@ def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
                 model_path, tasks, env, preset=m.tiny_preset, vocab_size=m.vocab_size, seed=cfg.run.seed
             )
     agent = Agent(load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype), cfg.agent)
-    with TrajectoryStore(output) as store:
-        save_config(cfg, run_dir)  # once the store is ours: the config its episodes come from
-        summary = collect(
-            tasks,
-            agent,
-            r.samplers,
-            store,
-            env=env_id,
-            env_kwargs=r.env_kwargs,
-            seeds=r.seed_list,
-            max_steps=r.max_steps,
-            engine=r.engine(),
-            ray=r.ray(),
-        )
-    with atomic_write(run_dir / "rollout-summary.json") as fh:  # what the last invocation did
-        json.dump({"trajectories": str(output), **summary.to_dict()}, fh, indent=2)
-        fh.write("\n")
+    summary = RolloutSummary()
+    status = "failed"
+    try:
+        with TrajectoryStore(output) as store:
+            save_config(cfg, run_dir)  # once the store is ours: the config its episodes come from
+            collect(
+                tasks,
+                agent,
+                r.samplers,
+                store,
+                env=env_id,
+                env_kwargs=r.env_kwargs,
+                seeds=r.seed_list,
+                max_steps=r.max_steps,
+                engine=r.engine(),
+                ray=r.ray(),
+                summary=summary,
+            )
+        status = "complete"
+    except (KeyboardInterrupt, SystemExit):  # SIGINT, or SIGTERM through the CLI's handler
+        status = "interrupted"
+        raise
+    finally:
+        if summary.planned:  # collection began: the store is closed, record what this invocation did
+            try:
+                _write_summary(run_dir / "rollout-summary.json", output, summary, status)
+            except OSError as exc:
+                if status == "complete":
+                    raise W2SError(
+                        f"{run_dir / 'rollout-summary.json'}: cannot write the summary: {exc}"
+                    ) from exc
+                logger.warning("cannot write %s: %s", run_dir / "rollout-summary.json", exc)
     return summary, output
+
+
+def _write_summary(path: Path, output: Path, summary: RolloutSummary, status: str) -> None:
+    """Write ``rollout-summary.json`` (whole or not at all): the store, how the invocation ended, its counts."""
+    with atomic_write(path) as fh:
+        json.dump({"trajectories": str(output), "status": status, **summary.to_dict()}, fh, indent=2)
+        fh.write("\n")

@@ -16,6 +16,12 @@ Ray runs locally by default: ``ray.init`` with ``num_cpus`` for the workers, no 
 temporary folder (removed at the end; Ray's socket paths must stay short) and ``RAY_AUTH_MODE=disabled`` unless
 set. With an address (``"auto"`` or ``"ray://host:port"``) it joins that cluster; a Ray instance already
 initialised in the process is used as it is and left running.
+
+Stops: ``ray.init`` replaces the process's SIGTERM handler (with one that aborts with a C++ stack dump);
+:func:`ray_session` puts back the SIGTERM and SIGINT handlers the process had, so a stop runs the caller's
+``finally`` blocks (the store closed, the workers killed, Ray shut down). A local instance gets a reaper process
+(:mod:`w2s_agents.rollout.reaper`) that ends its processes and removes its folder the moment this process dies
+without doing so itself (SIGKILL).
 """
 
 from __future__ import annotations
@@ -25,9 +31,15 @@ import logging
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -36,6 +48,7 @@ from w2s_agents.errors import W2SError
 
 from .engine import AgentSpec, EnvFactory, EnvPool, EpisodeSpec, run_episodes
 from .options import EngineOptions, RayOptions
+from .reaper import ENV_VAR
 
 if TYPE_CHECKING:
     from w2s_agents.types import Trajectory
@@ -51,12 +64,114 @@ def _short_tmp_root() -> str:
     return root if len(root) <= 40 else "/tmp"
 
 
+_HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """This process's Python handlers of SIGTERM and SIGINT (none off the main thread, where they cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = {sig: signal.getsignal(sig) for sig in _HANDLED}
+    return {sig: h for sig, h in handlers.items() if h is not None}  # None: installed outside Python
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    """Put back the handlers ``ray.init`` replaced.
+
+    ``ray.init`` installs a SIGTERM handler of its own (``sys.exit(15)``), and the C++ core worker it starts then
+    installs a crash reporter for SIGTERM that dumps a stack trace and aborts (exit status 134): a stop requested
+    by SIGTERM would skip every ``finally`` of the caller. Setting the handler again from Python replaces both.
+    """
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+class _Reaper:
+    """The process that cleans up after a local Ray instance whose driver died (see :mod:`.reaper`)."""
+
+    def __init__(self, temp_dir: str | None) -> None:
+        self.token = uuid.uuid4().hex
+        self.proc: subprocess.Popen[bytes] | None = None
+        if not os.path.isdir("/proc"):  # it finds the instance's processes in /proc
+            logger.debug("no /proc: a killed driver's Ray processes are not cleaned up")
+            return
+        script = Path(__file__).with_name("reaper.py")
+        cmd = [
+            sys.executable,
+            "-I",
+            "-S",
+            str(script),
+            self.token,
+            str(os.getpid()),
+            *([temp_dir] if temp_dir else []),
+        ]
+        # its own session: a Ctrl-C in the terminal (SIGINT to the driver's process group) does not reach it. The
+        # pipe's write end is not inheritable, so only this process holds it.
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @contextlib.contextmanager
+    def marking(self) -> Iterator[None]:
+        """The processes started in the body (Ray's) inherit ``W2S_RAY_SESSION=<token>``; this one keeps its
+        environment."""
+        before = os.environ.get(ENV_VAR)
+        os.environ[ENV_VAR] = self.token
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(ENV_VAR, None)
+            else:
+                os.environ[ENV_VAR] = before
+
+    def started(self, session_dir: str | None) -> None:
+        """Tell the reaper the instance's session folder (how it recognises Ray's workers and agents)."""
+        if self.proc is None or not session_dir:
+            return
+        try:
+            self.proc.stdin.write(f"{session_dir}\n".encode())  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except OSError as exc:
+            logger.warning(
+                "the Ray reaper (pid %d) is gone (%s): a killed run may leave processes", self.proc.pid, exc
+            )
+
+    def finish(self, timeout_s: float = 10.0) -> None:
+        """Let the reaper run now (it ends whatever of the instance is left and removes its folder) and wait."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("the Ray reaper (pid %d) did not end within %.0f s", proc.pid, timeout_s)
+
+
+def _session_dir(temp_dir: str) -> str | None:
+    """The session folder of the local instance this process started (inside ``temp_dir``)."""
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API names it
+    with contextlib.suppress(Exception):
+        if node is not None:
+            return str(node.get_session_dir_path())
+    latest = Path(temp_dir) / "session_latest"
+    return str(latest.resolve()) if latest.exists() else None
+
+
 @contextlib.contextmanager
 def ray_session(options: RayOptions) -> Iterator[None]:
     """Ray initialised for the body: joined, started locally, or the instance already running.
 
     A local instance gets ``num_cpus = ceil(workers * worker_cpus)``, GPUs when workers ask for them, no
-    dashboard and a private temporary folder; it is shut down and its folder removed afterwards.
+    dashboard and a private temporary folder; it is shut down and its folder removed afterwards. A reaper
+    process (:mod:`w2s_agents.rollout.reaper`) does the same if this process dies without doing it (SIGKILL).
+    The SIGTERM and SIGINT handlers of this process are those it had before ``ray.init``.
     """
     if ray.is_initialized():
         yield
@@ -67,6 +182,7 @@ def ray_session(options: RayOptions) -> Iterator[None]:
         "configure_logging": False,
     }
     tmp: str | None = None
+    reaper: _Reaper | None = None
     if options.address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -76,22 +192,42 @@ def ray_session(options: RayOptions) -> Iterator[None]:
         kwargs["num_cpus"] = max(1, math.ceil(options.workers * options.worker_cpus))
         if options.worker_gpus > 0:
             kwargs["num_gpus"] = max(1, math.ceil(options.workers * options.worker_gpus))
+        try:
+            reaper = _Reaper(tmp)
+        except OSError as exc:
+            logger.warning(
+                "cannot start the Ray reaper (%s): a killed run may leave Ray processes behind", exc
+            )
     else:
         kwargs["address"] = options.address
         kwargs.pop("include_dashboard")
     logger.info("starting Ray (%s)", options.address or f"local, {kwargs.get('num_cpus')} CPUs")
+    handlers = _signal_handlers()
     try:
-        ray.init(**kwargs)
-    except Exception as exc:
+        with reaper.marking() if reaper is not None else contextlib.nullcontext():
+            ray.init(**kwargs)
+    except BaseException as exc:  # also a stop (SIGTERM, Ctrl-C) while Ray starts: end what it started
+        _restore_signal_handlers(handlers)
+        if reaper is not None:
+            reaper.finish()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
         raise W2SError(f"cannot start Ray ({options.address or 'local instance'}): {exc}") from exc
+    _restore_signal_handlers(handlers)
+    if reaper is not None:
+        reaper.started(_session_dir(kwargs["_temp_dir"]))
     try:
         yield
     finally:
-        ray.shutdown()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            ray.shutdown()
+        finally:
+            if reaper is not None:
+                reaper.finish()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 class RolloutWorker:
