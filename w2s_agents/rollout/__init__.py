@@ -6,6 +6,7 @@
 ``collect``     :func:`collect`: every missing ``(task, sampler, seed)`` episode into a store, resumable
 ``options``     :class:`EngineOptions` (batching, shards, retries) and :class:`RayOptions` (workers)
 ``ray``         the Ray workers (the only module that imports ``ray``)
+``reaper``      a script that ends a local Ray instance whose driver died (standard library only)
 ``job``         ``w2s rollout CONFIG``: :class:`RolloutConfig`, :func:`run_job`
 ==============  =======================================================================================
 """

@@ -58,10 +58,14 @@ __all__ = ["RayOptions", "RolloutWorker", "ray_session", "run_shards"]  # RayOpt
 logger = logging.getLogger(__name__)
 
 
+# the longest path Ray puts under its temporary folder's parent: a socket, limited to 107 bytes (AF_UNIX)
+_SOCKET_TAIL = len("/w2sray-12345678/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
+
+
 def _short_tmp_root() -> str:
-    """A temporary root short enough for Ray's socket paths (which are limited to ~107 bytes)."""
+    """The system's temporary root (``TMPDIR``) if it is short enough for Ray's socket paths, else ``/tmp``."""
     root = tempfile.gettempdir()
-    return root if len(root) <= 40 else "/tmp"
+    return root if len(root) + _SOCKET_TAIL <= 107 else "/tmp"
 
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
