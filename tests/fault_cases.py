@@ -236,6 +236,10 @@ CASES: tuple[FaultCase, ...] = (
     FaultCase("search: unknown setting", "override", lambda d: ["search", str(_trees(d)), "-o", "out", "--set", "iteratons=5"], "unknown config key 'iteratons'"),
     FaultCase("search: bad --trajectories file", "store", lambda d: ["search", str(_trees(d)), "-o", "out", "--trajectories", str(_write(d, "e.jsonl", "{oops\n"))], "e.jsonl:1: invalid JSON"),
     FaultCase("search: empty config file", "config", lambda d: ["search", str(_trees(d)), "-o", "out", "--config", str(_write(d, "s.yaml", "\n"))], "s.yaml: the config file is empty"),
+    FaultCase("search --online: no --model", "args", lambda d: ["search", "--online", str(_trees(d)), "-o", "out", "--suite", "tw-simple"], "--model"),
+    FaultCase("search --online: --model not a folder", "model", lambda d: ["search", "--online", str(_trees(d)), "-o", "out", "--suite", "tw-simple", "--model", "nowhere"], "nowhere"),
+    FaultCase("search: --model without --online", "args", lambda d: ["search", str(_trees(d)), "-o", "out", "--model", str(_write(d, "m/.keep", "").parent)], "--online"),
+    FaultCase("search --online: an offline-only option", "args", lambda d: ["search", "--online", str(_trees(d)), "-o", "out", "--suite", "tw-simple", "--model", str(_write(d, "m/.keep", "").parent), "--gamma", "2"], "--gamma"),
     # --- rows and pairs files (w2s train checks the data before it loads a model)
     FaultCase("pairs: chosen equals rejected in every pair", "rows", lambda d: ["train", "dpo", str(_train_config(d, str(_rows_file(d, [_pair(0, True), _pair(1, True)]))))], "pairs.jsonl:1: 'chosen' equals 'rejected' in every pair"),
     FaultCase("pairs: bad JSON line", "rows", lambda d: ["train", "dpo", str(_train_config(d, str(_rows_file(d, [_pair(0), "{oops"]))))], "pairs.jsonl:2: invalid JSON"),
