@@ -121,7 +121,58 @@ def _check_settings(challenge: str, settings: Mapping[str, Any]) -> dict[str, An
                 f"setting {key!r} of TextWorld challenge {challenge} must be {want.__name__}, got {value!r}"
             )
         out[key] = value
+    _check_limits(challenge, out)
     return dict(sorted(out.items()))
+
+
+_COIN_COLLECTOR_LEVELS = ((1, 100), (101, 150), (201, 233))
+"""Levels TextWorld 1.7 makes: level ``L`` has ``((L - 1) // 100 + 1) * ((L - 1) % 100 + 1)`` rooms, at most 100."""
+
+_CHOICES: Mapping[tuple[str, str], tuple[Any, ...]] = {
+    ("tw-simple", "rewards"): ("dense", "balanced", "sparse"),
+    ("tw-simple", "goal"): ("detailed", "brief", "none"),
+    ("tw-cooking", "go"): (1, 6, 9, 12),
+    ("tw-cooking", "split"): SPLITS,
+}
+"""Settings with a fixed set of values (TextWorld 1.7's challenge definitions)."""
+
+
+def _check_limits(challenge: str, settings: Mapping[str, Any]) -> None:
+    """Check ``settings`` (complete, types checked) against the limits of TextWorld 1.7's generators, so that a
+    game that cannot be made is refused before any generation starts."""
+
+    def refuse(key: str, limit: str) -> ConfigError:
+        return ConfigError(
+            f"setting {key!r} of TextWorld challenge {challenge} must be {limit}, got {settings[key]!r}"
+        )
+
+    def in_range(key: str, low: int, high: int | None, why: str = "") -> None:
+        value = settings[key]
+        if value < low or (high is not None and value > high):
+            bounds = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise refuse(key, bounds + (f" ({why})" if why else ""))
+
+    for (name, key), choices in _CHOICES.items():
+        if name == challenge and settings[key] not in choices:
+            raise refuse(key, "one of " + ", ".join(map(str, choices)))
+    if challenge == "tw-coin_collector":
+        level = settings["level"]
+        if not any(low <= level <= high for low, high in _COIN_COLLECTOR_LEVELS):
+            ranges = ", ".join(f"{low}..{high}" for low, high in _COIN_COLLECTOR_LEVELS)
+            raise refuse("level", f"in {ranges} (TextWorld 1.7 makes games of at most 100 rooms)")
+    elif challenge == "tw-treasure_hunter":
+        in_range("level", 1, 30)
+    elif challenge == "tw-cooking":
+        in_range("recipe", 1, 5, "ingredients of the recipe")
+        in_range("take", 0, settings["recipe"], "at most the recipe's ingredients")
+        in_range("recipe_seed", 0, None)
+        if settings["recipe_seed"] > 0 and settings["take"] == 0:
+            raise refuse("take", ">= 1 when recipe_seed > 0 (a sampled recipe needs ingredients to find)")
+    elif challenge == "custom":
+        in_range("world_size", 1, 100, "rooms; TextWorld 1.7 makes games of at most 100 rooms")
+        in_range("nb_objects", 0, None)
+        in_range("quest_length", 1, None)
+        in_range("quest_breadth", 1, settings["quest_length"], "at most quest_length")
 
 
 @dataclass(frozen=True)
