@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from w2s_agents.atomic import replace_dir
+
 from .state_files import (
     LEGACY_RNG_GLOBALS,
     CorruptCheckpointError,
@@ -489,13 +491,7 @@ def write_checkpoint(
             os.fsync(fh.fileno())
     _write_manifest(tmp, int(state["step"]))  # last: a folder with a valid manifest is whole
     _fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.tmp-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final, old_tag=".old.tmp")  # ".tmp": remove_stale clears one left by a kill
     _fsync_dir(final.parent)
     return final
 

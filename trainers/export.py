@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,22 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from w2s_agents.atomic import replace_dir
+
 __all__ = ["EXPORT_META", "export_model"]
 
 logger = logging.getLogger(__name__)
 
 EXPORT_META = "w2s_train.json"
 """File written beside an exported model: how it was trained (method, step, source model)."""
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def _merged(adapter_dir: Path, base_path: Path, dtype: torch.dtype) -> nn.Module:
@@ -70,7 +61,7 @@ def export_model(
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{adapter_dir.name}.tmp-"))
         try:
             model.save_pretrained(tmp)
-            _replace_dir(tmp, adapter_dir)
+            replace_dir(tmp, adapter_dir)
             model = (
                 _merged(adapter_dir, base_path, dtype) if base_path is not None else model.merge_and_unload()
             )
@@ -90,7 +81,7 @@ def export_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_META).write_text(json.dumps(meta or {}, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

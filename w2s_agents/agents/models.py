@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from w2s_agents.atomic import replace_dir
 from w2s_agents.config import check, option
 from w2s_agents.errors import ModelLoadError
 
@@ -294,7 +295,7 @@ def create_tiny_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / TINY_MODEL_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -306,17 +307,6 @@ def create_tiny_model(
         out,
     )
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst`` only after ``src`` is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 # ------------------------------------------------------------------------------------------- loading
