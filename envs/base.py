@@ -284,9 +284,12 @@ class TextEnv(gym.Env[str, str]):
     def default_task(self) -> str:
         """The task a ``reset()`` without a task option plays when none was given at construction."""
 
-    def prepare(self, task_ids: Sequence[str], workers: int = 1) -> None:
+    def prepare(self, task_ids: Sequence[str], workers: int = 1, timeout_s: float | None = None) -> None:
         """Make ``task_ids`` ready to play, ``workers`` processes at a time where that helps (TextWorld
         generates and compiles their games); the default has nothing to prepare.
+
+        ``timeout_s`` is the longest one task may take to prepare (``None``: the env's own default); an env
+        that makes its tasks stops one that takes longer with a :class:`~w2s_agents.errors.W2SError`.
 
         Raises:
             UnknownTaskError: an id is not a task of this env.

@@ -167,12 +167,13 @@ class TextWorldEnv(TextEnv):
                     out.extend(suite.task_ids(s))
         return out
 
-    def prepare(self, task_ids: Sequence[str], workers: int = 1) -> None:
-        """Generate the games of ``task_ids`` that are not cached yet, ``workers`` processes at a time.
+    def prepare(self, task_ids: Sequence[str], workers: int = 1, timeout_s: float | None = None) -> None:
+        """Generate the games of ``task_ids`` that are not cached yet, ``workers`` processes at a time, each
+        within ``timeout_s`` seconds (default: the game cache's, 600).
 
         Raises:
             UnknownTaskError: an id is neither a TextWorld suite task nor a game file.
-            W2SError: TextWorld failed to make a game.
+            W2SError: TextWorld failed to make a game, or one took longer than ``timeout_s``.
         """
         specs = []
         for task_id in task_ids:
@@ -184,7 +185,7 @@ class TextWorldEnv(TextEnv):
             except ConfigError as exc:
                 raise UnknownTaskError(str(exc)) from None
             specs.append(suite.game_spec(split, index))
-        self.cache.generate(specs, workers)
+        self.cache.generate(specs, workers, timeout_s)
 
     def game_path(self, task_id: str) -> Path:
         """The compiled game of ``task_id``, generated (and cached) if needed.

@@ -8,6 +8,7 @@ out as a starting point for copies (a test keeps the two equal).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,10 +51,18 @@ class TasksConfig:
     workers: int = option(
         0, "processes that prepare the tasks at once (TextWorld makes their games; 0: one per CPU core)"
     )
+    generation_timeout_s: float = option(
+        600.0, "longest time one task may take to prepare (a TextWorld game to generate), in seconds"
+    )
 
     def __post_init__(self) -> None:
         check(self.train >= 1, "train", f"must be >= 1, got {self.train}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(
+            math.isfinite(self.generation_timeout_s) and self.generation_timeout_s > 0,
+            "generation_timeout_s",
+            f"must be a positive number of seconds, got {self.generation_timeout_s}",
+        )
         check(self.valid >= 0, "valid", f"must be >= 0, got {self.valid}")
         check(self.test >= 1, "test", f"must be >= 1, got {self.test}")
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")

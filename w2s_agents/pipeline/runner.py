@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from w2s_agents.config import save_config
+from w2s_agents.config import config_to_dict, save_config
 from w2s_agents.errors import ConfigError
 from w2s_agents.log import setup_logging
 from w2s_agents.pipeline.cache import Stage, StageRecord, collect_manifest, run_stages, write_manifest
@@ -99,6 +99,13 @@ def _replay_part(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"replay_env": {"max_steps": cfg.tasks.max_steps, "env_kwargs": cfg.tasks.env_kwargs}}
 
 
+def _tasks_part(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config part of the tasks stage: ``cfg.tasks`` without the settings of how games are made."""
+    part = config_to_dict(replace(cfg.tasks, workers=0))
+    part.pop("generation_timeout_s")
+    return part
+
+
 def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     """The stages of one run seed (see the module docstring), each with the config part it depends on.
 
@@ -119,8 +126,9 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
 
     # tasks, expert demos, base models
     stages = [
-        # tasks.workers is left out of the key: it sets how many games are made at once, not what is made
-        Stage("tasks", partial(run_tasks, cfg=cfg), config=replace(cfg.tasks, workers=0)),
+        # tasks.workers and tasks.generation_timeout_s are left out of the key: they set how games are made, not
+        # what is made
+        Stage("tasks", partial(run_tasks, cfg=cfg), config=_tasks_part(cfg)),
         Stage("demos", partial(run_demos, cfg=cfg), config={"system": system}, deps=("tasks",)),
         Stage(
             "models",

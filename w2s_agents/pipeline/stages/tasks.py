@@ -15,7 +15,8 @@ __all__ = ["run_demos", "run_tasks"]
 
 def run_tasks(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     """Stage ``tasks``: the first ``tasks.train`` / ``valid`` / ``test`` task ids of the suite's splits, every
-    game prepared (generated into the game cache), ``tasks.workers`` processes at once.
+    game prepared (generated into the game cache), ``tasks.workers`` processes at once, each game within
+    ``tasks.generation_timeout_s`` seconds.
 
     Reads: the suite. Writes: ``tasks.json`` (split -> task ids). Returns the number of tasks per split.
 
@@ -40,7 +41,11 @@ def run_tasks(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
                     f"tasks.{split}: suite {cfg.tasks.suite} has {len(ids[split])} {split} tasks, {want} asked"
                 )
         all_ids = [i for split in ("train", "valid", "test") for i in ids[split]]
-        env.prepare(all_ids, workers=cfg.tasks.workers or os.cpu_count() or 1)  # makes the games
+        env.prepare(  # makes the games
+            all_ids,
+            workers=cfg.tasks.workers or os.cpu_count() or 1,
+            timeout_s=cfg.tasks.generation_timeout_s,
+        )
     finally:
         env.close()
     write_json(ctx.directory / "tasks.json", ids)
