@@ -3,6 +3,7 @@ env and written as trajectories (role ``expert``) in the JSONL format of :mod:`w
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -10,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from w2s_agents.envs.base import TextEnv
-from w2s_agents.envs.suites import ScienceWorldSuite, TextWorldSuite, get_suite
+from w2s_agents.envs.suites import (
+    EnvSuite,
+    ScienceWorldSuite,
+    TextWorldExpressSuite,
+    TextWorldSuite,
+    get_suite,
+)
 from w2s_agents.episode import EpisodeRecorder
 from w2s_agents.errors import W2SError
 from w2s_agents.log import progress
@@ -50,23 +57,49 @@ def expert_trajectory(env: TextEnv, task_id: str) -> Trajectory:
     return traj
 
 
+_OPTIONAL_FEATURES = ("admissible_commands", "expert_plan")
+"""Constructor options of the built-in envs that a plugin env may lack: dropped when its constructor does."""
+
+
 def suite_env(suite_name: str, **env_kwargs: Any) -> TextEnv:
-    """A new env of the kind the suite ``suite_name`` needs (``env_kwargs`` go to its constructor)."""
+    """A new env of the kind the suite ``suite_name`` needs (``env_kwargs`` go to its constructor; for a plugin
+    env, the options of :data:`_OPTIONAL_FEATURES` that its constructor does not take are left out).
+
+    Raises:
+        W2SError: the suite's env is unknown or cannot be made with ``env_kwargs``.
+    """
     suite = get_suite(suite_name)
     if isinstance(suite, TextWorldSuite):
         from w2s_agents.envs.textworld_env import TextWorldEnv
 
         return TextWorldEnv(**env_kwargs)
-    from w2s_agents.envs.scienceworld_env import ScienceWorldEnv
+    if isinstance(suite, ScienceWorldSuite):
+        from w2s_agents.envs.scienceworld_env import ScienceWorldEnv
 
-    return ScienceWorldEnv(simplifications=suite.simplifications, **env_kwargs)
+        return ScienceWorldEnv(simplifications=suite.simplifications, **env_kwargs)
+    from w2s_agents.envs.registration import env_class, make_env
+
+    params = inspect.signature(env_class(suite.env_id)).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        env_kwargs = {k: v for k, v in env_kwargs.items() if k in params or k not in _OPTIONAL_FEATURES}
+    return make_env(suite.env_id, **env_kwargs).unwrapped
 
 
 def suite_task_ids(suite_name: str, split: str, env: TextEnv | None = None) -> list[str]:
-    """Task ids of ``split`` of a registered suite (ScienceWorld suites need ``env`` or start a JVM)."""
+    """Task ids of ``split`` of a suite (ScienceWorld suites need ``env`` or start a JVM; a plugin suite without
+    its own ids for the split asks ``env``, or a new env of its own)."""
     suite = get_suite(suite_name)
-    if isinstance(suite, TextWorldSuite):
+    if isinstance(suite, (TextWorldSuite, TextWorldExpressSuite)):
         return suite.task_ids(split)
+    if isinstance(suite, EnvSuite):
+        if split in suite.tasks:
+            return suite.task_ids(split)
+        own = env if env is not None else suite_env(suite_name)
+        try:
+            return suite.task_ids(split, own)
+        finally:
+            if env is None:
+                own.close()
     assert isinstance(suite, ScienceWorldSuite)
     from w2s_agents.envs.scienceworld_env import ScienceWorldEnv
 

@@ -3,10 +3,11 @@
 The built-in envs are registered by versioned id with a lazy ``"module:Class"`` entry point, so registering
 imports neither TextWorld nor ScienceWorld:
 
-======================  ==========================================================
-``w2s/TextWorld-v0``    :class:`w2s_agents.envs.textworld_env.TextWorldEnv`
-``w2s/ScienceWorld-v0`` :class:`w2s_agents.envs.scienceworld_env.ScienceWorldEnv`
-======================  ==========================================================
+============================  ======================================================================
+``w2s/TextWorld-v0``          :class:`w2s_agents.envs.textworld_env.TextWorldEnv`
+``w2s/ScienceWorld-v0``       :class:`w2s_agents.envs.scienceworld_env.ScienceWorldEnv`
+``w2s/TextWorldExpress-v0``   :class:`w2s_agents.envs.textworld_express_env.TextWorldExpressEnv`
+============================  ======================================================================
 
 A third-party package adds an env by declaring an entry point in the ``w2s_agents.envs`` group, named by the
 env id, whose value is the env class::
@@ -17,14 +18,21 @@ env id, whose value is the env class::
 :func:`register_envs` (run when ``w2s_agents.envs`` is imported) registers every such entry point with gymnasium,
 after which ``gymnasium.make("acme/Lab-v0")``, :func:`make_env` and ``w2s envs`` know it. A plugin that fails to
 register is skipped with a warning.
+
+A plugin class implements the engine hooks and may override the names in :data:`OVERRIDABLE`; every other name
+of :class:`~w2s_agents.envs.base.TextEnv` (its methods and the attributes its constructor sets, e.g.
+``_status``) is reserved (:func:`reserved_names`): a plugin class that defines one is refused with a
+:class:`~w2s_agents.errors.W2SError` when it is registered with :func:`register_env` or first made (an entry
+point's class is imported only then).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Generic
 
 import gymnasium as gym
 
@@ -33,11 +41,15 @@ from w2s_agents.errors import W2SError
 __all__ = [
     "BUILTIN_ENVS",
     "ENTRY_POINT_GROUP",
+    "OVERRIDABLE",
     "EnvEntry",
+    "check_env_class",
+    "env_class",
     "make_env",
     "register_env",
     "register_envs",
     "registered_envs",
+    "reserved_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,7 +60,70 @@ ENTRY_POINT_GROUP = "w2s_agents.envs"
 BUILTIN_ENVS: dict[str, str] = {
     "w2s/TextWorld-v0": "w2s_agents.envs.textworld_env:TextWorldEnv",
     "w2s/ScienceWorld-v0": "w2s_agents.envs.scienceworld_env:ScienceWorldEnv",
+    "w2s/TextWorldExpress-v0": "w2s_agents.envs.textworld_express_env:TextWorldExpressEnv",
 }
+
+
+OVERRIDABLE: frozenset[str] = frozenset(
+    {
+        "__init__",
+        "_load_task",
+        "_engine_reset",
+        "_engine_step",
+        "_engine_snapshot",
+        "_engine_restore",
+        "_engine_state_key",
+        "task_ids",
+        "default_task",
+        "prepare",
+        "close",
+        "render",
+        "metadata",
+        "env_id",
+        "command_grammar",
+    }
+)
+"""Names of :class:`~w2s_agents.envs.base.TextEnv` that an env class defines or overrides: the engine hooks, the
+task listing, ``prepare``, ``close``, ``render`` and the class attributes."""
+
+
+@functools.cache
+def reserved_names() -> frozenset[str]:
+    """Names an env class must not define: every attribute of :class:`~w2s_agents.envs.base.TextEnv` (methods,
+    properties, and the attributes its constructor sets, such as ``_status`` and ``_actions``) that is not in
+    :data:`OVERRIDABLE`. Dunder names are left to Python."""
+    from w2s_agents.envs.base import TextEnv
+
+    class _Probe(TextEnv):  # the attributes TextEnv's constructor sets, read from an instance
+        _load_task = _engine_reset = _engine_step = task_ids = default_task = None  # type: ignore[assignment]
+
+    instance_attrs = set(vars(_Probe()))
+    bases = [cls for cls in TextEnv.__mro__ if cls not in (object, Generic)]
+    names = {n for cls in bases for n in vars(cls)} | instance_attrs
+    return frozenset(
+        n for n in names if not (n.startswith("__") and n.endswith("__")) and n not in OVERRIDABLE
+    )
+
+
+def check_env_class(env_class: type, env_id: str) -> None:
+    """Refuse an env class that defines a reserved name of :class:`~w2s_agents.envs.base.TextEnv`.
+
+    Raises:
+        W2SError: ``env_class`` or one of its bases below ``TextEnv`` defines a name of :func:`reserved_names`
+            (the message names the class, its module and the names).
+    """
+    from w2s_agents.envs.base import TextEnv
+
+    reserved = reserved_names()
+    for cls in env_class.__mro__:
+        if cls is TextEnv or not issubclass(cls, TextEnv):
+            break
+        clash = sorted(reserved & set(vars(cls)))
+        if clash:
+            raise W2SError(
+                f"env {env_id}: {cls.__module__}.{cls.__qualname__} defines {', '.join(clash)}, reserved by "
+                "TextEnv (an env implements _load_task / _engine_* hooks; docs/envs.md, Plugins); rename it"
+            )
 
 
 @dataclass(frozen=True)
@@ -115,12 +190,14 @@ def register_env(env_id: str, env_class: type, *, source: str = "this process") 
     those; a class defined in a script's ``__main__`` serves this process.
 
     Raises:
-        W2SError: ``env_class`` is not a ``TextEnv``, or ``env_id`` is already taken by another env.
+        W2SError: ``env_class`` is not a ``TextEnv``, defines a reserved name (:func:`check_env_class`), or
+            ``env_id`` is already taken by another env.
     """
     from w2s_agents.envs.base import TextEnv
 
     if not (isinstance(env_class, type) and issubclass(env_class, TextEnv)):
         raise W2SError(f"register_env({env_id!r}): {env_class!r} is not a TextEnv subclass")
+    check_env_class(env_class, env_id)
     entry_point = f"{env_class.__module__}:{env_class.__qualname__}"
     existing = gym.registry.get(env_id)
     if existing is not None and existing.entry_point not in (entry_point, env_class):
@@ -144,14 +221,16 @@ def make_env(env_id: str, **kwargs: Any) -> Any:
     ``clone_state`` / ``restore_state``.
 
     Raises:
-        W2SError: ``env_id`` is not a registered text env (the message lists the known ids), or its plugin
-            cannot be imported.
+        W2SError: ``env_id`` is not a registered text env (the message lists the known ids), its plugin
+            cannot be imported, or its class defines a reserved name (:func:`check_env_class`).
     """
     if env_id not in _ENTRIES:
         register_envs()
     if env_id not in _ENTRIES:
         known = ", ".join(e.env_id for e in registered_envs())
         raise W2SError(f"unknown env id {env_id!r}; registered text envs: {known}")
+    if env_id not in BUILTIN_ENVS:
+        env_class(env_id)  # imports a plugin's class and refuses one that defines a reserved name
     try:
         return gym.make(env_id, **kwargs)
     except (
@@ -161,3 +240,33 @@ def make_env(env_id: str, **kwargs: Any) -> Any:
         gym.error.Error,
     ) as exc:  # TypeError: a bad constructor argument
         raise W2SError(f"cannot create env {env_id} ({_ENTRIES[env_id].entry_point}): {exc}") from exc
+
+
+def env_class(env_id: str) -> Any:
+    """The class (or creator function) registered as ``env_id``, imported without making an env.
+
+    Raises:
+        W2SError: ``env_id`` is not a registered text env, its module cannot be imported, or (a plugin) it
+            defines a reserved name (:func:`check_env_class`).
+    """
+    if env_id not in _ENTRIES:
+        register_envs()
+    if env_id not in _ENTRIES:
+        known = ", ".join(e.env_id for e in registered_envs())
+        raise W2SError(f"unknown env id {env_id!r}; registered text envs: {known}")
+    entry_point = gym.spec(env_id).entry_point
+    try:
+        if isinstance(entry_point, str):
+            cls = gym.envs.registration.load_env_creator(entry_point)
+        else:
+            cls = entry_point
+    except (ImportError, AttributeError) as exc:
+        raise W2SError(f"cannot create env {env_id} ({_ENTRIES[env_id].entry_point}): {exc}") from exc
+    if env_id not in BUILTIN_ENVS and env_id not in _CHECKED and isinstance(cls, type):
+        check_env_class(cls, env_id)
+        _CHECKED.add(env_id)
+    return cls
+
+
+_CHECKED: set[str] = set()
+"""Plugin env ids whose class passed :func:`check_env_class` in this process."""

@@ -9,26 +9,46 @@ A ScienceWorld suite (:class:`ScienceWorldSuite`) is a set of ScienceWorld tasks
 the ``scienceworld`` package defines (its dev split is this project's ``valid``); task ids are
 ``"<task>/<variation>"``, e.g. ``"boil/3"``.
 
-Suites are looked up by name (:func:`get_suite`); :func:`register_suite` adds one (e.g. a small suite for tests).
+A TextWorld-Express suite (:class:`TextWorldExpressSuite`) is one of its games with generation parameters; task
+``i`` of a split plays the game with the ``i``-th seed of the package's split (train 0.., valid 10000..,
+test 20000..); task ids are ``"<suite>/<split>/<index>"``, e.g. ``"twx-coin/train/0"``.
+
+A plugin suite (:class:`EnvSuite`) names the tasks of any registered env, e.g. one of a third-party package.
+Packages declare theirs in the ``w2s_agents.suites`` entry-point group (:data:`SUITE_ENTRY_POINT_GROUP`), named
+by the suite, whose value is an :class:`EnvSuite` (or a function returning one)::
+
+    [project.entry-points."w2s_agents.suites"]
+    acme-lab = "acme_envs.lab:LAB_SUITE"
+
+Suites are looked up by name (:func:`get_suite`), registered ones first, then the installed plugins;
+:func:`register_suite` adds one (e.g. a small suite for tests).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from w2s_agents.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "CHALLENGES",
     "SPLITS",
     "SPLIT_SEED_OFFSET",
+    "SUITE_ENTRY_POINT_GROUP",
+    "TWX_GAMES",
+    "TWX_SPLIT_SEEDS",
+    "EnvSuite",
     "GameSpec",
     "ScienceWorldSuite",
     "Suite",
+    "TextWorldExpressSuite",
     "TextWorldSuite",
     "get_suite",
     "parse_textworld_task",
@@ -239,7 +259,125 @@ class ScienceWorldSuite:
         _check_sizes(self.name, self.sizes, allow_none=True)
 
 
-Suite = TextWorldSuite | ScienceWorldSuite
+TWX_GAMES: tuple[str, ...] = (
+    "cookingworld",
+    "twc",
+    "coin",
+    "mapreader",
+    "arithmetic",
+    "sorting",
+    "simonsays",
+    "peckingorder",
+)
+"""The games of TextWorld-Express 1.x (``TextWorldExpressEnv.getGameNames()``)."""
+
+TWX_SPLIT_SEEDS: Mapping[str, int] = {"train": 0, "valid": 10_000, "test": 20_000}
+"""First seed of each split of TextWorld-Express games (its train / dev / test seeds); a split holds 1000."""
+
+
+@dataclass(frozen=True)
+class TextWorldExpressSuite:
+    """One TextWorld-Express game with generation parameters; task ``i`` of a split is the game with seed
+    ``TWX_SPLIT_SEEDS[split] + i`` in that fold (the package's own train / dev / test seeds)."""
+
+    name: str
+    game: str
+    """One of :data:`TWX_GAMES`."""
+    params: Mapping[str, int] = field(default_factory=dict)
+    """Generation parameters (``numLocations``, ``includeDoors``, ...), passed as ``"key=value,..."``."""
+    sizes: Mapping[str, int] = field(default_factory=lambda: {"train": 100, "valid": 20, "test": 50})
+    """Number of tasks per split (at most 1000)."""
+    description: str = ""
+    env_id: str = "w2s/TextWorldExpress-v0"
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        if self.game not in TWX_GAMES:
+            raise ConfigError(
+                f"suite {self.name}: unknown TextWorld-Express game {self.game!r}; valid: {', '.join(TWX_GAMES)}"
+            )
+        for key, value in self.params.items():
+            if not (isinstance(key, str) and key.isidentifier()) or type(value) is not int:
+                raise ConfigError(
+                    f"suite {self.name}: TextWorld-Express parameter {key!r} must be a name with an integer "
+                    f"value, got {value!r}"
+                )
+        _check_sizes(self.name, self.sizes)
+        for split, size in self.sizes.items():
+            if size > 1000:
+                raise ConfigError(
+                    f"suite {self.name}: split {split} has 1000 TextWorld-Express seeds, not {size}"
+                )
+        object.__setattr__(self, "params", dict(sorted(self.params.items())))
+
+    @property
+    def game_params(self) -> str:
+        """The parameters as TextWorld-Express's ``load`` takes them (``"numLocations=3,includeDoors=0"``)."""
+        return ",".join(f"{k}={v}" for k, v in self.params.items())
+
+    def seed(self, split: str, index: int) -> int:
+        """The game seed of task ``index`` of ``split``.
+
+        Raises:
+            ConfigError: an unknown split or an index outside the split.
+        """
+        size = _split_size(self.name, self.sizes, split)
+        if not 0 <= index < size:
+            raise ConfigError(f"suite {self.name} split {split} has tasks 0..{size - 1}, not {index}")
+        return TWX_SPLIT_SEEDS[split] + index
+
+    def task_ids(self, split: str) -> list[str]:
+        """Task ids of ``split`` in order (``<suite>/<split>/<index>``)."""
+        return [f"{self.name}/{split}/{i}" for i in range(_split_size(self.name, self.sizes, split))]
+
+
+@dataclass(frozen=True)
+class EnvSuite:
+    """Tasks of any registered env (e.g. a plugin's): the env id and the task ids of each split.
+
+    Without explicit ``tasks`` for a split, its tasks are those the env lists (``env.task_ids(split)``).
+    The env gives the expert demos through its ``expert_plan`` (``w2s run``'s demos stage needs them).
+    """
+
+    name: str
+    env_id: str
+    """A registered env id (``w2s envs``), e.g. ``"acme/Lab-v0"``."""
+    tasks: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Task ids per split (``train`` / ``valid`` / ``test``); a split left out takes the env's own list."""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        if not isinstance(self.env_id, str) or "/" not in self.env_id:
+            raise ConfigError(f"suite {self.name}: env_id must be a registered env id, got {self.env_id!r}")
+        tasks: dict[str, tuple[str, ...]] = {}
+        for split, ids in self.tasks.items():
+            if split not in SPLITS:
+                raise ConfigError(f"suite {self.name}: unknown split {split!r}; valid: {', '.join(SPLITS)}")
+            if isinstance(ids, str) or not all(isinstance(t, str) and t for t in ids):
+                raise ConfigError(f"suite {self.name}: tasks of split {split} must be a list of task ids")
+            tasks[split] = tuple(ids)
+        object.__setattr__(self, "tasks", tasks)
+
+    def task_ids(self, split: str, env: Any = None) -> list[str]:
+        """Task ids of ``split``: the suite's own, else ``env.task_ids(split)`` (``env``: a TextEnv of the suite's
+        env, or ``None`` to get the ids from the suite alone).
+
+        Raises:
+            ConfigError: an unknown split, or the split's ids come from the env and ``env`` is ``None``.
+        """
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        if split in self.tasks:
+            return list(self.tasks[split])
+        if env is None:
+            raise ConfigError(
+                f"suite {self.name}: the {split} tasks come from env {self.env_id}; pass the env"
+            )
+        return list(env.task_ids(split))
+
+
+Suite = TextWorldSuite | ScienceWorldSuite | TextWorldExpressSuite | EnvSuite
 
 
 def _check_name(name: str) -> None:
@@ -282,20 +420,56 @@ def register_suite(suite: Suite, *, replace: bool = False) -> Suite:
 
 
 def get_suite(name: str) -> Suite:
-    """The registered suite called ``name``.
+    """The suite called ``name``: a registered one, else an installed plugin's (entry-point group
+    :data:`SUITE_ENTRY_POINT_GROUP`, loaded and registered on first use).
 
     Raises:
-        ConfigError: no such suite (the message lists the registered ones).
+        ConfigError: no such suite (the message lists the known ones), or the plugin that declares it cannot be
+            loaded or does not give a suite of that name.
     """
-    try:
-        return _SUITES[name]
-    except KeyError:
-        raise ConfigError(f"unknown task suite {name!r}; registered: {', '.join(suite_names())}") from None
+    suite = _SUITES.get(name)
+    if suite is None:
+        suite = _plugin_suite(name)
+    if suite is None:
+        raise ConfigError(f"unknown task suite {name!r}; registered: {', '.join(suite_names())}")
+    return suite
 
 
 def suite_names() -> list[str]:
-    """Names of the registered suites, sorted."""
-    return sorted(_SUITES)
+    """Names of the registered suites and of the installed plugins' suites, sorted."""
+    return sorted(set(_SUITES) | {ep.name for ep in _suite_entry_points()})
+
+
+SUITE_ENTRY_POINT_GROUP = "w2s_agents.suites"
+"""Package entry-point group through which third-party task suites plug in (name = suite name)."""
+
+
+def _suite_entry_points() -> list[Any]:
+    from importlib import metadata
+
+    return list(metadata.entry_points(group=SUITE_ENTRY_POINT_GROUP))
+
+
+def _plugin_suite(name: str) -> Suite | None:
+    """Load, check and register the plugin suite ``name``; ``None`` when no installed package declares it."""
+    eps = [ep for ep in _suite_entry_points() if ep.name == name]
+    if not eps:
+        return None
+    ep = eps[0]
+    dist = getattr(ep, "dist", None)
+    where = f"entry point {name} = {ep.value!r} of {dist.name if dist is not None else 'a plugin'}"
+    if len(eps) > 1:
+        logger.warning("task suite %s is declared by %d installed packages; using %s", name, len(eps), where)
+    try:
+        obj = ep.load()
+        suite = obj() if callable(obj) and not isinstance(obj, type) else obj
+    except Exception as exc:  # a broken plugin gets one line naming it, not a traceback
+        raise ConfigError(f"task suite {name!r}: cannot load {where}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(suite, (TextWorldSuite, ScienceWorldSuite, TextWorldExpressSuite, EnvSuite)):
+        raise ConfigError(f"task suite {name!r}: {where} gives {type(suite).__name__}, not an EnvSuite")
+    if suite.name != name:
+        raise ConfigError(f"task suite {name!r}: {where} gives a suite named {suite.name!r}")
+    return register_suite(suite)
 
 
 def parse_textworld_task(task_id: str) -> tuple[TextWorldSuite, str, int]:
@@ -344,6 +518,32 @@ for _suite in (
         "sciworld-small",
         sizes={"train": 10, "valid": 3, "test": 5},
         description="all 30 ScienceWorld tasks, at most 10 / 3 / 5 variations each",
+    ),
+    TextWorldExpressSuite(
+        "twx-coin",
+        "coin",
+        {"numLocations": 5, "includeDoors": 1, "numDistractorItems": 0},
+        description="TextWorld-Express coin collector: find the coin in five rooms with doors",
+    ),
+    TextWorldExpressSuite(
+        "twx-cookingworld",
+        "cookingworld",
+        {"numLocations": 3, "numIngredients": 2, "numDistractorItems": 2, "includeDoors": 0},
+        description="TextWorld-Express cooking: a two-ingredient recipe in three rooms",
+    ),
+    TextWorldExpressSuite(
+        "twx-mapreader",
+        "mapreader",
+        {"numLocations": 8, "maxDistanceApart": 3},
+        description="TextWorld-Express map reader: fetch the coin with the help of a map",
+    ),
+    TextWorldExpressSuite(
+        "twx-sorting", "sorting", description="TextWorld-Express sorting: put objects in a box by quantity"
+    ),
+    TextWorldExpressSuite(
+        "twx-arithmetic",
+        "arithmetic",
+        description="TextWorld-Express arithmetic: solve a sum, put the matching quantity in a box",
     ),
 ):
     register_suite(_suite)

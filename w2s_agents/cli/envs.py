@@ -69,12 +69,17 @@ def _cmd_envs_list(ns: argparse.Namespace) -> int:
 
 
 def _cmd_envs_suites(ns: argparse.Namespace) -> int:
-    from w2s_agents.envs.suites import TextWorldSuite, get_suite, suite_names
+    from w2s_agents.envs.suites import EnvSuite, TextWorldExpressSuite, TextWorldSuite, get_suite, suite_names
 
     for name in suite_names():
         suite = get_suite(name)
-        if isinstance(suite, TextWorldSuite):
+        if isinstance(suite, (TextWorldSuite, TextWorldExpressSuite)):
             sizes = " / ".join(f"{suite.sizes.get(s, 0)} {s}" for s in ("train", "valid", "test"))
+        elif isinstance(suite, EnvSuite):
+            sizes = " / ".join(
+                f"{len(suite.tasks[s]) if s in suite.tasks else 'env'} {s}"
+                for s in ("train", "valid", "test")
+            )
         else:
             sizes = (
                 " / ".join(

@@ -113,15 +113,10 @@ def save_model_info(ctx: StageContext, result: TrainResult) -> dict[str, Any]:
 
 
 def _env_class(suite: str) -> Any:
-    from w2s_agents.envs.suites import TextWorldSuite, get_suite
+    from w2s_agents.envs.registration import env_class
+    from w2s_agents.envs.suites import get_suite
 
-    if isinstance(get_suite(suite), TextWorldSuite):
-        from w2s_agents.envs.textworld_env import TextWorldEnv
-
-        return TextWorldEnv
-    from w2s_agents.envs.scienceworld_env import ScienceWorldEnv
-
-    return ScienceWorldEnv
+    return env_class(get_suite(suite).env_id)
 
 
 def training_system(cfg: ExperimentConfig) -> str:

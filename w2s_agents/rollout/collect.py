@@ -46,7 +46,7 @@ __all__ = ["BUILTIN_ENV_IDS", "RolloutSummary", "collect", "env_factory"]
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_ENV_IDS = ("w2s/TextWorld-v0", "w2s/ScienceWorld-v0")
+BUILTIN_ENV_IDS = ("w2s/TextWorld-v0", "w2s/ScienceWorld-v0", "w2s/TextWorldExpress-v0")
 """Envs of this package, whose constructor arguments a rollout sets from the agent's needs."""
 
 
