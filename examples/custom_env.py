@@ -7,11 +7,22 @@ paths and TreeDPO pairs, and writes the interactive viewer of each tree and a st
 
     python examples/custom_env.py --out /tmp/w2s-vault
 
-Open ``OUT/viz/index.html`` in a browser. A package ships such an env by declaring it instead of calling
-``register_env`` (docs/envs.md, Plugins)::
+Open ``OUT/viz/index.html`` in a browser. A package ships such an env, and the task suite ``VAULT_SUITE``
+below, by declaring them instead of calling ``register_env`` (docs/envs.md, Plugins); with this file as
+``acme_envs/vault.py``::
 
     [project.entry-points."w2s_agents.envs"]
-    "acme/Vault-v0" = "acme_envs.vault:VaultEnv"
+    "example/Vault-v0" = "acme_envs.vault:VaultEnv"
+
+    [project.entry-points."w2s_agents.suites"]
+    vault = "acme_envs.vault:VAULT_SUITE"
+
+Once the package is installed, ``w2s envs suites`` lists ``vault`` and the whole pipeline runs on it::
+
+    w2s run tasks.suite=vault tasks.train=4 tasks.valid=0 tasks.test=2 tasks.max_steps=12
+
+(``w2s rollout CONFIG rollout.suite=vault`` alone explores it); the test
+``tests/test_envs_plugins.py::test_w2s_run_on_an_installed_plugin_suite`` does exactly this.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from w2s_agents.agents import Agent, AgentConfig, Sampler
 from w2s_agents.agents.models import create_tiny_model, load_model
 from w2s_agents.envs import register_env
 from w2s_agents.envs.base import EngineStatus, TextEnv, UnknownTaskError
+from w2s_agents.envs.suites import EnvSuite
 from w2s_agents.log import setup_logging
 from w2s_agents.rollout import collect
 from w2s_agents.search import best_path_row, node_values, search_tree, tree_pairs, write_rows
@@ -126,6 +138,14 @@ class VaultEnv(TextEnv):
     def _engine_restore(self, snapshot: Any) -> bool:
         self.pos, self.has_key, self.opened = snapshot
         return True
+
+
+VAULT_SUITE = EnvSuite(
+    "vault",
+    VaultEnv.env_id,
+    description="corridors of 3 to 6 rooms: take the key, open the vault",
+)
+"""The env's tasks as a suite (train vault/0..5, test vault/6..9: the env's own ``task_ids(split)``)."""
 
 
 def main() -> None:

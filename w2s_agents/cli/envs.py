@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from w2s_agents.errors import W2SError
+
 __all__ = ["add_commands"]
 
 
@@ -72,7 +74,11 @@ def _cmd_envs_suites(ns: argparse.Namespace) -> int:
     from w2s_agents.envs.suites import EnvSuite, TextWorldExpressSuite, TextWorldSuite, get_suite, suite_names
 
     for name in suite_names():
-        suite = get_suite(name)
+        try:
+            suite = get_suite(name)
+        except W2SError as exc:  # a broken plugin suite: the others are still listed
+            print(f"w2s: warning: {exc}", file=sys.stderr)
+            continue
         if isinstance(suite, (TextWorldSuite, TextWorldExpressSuite)):
             sizes = " / ".join(f"{suite.sizes.get(s, 0)} {s}" for s in ("train", "valid", "test"))
         elif isinstance(suite, EnvSuite):
