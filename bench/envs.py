@@ -7,9 +7,11 @@ Measured side by side in one run and printed as ratios:
 * returning to the state after a 20-step prefix: ``clone_state`` + ``restore_state`` (exact engine snapshot)
   vs TextWorld's ``Environment.copy()`` vs ``reset`` + replay of the prefix;
 * the same for ``w2s/ScienceWorld-v0`` (clone there is replay-based), and its steps/s with and without state
-  keys, unless ``--no-sciworld``.
+  keys, unless ``--no-sciworld``;
+* ``w2s/TextWorldExpress-v0`` steps/s with and without admissible commands and expert plan, and clone+restore
+  (replay-based) vs reset+replay after a 20-step prefix, unless ``--no-twx``.
 
-Usage: ``python bench/envs.py [--quick] [--no-sciworld] [--cache-dir DIR]``. The target is clone+restore at least
+Usage: ``python bench/envs.py [--quick] [--no-sciworld] [--no-twx] [--cache-dir DIR]``. The target is clone+restore at least
 10x faster than reset+replay on TextWorld.
 """
 
@@ -180,10 +182,57 @@ def bench_scienceworld(quick: bool) -> dict[str, float]:
     return out
 
 
+def bench_textworld_express(quick: bool) -> dict[str, float]:
+    from w2s_agents.envs.textworld_express_env import TextWorldExpressEnv
+
+    out: dict[str, float] = {}
+    steps = 500 if quick else 3000
+    for label, kwargs in [
+        ("with admissible commands + expert plan", {"admissible_commands": True, "expert_plan": True}),
+        ("without", {"admissible_commands": False, "expert_plan": False}),
+    ]:
+        env = TextWorldExpressEnv("twx-cookingworld/train/0", max_steps=10**6, **kwargs)
+        env.reset()
+        cmds = ["look around", "inventory", "open fridge", "move south", "move north", "take cookbook"]
+        for i in range(200):  # warm-up: the JVM compiles the hot paths
+            env.step(cmds[i % len(cmds)])
+        env.reset()
+        start = time.perf_counter()
+        for i in range(steps):
+            env.step(cmds[i % len(cmds)])
+        out[f"steps/s {label}"] = steps / (time.perf_counter() - start)
+        env.close()
+    env = TextWorldExpressEnv("twx-cookingworld/train/0", max_steps=10**6)
+    prefix = _prefix(env, 20, seed=0)
+    env.reset()
+    for a in prefix:
+        env.step(a)
+    state = env.clone_state()
+    repeats = 10 if quick else 40
+
+    def clone_restore() -> None:
+        env.restore_state(env.clone_state())
+
+    def reset_replay() -> None:
+        env.reset()
+        for a in prefix:
+            env.step(a)
+
+    out["clone+restore ms (replay-based)"] = 1000 * _median_time(clone_restore, repeats)
+    out["reset+replay ms"] = 1000 * _median_time(reset_replay, repeats)
+    env.restore_state(state)  # the restore is exact: the same continuation twice
+    a = [env.step(c) for c in ("look around", "inventory")]
+    env.restore_state(state)
+    assert [env.step(c) for c in ("look around", "inventory")] == a
+    env.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     parser.add_argument("--no-sciworld", action="store_true", help="skip ScienceWorld (needs Java)")
+    parser.add_argument("--no-twx", action="store_true", help="skip TextWorld-Express (needs Java)")
     parser.add_argument(
         "--cache-dir", default=None, help="TextWorld game cache (default: a temporary folder)"
     )
@@ -226,6 +275,16 @@ def main() -> None:
         print(f"steps/s without, no state keys:   {c:8.1f}   (keyed / plain {b / c:.2f}x)")
         cr, rr = sw["clone+restore ms (replay-based)"], sw["reset+replay ms"]
         print(f"  clone+restore (replay) {cr:8.1f} ms;  reset+replay {rr:8.1f} ms  ({rr / cr:.2f}x)")
+
+    if not args.no_twx:
+        tx = bench_textworld_express(args.quick)
+        print("\n## w2s/TextWorldExpress-v0 (twx-cookingworld/train/0: 3 rooms, 2 ingredients)")
+        a, b = tx["steps/s with admissible commands + expert plan"], tx["steps/s without"]
+        print(f"steps/s with admissible commands + expert plan: {a:8.1f}")
+        print(f"steps/s without:                                {b:8.1f}   ({b / a:.2f}x)")
+        cr, rr = tx["clone+restore ms (replay-based)"], tx["reset+replay ms"]
+        print("return to the state after a 20-step prefix (median):")
+        print(f"  clone+restore (replay) {cr:8.2f} ms;  reset+replay {rr:8.2f} ms  ({rr / cr:.2f}x)")
 
 
 if __name__ == "__main__":
