@@ -24,7 +24,14 @@ from w2s_agents.log import progress
 from w2s_agents.store import TrajectoryStore
 from w2s_agents.types import Source, Trajectory
 
-__all__ = ["EXPERT_SOURCE", "expert_trajectory", "export_demos", "suite_env", "suite_task_ids"]
+__all__ = [
+    "EXPERT_SOURCE",
+    "PLAN_EXHAUSTED",
+    "expert_trajectory",
+    "export_demos",
+    "suite_env",
+    "suite_task_ids",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,28 +39,55 @@ EXPERT_SOURCE = Source(model="expert", role="expert", sampler="walkthrough")
 """Source of every expert demonstration."""
 
 
+PLAN_EXHAUSTED = "plan-exhausted"
+"""``extra["expert_end"]`` of an expert trajectory whose plan ran out before the game ended (it ends
+``error``)."""
+
+
 def expert_trajectory(env: TextEnv, task_id: str) -> Trajectory:
     """Play the expert plan of ``task_id`` from the reset and return the episode.
 
-    Ends when the plan is exhausted, the game ends or the env's step limit is reached; the trajectory records
-    whatever happened (an expert plan that fails to win is kept, with ``success`` false, and logged).
+    Each step plays the first command of the plan the env reports now (``info["expert_plan"]``), so an env
+    that replans or repairs its plan after a step is followed; where an env stops reporting a plan, the rest
+    of its last one is played. Ends when the game ends (won or lost), at the env's step limit (``truncated``)
+    or when the plan runs out first: that episode ends ``error`` with ``extra["expert_end"]`` set to
+    :data:`PLAN_EXHAUSTED` and ``extra["error"]`` saying so. A plan that fails to win is kept and logged.
 
     Raises:
         W2SError: the env reports no expert plan for the task.
     """
     recorder, info = EpisodeRecorder.reset(env, task_id, EXPERT_SOURCE)
-    plan = info.get("expert_plan")
-    if plan is None:
+    reported = info.get("expert_plan")
+    if reported is None:
         raise W2SError(f"{env.env_id} has no expert plan for task {task_id} (was expert_plan turned off?)")
-    terminated = False
-    for action in plan:
+    plan = list(reported)
+    terminated = truncated = False
+    while plan:
+        action = plan[0]
         obs, reward, terminated, truncated, info = env.step(action)
         recorder.step(action, obs, reward, info)
         if terminated or truncated:
             break
-    traj = recorder.finish(info, bool(terminated))
+        reported = info.get("expert_plan")
+        plan = list(reported) if reported is not None else plan[1:]
+    if terminated or truncated:
+        traj = recorder.finish(info, bool(terminated))
+    else:
+        traj = recorder.finish(
+            info,
+            error=(
+                f"{PLAN_EXHAUSTED}: the expert plan ran out after {recorder.num_steps} steps before the game "
+                f"ended (score {float(info.get('score') or 0.0):.3f})"
+            ),
+            extra={"expert_end": PLAN_EXHAUSTED},
+        )
     if not traj.success:
-        logger.warning("the expert plan of %s ends %s with score %.3f", task_id, traj.end, traj.return_)
+        logger.warning(
+            "the expert plan of %s ends %s with score %.3f",
+            task_id,
+            PLAN_EXHAUSTED if traj.extra.get("expert_end") else traj.end,
+            traj.return_,
+        )
     return traj
 
 

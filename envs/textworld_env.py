@@ -9,7 +9,29 @@ each need TextWorld's state tracking, which costs time at every step; without bo
 Z-machine step.
 
 The instruction is the game's objective. The expert plan at reset is the game's walkthrough; while the agent
-follows it, the rest of the walkthrough; after a deviation, TextWorld's winning policy from the current state.
+follows it (and each of its commands does what TextWorld expects), the rest of the walkthrough; otherwise
+TextWorld's winning policy from the current state. When the expert's own next command fails (the game asks
+"Which do you mean, the locker or the type 0 locker?" or does nothing), the plan is repaired: the policy's
+next command is tried in a copy of the state, then other phrasings of it (``take X from Y`` -> ``take X``),
+and the first that performs TextWorld's intended action leads the plan. An empty plan before the end of the
+game means the expert cannot go on (no phrasing works).
+
+Interpreter commands never reach the game: ``restart``, ``restore``, ``save``, ``quit`` / ``q``, ``script`` /
+``transcript`` / ``unscript`` / ``noscript``, ``undo``, the display modes ``verbose`` / ``long``, ``brief`` /
+``normal``, ``superbrief`` / ``short``, ``notify``, ``version``, ``verify`` (:data:`INTERPRETER_COMMANDS`) and
+TextWorld's own control commands (any word starting with ``tw-``). They would restart or quit the story behind
+TextWorld's back, write ``*.qzl`` or transcript files into the working folder, or change later text in a way
+the state key cannot see. A command is refused if any of the commands it chains (Inform splits a line at
+``.``, ``,`` and ``then``) starts with one of them, matched as the interpreter reads words (case-insensitive,
+the first 9 letters of long words); the step answers :func:`interpreter_command_refusal`'s text, costs a
+move and changes nothing (reward 0, same state key, same admissible commands and plan). ``score``,
+``inventory``, ``help`` and ``goal`` are ordinary game commands that only read the game, and pass; so do
+``yes`` / ``no`` (with restart and quit refused, no interpreter question is ever pending: the game answers
+"That was a rhetorical question.").
+
+The last observation of a won or lost game ends with the game's result ("*** The End ***", the score); the
+interpreter's menu after it ("Would you like to RESTART, RESTORE a saved game, QUIT or UNDO the last
+command?") is removed, since the episode is over.
 
 ``clone_state`` is exact: it saves the Z-machine state (memory, stack, program counter, random generator) and
 TextWorld's tracking of the game (quest progression, last action, tracked infos), so a restore costs a
@@ -31,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +67,7 @@ from w2s_agents.envs.textworld_games import GameCache
 from w2s_agents.envs.zmachine import WorldLayout
 from w2s_agents.errors import ConfigError
 
-__all__ = ["TextWorldEnv"]
+__all__ = ["INTERPRETER_COMMANDS", "TextWorldEnv", "interpreter_command", "interpreter_command_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +87,76 @@ _EPISODE_ATTRS = (
     "_game_progression",
     "_reset",
 )
+
+
+INTERPRETER_COMMANDS: tuple[str, ...] = (
+    "restart",
+    "restore",
+    "save",
+    "quit",
+    "q",
+    "script",
+    "transcript",
+    "unscript",
+    "noscript",
+    "undo",
+    "verbose",
+    "long",
+    "brief",
+    "normal",
+    "superbrief",
+    "short",
+    "notify",
+    "version",
+    "verify",
+)
+"""Verbs of the Inform 7 interpreter's out-of-world commands that a TextWorld env refuses (with any word starting
+with ``tw-``, TextWorld's control commands); see the module docstring."""
+
+_DICTIONARY_LETTERS = 9
+"""Letters of a word the Z-machine (version 4 and later) compares with its dictionary: ``transcripts`` is
+``transcript``."""
+_CHAIN = re.compile(
+    r"[.,]|\bthen\b"
+)  # Inform runs "look. save", "look, save" and "look then save" as two commands
+
+
+def interpreter_command(command: str) -> str | None:
+    """The interpreter command (one of :data:`INTERPRETER_COMMANDS`, or a ``tw-`` word) that ``command`` would
+    run in a TextWorld game, ``None`` for a game command.
+
+    Each command the line chains (split at ``.``, ``,`` and the word ``then``) is checked by its first word,
+    lower-cased, with the dictionary's resolution of 9 letters (``SuperBriefly`` is ``superbrief``).
+    """
+    for part in _CHAIN.split(command.lower()):
+        words = part.replace('"', " ").split()
+        if not words:
+            continue
+        verb = words[0]
+        if verb.startswith("tw-"):
+            return verb
+        for meta in INTERPRETER_COMMANDS:
+            if verb == meta or (
+                len(meta) >= _DICTIONARY_LETTERS and verb[:_DICTIONARY_LETTERS] == meta[:_DICTIONARY_LETTERS]
+            ):
+                return meta
+    return None
+
+
+def interpreter_command_refusal(verb: str) -> str:
+    """The observation answering a refused interpreter command ``verb`` (from :func:`interpreter_command`)."""
+    return (
+        f'"{verb}" is an interpreter command, not an action in the game: it was not carried out. '
+        "Nothing has changed."
+    )
+
+
+_END_MENU = re.compile(r"\s*Would you like to RESTART, RESTORE a saved game\b.*\Z", re.DOTALL)
+
+
+def _strip_end_menu(text: str) -> str:
+    """The last observation of a finished game without the interpreter's menu that follows the result."""
+    return _END_MENU.sub("", text)
 
 
 def _strip_prompt(text: str) -> str:
@@ -87,6 +180,19 @@ def _strip_banner(text: str) -> str:
     while i < len(lines) and all(c in _BANNER_CHARS for c in lines[i]):
         i += 1
     return "\n".join(lines[i:]) if i else text
+
+
+_TAKE_FROM = re.compile(r"^take (.+) from (.+)$")
+
+
+def _phrasings(command: str) -> list[str]:
+    """``command`` and other phrasings of the same TextWorld action, to try when it fails: ``take X from Y``
+    is also ``take X`` (the game then asks no question about ``Y``, whose name may be part of another's, as
+    "locker" is of "type 0 locker")."""
+    out = [command]
+    if m := _TAKE_FROM.match(command):
+        out.append(f"take {m.group(1)}")
+    return out
 
 
 def _copy_value(value: Any) -> Any:
@@ -150,6 +256,9 @@ class TextWorldEnv(TextEnv):
         self._layout_read = False
         self._memory: np.ndarray | None = None  # the game's dynamic memory, copied into it for each key
         self._command_depth = 0  # call depth of the interpreter while it waits for a command (after a reset)
+        # the engine's report after its last reset or step (refused commands leave it): the state a refusal
+        # repeats, the plan the next step continues; part of the engine's state, so snapshots carry it
+        self._last: EngineStatus | None = None
 
     # ------------------------------------------------------------------------------ tasks
 
@@ -236,45 +345,97 @@ class TextWorldEnv(TextEnv):
 
     # ------------------------------------------------------------------------------ engine
 
-    def _report(self, gs: Any, walkthrough_at: int | None) -> EngineStatus:
-        """The engine status of TextWorld's game state ``gs``; ``walkthrough_at``: number of walkthrough
-        commands played so far, ``None`` once the agent left the walkthrough."""
-        plan: tuple[str, ...] | None = None
-        if self.expert_plan:
-            if walkthrough_at is not None:
-                plan = self._walkthrough[walkthrough_at:]
-            else:
-                plan = tuple(gs.get("policy_commands") or ())
-            if gs.get("won") or gs.get("lost"):
-                plan = ()
-        admissible = tuple(gs["admissible_commands"]) if self.admissible_commands else None
+    def _report(self, gs: Any, plan: tuple[str, ...] | None) -> EngineStatus:
+        """The engine status of TextWorld's game state ``gs``; ``plan``: the expert's remaining commands
+        (ignored once the game is over, and when plans are off)."""
+        won, lost = bool(gs.get("won")), bool(gs.get("lost"))
+        observation = _strip_prompt(gs.get("feedback") or "")
+        if won or lost:
+            observation = _strip_end_menu(observation)
+            plan = ()
         return EngineStatus(
-            observation=_strip_prompt(gs.get("feedback") or ""),
+            observation=observation,
             raw_score=float(gs.get("score") or 0),
             max_score=self._max_score,
-            won=bool(gs.get("won")),
-            lost=bool(gs.get("lost")),
-            admissible=admissible,
-            expert_plan=plan,
+            won=won,
+            lost=lost,
+            admissible=tuple(gs["admissible_commands"]) if self.admissible_commands else None,
+            expert_plan=plan if self.expert_plan else None,
         )
 
     def _engine_reset(self) -> EngineStatus:
         gs = self._tw.reset()
         self._command_depth = self._layers()[-1]._jericho.frotz_lib.getFrameCount()
-        status = self._report(gs, 0)
+        status = self._report(gs, self._walkthrough)
         if not self.banner:
             status = dataclasses.replace(status, observation=_strip_banner(status.observation))
+        self._last = status
         return status
 
     def _engine_step(self, command: str) -> EngineStatus:
+        assert self._last is not None, "_engine_step before _engine_reset"
+        verb = interpreter_command(command)
+        if verb is not None:
+            logger.debug("refused interpreter command %r in %s", command, self._game_path)
+            return dataclasses.replace(self._last, observation=interpreter_command_refusal(verb))
+        tracking = self._tracking()
+        moves = tracking._moves if tracking is not None else 0
         gs, _, _ = self._tw.step(command)
-        n = len(self._actions)
-        on_walkthrough = (
-            n < len(self._walkthrough)
-            and tuple(self._actions) == self._walkthrough[:n]
-            and command == self._walkthrough[n]
-        )
-        return self._report(gs, n + 1 if on_walkthrough else None)
+        plan = None
+        if self.expert_plan and not (gs.get("won") or gs.get("lost")):
+            plan = self._next_plan(command, tracking is not None and tracking._moves > moves, gs)
+        self._last = self._report(gs, plan)
+        return self._last
+
+    def _next_plan(self, command: str, acted: bool, gs: Any) -> tuple[str, ...]:
+        """The expert plan after ``command`` (``acted``: TextWorld saw it change the game) in state ``gs``."""
+        previous = self._last.expert_plan or ()
+        followed = bool(previous) and command == previous[0]
+        on_walkthrough = previous == self._walkthrough[len(self._walkthrough) - len(previous) :]
+        if followed and acted and on_walkthrough and len(previous) > 1:
+            return previous[1:]
+        policy = tuple(gs.get("policy_commands") or ())
+        if followed and not acted:
+            return self._repaired(policy)
+        return policy
+
+    def _repaired(self, policy: tuple[str, ...]) -> tuple[str, ...]:
+        """``policy`` (TextWorld's commands from the current state) led by a phrasing of its first command that
+        performs TextWorld's intended action, tried in a copy of the state; ``()`` when none does."""
+        tracking = self._tracking()
+        actions = tracking._current_winning_policy if tracking is not None else None
+        if not policy or not actions:
+            return ()
+        intended = actions[0]
+        for candidate in _phrasings(policy[0]):
+            if self._performs(candidate, intended):
+                if candidate != policy[0]:
+                    logger.debug(
+                        "expert command %r rephrased %r in %s", policy[0], candidate, self._game_path
+                    )
+                return (candidate, *policy[1:])
+        logger.info("the expert plan of %s stops: no phrasing of %r works", self._game_path, policy[0])
+        return ()
+
+    def _performs(self, command: str, action: Any) -> bool:
+        """Whether ``command`` makes TextWorld detect ``action``; the game is put back as it was."""
+        tracking = self._tracking()
+        snapshot = self._engine_snapshot()
+        moves = tracking._moves
+        try:
+            self._tw.step(command)
+            return tracking._moves > moves and tracking._last_action == action
+        finally:
+            self._engine_restore(snapshot)
+
+    def _tracking(self) -> Any:
+        """TextWorld's ``StateTracking`` wrapper while it tracks the game (admissible commands or plans on)."""
+        from textworld.envs.wrappers.tw_inform7 import StateTracking
+
+        for layer in self._layers():
+            if isinstance(layer, StateTracking):
+                return layer if layer.tracking else None
+        return None
 
     def _engine_state_key(self, status: EngineStatus) -> str | None:
         machine = self._layers()[-1]._jericho
@@ -290,6 +451,8 @@ class TextWorldEnv(TextEnv):
             return None
         memory = self._memory
         machine.frotz_lib.getRAM(memory.ctypes.data)  # what _get_ram() does, without a new array per step
+        # a refused command leaves the engine as it was: key its last answer, not the refusal
+        status = self._last if self._last is not None else status
         outcome = f"{status.raw_score!r}|{status.won:d}|{status.lost:d}"
         # The parser asks for a missing noun ("What do you want to take?", "Which do you mean, ...?") and
         # reads the answer deeper in the call stack than the main loop reads a command; the next input then
@@ -317,10 +480,10 @@ class TextWorldEnv(TextEnv):
         ]
         # the game is named by its file name (the spec hash for generated games), so a state restores on
         # an env whose cache lives elsewhere
-        return self._game_path.name, layers[-1]._jericho.get_state(), saved
+        return self._game_path.name, layers[-1]._jericho.get_state(), saved, self._last
 
     def _engine_restore(self, snapshot: Any) -> bool:
-        game_name, machine, saved = snapshot
+        game_name, machine, saved, last = snapshot
         if self._game_path is None or game_name != self._game_path.name:
             # the same task id names another game file here (e.g. a user's .z8 path that changed): replay
             logger.debug("state of game %s restored by replay on %s", game_name, self._game_path)
@@ -330,6 +493,7 @@ class TextWorldEnv(TextEnv):
             for name, value in attrs.items():
                 setattr(layer, name, _copy_value(value))
         layers[-1]._jericho.set_state(machine)
+        self._last = last
         return True
 
     def copy_engine(self) -> Any:
