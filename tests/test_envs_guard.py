@@ -3,10 +3,18 @@ screen (issue 17)."""
 
 from __future__ import annotations
 
+import io
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from w2s_agents.cli import main
 from w2s_agents.envs.base import EngineStatus, TextEnv, UnknownTaskError
 from w2s_agents.envs.demos import PLAN_EXHAUSTED, expert_trajectory
 from w2s_agents.envs.textworld_env import (
@@ -260,3 +268,66 @@ def test_a_plan_that_runs_out_is_labelled_plan_exhausted_not_truncated() -> None
     assert traj.extra["expert_end"] == PLAN_EXHAUSTED
     assert traj.extra["error"].startswith(f"{PLAN_EXHAUSTED}: the expert plan ran out after 2 steps")
     assert traj.return_ == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------ w2s envs play
+
+
+def test_play_prints_the_instruction_once_and_a_clean_last_screen(
+    env: TextWorldEnv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, game_cache_dir: Path
+) -> None:
+    _, info = env.reset(options={"task": TASK})
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(info["expert_plan"]) + "\n"))
+    assert main(["envs", "play", "w2s/TextWorld-v0", "--task", TASK, "--cache-dir", str(game_cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# {TASK}\n")
+    assert out.count(info["instruction"]) == 1
+    assert "*** The End ***" in out and "RESTART" not in out
+    assert f"[won after {len(info['expert_plan'])} steps, return 1.000]" in out
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def test_play_in_a_terminal_edits_lines_and_keeps_a_history(tw_game_files: list[str], tmp_path: Path) -> None:
+    """In a terminal, the Up arrow brings back the last command (readline) instead of costing a step as
+    "^[[A"."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "w2s_agents", "envs", "play", "w2s/TextWorld-v0", "--task", tw_game_files[0]],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=tmp_path,
+        close_fds=True,
+    )
+    os.close(slave)
+    try:
+        out = _read_until(master, b"> ")
+        os.write(master, b"inventory\r")
+        out += _read_until(master, b"> ")
+        os.write(master, b"\x1b[A\r")  # Up arrow, Enter: the same command again
+        out += _read_until(master, b"> ")
+        os.write(master, b"quit\r")
+        out += _read_until(master, b"\n", timeout=10)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert text.count("You are carrying") == 2, text
+    assert "recognise" not in text

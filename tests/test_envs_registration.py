@@ -143,7 +143,7 @@ def test_cli_play_reads_commands_from_stdin(
     argv = ["envs", "play", "w2s/TextWorld-v0", "--task", "test-tw-coin_collector/train/1"]
     assert main([*argv, "--cache-dir", str(game_cache_dir), "--show-admissible"]) == 0
     out = capsys.readouterr().out
-    assert "# test-tw-coin_collector/train/1:" in out
+    assert "# test-tw-coin_collector/train/1" in out
     assert "[admissible: " in out
     assert f"[won after {len(plan) + 2} steps, return 1.000]" in out
 

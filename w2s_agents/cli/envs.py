@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from w2s_agents.errors import W2SError
@@ -29,7 +30,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=_cmd_envs_tasks)
     p = envs_sub.add_parser(
         "play",
-        help="play a task in the terminal (commands from stdin; 'quit' or end of input stops)",
+        help="play a task in the terminal (commands from stdin, with line editing and history in a terminal; "
+        "'quit' or end of input stops)",
     )
     p.add_argument("env_id", metavar="ID", help="env id, e.g. w2s/TextWorld-v0")
     p.add_argument("--task", default=None, help="task id, e.g. tw-simple/train/0 or boil/0")
@@ -106,24 +108,38 @@ def _cmd_envs_tasks(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _read_command() -> str | None:
+    """The next command typed at the ``> `` prompt, ``None`` at the end of input."""
+    try:
+        return input("> ")
+    except EOFError:
+        return None
+
+
 def _cmd_envs_play(ns: argparse.Namespace) -> int:
     from w2s_agents.envs import make_env
 
+    if sys.stdin.isatty():
+        # input() then edits the line and keeps the session's history (arrows, Ctrl-R); absent on some builds
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401
     env = make_env(ns.env_id, **_env_kwargs(ns))
     try:
         obs, info = env.reset(options={"task": ns.task} if ns.task else None)
-        print(f"# {info['task_id']}: {info.get('instruction', '')}")
+        instruction = str(info.get("instruction") or "").strip()
+        # most games state their goal in the first observation already: print it once
+        header = f"# {info['task_id']}"
+        print(header if not instruction or instruction in obs else f"{header}: {instruction}")
         print(obs.rstrip())
         total = 0.0
         while True:
             if info.get("admissible_commands") and ns.show_admissible:
                 print(f"[admissible: {' | '.join(info['admissible_commands'])}]")
-            print("> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line or line.strip().lower() in ("quit", "exit", "q"):
+            line = _read_command()
+            if line is None or line.strip().lower() in ("quit", "exit", "q"):
                 print()
                 break
-            obs, reward, terminated, truncated, info = env.step(line.rstrip("\n"))
+            obs, reward, terminated, truncated, info = env.step(line)
             total += reward
             print(obs.rstrip())
             if reward:
