@@ -116,9 +116,8 @@ with ``tw-``, TextWorld's control commands); see the module docstring."""
 _DICTIONARY_LETTERS = 9
 """Letters of a word the Z-machine (version 4 and later) compares with its dictionary: ``transcripts`` is
 ``transcript``."""
-_CHAIN = re.compile(
-    r"[.,]|\bthen\b"
-)  # Inform runs "look. save", "look, save" and "look then save" as two commands
+# Inform runs "look. save", "look, save" and "look then save" as two commands
+_CHAIN = re.compile(r"[.,]|\bthen\b")
 
 
 def interpreter_command(command: str) -> str | None:
