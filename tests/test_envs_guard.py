@@ -302,12 +302,13 @@ def _read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
     return out
 
 
-def test_play_in_a_terminal_edits_lines_and_keeps_a_history(tw_game_files: list[str], tmp_path: Path) -> None:
+def test_play_in_a_terminal_edits_lines_and_keeps_a_history(env: TextWorldEnv, tmp_path: Path) -> None:
     """In a terminal, the Up arrow brings back the last command (readline) instead of costing a step as
     "^[[A"."""
+    game = str(env.game_path(TASK))  # a .z8 path: the suite is registered in this process only
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "w2s_agents", "envs", "play", "w2s/TextWorld-v0", "--task", tw_game_files[0]],
+        [sys.executable, "-m", "w2s_agents", "envs", "play", "w2s/TextWorld-v0", "--task", game],
         stdin=slave,
         stdout=slave,
         stderr=slave,
