@@ -171,7 +171,10 @@ class EnvState:
     """A saved env state (from :meth:`TextEnv.clone_state`); restore it on an env of the same class.
 
     Restoring it any number of times gives the same continuation. ``engine`` is ``None`` where the engine
-    has no exact snapshot; the state is then restored by resetting the task and replaying ``actions``.
+    has no exact snapshot; the state is then restored by resetting the task and replaying ``actions``, which
+    is exact only for an engine whose reset is deterministic and whose state depends on the commands alone
+    (not on the queries made between them); an engine that restores by replay must make it so (ScienceWorld
+    fixes the JVM's identity hashes and replays its admissible-command listings).
     """
 
     env_class: str
