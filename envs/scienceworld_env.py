@@ -37,6 +37,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from w2s_agents.envs.base import EngineStatus, TextEnv, UnknownTaskError, hash_state
+from w2s_agents.envs.jvm import stop_jvm
 from w2s_agents.envs.suites import SPLITS, ScienceWorldSuite, get_suite, suite_names
 from w2s_agents.errors import W2SError
 
@@ -138,22 +139,8 @@ class _Simulator:
         """Stop the JVM (if any) and close its pipes."""
         gateway, proc = self.gateway, self.proc
         self.gateway = self.server = self.proc = None
-        if gateway is not None:
-            try:
-                gateway.shutdown()
-            except Exception:  # the JVM may already be gone
-                logger.debug("py4j shutdown failed", exc_info=True)
+        stop_jvm(gateway, proc)
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except Exception:  # pragma: no cover - a JVM that ignores SIGTERM
-                    proc.kill()
-                    proc.wait()
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
             logger.info("stopped the ScienceWorld JVM")
         # collect the old gateway's py4j objects now: their finalizers, run by a garbage collection that comes
         # while CPython (3.11 before 3.11.8) builds an AST, make that fail with "AST constructor recursion

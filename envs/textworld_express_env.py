@@ -27,6 +27,7 @@ import weakref
 from typing import Any
 
 from w2s_agents.envs.base import EngineStatus, TextEnv, UnknownTaskError
+from w2s_agents.envs.jvm import stop_jvm
 from w2s_agents.envs.suites import SPLITS, TextWorldExpressSuite, get_suite, suite_names
 from w2s_agents.errors import ConfigError, W2SError
 
@@ -79,23 +80,8 @@ class _Engine:
         env, self._env = self._env, None
         if env is None:
             return
-        proc = getattr(env._gateway, "java_process", None)
-        try:
-            env._gateway.shutdown()
-        except Exception:  # the JVM may already be gone
-            logger.debug("py4j shutdown failed", exc_info=True)
         env.close = lambda: None  # the package's __del__ calls close(), which would shut down a second time
-        if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except Exception:  # pragma: no cover - a JVM that ignores SIGTERM
-                    proc.kill()
-                    proc.wait()
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+        stop_jvm(env._gateway, getattr(env._gateway, "java_process", None))
         tmp = getattr(env, "_obj_tree_tempfile", None)
         if tmp is not None:
             tmp.close()

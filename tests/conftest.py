@@ -9,6 +9,7 @@ leave nothing behind.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -237,6 +238,14 @@ def keep_artifact():
         print(f"test artefact: {what}: {path}")
 
     return keep
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus) -> None:  # pytest hook: before the other plugins' session ends
+    # Finalise the py4j objects of the Java envs' stopped JVMs now. Left to a garbage collection that comes
+    # while a plugin imports a module at session end (assertion rewriting builds an AST), their finalizers make
+    # CPython before 3.11.8 fail with "AST constructor recursion depth mismatch" after every test has passed.
+    gc.collect()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # pytest hook: where the kept artefacts are
