@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     status."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3) or not args[0] or not args[1].isdigit():
-        print("usage: reaper.py TOKEN DRIVER_PID [TEMP_DIR]", file=sys.stderr)
+        sys.stderr.write("usage: reaper.py TOKEN DRIVER_PID [TEMP_DIR]\n")  # started by rollout/ray.py only
         return 2
     token, driver, temp_dir = args[0], int(args[1]), (args[2] if len(args) == 3 else None)
     for sig in (signal.SIGINT, signal.SIGHUP):
