@@ -259,3 +259,46 @@ def test_env_plugin_example_runs(tmp_path: Path, repo_root: Path) -> None:
     index = (out / "viz" / "index.html").read_text()
     assert all(p in index for p in pages)  # the index links every tree page
     assert (out / "viz" / "first-tree.svg").read_text().lstrip().startswith("<svg")
+
+
+@pytest.mark.slow
+def test_scarce_demos_reach_strong_sft_only_and_w2s_data_holds_no_expert_step(mini_config: Path) -> None:
+    """tasks.demos: weak and strong SFT see the demos of the first N train tasks only, the ceiling sees every
+    train task's demo, and what the W2S stages train on (best paths, tree pairs) comes from the weak agent."""
+    cfg = load_experiment(mini_config, ["tasks.train=4", "tasks.demos=1", "train.variants=[w2s-mcts]"])
+    names = stage_names(cfg)
+    assert names.index("ceiling-sft") < names.index("ceiling")
+    deps = {s.name: s.deps for s in build_stages(cfg, 0)}
+    assert deps["ceiling"] == ("search", "ceiling-sft") and "ceiling-sft" in deps["eval"]
+    result = run_pipeline(cfg)
+    seed_dir = result.run_dir / "seed-0"
+    train = json.loads((seed_dir / "tasks" / "tasks.json").read_text())["train"]
+    assert len(train) == 4
+
+    def rows(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    demo_rows = rows(seed_dir / "demos" / "sft.jsonl")
+    assert [r["task_id"] for r in demo_rows] == train[:1]
+    assert sorted(r["task_id"] for r in rows(seed_dir / "demos" / "sft-all.jsonl")) == sorted(train)
+    # the SFT stages trained on exactly those rows (one of them held out for validation loss at most)
+    for stage, n in (("weak-sft", 1), ("strong-sft", 1), ("ceiling-sft", 4)):
+        trained = json.loads((seed_dir / stage / "train" / "result.json").read_text())
+        assert trained["rows"] + trained["skipped_rows"] <= n and trained["rows"] >= 1, stage
+    # the W2S data: every best-path row and tree pair comes from the weak agent's explorations only
+    demos = list(read_trajectories(seed_dir / "demos" / "demos.jsonl"))
+    assert {t.source.role for t in demos} == {"expert"}
+    explored = list(read_trajectories(seed_dir / "explore" / "trajectories.jsonl"))
+    assert explored and {t.source.role for t in explored} == {"weak"}
+    best = rows(seed_dir / "search" / "sft.jsonl")
+    pairs = rows(seed_dir / "search" / "pairs.jsonl")
+    assert best, "no best-path row to check"
+    for row in best:
+        assert set(row["sources"]) <= {t.source.model for t in explored}, row["sources"]
+    for pair in pairs:
+        for key in ("chosen_sources", "rejected_sources"):
+            assert set(pair[key]) <= {t.source.model for t in explored}, pair[key]
+    assert not {t.source.model for t in demos} & {t.source.model for t in explored}
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert {"strong-sft", "ceiling-sft", "ceiling"} <= set(metrics["models"])
+    assert "w2s-mcts" in metrics["vs_strong"]

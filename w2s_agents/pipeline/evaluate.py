@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_STAGES", "episode_units", "evaluate_models", "weak_misfit"]
 
-MODEL_STAGES = ("weak-sft", "strong-sft", *W2S_VARIANTS, "ceiling")
+MODEL_STAGES = ("weak-sft", "strong-sft", *W2S_VARIANTS, "ceiling-sft", "ceiling")
 """The training stages, named as their models are in the metrics; evaluation plays them in this order."""
 
 

@@ -43,7 +43,12 @@ class TasksConfig:
     """The task suite and how many tasks of each split the run uses."""
 
     suite: str = option("tw-coin_collector", "task suite (`w2s envs suites`)")
-    train: int = option(40, "first N tasks of the train split: expert demos, exploration, trees")
+    train: int = option(40, "first N tasks of the train split: exploration, trees, the ceiling's demos")
+    demos: int = option(
+        0,
+        "the first N train tasks have expert demos for weak and strong SFT (scarce demonstrations); the "
+        "ceiling sees every train task's demo (0: every train task has a demo)",
+    )
     valid: int = option(0, "first N tasks of the valid split: validation success each epoch (0: none)")
     test: int = option(20, "first N tasks of the test split: the held-out evaluation")
     max_steps: int = option(12, "step limit of an episode (exploration and evaluation)")
@@ -55,8 +60,18 @@ class TasksConfig:
         600.0, "longest time one task may take to prepare (a TextWorld game to generate), in seconds"
     )
 
+    @property
+    def scarce(self) -> bool:
+        """Whether only some train tasks have demos for SFT (``0 < demos < train``)."""
+        return 0 < self.demos < self.train
+
     def __post_init__(self) -> None:
         check(self.train >= 1, "train", f"must be >= 1, got {self.train}")
+        check(
+            0 <= self.demos <= self.train,
+            "demos",
+            f"must be between 0 and tasks.train ({self.train}), got {self.demos}",
+        )
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(
             math.isfinite(self.generation_timeout_s) and self.generation_timeout_s > 0,
@@ -175,6 +190,11 @@ class TrainStagesConfig:
     treedpo: TrainConfig = option(
         default_factory=lambda: _tiny_dpo("weak"), help="TreeDPO on the tree pairs (reference: weak SFT)"
     )
+    ceiling_sft: TrainConfig = option(
+        default_factory=lambda: _tiny_sft(1e-3, 30),
+        help="with scarce demos (tasks.demos < tasks.train): the strong model on every train task's demo, the "
+        "ceiling's start",
+    )
     ceiling_dpo: TrainConfig = option(
         default_factory=lambda: _tiny_dpo("strong"),
         help="the ceiling: strong SFT + DPO on expert-vs-failed pairs",
@@ -202,6 +222,10 @@ class EvalConfig:
         True, "also play the train tasks with weak SFT and W2S models (pseudolabel correction, expansion)"
     )
     misfit_states: int = option(200, "held-out weak states on which misfit is measured (0: skip)")
+    split: Literal["test", "valid"] = option(
+        "test",
+        "the split the models are evaluated on: test, or valid to choose settings without the test tasks",
+    )
 
     def __post_init__(self) -> None:
         check(len(self.samplers) >= 1, "samplers", "must list at least one sampler")
@@ -238,6 +262,13 @@ class ExperimentConfig:
     )
     train: TrainStagesConfig = option(default_factory=TrainStagesConfig, help="fine-tuning runs")
     eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation and diagnostics")
+
+    def __post_init__(self) -> None:
+        check(
+            self.eval.split == "test" or self.tasks.valid > 0,
+            "eval.split",
+            "is 'valid' but tasks.valid is 0: set tasks.valid to the number of valid tasks to evaluate on",
+        )
 
     @property
     def agent_device(self) -> str:

@@ -65,7 +65,11 @@ def _weak_to_strong(
     scores: dict[str, dict[tuple, float]],
     level_seed: int,
 ) -> None:
-    """Fill ``pgr``, ``gain``, ``misfit`` and ``transfer`` of every W2S model into ``metrics``."""
+    """Fill ``pgr``, ``gain``, ``vs_strong``, ``misfit`` and ``transfer`` of every W2S model into ``metrics``.
+
+    ``vs_strong`` is the mean of W2S minus strong SFT return over the episodes both played (same run seed, task,
+    sampler and episode seed), with a paired bootstrap interval: run seeds, then episodes within a seed.
+    """
     models = metrics["models"]
     weak = scores.get("weak-sft", {})
     for name in names:
@@ -83,6 +87,12 @@ def _weak_to_strong(
                     label,
                     100 * iv.dropped,
                 )
+        if "strong-sft" in scores:
+            strong = scores["strong-sft"]
+            shared = [u for u in scores[name] if u in strong]
+            metrics["vs_strong"][name] = bootstrap_interval(
+                [scores[name][u] - strong[u] for u in shared], [u[0] for u in shared], seed=level_seed
+            ).as_dict()
         if weak:
             metrics["gain"][name] = (
                 models[name]["return"]["estimate"] - models["weak-sft"]["return"]["estimate"]
@@ -171,12 +181,13 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
         "run": cfg.run.name,
         "config_hash": config_hash(cfg),
         "suite": cfg.tasks.suite,
-        "split": "test",
-        "tasks": cfg.tasks.test,
+        "split": cfg.eval.split,
+        "tasks": cfg.tasks.test if cfg.eval.split == "test" else cfg.tasks.valid,
         "seeds": list(seeds),
         "models": models,
         "pgr": {},
         "gain": {},
+        "vs_strong": {},
         "misfit": {},
         "transfer": {},
     }

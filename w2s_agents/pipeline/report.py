@@ -6,7 +6,7 @@ time (``w2s report RUN_DIR``) and tested without running models. Layout of the m
     {"schema": "w2s.metrics/1", "run": name, "suite": ..., "split": "test", "tasks": n, "seeds": [...],
      "models": {name: {"label": ..., "return": Interval, "success": Interval, "steps": Interval,
                        "episodes": n, "tokens": n}},
-     "pgr": {w2s name: Interval}, "gain": {w2s name: float}, "misfit": {w2s name: Misfit},
+     "pgr": {w2s name: Interval}, "gain": {w2s name: float}, "vs_strong": {w2s name: Interval}, "misfit": {w2s name: Misfit},
      "transfer": {w2s name: Transfer}, "search_cost": {...}, "trees": {...},
      "curves": {training name: {"loss": [[step, loss], ...], "valid": [[epoch, value], ...]}}}
 
@@ -39,6 +39,7 @@ MODEL_LABELS: Mapping[str, str] = {
     "w2s-treedpo": "W2S-TreeDPO",
     "w2s-mcts": "W2S-MCTS",
     "w2s-mcts-treedpo": "W2S-MCTS+TreeDPO",
+    "ceiling-sft": "Strong SFT, all demos",
     "ceiling": "Ceiling",
 }
 """Display names of the models of a run, in the paper's vocabulary."""
@@ -134,6 +135,9 @@ def _w2s_section(metrics: Mapping[str, Any]) -> list[str]:
                 _label(name, models),
                 pgr.format(2),
                 _num(metrics.get("gain", {}).get(name)),
+                interval(metrics.get("vs_strong", {}).get(name)).format(1, scale=100)
+                if name in metrics.get("vs_strong", {})
+                else "n/a",
                 _num(mis.get("disagreement")),
                 _num(mis.get("kl")),
                 f"{_num(tr.get('correction'), 2)} ({tr.get('corrected', 0)}/{tr.get('weak_failed', 0)})",
@@ -145,14 +149,25 @@ def _w2s_section(metrics: Mapping[str, Any]) -> list[str]:
         "",
         "PGR = (R_w2s - R_weak) / (R_ceiling - R_weak) on average return (n/a unless the ceiling beats weak SFT "
         f"by at least {PGR_MIN_GAP:g}). "
-        "Gain = R_w2s - R_weak. Misfit: on held-out states of weak trajectories, the share where the W2S agent's "
+        "Gain = R_w2s - R_weak. Vs strong SFT = R_w2s - R_strong_sft x100, paired over the episodes both "
+        "played, with a bootstrap interval (run seeds, then episodes). Misfit: on held-out states of weak trajectories, the share where the W2S agent's "
         "most likely action differs from the weak agent's, and mean KL(pi_weak || pi_w2s) over admissible "
         "actions. Correction: train tasks the weak agent fails that the W2S agent solves; expansion: train tasks "
         "where no weak exploration trajectory succeeded that the W2S agent solves.",
         "",
     ]
     lines += _table(
-        ["model", "PGR (CI)", "gain", "misfit: disagreement", "misfit: KL", "correction", "expansion"], rows
+        [
+            "model",
+            "PGR (CI)",
+            "gain",
+            "vs strong SFT (CI)",
+            "misfit: disagreement",
+            "misfit: KL",
+            "correction",
+            "expansion",
+        ],
+        rows,
     )
     if notes:
         lines += ["", *notes]

@@ -8,13 +8,14 @@ section 2 run in ``<run dir>/seed-<k>/<stage>/`` as cached, resumable stages (:m
     models      the weak and strong models (local folders, or tiny models built on the demos' text)
     weak-sft    the weak agent fine-tuned on the demos (the explorer and the DPO reference)
     strong-sft  the strong agent fine-tuned on the demos (baseline)
+    ceiling-sft with scarce demos (tasks.demos < tasks.train): the strong agent on every train task's demo
     explore     the weak SFT agent on the train tasks under every sampling setting (tree width)
     trees       one trajectory tree per train task
     search      MCTS per tree; best-path SFT rows, TreeDPO pairs, expert-vs-failed pairs
     w2s-mcts    strong base model, SFT on the best paths (MCTS-SFT)
     w2s-treedpo strong SFT agent, TreeDPO on the tree pairs, reference = weak SFT
     w2s-mcts-treedpo  W2S-MCTS, then TreeDPO on the tree pairs
-    ceiling     strong SFT agent, DPO on expert-vs-failed pairs
+    ceiling     strong SFT agent (ceiling-sft with scarce demos), DPO on expert-vs-failed pairs
     eval        every model on the held-out test tasks (and train tasks for correction / expansion; misfit)
 
 then ``metrics.json`` (:mod:`w2s_agents.pipeline.metrics`), ``report.md`` and ``plots/`` at the top of the run,
@@ -103,6 +104,7 @@ def _tasks_part(cfg: ExperimentConfig) -> dict[str, Any]:
     """The config part of the tasks stage: ``cfg.tasks`` without the settings of how games are made."""
     part = config_to_dict(replace(cfg.tasks, workers=0))
     part.pop("generation_timeout_s")
+    part.pop("demos")  # which train tasks have demos is the demos stage's part
     return part
 
 
@@ -129,7 +131,13 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         # tasks.workers and tasks.generation_timeout_s are left out of the key: they set how games are made, not
         # what is made
         Stage("tasks", partial(run_tasks, cfg=cfg), config=_tasks_part(cfg)),
-        Stage("demos", partial(run_demos, cfg=cfg), config={"system": system}, deps=("tasks",)),
+        Stage(
+            "demos",
+            partial(run_demos, cfg=cfg),
+            config={"system": system, "demos": cfg.tasks.demos},
+            deps=("tasks",),
+            version=2,  # 2: sft-all.jsonl, the demo tasks of scarce demonstrations
+        ),
         Stage(
             "models",
             partial(run_models, cfg=cfg, seed=seed),
@@ -139,7 +147,15 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         # baselines; the weak SFT agent is also the explorer and the TreeDPO reference
         training("weak-sft", run_sft, t.weak_sft, ("models",), role="weak"),
         training("strong-sft", run_sft, t.strong_sft, ("models",), role="strong"),
-        # the weak agent's experience, merged into trees, (grown online,) searched
+    ]
+    # scarce demonstrations: the ceiling starts from the strong model trained on every train task's demo
+    ceiling_start = "strong-sft"
+    if t.ceiling and cfg.tasks.scarce:
+        ceiling_start = "ceiling-sft"
+        stages.append(
+            training("ceiling-sft", run_sft, t.ceiling_sft, ("models",), role="strong", rows="sft-all.jsonl")
+        )
+    stages += [  # the weak agent's experience, merged into trees, (grown online,) searched
         Stage(
             "explore",
             partial(run_explore, cfg=cfg, seed=seed),
@@ -200,10 +216,10 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
                 "ceiling",
                 run_dpo,
                 t.ceiling_dpo,
-                ("search", "strong-sft"),
-                start="strong-sft",
+                ("search", ceiling_start),
+                start=ceiling_start,
                 pairs="expert_pairs.jsonl",
-                reference="strong-sft",
+                reference=ceiling_start,
             )
         )
     # evaluation reads the models of every training stage, and exploration's solved tasks

@@ -14,14 +14,14 @@ __all__ = ["run_eval"]
 
 
 def run_eval(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
-    """Stage ``eval``: every model the run trained on the test tasks (``eval.samplers`` x ``eval.seeds``
-    episodes per task); weak SFT and W2S models also on the train tasks; misfit on held-out weak states.
+    """Stage ``eval``: every model the run trained on the test tasks, or the valid tasks with
+    ``eval.split=valid`` (``eval.samplers`` x ``eval.seeds`` episodes per task); weak SFT and W2S models also on the train tasks; misfit on held-out weak states.
 
     Reads: the task ids, ``explore/explore.json`` and the ``model.json`` of every training stage. Writes:
     ``test-<model>.jsonl``, ``train-<model>.jsonl`` and ``eval.json`` (which the metrics aggregate). Returns
     each model's mean test return.
     """
-    out = evaluate_models(ctx, cfg, seed, task_ids(ctx, "test"), task_ids(ctx, "train"))
+    out = evaluate_models(ctx, cfg, seed, task_ids(ctx, cfg.eval.split), task_ids(ctx, "train"))
     write_json(ctx.directory / "eval.json", out)
     return {
         name: round(sum(u["return"] for u in units) / max(1, len(units)), 4)

@@ -10,7 +10,7 @@ from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import read_trajectories, task_ids, training_system, write_json
 
-__all__ = ["run_demos", "run_tasks"]
+__all__ = ["demo_task_ids", "run_demos", "run_tasks"]
 
 
 def run_tasks(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -55,27 +55,46 @@ def run_tasks(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
 def run_demos(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
     """Stage ``demos``: the expert trajectory of every train task, and the SFT rows of the won ones.
 
+    ``sft.jsonl`` holds the rows of the train tasks that have demos for weak and strong SFT (the first
+    ``tasks.demos`` train tasks; all of them when it is 0), ``sft-all.jsonl`` the rows of every train task (the
+    ceiling's data). The other stages' expert data comes from these files only.
+
     Reads: ``tasks/tasks.json``. Writes: ``demos.jsonl`` (a trajectory store: a stopped run carries on with the
-    tasks it lacks) and ``sft.jsonl``. Returns the counts of demos, won demos and rows.
+    tasks it lacks), ``sft.jsonl``, ``sft-all.jsonl`` and ``demos.json`` (the task ids with SFT demos). Returns
+    the counts of demos, won demos and rows.
     """
     from w2s_agents.envs.demos import expert_trajectory, suite_env
     from w2s_agents.search import SftRow, write_rows
     from w2s_agents.store import TrajectoryStore
 
+    train = task_ids(ctx, "train")
     # the expert's plan may be longer than the agents' step limit
     env = suite_env(cfg.tasks.suite, max_steps=200, **cfg.tasks.env_kwargs)
     try:
         with TrajectoryStore(ctx.directory / "demos.jsonl") as store:
             done = {k.task_id for k in store.keys}
-            for task_id in task_ids(ctx, "train"):
+            for task_id in train:
                 if task_id in done:
                     continue
                 store.append(expert_trajectory(env, task_id))
     finally:
         env.close()
     demos = read_trajectories(ctx.directory / "demos.jsonl")
-    won = sum(d.success for d in demos)
+    with_demos = set(demo_task_ids(train, cfg.tasks.demos))
     system = training_system(cfg)
-    rows = [SftRow.from_trajectory(d, system=system) for d in demos if d.success and d.steps]
-    write_rows(rows, ctx.directory / "sft.jsonl")
-    return {"demos": len(demos), "won": won, "rows": len(rows)}
+    rows = {d.task_id: SftRow.from_trajectory(d, system=system) for d in demos if d.success and d.steps}
+    sft = [r for t, r in rows.items() if t in with_demos]
+    write_rows(sft, ctx.directory / "sft.jsonl")
+    write_rows(list(rows.values()), ctx.directory / "sft-all.jsonl")
+    write_json(ctx.directory / "demos.json", {"sft_tasks": [t for t in train if t in with_demos]})
+    return {
+        "demos": len(demos),
+        "won": sum(d.success for d in demos),
+        "rows": len(sft),
+        "rows_all": len(rows),
+    }
+
+
+def demo_task_ids(train: list[str], demos: int) -> list[str]:
+    """The train tasks whose expert demos weak and strong SFT see: the first ``demos`` (every one when 0)."""
+    return list(train[:demos] if demos else train)

@@ -1,4 +1,4 @@
-"""The training stages: ``weak-sft`` and ``strong-sft`` (SFT on the demos), ``w2s-mcts`` (MCTS-SFT on the best
+"""The training stages: ``weak-sft``, ``strong-sft`` and ``ceiling-sft`` (SFT on the demos), ``w2s-mcts`` (MCTS-SFT on the best
 paths), and the DPO stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and ``ceiling``.
 
 Each trains into ``<stage>/train/`` (checkpoints there let a stopped run carry on) and records its model in
@@ -37,19 +37,24 @@ def run_sft(
     *,
     role: Literal["weak", "strong"],
     train: TrainConfig,
+    rows: str = "sft.jsonl",
 ) -> dict[str, Any]:
-    """Stages ``weak-sft`` / ``strong-sft``: the ``role`` base model fine-tuned on the expert demos.
+    """Stages ``weak-sft`` / ``strong-sft`` / ``ceiling-sft``: the ``role`` base model fine-tuned on the expert
+    demos of the demos stage's file ``rows`` (``sft.jsonl``: the tasks with demos; ``sft-all.jsonl``: every
+    train task, the ceiling's data under scarce demonstrations).
 
-    Reads: ``models/models.json``, ``demos/sft.jsonl``, the valid task ids. Writes: ``train/`` (the model in
+    Reads: ``models/models.json``, ``demos/<rows>``, the valid task ids. Writes: ``train/`` (the model in
     ``train/model/``) and ``model.json``. Returns the training summary.
     """
     from w2s_agents.trainers import train_sft
 
     result = train_sft(
         model_path(ctx, role),
-        ctx.output("demos") / "sft.jsonl",
+        ctx.output("demos") / rows,
         ctx.directory / "train",
-        replace(train, seed=derive_seed(seed, role, "sft")),
+        replace(
+            train, seed=derive_seed(seed, role, "sft") if rows == "sft.jsonl" else derive_seed(seed, ctx.name)
+        ),
         valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
     )
     return save_model_info(ctx, result)
