@@ -88,7 +88,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
     print(f"{result.run_dir}: report {result.report}")
     for name, m in result.metrics["models"].items():
-        label = MODEL_LABELS.get(name, name)
+        label = m.get("label") or MODEL_LABELS.get(name, name)
         print(
             f"  {label:<18} return {interval(m['return']).format(3)}  success {interval(m['success']).format(3)}"
         )

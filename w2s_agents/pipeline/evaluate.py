@@ -15,6 +15,7 @@ from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import W2S_VARIANTS, ExperimentConfig
 from w2s_agents.pipeline.stage_io import load_agent, model_path, play_episodes, read_json, read_trajectories
 from w2s_agents.pipeline.stats import misfit
+from w2s_agents.pipeline.weaks import extra_weaks
 from w2s_agents.types import EpisodeState, Trajectory
 
 if TYPE_CHECKING:
@@ -89,11 +90,12 @@ def evaluate_models(
     """
     out: dict[str, Any] = {"models": {}, "train": {}, "misfit": {}}
     agents: dict[str, Agent] = {}
-    for name in MODEL_STAGES:
+    extra = [w.sft_stage for w in extra_weaks(cfg)]  # every extra weak model's SFT agent, on the test tasks
+    for name in (*MODEL_STAGES, *extra):
         path = model_path(ctx, name) if name in ctx.outputs else None
         if path is None:
             continue
-        role = "weak" if name == "weak-sft" else "strong"
+        role = "weak" if name == "weak-sft" or name in extra else "strong"
         agents[name] = agent = load_agent(cfg, path, name, role)
         trajs, _ = play_episodes(
             cfg, agent, test_tasks, cfg.eval.samplers, cfg.eval.seeds, ctx.directory / f"test-{name}.jsonl"

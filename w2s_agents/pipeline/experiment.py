@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from w2s_agents.agents import AgentConfig, ModelConfig, Sampler
 from w2s_agents.config import RunConfig, check, load_config, option, save_config
+from w2s_agents.pipeline.weaks import WeakModelConfig, check_weak_names
 from w2s_agents.search import OnlineSearchConfig, SearchConfig
 from w2s_agents.trainers import TrainConfig
 
@@ -203,6 +204,11 @@ class TrainStagesConfig:
         default_factory=lambda: ["w2s-mcts", "w2s-treedpo"], help="weak-to-strong models to train"
     )
     ceiling: bool = option(True, "train and evaluate the ceiling")
+    source_weights: bool = option(
+        True,
+        "with several weak models (weak_extra): the W2S stages learn one weight per source (RAVEN; their "
+        "sources.weights on); false: their train.*.sources settings as written",
+    )
     valid_success: bool = option(
         True,
         "with valid tasks (tasks.valid > 0): validate each epoch by greedy success on them and export the best "
@@ -242,6 +248,11 @@ class ExperimentConfig:
         default_factory=lambda: ModelConfig(tiny_preset="weak"),
         help="the weak agent (explorer, DPO reference)",
     )
+    weak_extra: list[WeakModelConfig] = option(
+        default_factory=list,
+        help="more weak supervisors (RAVEN), each {name: ..., <model keys>}: its own SFT (weak-sft-<name>) and "
+        "exploration (explore-<name>), merged into the same trees; weak stays the weak baseline",
+    )
     strong: ModelConfig = option(
         default_factory=lambda: ModelConfig(tiny_preset="strong"), help="the strong agent that is trained"
     )
@@ -264,6 +275,7 @@ class ExperimentConfig:
     eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation and diagnostics")
 
     def __post_init__(self) -> None:
+        check_weak_names(self.weak_extra)
         check(
             self.eval.split == "test" or self.tasks.valid > 0,
             "eval.split",

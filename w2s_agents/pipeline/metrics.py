@@ -28,6 +28,7 @@ from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.report import METRICS_SCHEMA, MODEL_LABELS
 from w2s_agents.pipeline.stage_io import read_json, read_trajectories
 from w2s_agents.pipeline.stats import Misfit, Transfer, bootstrap_interval, paired_pgr, transfer
+from w2s_agents.pipeline.weaks import extra_weaks, weak_label, weak_supervisor_metrics
 from w2s_agents.seeding import derive_seed
 
 __all__ = ["aggregate", "strict_json", "write_metrics"]
@@ -45,7 +46,7 @@ def _model_metrics(
         units = [u for ev in per_seed.values() for u in ev["models"].get(name, [])]
         groups = [u["run_seed"] for u in units]
         models[name] = {
-            "label": MODEL_LABELS.get(name, name),
+            "label": MODEL_LABELS.get(name) or weak_label(name),
             "return": bootstrap_interval([u["return"] for u in units], groups, seed=level_seed).as_dict(),
             "success": bootstrap_interval(
                 [float(u["success"]) for u in units], groups, seed=level_seed
@@ -134,11 +135,13 @@ def _search_cost(
         "mcts_simulations": 0,
     }
     per_tree: list[dict[str, Any]] = []
+    explores = ("explore", *(w.explore_stage for w in extra_weaks(cfg)))  # every weak model's exploration
     for s in seeds:
-        ex = read_json(run_dir / f"seed-{s}" / "explore" / "explore.json")
-        cost["exploration_episodes"] += ex["episodes"]
-        cost["exploration_env_steps"] += ex["env_steps"]
-        cost["exploration_tokens"] += ex["tokens"]
+        for stage in explores:
+            ex = read_json(run_dir / f"seed-{s}" / stage / "explore.json")
+            cost["exploration_episodes"] += ex["episodes"]
+            cost["exploration_env_steps"] += ex["env_steps"]
+            cost["exploration_tokens"] += ex["tokens"]
         trees = read_json(run_dir / f"seed-{s}" / "trees" / "trees.json")
         cost["mcts_simulations"] += cfg.search.iterations * len(trees)
         expanded = run_dir / f"seed-{s}" / "expand" / "expand.json"
@@ -205,6 +208,8 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
     paths = _best_paths(run_dir, seeds)
     if paths is not None:
         metrics["best_paths"] = paths
+    if cfg.weak_extra:  # several weak supervisors: each one's share of the data, the learned weights
+        metrics["weak_supervisors"] = weak_supervisor_metrics(run_dir, seeds, cfg)
     metrics["curves"] = _curves(run_dir / f"seed-{seeds[0]}")
     return strict_json(metrics)
 

@@ -8,7 +8,8 @@ time (``w2s report RUN_DIR``) and tested without running models. Layout of the m
                        "episodes": n, "tokens": n}},
      "pgr": {w2s name: Interval}, "gain": {w2s name: float}, "vs_strong": {w2s name: Interval}, "misfit": {w2s name: Misfit},
      "transfer": {w2s name: Transfer}, "search_cost": {...}, "trees": {...},
-     "curves": {training name: {"loss": [[step, loss], ...], "valid": [[epoch, value], ...]}}}
+     "curves": {training name: {"loss": [[step, loss], ...], "valid": [[epoch, value], ...]}},
+     "weak_supervisors": {...}}  (with weak_extra only; :mod:`w2s_agents.pipeline.weaks`)
 
 Intervals are dicts with ``estimate``, ``low``, ``high``, ``n``, ``level`` (see :mod:`w2s_agents.pipeline.stats`);
 a value that could not be computed is ``null`` with a ``reason`` in the same dict, and a PGR interval has
@@ -27,6 +28,7 @@ from typing import Any
 
 from w2s_agents.atomic import atomic_write
 from w2s_agents.pipeline.stats import PGR_MIN_GAP, Interval
+from w2s_agents.pipeline.weaks import FIRST_WEAK_SOURCE, weak_supervisors_section
 
 __all__ = ["METRICS_SCHEMA", "MODEL_LABELS", "TABLE_ORDER", "interval", "plot_metrics", "write_report"]
 
@@ -54,7 +56,11 @@ def interval(data: Mapping[str, Any] | None) -> Interval:
 
 def _ordered_models(models: Mapping[str, Any]) -> list[str]:
     known = [m for m in TABLE_ORDER if m in models]
-    return known + sorted(m for m in models if m not in MODEL_LABELS)
+    # the extra weak models' SFT agents (weak_extra) come right after weak SFT
+    weaks = sorted(m for m in models if m.startswith(f"{FIRST_WEAK_SOURCE}-") and m not in MODEL_LABELS)
+    at = known.index(FIRST_WEAK_SOURCE) + 1 if FIRST_WEAK_SOURCE in known else 0
+    known[at:at] = weaks
+    return known + sorted(m for m in models if m not in MODEL_LABELS and m not in weaks)
 
 
 def _label(name: str, models: Mapping[str, Any]) -> str:
@@ -277,6 +283,7 @@ def write_report(metrics: Mapping[str, Any], run_dir: str | os.PathLike[str], *,
         lines += [", ".join(f"{k}: `{v}`" for k, v in head.items()), ""]
     lines += _results_section(metrics)
     lines += _w2s_section(metrics)
+    lines += weak_supervisors_section(metrics, MODEL_LABELS)
     lines += _dict_section("Search cost", metrics.get("search_cost"))
     tree_stats = {k: v for k, v in (metrics.get("trees") or {}).items() if k != "per_tree"}
     lines += _dict_section("Trajectory trees", tree_stats)

@@ -10,6 +10,8 @@ section 2 run in ``<run dir>/seed-<k>/<stage>/`` as cached, resumable stages (:m
     strong-sft  the strong agent fine-tuned on the demos (baseline)
     ceiling-sft with scarce demos (tasks.demos < tasks.train): the strong agent on every train task's demo
     explore     the weak SFT agent on the train tasks under every sampling setting (tree width)
+    models-<name>, weak-sft-<name>, explore-<name>
+                with weak_extra: each extra weak model's base model, SFT and exploration (module weaks)
     trees       one trajectory tree per train task
     search      MCTS per tree; best-path SFT rows, TreeDPO pairs, expert-vs-failed pairs
     w2s-mcts    strong base model, SFT on the best paths (MCTS-SFT)
@@ -56,7 +58,9 @@ from w2s_agents.pipeline.stages import (
     run_sft,
     run_tasks,
     run_trees,
+    run_weak_model,
 )
+from w2s_agents.pipeline.weaks import W2S_WEIGHTED_STAGES, extra_weaks, with_source_weights
 from w2s_agents.seeding import seed_everything
 from w2s_agents.trainers import TrainConfig
 
@@ -118,10 +122,14 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     system = training_system(cfg)
     searched = "expand" if cfg.expand.iterations else "trees"  # the stage whose trees MCTS searches
     variants = [v for v in W2S_VARIANTS if v in t.variants]
+    weaks = extra_weaks(cfg)  # several weak supervisors: the W2S stages learn per-source weights
+    weighted = W2S_WEIGHTED_STAGES if weaks and t.source_weights else ()
 
     def training(
         name: str, run: Callable[..., Any], tc: TrainConfig, deps: tuple[str, ...], **kw: Any
     ) -> Stage:
+        if name in weighted:
+            tc = with_source_weights(tc)
         # the training config is bound to the function and hashed into the key from the same object
         bound = partial(run, cfg=cfg, seed=seed, train=tc, **kw)
         return Stage(name, bound, config=_train_part(cfg, tc, seed), deps=deps)
@@ -155,6 +163,16 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         stages.append(
             training("ceiling-sft", run_sft, t.ceiling_sft, ("models",), role="strong", rows="sft-all.jsonl")
         )
+    for i, w in enumerate(weaks):  # each extra weak model (weak_extra): its base model, SFT on the demos
+        stages += [
+            Stage(
+                w.models_stage,
+                partial(run_weak_model, cfg=cfg, seed=seed, index=i),
+                config={"weak": w.config, "seed": seed},
+                deps=("demos",),
+            ),
+            training(w.sft_stage, run_sft, t.weak_sft, (w.models_stage,), role="weak", models=w.models_stage),
+        ]
     stages += [  # the weak agent's experience, merged into trees, (grown online,) searched
         Stage(
             "explore",
@@ -165,6 +183,24 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         ),
         Stage("trees", run_trees, deps=("explore",), version=2),  # 2: tree files w2s.tree/2
     ]
+    if weaks:  # each extra weak model explores as the first does; the trees merge every exploration
+        names = [s.name for s in stages]
+        explore, at = stages[names.index("explore")], names.index("trees")
+        extra = [
+            replace(
+                explore,
+                name=w.explore_stage,
+                run=partial(run_explore, cfg=cfg, seed=seed, model=w.sft_stage),
+                deps=(w.sft_stage,),
+            )
+            for w in weaks
+        ]
+        trees = stages[at]
+        explores = ("explore", *(e.name for e in extra))
+        stages[at : at + 1] = [
+            *extra,
+            replace(trees, run=partial(trees.run, explores=explores), deps=(*trees.deps, *explores[1:])),
+        ]
     if cfg.expand.iterations:
         stages.append(
             Stage(

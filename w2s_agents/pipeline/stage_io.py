@@ -76,11 +76,12 @@ def task_ids(ctx: StageContext, split: str) -> list[str]:
     return list(read_json(ctx.output("tasks") / "tasks.json")[split])
 
 
-def model_path(ctx: StageContext, name: str) -> Path | None:
-    """The model folder an earlier stage produced: ``weak`` / ``strong`` (the ``models`` stage), or the stage name
-    of a training stage (``weak-sft``, ``w2s-mcts``, ...). None when that training stage was skipped."""
+def model_path(ctx: StageContext, name: str, *, models: str = "models") -> Path | None:
+    """The model folder an earlier stage produced: ``weak`` / ``strong`` (recorded by the stage ``models``, or
+    by an extra weak model's ``models-<name>``), or the stage name of a training stage (``weak-sft``,
+    ``w2s-mcts``, ...). None when that training stage was skipped."""
     if name in ("weak", "strong"):
-        return Path(read_json(ctx.output("models") / "models.json")[name])
+        return Path(read_json(ctx.output(models) / "models.json")[name])
     info = ctx.output(name) / "model.json"
     if not info.is_file():
         return None
@@ -99,6 +100,8 @@ def train_summary(result: TrainResult) -> dict[str, Any]:
         "valid_metric": result.valid_metric,
         "tokens_per_second": round(result.tokens_per_second, 1),
         "final_loss": result.loss_curve[-1][1] if result.loss_curve else None,
+        # learned per-source weights (several weak supervisors); absent when the run did not learn them
+        **({"source_weights": result.source_weights} if result.source_weights is not None else {}),
     }
 
 

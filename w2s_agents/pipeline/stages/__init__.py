@@ -8,11 +8,11 @@ by what it needs of the experiment; :func:`w2s_agents.pipeline.runner.build_stag
 Stage, module, function::
 
     tasks, demos                                tasks.py     run_tasks, run_demos
-    models                                      models.py    run_models
-    weak-sft, strong-sft                        train.py     run_sft
+    models, models-<name>                       models.py    run_models, run_weak_model
+    weak-sft, strong-sft, weak-sft-<name>       train.py     run_sft
     w2s-mcts                                    train.py     run_mcts_sft
     w2s-treedpo, w2s-mcts-treedpo, ceiling      train.py     run_dpo
-    explore, trees                              explore.py   run_explore, run_trees
+    explore, explore-<name>, trees              explore.py   run_explore, run_trees
     expand                                      expand.py    run_expand
     search                                      search.py    run_search
     eval                                        eval.py      run_eval (the work: pipeline/evaluate.py)
@@ -24,7 +24,7 @@ What several stages share (files of earlier stages, agents, episodes, validation
 from .eval import run_eval
 from .expand import run_expand
 from .explore import run_explore, run_trees
-from .models import run_models
+from .models import run_models, run_weak_model
 from .search import run_search
 from .tasks import run_demos, run_tasks
 from .train import run_dpo, run_mcts_sft, run_sft
@@ -41,4 +41,5 @@ __all__ = [
     "run_sft",
     "run_tasks",
     "run_trees",
+    "run_weak_model",
 ]

@@ -19,15 +19,20 @@ from w2s_agents.seeding import derive_seed
 __all__ = ["run_explore", "run_trees"]
 
 
-def run_explore(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+def run_explore(
+    ctx: StageContext, cfg: ExperimentConfig, seed: int, *, model: str = "weak-sft"
+) -> dict[str, Any]:
     """Stage ``explore``: the weak SFT agent on every train task under every sampler of ``explore.samplers``
     (the tree width), ``explore.seeds`` episodes each, on ``explore.workers`` Ray workers or in this process.
 
-    Reads: ``weak-sft/model.json``, the train task ids. Writes: ``trajectories.jsonl`` (resumable: a stopped run
+    Stage ``explore-<name>`` is the same with ``model`` the extra weak model's SFT stage ``weak-sft-<name>``,
+    the source of its episodes.
+
+    Reads: ``<model>/model.json``, the train task ids. Writes: ``trajectories.jsonl`` (resumable: a stopped run
     plays only the missing episodes) and ``explore.json`` (the statistics below plus ``solved_tasks``).
     Returns episodes, successes, tasks solved, env steps, tokens and mean return.
     """
-    agent = load_agent(cfg, model_path(ctx, "weak-sft"), "weak-sft", "weak")
+    agent = load_agent(cfg, model_path(ctx, model), model, "weak")
     trajs, _ = play_episodes(
         cfg,
         agent,
@@ -51,15 +56,18 @@ def run_explore(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> dict[str
     return stats
 
 
-def run_trees(ctx: StageContext) -> dict[str, Any]:
-    """Stage ``trees``: the exploration trajectories merged into one trajectory tree per train task.
+def run_trees(ctx: StageContext, *, explores: tuple[str, ...] = ("explore",)) -> dict[str, Any]:
+    """Stage ``trees``: the trajectories of the exploration stages ``explores`` (``explore``, and
+    ``explore-<name>`` of every extra weak model) merged into one trajectory tree per train task.
 
-    Reads: ``explore/trajectories.jsonl``. Writes: ``trees/<task>.json`` and ``trees.json`` (per tree: nodes,
+    Reads: ``<explore>/trajectories.jsonl``. Writes: ``trees/<task>.json`` and ``trees.json`` (per tree: nodes,
     depth, leaves, branch points, successful leaves, trajectories). Returns the number of trees and nodes.
     """
     from w2s_agents.tree import build_trees, tree_filename
 
-    trees = build_trees(read_trajectories(ctx.output("explore") / "trajectories.jsonl"))
+    trees = build_trees(
+        [x for stage in explores for x in read_trajectories(ctx.output(stage) / "trajectories.jsonl")]
+    )
     per_tree = []
     for task_id, tree in sorted(trees.items()):
         tree.save(ctx.directory / "trees" / tree_filename(task_id))

@@ -1,5 +1,6 @@
-"""The training stages: ``weak-sft``, ``strong-sft`` and ``ceiling-sft`` (SFT on the demos), ``w2s-mcts`` (MCTS-SFT on the best
-paths), and the DPO stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and ``ceiling``.
+"""The training stages: ``weak-sft`` (and ``weak-sft-<name>``), ``strong-sft`` and ``ceiling-sft`` (SFT on the
+demos), ``w2s-mcts`` (MCTS-SFT on the best paths), and the DPO stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and
+``ceiling``.
 
 Each trains into ``<stage>/train/`` (checkpoints there let a stopped run carry on) and records its model in
 ``<stage>/model.json``; a stage with no data to train on records ``{"skipped": why}`` instead, and the stages
@@ -38,23 +39,24 @@ def run_sft(
     role: Literal["weak", "strong"],
     train: TrainConfig,
     rows: str = "sft.jsonl",
+    models: str = "models",
 ) -> dict[str, Any]:
-    """Stages ``weak-sft`` / ``strong-sft`` / ``ceiling-sft``: the ``role`` base model fine-tuned on the expert
+    """Stages ``weak-sft`` / ``strong-sft`` / ``ceiling-sft`` / ``weak-sft-<name>``: the ``role`` base model
+    (recorded by the stage ``models``, or ``models-<name>`` for an extra weak model) fine-tuned on the expert
     demos of the demos stage's file ``rows`` (``sft.jsonl``: the tasks with demos; ``sft-all.jsonl``: every
     train task, the ceiling's data under scarce demonstrations).
 
-    Reads: ``models/models.json``, ``demos/<rows>``, the valid task ids. Writes: ``train/`` (the model in
+    Reads: ``<models>/models.json``, ``demos/<rows>``, the valid task ids. Writes: ``train/`` (the model in
     ``train/model/``) and ``model.json``. Returns the training summary.
     """
     from w2s_agents.trainers import train_sft
 
+    first = rows == "sft.jsonl" and models == "models"  # weak-sft, strong-sft: seeded by the role
     result = train_sft(
-        model_path(ctx, role),
+        model_path(ctx, role, models=models),
         ctx.output("demos") / rows,
         ctx.directory / "train",
-        replace(
-            train, seed=derive_seed(seed, role, "sft") if rows == "sft.jsonl" else derive_seed(seed, ctx.name)
-        ),
+        replace(train, seed=derive_seed(seed, role, "sft") if first else derive_seed(seed, ctx.name)),
         valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
     )
     return save_model_info(ctx, result)
