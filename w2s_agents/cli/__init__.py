@@ -10,6 +10,7 @@ imports what it needs when it runs, so that ``w2s --help`` starts without the ML
 
 ===========  ====================================================================================
 ``run``      ``w2s config show|keys``, ``w2s run`` (the whole pipeline), ``w2s report``
+``sweep``    ``w2s sweep`` (a grid of runs: ablations, one table and plot)
 ``model``    ``w2s model tiny|info``
 ``envs``     ``w2s envs [list|suites|tasks|play|demos]``
 ``rollout``  ``w2s rollout``
@@ -30,13 +31,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from w2s_agents import __version__
-from w2s_agents.cli import envs, model, rollout, run, search, store, train, tree, viz
+from w2s_agents.cli import envs, model, rollout, run, search, store, sweep, train, tree, viz
 from w2s_agents.errors import W2SError
 
 __all__ = ["build_parser", "main"]
 
 # in the order `w2s --help` lists them
-_GROUPS = (run, model, envs, rollout, store, tree, search, viz, train)
+_GROUPS = (run, sweep, model, envs, rollout, store, tree, search, viz, train)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -98,6 +98,11 @@ class ExploreConfig:
         help="sampling settings, one exploration each (the tree width)",
     )
     seeds: int = option(2, "episodes per task and sampler")
+    width: int = option(
+        0,
+        "trajectories per train task: the first N (sampler, seed) pairs taken seed-major (seed 0 of every "
+        "sampler in list order, then seed 1, ...); 0: every sampler x seeds",
+    )
     batch_size: int = option(16, "live episodes per batched agent call")
     workers: int = option(0, "Ray workers for exploration (0: in this process)")
     ray_address: str | None = option(
@@ -109,6 +114,13 @@ class ExploreConfig:
         names = [s.name for s in self.samplers]
         check(len(set(names)) == len(names), "samplers", f"names must be unique, got {names}")
         check(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
+        pairs = len(self.samplers) * self.seeds
+        check(
+            0 <= self.width <= pairs,
+            "width",
+            f"must be between 0 and len(samplers) x seeds = {len(self.samplers)} x {self.seeds} = {pairs}, "
+            f"got {self.width}",
+        )
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
 

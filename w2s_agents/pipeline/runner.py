@@ -112,6 +112,15 @@ def _tasks_part(cfg: ExperimentConfig) -> dict[str, Any]:
     return part
 
 
+def _explore_part(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+    """The config part of the explore stage; ``explore.width`` only when set, so that a run without it keeps the
+    key it had before that setting existed."""
+    part = config_to_dict(cfg.explore)
+    if not cfg.explore.width:
+        part.pop("width")
+    return {"explore": part, "agent": cfg.agent, "seed": seed}
+
+
 def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     """The stages of one run seed (see the module docstring), each with the config part it depends on.
 
@@ -177,7 +186,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         Stage(
             "explore",
             partial(run_explore, cfg=cfg, seed=seed),
-            config={"explore": cfg.explore, "agent": cfg.agent, "seed": seed},
+            config=_explore_part(cfg, seed),
             deps=("weak-sft",),
             version=2,  # 2: trajectories carry the env's state keys
         ),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
@@ -16,14 +17,51 @@ from w2s_agents.pipeline.stage_io import (
 )
 from w2s_agents.seeding import derive_seed
 
-__all__ = ["run_explore", "run_trees"]
+if TYPE_CHECKING:
+    from w2s_agents.agents import Sampler
+
+__all__ = ["explore_pairs", "run_explore", "run_trees"]
+
+
+def explore_pairs(samplers: Sequence[Sampler], seeds: int, width: int = 0) -> list[tuple[Sampler, int]]:
+    """The (sampler, seed index) pairs that exploration plays on every train task, seed-major.
+
+    ``width`` 0 gives every sampler x ``range(seeds)``; ``width`` N > 0 the first N pairs of seed 0 of every
+    sampler in list order, then seed 1 of every sampler, and so on (``explore.width``).
+
+    Raises:
+        ValueError: ``width`` is negative or above ``len(samplers) * seeds``.
+    """
+    pairs = [(sampler, s) for s in range(seeds) for sampler in samplers]
+    if not 0 <= width <= len(pairs):
+        raise ValueError(f"width must be between 0 and {len(pairs)} (samplers x seeds), got {width}")
+    return pairs[:width] if width else pairs
+
+
+def _episode_groups(
+    pairs: Sequence[tuple[Sampler, int]],
+) -> list[tuple[list[Sampler], list[int]]]:
+    """``pairs`` as (samplers, consecutive seed indices) groups, each a full cross product for one rollout call:
+    seeds that play the same samplers share a group."""
+    per_seed: dict[int, list[Sampler]] = {}
+    for sampler, s in pairs:
+        per_seed.setdefault(s, []).append(sampler)
+    groups: list[tuple[list[Sampler], list[int]]] = []
+    for s, samplers in per_seed.items():
+        if groups and groups[-1][0] == samplers and groups[-1][1][-1] == s - 1:
+            groups[-1][1].append(s)
+        else:
+            groups.append((samplers, [s]))
+    return groups
 
 
 def run_explore(
     ctx: StageContext, cfg: ExperimentConfig, seed: int, *, model: str = "weak-sft"
 ) -> dict[str, Any]:
     """Stage ``explore``: the weak SFT agent on every train task under every sampler of ``explore.samplers``
-    (the tree width), ``explore.seeds`` episodes each, on ``explore.workers`` Ray workers or in this process.
+    (the tree width), ``explore.seeds`` episodes each, or the first ``explore.width`` (sampler, seed) pairs
+    (:func:`explore_pairs`), on ``explore.workers`` Ray workers or in this process. An episode has the same seed
+    whatever the width, so a narrower exploration plays a subset of a wider one's episodes.
 
     Stage ``explore-<name>`` is the same with ``model`` the extra weak model's SFT stage ``weak-sft-<name>``,
     the source of its episodes.
@@ -33,16 +71,20 @@ def run_explore(
     Returns episodes, successes, tasks solved, env steps, tokens and mean return.
     """
     agent = load_agent(cfg, model_path(ctx, model), model, "weak")
-    trajs, _ = play_episodes(
-        cfg,
-        agent,
-        task_ids(ctx, "train"),
-        cfg.explore.samplers,
-        cfg.explore.seeds,
-        ctx.directory / "trajectories.jsonl",
-        first_seed=derive_seed(seed, "explore") % 1_000_000,
-        workers=cfg.explore.workers,
-    )
+    first_seed = derive_seed(seed, "explore") % 1_000_000
+    pairs = explore_pairs(cfg.explore.samplers, cfg.explore.seeds, cfg.explore.width)
+    trajs = []
+    for samplers, seeds in _episode_groups(pairs):
+        trajs, _ = play_episodes(
+            cfg,
+            agent,
+            task_ids(ctx, "train"),
+            samplers,
+            len(seeds),
+            ctx.directory / "trajectories.jsonl",
+            first_seed=first_seed + seeds[0],
+            workers=cfg.explore.workers,
+        )
     solved = sorted({x.task_id for x in trajs if x.success})
     stats = {
         "episodes": len(trajs),
