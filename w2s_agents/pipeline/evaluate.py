@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from w2s_agents.pipeline.cache import StageContext
-from w2s_agents.pipeline.experiment import W2S_VARIANTS, ExperimentConfig
+from w2s_agents.pipeline.experiment import BASELINES, W2S_VARIANTS, ExperimentConfig
 from w2s_agents.pipeline.stage_io import load_agent, model_path, play_episodes, read_json, read_trajectories
 from w2s_agents.pipeline.stats import misfit
 from w2s_agents.pipeline.weaks import extra_weaks
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_STAGES", "episode_units", "evaluate_models", "weak_misfit"]
 
-MODEL_STAGES = ("weak-sft", "strong-sft", *W2S_VARIANTS, "ceiling-sft", "ceiling")
+MODEL_STAGES = ("weak-sft", "strong-sft", *BASELINES, *W2S_VARIANTS, "ceiling-sft", "ceiling")
 """The training stages, named as their models are in the metrics; evaluation plays them in this order."""
 
 

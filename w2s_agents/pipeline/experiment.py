@@ -22,6 +22,7 @@ from w2s_agents.search import OnlineSearchConfig, SearchConfig
 from w2s_agents.trainers import TrainConfig
 
 __all__ = [
+    "BASELINES",
     "W2S_VARIANTS",
     "EvalConfig",
     "ExpandConfig",
@@ -37,6 +38,11 @@ __all__ = [
 
 W2S_VARIANTS = ("w2s-mcts", "w2s-treedpo", "w2s-mcts-treedpo")
 """The weak-to-strong models a run can train (``train.variants``), in the pipeline's order."""
+
+BASELINES = ("eto", "best-of-n")
+"""The paper's strong-SFT baselines a run can train (``train.baselines``): strong SFT + ETO (DPO on expert demos vs
+the strong SFT agent's failed explorations) and strong SFT + Best-of-N (SFT on its best successful sample per
+train task), in the pipeline's order."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,30 @@ class TrainStagesConfig:
         default_factory=lambda: ["w2s-mcts", "w2s-treedpo"], help="weak-to-strong models to train"
     )
     ceiling: bool = option(True, "train and evaluate the ceiling")
+    mcts_start: Literal["base", "strong-sft"] = option(
+        "base",
+        "the model W2S-MCTS fine-tunes on the best paths: base (the strong base model, the paper's released "
+        "code) or strong-sft (the strong SFT agent)",
+    )
+    baselines: list[Literal["eto", "best-of-n"]] = option(
+        default_factory=list,
+        help="the paper's strong-SFT baselines to train: eto (DPO on expert demos vs the strong SFT agent's "
+        "failed explorations of the demo tasks), best-of-n (SFT on its best successful sample per train task)",
+    )
+    eto: TrainConfig = option(
+        default_factory=lambda: _tiny_dpo("strong"),
+        help="strong SFT + ETO: DPO from the strong SFT agent on expert-vs-own-failure pairs (reference: strong "
+        "SFT)",
+    )
+    best_of_n: TrainConfig = option(
+        default_factory=lambda: _tiny_sft(1e-3, 30),
+        help="strong SFT + Best-of-N: SFT from the strong SFT agent on its best successful sample per train task",
+    )
+    best_of_n_samples: int = option(
+        0,
+        "N of Best-of-N: the strong SFT agent's first N exploration episodes per train task that the best is "
+        "chosen from, seed by seed under every explore.samplers (0: all, explore.samplers x explore.seeds)",
+    )
     source_weights: bool = option(
         True,
         "with several weak models (weak_extra): the W2S stages learn one weight per source (RAVEN; their "
@@ -226,6 +256,9 @@ class TrainStagesConfig:
         "with valid tasks (tasks.valid > 0): validate each epoch by greedy success on them and export the best "
         "epoch; otherwise the trainers' validation loss on held-out train tasks (train.*.valid_fraction)",
     )
+
+    def __post_init__(self) -> None:
+        check(self.best_of_n_samples >= 0, "best_of_n_samples", f"must be >= 0, got {self.best_of_n_samples}")
 
 
 @dataclass(frozen=True)
@@ -288,6 +321,13 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check_weak_names(self.weak_extra)
+        episodes = len(self.explore.samplers) * self.explore.seeds
+        check(
+            self.train.best_of_n_samples <= episodes,
+            "train.best_of_n_samples",
+            f"is {self.train.best_of_n_samples}, more than the strong SFT agent's exploration episodes per train "
+            f"task (explore.samplers x explore.seeds = {episodes})",
+        )
         check(
             self.eval.split == "test" or self.tasks.valid > 0,
             "eval.split",

@@ -38,6 +38,8 @@ METRICS_SCHEMA = "w2s.metrics/1"
 MODEL_LABELS: Mapping[str, str] = {
     "weak-sft": "Weak SFT",
     "strong-sft": "Strong SFT",
+    "eto": "Strong SFT + ETO",
+    "best-of-n": "Strong SFT + Best-of-N",
     "w2s-treedpo": "W2S-TreeDPO",
     "w2s-mcts": "W2S-MCTS",
     "w2s-mcts-treedpo": "W2S-MCTS+TreeDPO",
@@ -212,10 +214,8 @@ def plot_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
             max(0.0, i.high - e) if math.isfinite(i.high) else 0.0 for e, i in zip(est, ivs, strict=True)
         ]
         fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.5))
-        colors = [
-            "#8c8c8c" if n in ("weak-sft", "strong-sft") else "#2b7bba" if n != "ceiling" else "#444444"
-            for n in names
-        ]
+        baselines = ("weak-sft", "strong-sft", "eto", "best-of-n")
+        colors = ["#8c8c8c" if n in baselines else "#2b7bba" if n != "ceiling" else "#444444" for n in names]
         ax.bar(range(len(names)), est, yerr=[err_lo, err_hi], capsize=4, color=colors)
         ax.set_xticks(range(len(names)), [_label(n, models) for n in names], rotation=20, ha="right")
         ax.set_ylabel("average return")

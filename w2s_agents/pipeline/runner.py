@@ -18,6 +18,9 @@ section 2 run in ``<run dir>/seed-<k>/<stage>/`` as cached, resumable stages (:m
     w2s-treedpo strong SFT agent, TreeDPO on the tree pairs, reference = weak SFT
     w2s-mcts-treedpo  W2S-MCTS, then TreeDPO on the tree pairs
     ceiling     strong SFT agent (ceiling-sft with scarce demos), DPO on expert-vs-failed pairs
+    strong-explore  with train.baselines: the strong SFT agent on the train tasks (explore.samplers x seeds)
+    eto         strong SFT + ETO: DPO on expert demos vs its own failed episodes of the demo tasks
+    best-of-n   strong SFT + Best-of-N: SFT on its best successful episode of each train task
     eval        every model on the held-out test tasks (and train tasks for correction / expansion; misfit)
 
 then ``metrics.json`` (:mod:`w2s_agents.pipeline.metrics`), ``report.md`` and ``plots/`` at the top of the run,
@@ -42,13 +45,15 @@ from w2s_agents.config import config_to_dict, save_config
 from w2s_agents.errors import ConfigError
 from w2s_agents.log import setup_logging
 from w2s_agents.pipeline.cache import Stage, StageRecord, collect_manifest, run_stages, write_manifest
-from w2s_agents.pipeline.experiment import W2S_VARIANTS, ExperimentConfig
+from w2s_agents.pipeline.experiment import BASELINES, W2S_VARIANTS, ExperimentConfig
 from w2s_agents.pipeline.metrics import aggregate, write_metrics
 from w2s_agents.pipeline.report import write_report
 from w2s_agents.pipeline.stage_io import training_system
 from w2s_agents.pipeline.stages import (
+    run_best_of_n,
     run_demos,
     run_dpo,
+    run_eto,
     run_eval,
     run_expand,
     run_explore,
@@ -56,6 +61,7 @@ from w2s_agents.pipeline.stages import (
     run_models,
     run_search,
     run_sft,
+    run_strong_explore,
     run_tasks,
     run_trees,
     run_weak_model,
@@ -229,7 +235,11 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     )
     # the weak-to-strong models and the ceiling
     if "w2s-mcts" in variants or "w2s-mcts-treedpo" in variants:
-        stages.append(training("w2s-mcts", run_mcts_sft, t.mcts_sft, ("search", "models")))
+        # train.mcts_start: the strong base model (the paper's released code; docs/pipeline.md) or strong SFT
+        start_deps = ("models",) if t.mcts_start == "base" else ("strong-sft",)
+        stages.append(
+            training("w2s-mcts", run_mcts_sft, t.mcts_sft, ("search", *start_deps), start=t.mcts_start)
+        )
     # DPO stages: the model they start from, the search stage's pairs file, the reference model
     if "w2s-treedpo" in variants:
         stages.append(
@@ -267,6 +277,30 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
                 reference=ceiling_start,
             )
         )
+    # the paper's strong-SFT baselines: the strong SFT agent's own episodes, then ETO and Best-of-N from them
+    baselines = [b for b in BASELINES if b in t.baselines]
+    if baselines:
+        stages.append(
+            Stage(
+                "strong-explore",
+                partial(run_strong_explore, cfg=cfg, seed=seed),
+                config={
+                    "samplers": cfg.explore.samplers,
+                    "seeds": cfg.explore.seeds,
+                    "batch_size": cfg.explore.batch_size,
+                    "agent": cfg.agent,
+                    "seed": seed,
+                },
+                deps=("strong-sft",),
+            )
+        )
+    if "eto" in baselines:
+        stage = training("eto", run_eto, t.eto, ("strong-explore", "demos", "strong-sft"))
+        pairs = {"margin": cfg.search.margin, "pairs_per_task": cfg.search.pairs_per_node}
+        stages.append(replace(stage, config={**stage.config, "pairs": pairs}))
+    if "best-of-n" in baselines:
+        stage = training("best-of-n", run_best_of_n, t.best_of_n, ("strong-explore", "strong-sft"))
+        stages.append(replace(stage, config={**stage.config, "samples": t.best_of_n_samples}))
     # evaluation reads the models of every training stage, and exploration's solved tasks
     stages.append(
         Stage(
@@ -276,7 +310,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             deps=tuple(
                 s.name
                 for s in stages
-                if s.name not in ("tasks", "demos", "models", "trees", "expand", "search")
+                if s.name not in ("tasks", "demos", "models", "trees", "expand", "search", "strong-explore")
             ),
         )
     )

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from w2s_agents.errors import ConfigError
+from w2s_agents.errors import ConfigError, W2SError
 from w2s_agents.pipeline.cache import StageRecord, stage_keys
 from w2s_agents.pipeline.experiment import ExperimentConfig, load_experiment
 from w2s_agents.pipeline.runner import build_stages, run_pipeline
@@ -209,7 +209,8 @@ def plan_sweep(path: str | os.PathLike[str] | None, args: Sequence[str]) -> Swee
 
     Raises:
         ConfigError: a malformed grid (:func:`parse_grid`), no axis, two points with the same folder name, or a
-            point whose config is invalid (naming the point's axis values and the config's own message).
+            point whose config or stage table is invalid (naming the point's axis values and the config's own
+            message).
     """
     axes, overrides = parse_grid(args)
     if not axes:
@@ -230,7 +231,8 @@ def plan_sweep(path: str | os.PathLike[str] | None, args: Sequence[str]) -> Swee
         seen[name] = values
         try:
             cfg = load_experiment(path, [*overrides, *(f"{k}={v}" for k, v in values.items())])
-        except ConfigError as exc:
+            stage_keys(build_stages(cfg, cfg.run.seed_list[0]))  # the stage table it would run
+        except W2SError as exc:
             raise ConfigError(f"sweep point {_assignments(values)}: {exc}") from None
         points.append(SweepPoint(name, values, cfg))
     base = points[0].config.run

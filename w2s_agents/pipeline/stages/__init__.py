@@ -13,6 +13,7 @@ Stage, module, function::
     w2s-mcts                                    train.py     run_mcts_sft
     w2s-treedpo, w2s-mcts-treedpo, ceiling      train.py     run_dpo
     explore, explore-<name>, trees              explore.py   run_explore, run_trees
+    strong-explore, eto, best-of-n              baselines.py run_strong_explore, run_eto, run_best_of_n
     expand                                      expand.py    run_expand
     search                                      search.py    run_search
     eval                                        eval.py      run_eval (the work: pipeline/evaluate.py)
@@ -21,6 +22,7 @@ What several stages share (files of earlier stages, agents, episodes, validation
 :mod:`w2s_agents.pipeline.stage_io`.
 """
 
+from .baselines import run_best_of_n, run_eto, run_strong_explore
 from .eval import run_eval
 from .expand import run_expand
 from .explore import run_explore, run_trees
@@ -30,8 +32,10 @@ from .tasks import run_demos, run_tasks
 from .train import run_dpo, run_mcts_sft, run_sft
 
 __all__ = [
+    "run_best_of_n",
     "run_demos",
     "run_dpo",
+    "run_eto",
     "run_eval",
     "run_expand",
     "run_explore",
@@ -39,6 +43,7 @@ __all__ = [
     "run_models",
     "run_search",
     "run_sft",
+    "run_strong_explore",
     "run_tasks",
     "run_trees",
     "run_weak_model",

@@ -63,21 +63,31 @@ def run_sft(
 
 
 def run_mcts_sft(
-    ctx: StageContext, cfg: ExperimentConfig, seed: int, *, train: TrainConfig
+    ctx: StageContext,
+    cfg: ExperimentConfig,
+    seed: int,
+    *,
+    train: TrainConfig,
+    start: Literal["base", "strong-sft"] = "base",
 ) -> dict[str, Any]:
-    """Stage ``w2s-mcts``: the strong *base* model, MCTS-SFT on the searched trees' best paths (``train``, the
-    experiment's ``train.mcts_sft``); no expert data. Skipped when no best path reached ``search.sft_min_value``.
+    """Stage ``w2s-mcts``: MCTS-SFT on the searched trees' best paths (``train``, the experiment's
+    ``train.mcts_sft``), from the strong *base* model (``start`` base: no expert data) or from the strong SFT
+    agent (``start`` strong-sft, ``train.mcts_start``). Skipped when no best path reached
+    ``search.sft_min_value``.
 
-    Reads: ``search/sft.jsonl``, ``models/models.json``, the valid task ids. Writes: ``train/`` and
-    ``model.json``. Returns the training summary.
+    Reads: ``search/sft.jsonl``, ``models/models.json`` or ``strong-sft/model.json``, the valid task ids.
+    Writes: ``train/`` and ``model.json``. Returns the training summary.
     """
     from w2s_agents.trainers import train_sft
 
     rows = ctx.output("search") / "sft.jsonl"
     if sum(1 for _ in rows.open(encoding="utf-8")) == 0:
         return _skip(ctx, "no best-path rows", "no best path reached the minimum value")
+    init = model_path(ctx, "strong" if start == "base" else start)
+    if init is None:
+        return _skip(ctx, f"no {start} model")
     result = train_sft(
-        model_path(ctx, "strong"),
+        init,
         rows,
         ctx.directory / "train",
         replace(train, method="mcts-sft", seed=derive_seed(seed, "w2s-mcts")),
