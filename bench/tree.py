@@ -22,6 +22,11 @@ Measured on each data set:
 * memory: bytes per node of each tree structure, strings excluded (sizes of every non-string object the
   trees hold, shared objects counted once).
 
+After data set 3, the merge by observation similarity (``tree.merge: similarity``, TF-IDF embedding, xi_sim 0.9)
+against the exact merge on data set 2 with a noisy line added to every observation (a clock showing a random
+minute, so that the same history reaches different texts), ``--similarity-trajectories`` of them (one task by
+default): the time and nodes of each build, and the TF-IDF's share.
+
 On the first data set only:
 
 * MCTS: simulations/s on the tree closest to 10,000 nodes (ours: ``run_mcts``; baseline: node objects with
@@ -613,6 +618,47 @@ def freeze_input(freeze: bool) -> None:
     print(f"        parsed input {'frozen out of' if freeze else 'left in'} the garbage collector")
 
 
+def bench_similarity(n_traj: int, per_task: int, seed: int) -> None:
+    """Time the exact and the similarity build of data set 2 with a random clock line in every observation."""
+    import dataclasses
+
+    from w2s_agents.tree import SimilarityMerge, TfidfEmbedder, build_trees
+
+    trajs, steps, _ = generate(n_traj, per_task, seed, distinct=True)
+    rng = random.Random(seed)
+    trajs = [
+        dataclasses.replace(
+            t,
+            steps=tuple(
+                dataclasses.replace(
+                    s, observation=f"{s.observation}\nThe clock shows 10:{rng.randrange(60):02d}."
+                )
+                for s in t.steps
+            ),
+        )
+        for t in trajs
+    ]
+    timed_embed = [0, 0.0]
+
+    class TimedTfidf(TfidfEmbedder):
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            out = super().embed(texts)
+            timed_embed[0] += len(texts)
+            timed_embed[1] += time.perf_counter() - t0
+            return out
+
+    gc.collect()
+    exact, t_exact = timed(build_trees, trajs)
+    gc.collect()
+    sim, t_sim = timed(build_trees, trajs, similarity=SimilarityMerge(0.9, TimedTfidf()))
+    print(
+        f"similarity merge  exact {steps / t_exact:>10,.0f} steps/s ({sum(map(len, exact.values())):,} nodes)  "
+        f"similarity {steps / t_sim:>10,.0f} steps/s ({sum(map(len, sim.values())):,} nodes)  "
+        f"{t_sim / t_exact:5.1f}x the time; TF-IDF of {timed_embed[0]:,} texts {timed_embed[1]:.2f} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (10,000 trajectories per data set)")
@@ -622,6 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-task", type=int, default=2000, help="trajectories per task")
     ap.add_argument("--simulations", type=int, default=None, help="MCTS simulations timed (default 20,000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--similarity-trajectories", type=int, default=2000, help="trajectories of the similarity-merge line"
+    )
+    ap.add_argument("--similarity-only", action="store_true", help="only the similarity-merge line")
     ap.add_argument("--repeat", type=int, default=5, help="builds timed per side (the best counts)")
     ap.add_argument(
         "--no-freeze",
@@ -634,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     per_task = min(args.per_task, n_traj)
 
     print(f"machine: {machine()}")
+    if args.similarity_only:
+        bench_similarity(args.similarity_trajectories, per_task, args.seed)
+        return 0
     print("== data set 1: repeated room texts (a room's description is the same text at every visit)")
     trajs, steps, _ = generate(n_traj, per_task, args.seed, distinct=False)
     freeze_input(not args.no_freeze)
@@ -658,6 +711,13 @@ def main(argv: list[str] | None = None) -> int:
     freeze_input(not args.no_freeze)
     trees, _, t_build = bench_build(trajs, steps, args.repeat)
     bench_paths(trees, {g["task"]: g for g in games}, t_build)
+    del trajs, trees
+
+    print(
+        "== data set 2 with a random clock line in every observation: the merge by observation similarity "
+        "(TF-IDF, xi_sim 0.9) and the exact merge"
+    )
+    bench_similarity(args.similarity_trajectories, per_task, args.seed)
     return 0
 
 

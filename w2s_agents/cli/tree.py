@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from w2s_agents.cli.args import check_output_dir, tree_files
-from w2s_agents.errors import W2SError
+from w2s_agents.errors import ConfigError, W2SError
+
+if TYPE_CHECKING:
+    from w2s_agents.pipeline.experiment import TreeConfig
 
 __all__ = ["add_commands"]
 
@@ -24,6 +28,27 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("files", nargs="+", metavar="STORE.jsonl")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the tree files")
     p.add_argument("--task", action="append", default=[], metavar="ID", help="only this task (repeatable)")
+    p.add_argument(
+        "--merge",
+        choices=("exact", "similarity"),
+        default="exact",
+        help="exact (default): a step joins a child with the same normalised action and observation acted on; "
+        "similarity: the same action and an observation whose embedding has cosine >= --xi-sim",
+    )
+    p.add_argument(
+        "--xi-sim",
+        type=float,
+        default=None,
+        metavar="X",
+        help="similarity merge: least cosine of observations that merge, in (0, 1] (default 0.9)",
+    )
+    p.add_argument(
+        "--embedder",
+        default=None,
+        metavar="DIR",
+        help="similarity merge: a local sentence-embedding model folder (default: TF-IDF over character "
+        "3- to 5-grams)",
+    )
     p.set_defaults(func=_cmd_tree_build)
     p = tree_sub.add_parser("summary", help="nodes, depth, leaves, outcomes and branching of tree files")
     p.add_argument("trees", nargs="+", metavar="TREE.json|DIR")
@@ -31,14 +56,30 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=_cmd_tree_summary)
 
 
-def _cmd_tree_build(ns: argparse.Namespace) -> int:
-    from w2s_agents.store import iter_trajectories
-    from w2s_agents.tree import build_trees, tree_filename
+def _tree_config(ns: argparse.Namespace) -> TreeConfig:
+    """The ``tree`` config section of ``--merge`` / ``--xi-sim`` / ``--embedder`` (checked before any work)."""
+    from w2s_agents.pipeline.experiment import TreeConfig
 
+    if ns.merge == "exact" and (ns.xi_sim is not None or ns.embedder is not None):
+        raise W2SError("--xi-sim and --embedder set the similarity merge: add --merge similarity")
+    xi_sim = 0.9 if ns.xi_sim is None else ns.xi_sim
+    try:
+        return TreeConfig(merge=ns.merge, xi_sim=xi_sim, embedder=ns.embedder)
+    except ConfigError as exc:
+        raise W2SError(f"--xi-sim {xi_sim}: must be a number in (0, 1]") from exc
+
+
+def _cmd_tree_build(ns: argparse.Namespace) -> int:
+    from w2s_agents.pipeline.tree_merge import merge_trees
+    from w2s_agents.store import iter_trajectories
+    from w2s_agents.tree import tree_filename
+
+    tree_cfg = _tree_config(ns)
     out = check_output_dir(ns.out, "-o/--out")
     wanted = set(ns.task)
     trajs = (t for t in iter_trajectories(ns.files) if not wanted or t.task_id in wanted)
-    trees = build_trees(trajs)
+    merged = merge_trees(trajs, tree_cfg)
+    trees = merged.trees
     if not trees:
         raise W2SError(
             "no trajectories to build trees from" + (f" for tasks {sorted(wanted)}" if wanted else "")
@@ -49,6 +90,13 @@ def _cmd_tree_build(ns: argparse.Namespace) -> int:
         print(
             f"{path}: task {task_id}, {s.nodes} nodes, {s.trajectories} trajectories "
             f"({s.successes} won), depth {s.depth}, {s.branch_points} branch points"
+            + (f"; {merged.nodes_exact[task_id]} nodes by the exact merge" if merged.nodes_exact else "")
+        )
+    if merged.info:
+        print(
+            f"similarity merge (xi_sim {merged.info['xi_sim']}, {merged.info['embedder']}): "
+            f"{merged.info['nodes_similarity']} nodes in {len(trees)} trees; the exact merge gives "
+            f"{merged.info['nodes_exact']}"
         )
     return 0
 

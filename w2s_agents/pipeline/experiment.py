@@ -31,6 +31,7 @@ __all__ = [
     "RunConfig",
     "TasksConfig",
     "TrainStagesConfig",
+    "TreeConfig",
     "load_experiment",
     "prepare_run_dir",
 ]
@@ -159,6 +160,30 @@ class ExpandConfig:
             max_depth=max_depth,
             seed=seed,
             model="weak-sft-search",
+        )
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """How the trees stage merges the exploration trajectories into trees (``w2s_agents.tree``)."""
+
+    merge: Literal["exact", "similarity"] = option(
+        "exact",
+        "exact: a step joins a child with the same normalised action and observation acted on; similarity "
+        "(the paper's): the same action and an observation whose embedding has cosine >= xi_sim",
+    )
+    xi_sim: float = option(0.9, "similarity merge: least cosine of two observations that merge, in (0, 1]")
+    embedder: str | None = option(
+        None,
+        "similarity merge: a local sentence-embedding model folder (mean-pooled, L2-normalised); null: TF-IDF "
+        "over character 3- to 5-grams of the task's observations",
+    )
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.xi_sim, (int, float)) and math.isfinite(self.xi_sim) and 0 < self.xi_sim <= 1,
+            "xi_sim",
+            f"must be a number in (0, 1], got {self.xi_sim!r}",
         )
 
 
@@ -307,6 +332,9 @@ class ExperimentConfig:
         help="how every agent of the run acts (exploration, validation, evaluation)",
     )
     explore: ExploreConfig = option(default_factory=ExploreConfig, help="the weak agent's exploration")
+    tree: TreeConfig = option(
+        default_factory=TreeConfig, help="how trajectories merge into trees (exact, or by similarity)"
+    )
     expand: ExpandConfig = option(
         default_factory=ExpandConfig, help="online expansion of the trees in the env (off by default)"
     )

@@ -205,6 +205,13 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
             "trees_with_success": sum(t["success_leaves"] > 0 for t in per_tree),
             "per_tree": per_tree,
         }
+        if all("nodes_similarity" in t for t in per_tree):  # tree.merge similarity: node counts both ways
+            metrics["trees"].update(
+                merge="similarity",
+                xi_sim=cfg.tree.xi_sim,
+                nodes_exact=sum(t["nodes_exact"] for t in per_tree),
+                nodes_similarity=sum(t["nodes_similarity"] for t in per_tree),
+            )
     paths = _best_paths(run_dir, seeds)
     if paths is not None:
         metrics["best_paths"] = paths

@@ -189,6 +189,19 @@ def _dict_section(title: str, data: Mapping[str, Any] | None) -> list[str]:
     return [f"## {title}", "", *_table(["", "value"], rows), ""]
 
 
+def _merge_note(trees: Mapping[str, Any] | None) -> list[str]:
+    """With ``tree.merge: similarity``, one sentence with the node counts of both merges (empty otherwise)."""
+    if not trees or trees.get("merge") != "similarity":
+        return []
+    sim, exact = trees["nodes_similarity"], trees["nodes_exact"]
+    fewer = f" ({1 - sim / exact:.1%} fewer)" if exact else ""
+    return [
+        f"Steps merged by observation similarity (cosine >= {trees['xi_sim']}): {sim:,} nodes{fewer}; the exact "
+        f"merge of the same trajectories gives {exact:,}.",
+        "",
+    ]
+
+
 def plot_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write the report's PNG plots into ``out_dir`` and return their paths.
 
@@ -287,6 +300,7 @@ def write_report(metrics: Mapping[str, Any], run_dir: str | os.PathLike[str], *,
     lines += _dict_section("Search cost", metrics.get("search_cost"))
     tree_stats = {k: v for k, v in (metrics.get("trees") or {}).items() if k != "per_tree"}
     lines += _dict_section("Trajectory trees", tree_stats)
+    lines += _merge_note(metrics.get("trees"))
     lines += _dict_section("Best paths (search.paths)", metrics.get("best_paths"))
     if plots:
         paths = plot_metrics(metrics, run_dir / "plots")

@@ -127,6 +127,12 @@ def _explore_part(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     return {"explore": part, "agent": cfg.agent, "seed": seed}
 
 
+def _tree_part(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The config part of the trees stage: none with the exact merge (the key it had before the ``tree``
+    section existed), the ``tree`` section otherwise."""
+    return None if cfg.tree.merge == "exact" else {"tree": cfg.tree}
+
+
 def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     """The stages of one run seed (see the module docstring), each with the config part it depends on.
 
@@ -196,7 +202,13 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             deps=("weak-sft",),
             version=2,  # 2: trajectories carry the env's state keys
         ),
-        Stage("trees", run_trees, deps=("explore",), version=2),  # 2: tree files w2s.tree/2
+        Stage(
+            "trees",
+            partial(run_trees, tree=cfg.tree, device=cfg.agent_device),
+            config=_tree_part(cfg),
+            deps=("explore",),
+            version=2,  # 2: tree files w2s.tree/2
+        ),
     ]
     if weaks:  # each extra weak model explores as the first does; the trees merge every exploration
         names = [s.name for s in stages]

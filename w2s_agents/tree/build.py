@@ -11,6 +11,7 @@ from w2s_agents.types import Trajectory
 
 from .keys import ObservationKey
 from .merge import gc_paused, merge
+from .similarity import SimilarityMerge, merge_similar_observations
 from .tree import TrajectoryTree
 
 
@@ -52,9 +53,26 @@ def add_trajectories(
 
 
 def build_trees(
-    trajectories: Iterable[Trajectory], *, obs_key: ObservationKey | None = None
+    trajectories: Iterable[Trajectory],
+    *,
+    obs_key: ObservationKey | None = None,
+    similarity: SimilarityMerge | None = None,
 ) -> dict[str, TrajectoryTree]:
-    """One canonical tree per task from any number of trajectories; returns ``{task_id: tree}`` sorted by task."""
+    """One canonical tree per task from any number of trajectories; returns ``{task_id: tree}`` sorted by task.
+
+    With ``similarity`` the steps merge by observation similarity (:mod:`w2s_agents.tree.similarity`) instead
+    of the exact match of the normalised observation (or of ``obs_key``, which cannot be combined with it).
+
+    Raises:
+        ValueError: both ``obs_key`` and ``similarity`` are given.
+    """
+    if similarity is not None:
+        if obs_key is not None:
+            raise ValueError("build_trees: give obs_key or similarity, not both")
+        groups: dict[str, list[Trajectory]] = {}
+        for traj in trajectories:
+            groups.setdefault(traj.task_id, []).append(traj)
+        trajectories = (t for group in groups.values() for t in merge_similar_observations(group, similarity))
     trees = add_trajectories(trajectories, obs_key=obs_key)
     for tree in trees.values():
         tree.canonicalize()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from w2s_agents.pipeline.cache import StageContext
-from w2s_agents.pipeline.experiment import ExperimentConfig
+from w2s_agents.pipeline.experiment import ExperimentConfig, TreeConfig
 from w2s_agents.pipeline.stage_io import (
     load_agent,
     model_path,
@@ -98,18 +98,32 @@ def run_explore(
     return stats
 
 
-def run_trees(ctx: StageContext, *, explores: tuple[str, ...] = ("explore",)) -> dict[str, Any]:
+def run_trees(
+    ctx: StageContext,
+    *,
+    explores: tuple[str, ...] = ("explore",),
+    tree: TreeConfig | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
     """Stage ``trees``: the trajectories of the exploration stages ``explores`` (``explore``, and
     ``explore-<name>`` of every extra weak model) merged into one trajectory tree per train task.
 
     Reads: ``<explore>/trajectories.jsonl``. Writes: ``trees/<task>.json`` and ``trees.json`` (per tree: nodes,
     depth, leaves, branch points, successful leaves, trajectories). Returns the number of trees and nodes.
-    """
-    from w2s_agents.tree import build_trees, tree_filename
 
-    trees = build_trees(
-        [x for stage in explores for x in read_trajectories(ctx.output(stage) / "trajectories.jsonl")]
+    ``tree`` (the ``tree`` config section) chooses the merge; with ``tree.merge: similarity`` every row of
+    ``trees.json`` also has ``nodes_exact`` and ``nodes_similarity`` (the trees saved are the similarity ones),
+    and the summary the totals, ``xi_sim`` and ``embedder`` (:mod:`w2s_agents.pipeline.tree_merge`).
+    """
+    from w2s_agents.pipeline.tree_merge import merge_trees
+    from w2s_agents.tree import tree_filename
+
+    merged = merge_trees(
+        [x for stage in explores for x in read_trajectories(ctx.output(stage) / "trajectories.jsonl")],
+        tree,
+        device=device,
     )
+    trees = merged.trees
     per_tree = []
     for task_id, tree in sorted(trees.items()):
         tree.save(ctx.directory / "trees" / tree_filename(task_id))
@@ -123,7 +137,8 @@ def run_trees(ctx: StageContext, *, explores: tuple[str, ...] = ("explore",)) ->
                 "branch_points": s.branch_points,
                 "success_leaves": s.successes,
                 "trajectories": s.trajectories,
+                **merged.counts(task_id),
             }
         )
     write_json(ctx.directory / "trees.json", per_tree)
-    return {"trees": len(per_tree), "nodes": sum(p["nodes"] for p in per_tree)}
+    return {"trees": len(per_tree), "nodes": sum(p["nodes"] for p in per_tree), **merged.info}
