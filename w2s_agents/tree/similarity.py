@@ -21,8 +21,10 @@ tree are exact.
 Embeddings: an :class:`Embedder` maps the distinct normalised texts of one task to :class:`Vectors`. The default,
 :class:`TfidfEmbedder`, is TF-IDF over character 3- to 5-grams in numpy (hashed features, sublinear tf, smoothed
 idf fitted on the texts given, L2 norm); a local sentence-embedding model (``w2s_agents.agents.embedding``) gives
-:class:`DenseVectors`. Texts are embedded only when a comparison is needed (a step whose text differs from every
-sibling's); a task whose observations never differ costs no embedding.
+:class:`DenseVectors`. A task's texts are embedded, all at once, when its first comparison is needed (a step
+whose text differs from every sibling's under the same node and action); a task where that never happens (a
+deterministic game) costs no embedding. The representatives' texts are what the trees, and the rows and pairs
+taken from them, show for merged nodes.
 """
 
 from __future__ import annotations
