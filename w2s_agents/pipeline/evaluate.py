@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import BASELINES, W2S_VARIANTS, ExperimentConfig
+from w2s_agents.pipeline.rounds import later_round_models
 from w2s_agents.pipeline.stage_io import load_agent, model_path, play_episodes, read_json, read_trajectories
 from w2s_agents.pipeline.stats import misfit
 from w2s_agents.pipeline.weaks import extra_weaks
@@ -91,7 +92,8 @@ def evaluate_models(
     out: dict[str, Any] = {"models": {}, "train": {}, "misfit": {}}
     agents: dict[str, Agent] = {}
     extra = [w.sft_stage for w in extra_weaks(cfg)]  # every extra weak model's SFT agent, on the test tasks
-    for name in (*MODEL_STAGES, *extra):
+    rounds = later_round_models(W2S_VARIANTS, cfg.run.rounds)  # run.rounds > 1: the later rounds' W2S models
+    for name in (*MODEL_STAGES, *extra, *rounds):
         path = model_path(ctx, name) if name in ctx.outputs else None
         if path is None:
             continue

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from w2s_agents.agents import AgentConfig, ModelConfig, Sampler
 from w2s_agents.config import RunConfig, check, load_config, option, save_config
+from w2s_agents.pipeline.rounds import PipelineRunConfig, check_rounds
 from w2s_agents.pipeline.weaks import WeakModelConfig, check_weak_names
 from w2s_agents.search import OnlineSearchConfig, SearchConfig
 from w2s_agents.trainers import TrainConfig
@@ -28,6 +29,7 @@ __all__ = [
     "ExpandConfig",
     "ExperimentConfig",
     "ExploreConfig",
+    "PipelineRunConfig",
     "RunConfig",
     "TasksConfig",
     "TrainStagesConfig",
@@ -313,7 +315,9 @@ class EvalConfig:
 class ExperimentConfig:
     """A whole weak-to-strong experiment."""
 
-    run: RunConfig = option(default_factory=RunConfig, help="run name, output folder, seed, logging")
+    run: PipelineRunConfig = option(
+        default_factory=PipelineRunConfig, help="run name, output folder, seed, logging, rounds"
+    )
     weak: ModelConfig = option(
         default_factory=lambda: ModelConfig(tiny_preset="weak"),
         help="the weak agent (explorer, DPO reference)",
@@ -361,6 +365,7 @@ class ExperimentConfig:
             "eval.split",
             "is 'valid' but tasks.valid is 0: set tasks.valid to the number of valid tasks to evaluate on",
         )
+        check_rounds(self)
 
     @property
     def agent_device(self) -> str:

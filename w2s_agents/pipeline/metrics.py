@@ -26,6 +26,7 @@ from w2s_agents.config import config_hash
 from w2s_agents.pipeline.evaluate import MODEL_STAGES
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.report import METRICS_SCHEMA, MODEL_LABELS
+from w2s_agents.pipeline.rounds import round_label, round_metrics, round_name
 from w2s_agents.pipeline.stage_io import read_json, read_trajectories
 from w2s_agents.pipeline.stats import Misfit, Transfer, bootstrap_interval, paired_pgr, transfer
 from w2s_agents.pipeline.weaks import extra_weaks, weak_label, weak_supervisor_metrics
@@ -136,6 +137,9 @@ def _search_cost(
     }
     per_tree: list[dict[str, Any]] = []
     explores = ("explore", *(w.explore_stage for w in extra_weaks(cfg)))  # every weak model's exploration
+    # run.rounds > 1: each later round's exploration, trees and expansion
+    later = range(2, cfg.run.rounds + 1)
+    explores += tuple(round_name("explore", k) for k in later)
     for s in seeds:
         for stage in explores:
             ex = read_json(run_dir / f"seed-{s}" / stage / "explore.json")
@@ -144,11 +148,15 @@ def _search_cost(
             cost["exploration_tokens"] += ex["tokens"]
         trees = read_json(run_dir / f"seed-{s}" / "trees" / "trees.json")
         cost["mcts_simulations"] += cfg.search.iterations * len(trees)
-        expanded = run_dir / f"seed-{s}" / "expand" / "expand.json"
-        if cfg.expand.iterations and expanded.is_file():
-            ex = read_json(expanded)
-            for key in ("iterations", "env_steps", "tokens", "new_nodes"):
-                cost[f"online_{key}"] = cost.get(f"online_{key}", 0) + ex[key]
+        for k in later:
+            n = len(read_json(run_dir / f"seed-{s}" / round_name("trees", k) / "trees.json"))
+            cost["mcts_simulations"] += cfg.search.iterations * n
+        for stage in ("expand", *(round_name("expand", k) for k in later)):
+            expanded = run_dir / f"seed-{s}" / stage / "expand.json"
+            if cfg.expand.iterations and expanded.is_file():
+                ex = read_json(expanded)
+                for key in ("iterations", "env_steps", "tokens", "new_nodes"):
+                    cost[f"online_{key}"] = cost.get(f"online_{key}", 0) + ex[key]
         per_tree += trees
     return cost, per_tree
 
@@ -179,6 +187,8 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
         names += [n for n in ev["models"] if n not in names]
     level_seed = derive_seed(cfg.run.seed, "bootstrap") % 2**31
     models, scores = _model_metrics(per_seed, names, level_seed)
+    for name, m in models.items():  # run.rounds > 1: "W2S-MCTS (round 1)", "W2S-MCTS (round 2)", ...
+        m["label"] = round_label(name, MODEL_LABELS, cfg.run.rounds) or m["label"]
     metrics: dict[str, Any] = {
         "schema": METRICS_SCHEMA,
         "run": cfg.run.name,
@@ -215,6 +225,8 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
     paths = _best_paths(run_dir, seeds)
     if paths is not None:
         metrics["best_paths"] = paths
+    if cfg.run.rounds > 1:  # each round's exploration, trees, training data and models
+        metrics["rounds"] = round_metrics(run_dir, seeds, cfg)
     if cfg.weak_extra:  # several weak supervisors: each one's share of the data, the learned weights
         metrics["weak_supervisors"] = weak_supervisor_metrics(run_dir, seeds, cfg)
     metrics["curves"] = _curves(run_dir / f"seed-{seeds[0]}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from w2s_agents.atomic import atomic_write
+from w2s_agents.pipeline.rounds import order_round_rows, rounds_section
 from w2s_agents.pipeline.stats import PGR_MIN_GAP, Interval
 from w2s_agents.pipeline.weaks import FIRST_WEAK_SOURCE, weak_supervisors_section
 
@@ -62,7 +63,8 @@ def _ordered_models(models: Mapping[str, Any]) -> list[str]:
     weaks = sorted(m for m in models if m.startswith(f"{FIRST_WEAK_SOURCE}-") and m not in MODEL_LABELS)
     at = known.index(FIRST_WEAK_SOURCE) + 1 if FIRST_WEAK_SOURCE in known else 0
     known[at:at] = weaks
-    return known + sorted(m for m in models if m not in MODEL_LABELS and m not in weaks)
+    later = order_round_rows(known, list(models), TABLE_ORDER)  # later rounds' W2S models, before the ceiling
+    return known + sorted(m for m in models if m not in MODEL_LABELS and m not in weaks and m not in later)
 
 
 def _label(name: str, models: Mapping[str, Any]) -> str:
@@ -296,6 +298,7 @@ def write_report(metrics: Mapping[str, Any], run_dir: str | os.PathLike[str], *,
         lines += [", ".join(f"{k}: `{v}`" for k, v in head.items()), ""]
     lines += _results_section(metrics)
     lines += _w2s_section(metrics)
+    lines += rounds_section(metrics, MODEL_LABELS)
     lines += weak_supervisors_section(metrics, MODEL_LABELS)
     lines += _dict_section("Search cost", metrics.get("search_cost"))
     tree_stats = {k: v for k, v in (metrics.get("trees") or {}).items() if k != "per_tree"}

@@ -21,6 +21,9 @@ section 2 run in ``<run dir>/seed-<k>/<stage>/`` as cached, resumable stages (:m
     strong-explore  with train.baselines: the strong SFT agent on the train tasks (explore.samplers x seeds)
     eto         strong SFT + ETO: DPO on expert demos vs its own failed episodes of the demo tasks
     best-of-n   strong SFT + Best-of-N: SFT on its best successful episode of each train task
+    explore-r<k>, trees-r<k>, (expand-r<k>,) search-r<k>, w2s-*-r<k>
+                with run.rounds > 1, rounds 2 .. N: round k-1's W2S model explores, its episodes join the
+                trees, the W2S stages train again on them (module rounds)
     eval        every model on the held-out test tasks (and train tasks for correction / expansion; misfit)
 
 then ``metrics.json`` (:mod:`w2s_agents.pipeline.metrics`), ``report.md`` and ``plots/`` at the top of the run,
@@ -48,6 +51,7 @@ from w2s_agents.pipeline.cache import Stage, StageRecord, collect_manifest, run_
 from w2s_agents.pipeline.experiment import BASELINES, W2S_VARIANTS, ExperimentConfig
 from w2s_agents.pipeline.metrics import aggregate, write_metrics
 from w2s_agents.pipeline.report import write_report
+from w2s_agents.pipeline.rounds import later_round_stages
 from w2s_agents.pipeline.stage_io import training_system
 from w2s_agents.pipeline.stages import (
     run_best_of_n,
@@ -313,6 +317,10 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     if "best-of-n" in baselines:
         stage = training("best-of-n", run_best_of_n, t.best_of_n, ("strong-explore", "strong-sft"))
         stages.append(replace(stage, config={**stage.config, "samples": t.best_of_n_samples}))
+    # run.rounds > 1: rounds 2 .. N, made from round 1's stages; their W2S models are evaluated
+    later = later_round_stages(cfg, stages)
+    stages += later
+    round_data = {s.name for s in later if not s.name.startswith("w2s-")}
     # evaluation reads the models of every training stage, and exploration's solved tasks
     stages.append(
         Stage(
@@ -323,6 +331,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
                 s.name
                 for s in stages
                 if s.name not in ("tasks", "demos", "models", "trees", "expand", "search", "strong-explore")
+                and s.name not in round_data
             ),
         )
     )

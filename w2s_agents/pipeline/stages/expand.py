@@ -22,17 +22,20 @@ TOTALS = ("iterations", "env_steps", "tokens", "new_nodes", "successes")
 """The per-tree statistics that ``expand.json`` sums."""
 
 
-def run_expand(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+def run_expand(
+    ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_stage: str = "trees"
+) -> dict[str, Any]:
     """Stage ``expand``: each tree of the ``trees`` stage grown by ``expand.iterations`` PUCT episodes with the
     weak SFT agent's choose-mode distribution as the prior (``AgentPolicy``), within ``expand.max_env_steps``
-    / ``max_tokens`` per tree; the new episodes carry the source ``weak-sft-search``.
+    / ``max_tokens`` per tree; the new episodes carry the source ``weak-sft-search``. Stage ``expand-r<k>``
+    (``run.rounds``) grows the trees of ``trees_stage`` ``trees-r<k>`` the same way.
 
-    Reads: ``trees/trees/*.json``, ``weak-sft/model.json``. Writes what :func:`expand_tree_files` writes into
+    Reads: ``<trees_stage>/trees/*.json``, ``weak-sft/model.json``. Writes what :func:`expand_tree_files` writes into
     the stage's folder. Returns the totals of iterations, env steps, tokens, new nodes and successes.
     """
     weak_sft = model_path(ctx, "weak-sft")
     assert weak_sft is not None, "the expand stage runs after weak-sft"
-    paths = sorted((ctx.output("trees") / "trees").glob("*.json"))
+    paths = sorted((ctx.output(trees_stage) / "trees").glob("*.json"))
     return expand_tree_files(cfg, weak_sft, paths, ctx.directory, seed)
 
 

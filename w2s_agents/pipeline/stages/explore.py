@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from w2s_agents.agents import Sampler
 
 __all__ = ["explore_pairs", "run_explore", "run_trees"]
+
+logger = logging.getLogger(__name__)
 
 
 def explore_pairs(samplers: Sequence[Sampler], seeds: int, width: int = 0) -> list[tuple[Sampler, int]]:
@@ -56,7 +59,13 @@ def _episode_groups(
 
 
 def run_explore(
-    ctx: StageContext, cfg: ExperimentConfig, seed: int, *, model: str = "weak-sft"
+    ctx: StageContext,
+    cfg: ExperimentConfig,
+    seed: int,
+    *,
+    model: str = "weak-sft",
+    source: str | None = None,
+    role: str = "weak",
 ) -> dict[str, Any]:
     """Stage ``explore``: the weak SFT agent on every train task under every sampler of ``explore.samplers``
     (the tree width), ``explore.seeds`` episodes each, or the first ``explore.width`` (sampler, seed) pairs
@@ -64,27 +73,34 @@ def run_explore(
     whatever the width, so a narrower exploration plays a subset of a wider one's episodes.
 
     Stage ``explore-<name>`` is the same with ``model`` the extra weak model's SFT stage ``weak-sft-<name>``,
-    the source of its episodes.
+    the source of its episodes. Stage ``explore-r<k>`` (``run.rounds``) is the same with ``model`` round k-1's
+    W2S model, ``source`` the name its episodes carry (``w2s-mcts-r1``) and ``role`` strong; it plays nothing
+    when that model was not trained (its stage skipped), and says so in ``explore.json`` (``skipped``).
 
     Reads: ``<model>/model.json``, the train task ids. Writes: ``trajectories.jsonl`` (resumable: a stopped run
     plays only the missing episodes) and ``explore.json`` (the statistics below plus ``solved_tasks``).
     Returns episodes, successes, tasks solved, env steps, tokens and mean return.
     """
-    agent = load_agent(cfg, model_path(ctx, model), model, "weak")
-    first_seed = derive_seed(seed, "explore") % 1_000_000
-    pairs = explore_pairs(cfg.explore.samplers, cfg.explore.seeds, cfg.explore.width)
+    path = model_path(ctx, model)
+    skipped = {} if path is not None else {"skipped": f"no {model} model"}
     trajs = []
-    for samplers, seeds in _episode_groups(pairs):
-        trajs, _ = play_episodes(
-            cfg,
-            agent,
-            task_ids(ctx, "train"),
-            samplers,
-            len(seeds),
-            ctx.directory / "trajectories.jsonl",
-            first_seed=first_seed + seeds[0],
-            workers=cfg.explore.workers,
-        )
+    if path is None:
+        logger.warning("%s: plays nothing (no %s model: its stage was skipped)", ctx.name, model)
+    else:
+        agent = load_agent(cfg, path, source or model, role)
+        first_seed = derive_seed(seed, "explore") % 1_000_000
+        pairs = explore_pairs(cfg.explore.samplers, cfg.explore.seeds, cfg.explore.width)
+        for samplers, seeds in _episode_groups(pairs):
+            trajs, _ = play_episodes(
+                cfg,
+                agent,
+                task_ids(ctx, "train"),
+                samplers,
+                len(seeds),
+                ctx.directory / "trajectories.jsonl",
+                first_seed=first_seed + seeds[0],
+                workers=cfg.explore.workers,
+            )
     solved = sorted({x.task_id for x in trajs if x.success})
     stats = {
         "episodes": len(trajs),
@@ -94,8 +110,8 @@ def run_explore(
         "tokens": sum((s.tokens_in or 0) + (s.tokens_out or 0) for x in trajs for s in x.steps),
         "mean_return": sum(x.return_ for x in trajs) / max(1, len(trajs)),
     }
-    write_json(ctx.directory / "explore.json", {**stats, "solved_tasks": solved})
-    return stats
+    write_json(ctx.directory / "explore.json", {**stats, "solved_tasks": solved, **skipped})
+    return {**stats, **skipped}
 
 
 def run_trees(
@@ -106,7 +122,8 @@ def run_trees(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Stage ``trees``: the trajectories of the exploration stages ``explores`` (``explore``, and
-    ``explore-<name>`` of every extra weak model) merged into one trajectory tree per train task.
+    ``explore-<name>`` of every extra weak model) merged into one trajectory tree per train task. Stage
+    ``trees-r<k>`` (``run.rounds``) is the same over those and ``explore-r2`` .. ``explore-r<k>``.
 
     Reads: ``<explore>/trajectories.jsonl``. Writes: ``trees/<task>.json`` and ``trees.json`` (per tree: nodes,
     depth, leaves, branch points, successful leaves, trajectories). Returns the number of trees and nodes.

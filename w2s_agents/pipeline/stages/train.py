@@ -69,18 +69,20 @@ def run_mcts_sft(
     *,
     train: TrainConfig,
     start: Literal["base", "strong-sft"] = "base",
+    search: str = "search",
 ) -> dict[str, Any]:
     """Stage ``w2s-mcts``: MCTS-SFT on the searched trees' best paths (``train``, the experiment's
     ``train.mcts_sft``), from the strong *base* model (``start`` base: no expert data) or from the strong SFT
     agent (``start`` strong-sft, ``train.mcts_start``). Skipped when no best path reached
-    ``search.sft_min_value``.
+    ``search.sft_min_value``. Stage ``w2s-mcts-r<k>`` (``run.rounds``) is the same on the rows of ``search``
+    ``search-r<k>``.
 
-    Reads: ``search/sft.jsonl``, ``models/models.json`` or ``strong-sft/model.json``, the valid task ids.
+    Reads: ``<search>/sft.jsonl``, ``models/models.json`` or ``strong-sft/model.json``, the valid task ids.
     Writes: ``train/`` and ``model.json``. Returns the training summary.
     """
     from w2s_agents.trainers import train_sft
 
-    rows = ctx.output("search") / "sft.jsonl"
+    rows = ctx.output(search) / "sft.jsonl"
     if sum(1 for _ in rows.open(encoding="utf-8")) == 0:
         return _skip(ctx, "no best-path rows", "no best path reached the minimum value")
     init = model_path(ctx, "strong" if start == "base" else start)
@@ -105,17 +107,19 @@ def run_dpo(
     pairs: str,
     train: TrainConfig,
     reference: str,
+    search: str = "search",
 ) -> dict[str, Any]:
     """Stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and ``ceiling``: DPO from the model of stage ``start`` on the
-    pairs file ``pairs`` of the search stage, against the model of stage ``reference``. Skipped when there are
-    no pairs or the ``start`` stage was skipped.
+    pairs file ``pairs`` of the stage ``search``, against the model of stage ``reference``. Skipped when there
+    are no pairs or the ``start`` stage was skipped. The stages ``w2s-treedpo-r<k>`` and
+    ``w2s-mcts-treedpo-r<k>`` (``run.rounds``) read round k's ``search-r<k>`` (and start from ``w2s-mcts-r<k>``).
 
-    Reads: ``search/<pairs>``, ``<start>/model.json``, ``<reference>/model.json``, the valid task ids. Writes:
+    Reads: ``<search>/<pairs>``, ``<start>/model.json``, ``<reference>/model.json``, the valid task ids. Writes:
     ``train/`` and ``model.json``. Returns the training summary.
     """
     from w2s_agents.trainers import train_dpo
 
-    data = ctx.output("search") / pairs
+    data = ctx.output(search) / pairs
     n = sum(1 for _ in data.open(encoding="utf-8"))
     init = model_path(ctx, start)
     if n == 0 or init is None:

@@ -1,0 +1,266 @@
+"""Rounds of exploration and training (``run.rounds``): the stage table, the config checks, the report's rows,
+and one tiny run of two rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from w2s_agents.errors import ConfigError
+from w2s_agents.pipeline import build_stages, run_pipeline
+from w2s_agents.pipeline.cache import stage_keys
+from w2s_agents.pipeline.experiment import load_experiment
+from w2s_agents.pipeline.report import MODEL_LABELS, write_report
+from w2s_agents.pipeline.rounds import parse_round, round_label
+from w2s_agents.store import read_trajectories
+from w2s_agents.tree import TrajectoryTree
+
+ROUND_1 = [
+    "tasks",
+    "demos",
+    "models",
+    "weak-sft",
+    "strong-sft",
+    "explore",
+    "trees",
+    "search",
+    "w2s-mcts",
+    "w2s-treedpo",
+    "ceiling",
+]
+
+
+def _deps(overrides: list[str]) -> dict[str, tuple[str, ...]]:
+    return {s.name: s.deps for s in build_stages(load_experiment(None, overrides), 0)}
+
+
+def test_two_rounds_add_round_two_stages_that_read_round_one() -> None:
+    deps = _deps(["run.rounds=2"])
+    assert list(deps) == [
+        *ROUND_1,
+        "explore-r2",
+        "trees-r2",
+        "search-r2",
+        "w2s-mcts-r2",
+        "w2s-treedpo-r2",
+        "eval",
+    ]
+    assert deps["explore-r2"] == ("w2s-mcts",)  # round 1's W2S-MCTS explores
+    assert deps["trees-r2"] == ("trees", "explore-r2")  # joins round 1's trees
+    assert deps["search-r2"] == ("trees-r2", "demos")
+    assert deps["w2s-mcts-r2"] == ("search-r2", "models")  # the strong base model, as in round 1
+    assert deps["w2s-treedpo-r2"] == ("search-r2", "strong-sft", "weak-sft")
+    assert deps["eval"] == (
+        "weak-sft",
+        "strong-sft",
+        "explore",
+        "w2s-mcts",
+        "w2s-treedpo",
+        "ceiling",
+        "w2s-mcts-r2",
+        "w2s-treedpo-r2",
+    )
+
+
+def test_round_stages_bind_round_one_functions_to_their_rounds_data() -> None:
+    cfg = load_experiment(
+        None,
+        [
+            "run.rounds=3",
+            "run.round_model=w2s-mcts-treedpo",
+            "train.variants=[w2s-mcts-treedpo]",
+            "train.mcts_start=strong-sft",
+            "expand.iterations=2",
+            "weak_extra=[{name: b, tiny_preset: nano}]",
+        ],
+    )
+    stages = {s.name: s for s in build_stages(cfg, 0)}
+    kw = {name: st.run.keywords for name, st in stages.items()}  # type: ignore[attr-defined]
+    assert kw["explore-r3"]["model"] == "w2s-mcts-treedpo-r2" and stages["explore-r3"].deps == (
+        "w2s-mcts-treedpo-r2",
+    )
+    assert (kw["explore-r2"]["source"], kw["explore-r2"]["role"]) == ("w2s-mcts-treedpo-r1", "strong")
+    assert kw["explore-r3"]["source"] == "w2s-mcts-treedpo-r2"
+    # every round's trees hold every exploration so far, the extra weak model's included
+    assert kw["trees-r3"]["explores"] == ("explore", "explore-b", "explore-r2", "explore-r3")
+    assert stages["trees-r3"].deps == ("trees-r2", "explore-r3")
+    assert (
+        stages["expand-r2"].deps == ("trees-r2", "weak-sft") and kw["expand-r2"]["trees_stage"] == "trees-r2"
+    )
+    assert (
+        stages["search-r2"].deps == ("expand-r2", "demos") and kw["search-r2"]["trees_stage"] == "expand-r2"
+    )
+    # W2S-MCTS from strong SFT (train.mcts_start), then TreeDPO from this round's W2S-MCTS
+    assert (
+        stages["w2s-mcts-r2"].deps == ("search-r2", "strong-sft")
+        and kw["w2s-mcts-r2"]["search"] == "search-r2"
+    )
+    assert stages["w2s-mcts-treedpo-r3"].deps == ("search-r3", "w2s-mcts-r3", "weak-sft")
+    assert (kw["w2s-mcts-treedpo-r3"]["start"], kw["w2s-mcts-treedpo-r3"]["search"]) == (
+        "w2s-mcts-r3",
+        "search-r3",
+    )
+    # the same training settings as round 1 (per-source weights with several weak models included)
+    assert stages["w2s-mcts-r2"].config == stages["w2s-mcts"].config
+    assert stages["w2s-mcts-r2"].config["train"].sources.weights
+    # the baselines, the ceiling, the SFT stages and the extra weak model's stages are not repeated
+    assert {n for n in stages if n.endswith("-r2")} == {
+        "explore-r2",
+        "trees-r2",
+        "expand-r2",
+        "search-r2",
+        "w2s-mcts-r2",
+        "w2s-mcts-treedpo-r2",
+    }
+
+
+def test_round_one_keys_do_not_depend_on_rounds() -> None:
+    base = ["train.variants=[w2s-mcts,w2s-treedpo,w2s-mcts-treedpo]", "tree.merge=similarity"]
+    one = stage_keys(build_stages(load_experiment(None, base), 0))
+    assert one == stage_keys(build_stages(load_experiment(None, [*base, "run.rounds=1"]), 0))
+    three = stage_keys(build_stages(load_experiment(None, [*base, "run.rounds=3"]), 0))
+    assert {k: three[k] for k in one if k != "eval"} == {k: v for k, v in one.items() if k != "eval"}
+    assert three["eval"] != one["eval"]  # it evaluates the later rounds' models too
+    assert len({three[f"w2s-mcts-r{k}"] for k in (2, 3)} | {three["w2s-mcts"]}) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["run.rounds=0"], "config section 'run': 'rounds' must be >= 1, got 0"),
+        (
+            ["run.rounds=2", "run.round_model=w2s-treedpo", "train.variants=[w2s-mcts]"],
+            "'run.round_model' is 'w2s-treedpo', which this run does not train (train.variants: [w2s-mcts])",
+        ),
+        (
+            ["run.rounds=2", "weak_extra=[{name: r2, tiny_preset: nano}]"],
+            "'weak_extra' name 'r2' names the stage explore-r2, which is round 2's exploration",
+        ),
+        (["run.round_model=best"], "config key 'run.round_model': expected one of 'w2s-mcts'"),
+    ],
+)
+def test_bad_rounds_settings_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_experiment(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_round_model_not_in_the_variants_is_accepted_when_the_run_trains_it_anyway() -> None:
+    # W2S-MCTS+TreeDPO starts from W2S-MCTS, so the run trains W2S-MCTS; with one round nothing is checked
+    load_experiment(None, ["run.rounds=2", "train.variants=[w2s-mcts-treedpo]"])
+    load_experiment(None, ["run.round_model=w2s-mcts-treedpo"])
+
+
+def test_report_shows_each_rounds_rows_after_round_one_and_before_the_ceiling(tmp_path: Path) -> None:
+    assert parse_round("w2s-mcts-treedpo-r12") == ("w2s-mcts-treedpo", 12)
+    assert parse_round("w2s-mcts-r1") is None and parse_round("weak-sft-r2") is None
+    assert round_label("w2s-mcts", MODEL_LABELS, 1) is None
+    names = ["weak-sft", "ceiling", "w2s-treedpo-r2", "w2s-mcts-r2", "w2s-mcts", "strong-sft", "w2s-treedpo"]
+    interval = {"estimate": 0.5, "low": 0.4, "high": 0.6, "n": 2, "level": 0.95}
+    models = {
+        n: {"label": round_label(n, MODEL_LABELS, 2) or MODEL_LABELS[n], "return": interval, "episodes": 2}
+        for n in names
+    }
+    per_round = [
+        {"round": 1, "explored_by": ["weak-sft"], "episodes": 6, "successes": 1, "tasks_solved": 1,
+         "trajectories": 6, "nodes": 20, "trees_with_success": 1, "sft_rows": 3, "pairs": 2,
+         "models": ["w2s-mcts", "w2s-treedpo"]},
+        {"round": 2, "explored_by": ["w2s-mcts-r1"], "episodes": 6, "successes": 4, "tasks_solved": 3,
+         "trajectories": 12, "nodes": 31, "trees_with_success": 3, "sft_rows": 3, "pairs": 5,
+         "models": ["w2s-mcts-r2", "w2s-treedpo-r2"]},
+    ]  # fmt: skip
+    metrics = {
+        "schema": "w2s.metrics/1",
+        "models": models,
+        "pgr": {n: interval for n in names if n.startswith("w2s-")},
+        "rounds": {"rounds": 2, "round_model": "w2s-mcts", "per_round": per_round},
+    }
+    report = write_report(metrics, tmp_path, plots=False).read_text()
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in report.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if r not in ("---", "model")]
+    results = rows[: len(names)]
+    assert results == [
+        "Weak SFT",
+        "Strong SFT",
+        "W2S-TreeDPO (round 1)",
+        "W2S-MCTS (round 1)",
+        "W2S-TreeDPO (round 2)",
+        "W2S-MCTS (round 2)",
+        "Ceiling",
+    ]
+    # the weak-to-strong table has a row per round's model, and the rounds section a row per round
+    assert rows.count("W2S-MCTS (round 2)") == 2
+    assert "## Rounds" in report
+    assert (
+        "| 2 | `w2s-mcts-r1` | 6 (4) | 3 | 12 | 31 | 3 | 3 | 5 | W2S-MCTS (round 2) 50.0; W2S-TreeDPO (round 2) 50.0 |"
+        in report
+    )
+
+
+MINI_ROUNDS = """\
+run: {{name: rounds, out_dir: {out}, rounds: 2}}
+weak: {{tiny_preset: nano}}
+strong: {{tiny_preset: nano}}
+tasks: {{suite: tw-coin_collector, train: 3, valid: 1, test: 2, max_steps: 6}}
+explore:
+  samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}]
+  seeds: 1
+search: {{iterations: 20, sft_min_value: 0.0}}
+train:
+  weak_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
+  strong_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
+  mcts_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
+  variants: [w2s-mcts]
+  ceiling: false
+eval: {{misfit_states: 10}}
+"""
+
+
+@pytest.mark.slow
+def test_two_rounds_end_to_end(tmp_path: Path, game_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
+    path = tmp_path / "rounds.yaml"
+    path.write_text(MINI_ROUNDS.format(out=tmp_path / "runs"))
+    cfg = load_experiment(path)
+    # a run stopped after round 2's exploration carries on from there
+    first = run_pipeline(cfg, until="explore-r2")
+    assert [r.status for r in first.records[0]][-2:] == ["done", "done"]
+    result = run_pipeline(cfg)
+    seed_dir = result.run_dir / "seed-0"
+    names = [r.name for r in result.records[0]]
+    assert names[-6:] == ["w2s-mcts", "explore-r2", "trees-r2", "search-r2", "w2s-mcts-r2", "eval"]
+    statuses = [r.status for r in result.records[0]]
+    assert statuses == ["cached"] * (len(names) - 4) + ["done"] * 4
+    # round 2's episodes: round 1's W2S-MCTS agent on every train task, under the round's own source
+    round2 = list(read_trajectories(seed_dir / "explore-r2" / "trajectories.jsonl"))
+    round1 = list(read_trajectories(seed_dir / "explore" / "trajectories.jsonl"))
+    assert len(round2) == len(round1) == 3 * 2
+    assert {(t.source.model, t.source.role) for t in round2} == {("w2s-mcts-r1", "strong")}
+    assert {(t.source.model, t.source.role) for t in round1} == {("weak-sft", "weak")}
+    # round 2's trees hold both rounds' trajectories, counted per source; round 1's hold the weak agent's only
+    trees2 = sorted((seed_dir / "trees-r2" / "trees").glob("*.json"))
+    assert len(trees2) == 3
+    for f in trees2:
+        tree = TrajectoryTree.load(f)
+        assert tree.sources(0) == {"weak-sft": 2, "w2s-mcts-r1": 2}
+        assert TrajectoryTree.load(seed_dir / "trees" / "trees" / f.name).sources(0) == {"weak-sft": 2}
+    # round 2's W2S-MCTS trained on round 2's rows, and was evaluated and reported with its round
+    info = json.loads((seed_dir / "w2s-mcts-r2" / "model.json").read_text())
+    assert info["rows"] == sum(1 for _ in (seed_dir / "search-r2" / "sft.jsonl").open()) > 0
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["models"]["w2s-mcts-r2"]["label"] == "W2S-MCTS (round 2)"
+    assert metrics["models"]["w2s-mcts-r2"]["episodes"] == 2
+    assert "w2s-mcts-r2" in metrics["vs_strong"] and "w2s-mcts-r2" in metrics["transfer"]
+    per_round = metrics["rounds"]["per_round"]
+    assert [r["explored_by"] for r in per_round] == [["weak-sft"], ["w2s-mcts-r1"]]
+    assert [r["trajectories"] for r in per_round] == [6, 12]
+    assert metrics["search_cost"]["exploration_episodes"] == 12
+    report = result.report.read_text()
+    assert (
+        "| W2S-MCTS (round 1) | " in report and "| W2S-MCTS (round 2) | " in report and "## Rounds" in report
+    )
+    # a second invocation reuses every stage
+    again = run_pipeline(cfg)
+    assert [r.status for r in again.records[0]] == ["cached"] * len(names)
