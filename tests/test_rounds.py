@@ -123,6 +123,9 @@ def test_round_one_keys_do_not_depend_on_rounds() -> None:
     three = stage_keys(build_stages(load_experiment(None, [*base, "run.rounds=3"]), 0))
     assert {k: three[k] for k in one if k != "eval"} == {k: v for k, v in one.items() if k != "eval"}
     assert three["eval"] != one["eval"]  # it evaluates the later rounds' models too
+    # a third round reuses round 2: only the new stages and eval differ
+    two = stage_keys(build_stages(load_experiment(None, [*base, "run.rounds=2"]), 0))
+    assert [k for k in two if two[k] != three[k]] == ["eval"]
     assert len({three[f"w2s-mcts-r{k}"] for k in (2, 3)} | {three["w2s-mcts"]}) == 3
 
 

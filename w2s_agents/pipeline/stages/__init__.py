@@ -18,6 +18,10 @@ Stage, module, function::
     search                                      search.py    run_search
     eval                                        eval.py      run_eval (the work: pipeline/evaluate.py)
 
+With ``run.rounds`` > 1 the stages of rounds 2 .. N (``explore-r<k>``, ``trees-r<k>``, ``expand-r<k>``,
+``search-r<k>``, ``w2s-*-r<k>``) run the functions of their round-1 stages, bound to the round's data by
+:func:`w2s_agents.pipeline.rounds.later_round_stages`.
+
 What several stages share (files of earlier stages, agents, episodes, validation) is in
 :mod:`w2s_agents.pipeline.stage_io`.
 """

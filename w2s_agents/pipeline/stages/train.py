@@ -1,6 +1,6 @@
 """The training stages: ``weak-sft`` (and ``weak-sft-<name>``), ``strong-sft`` and ``ceiling-sft`` (SFT on the
 demos), ``w2s-mcts`` (MCTS-SFT on the best paths), and the DPO stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and
-``ceiling``.
+``ceiling`` (and, with ``run.rounds`` > 1, the later rounds' ``w2s-*-r<k>``).
 
 Each trains into ``<stage>/train/`` (checkpoints there let a stopped run carry on) and records its model in
 ``<stage>/model.json``; a stage with no data to train on records ``{"skipped": why}`` instead, and the stages
