@@ -196,10 +196,8 @@ def test_report_shows_each_rounds_rows_after_round_one_and_before_the_ceiling(tm
     # the weak-to-strong table has a row per round's model, and the rounds section a row per round
     assert rows.count("W2S-MCTS (round 2)") == 2
     assert "## Rounds" in report
-    assert (
-        "| 2 | `w2s-mcts-r1` | 6 (4) | 3 | 12 | 31 | 3 | 3 | 5 | W2S-MCTS (round 2) 50.0; W2S-TreeDPO (round 2) 50.0 |"
-        in report
-    )
+    row = "| 2 | `w2s-mcts-r1` | 6 (4) | 3 | 12 | 31 | 3 | 3 | 5 | W2S-MCTS (round 2) 50.0; W2S-TreeDPO (round 2) 50.0"
+    assert row in report
 
 
 MINI_ROUNDS = """\

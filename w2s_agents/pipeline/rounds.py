@@ -67,7 +67,8 @@ class PipelineRunConfig(RunConfig):
     rounds: int = option(
         1,
         "rounds of exploration and training: round k+1 explores the train tasks with round k's W2S model "
-        "(run.round_model), joins those trajectories to the trees and trains the W2S models again (1: one round)",
+        "(run.round_model), joins those trajectories to the trees and trains the W2S models again "
+        "(1: one round)",
     )
     round_model: Literal["w2s-mcts", "w2s-treedpo", "w2s-mcts-treedpo"] = option(
         "w2s-mcts",
@@ -288,10 +289,11 @@ def rounds_section(metrics: Mapping[str, Any], labels: Mapping[str, str]) -> lis
     if not data or data.get("rounds", 1) <= 1:
         return []
     models = metrics.get("models", {})
+    explorer = labels.get(data["round_model"], data["round_model"])
     lines = [
         "## Rounds",
         "",
-        f"Round k+1 explores the train tasks with round k's {labels.get(data['round_model'], data['round_model'])} "
+        f"Round k+1 explores the train tasks with round k's {explorer} "
         "and joins its episodes to the trees of round k (one tree per task holding every round's "
         "trajectories); the W2S models of each round train from the same starting points on that round's "
         "searched trees. Trajectories, nodes, rows and pairs are summed over run seeds; return x100 is the "

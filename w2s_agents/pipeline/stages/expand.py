@@ -30,8 +30,8 @@ def run_expand(
     / ``max_tokens`` per tree; the new episodes carry the source ``weak-sft-search``. Stage ``expand-r<k>``
     (``run.rounds``) grows the trees of ``trees_stage`` ``trees-r<k>`` the same way.
 
-    Reads: ``<trees_stage>/trees/*.json``, ``weak-sft/model.json``. Writes what :func:`expand_tree_files` writes into
-    the stage's folder. Returns the totals of iterations, env steps, tokens, new nodes and successes.
+    Reads: ``<trees_stage>/trees/*.json``, ``weak-sft/model.json``. Writes what :func:`expand_tree_files` writes
+    into the stage's folder. Returns the totals of iterations, env steps, tokens, new nodes and successes.
     """
     weak_sft = model_path(ctx, "weak-sft")
     assert weak_sft is not None, "the expand stage runs after weak-sft"

@@ -109,13 +109,14 @@ def run_dpo(
     reference: str,
     search: str = "search",
 ) -> dict[str, Any]:
-    """Stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and ``ceiling``: DPO from the model of stage ``start`` on the
-    pairs file ``pairs`` of the stage ``search``, against the model of stage ``reference``. Skipped when there
-    are no pairs or the ``start`` stage was skipped. The stages ``w2s-treedpo-r<k>`` and
-    ``w2s-mcts-treedpo-r<k>`` (``run.rounds``) read round k's ``search-r<k>`` (and start from ``w2s-mcts-r<k>``).
+    """Stages ``w2s-treedpo``, ``w2s-mcts-treedpo`` and ``ceiling``: DPO from the model of stage ``start`` on
+    the pairs file ``pairs`` of the stage ``search``, against the model of stage ``reference``. Skipped when
+    there are no pairs or the ``start`` stage was skipped. The stages ``w2s-treedpo-r<k>`` and
+    ``w2s-mcts-treedpo-r<k>`` (``run.rounds``) read round k's ``search-r<k>`` (and start from
+    ``w2s-mcts-r<k>``).
 
-    Reads: ``<search>/<pairs>``, ``<start>/model.json``, ``<reference>/model.json``, the valid task ids. Writes:
-    ``train/`` and ``model.json``. Returns the training summary.
+    Reads: ``<search>/<pairs>``, ``<start>/model.json``, ``<reference>/model.json``, the valid task ids.
+    Writes: ``train/`` and ``model.json``. Returns the training summary.
     """
     from w2s_agents.trainers import train_dpo
 
