@@ -53,13 +53,14 @@ def test_stage_table_names_each_stages_inputs() -> None:
         "models": ("demos",),
         "weak-sft": ("models",),
         "strong-sft": ("models",),
+        "ceiling-sft": ("models",),  # scarce demos: the ceiling starts from every train task's demo
         "explore": ("weak-sft",),
         "trees": ("explore",),
         "search": ("trees", "demos"),
         "w2s-mcts": ("search", "models"),
         "w2s-treedpo": ("search", "strong-sft", "weak-sft"),
-        "ceiling": ("search", "strong-sft"),
-        "eval": ("weak-sft", "strong-sft", "explore", "w2s-mcts", "w2s-treedpo", "ceiling"),
+        "ceiling": ("search", "ceiling-sft"),
+        "eval": ("weak-sft", "strong-sft", "ceiling-sft", "explore", "w2s-mcts", "w2s-treedpo", "ceiling"),
     }
     cfg = load_experiment(
         None, ["expand.iterations=2", "train.variants=[w2s-mcts-treedpo]", "train.ceiling=false"]

@@ -23,6 +23,7 @@ ROUND_1 = [
     "models",
     "weak-sft",
     "strong-sft",
+    "ceiling-sft",
     "explore",
     "trees",
     "search",
@@ -55,6 +56,7 @@ def test_two_rounds_add_round_two_stages_that_read_round_one() -> None:
     assert deps["eval"] == (
         "weak-sft",
         "strong-sft",
+        "ceiling-sft",
         "explore",
         "w2s-mcts",
         "w2s-treedpo",

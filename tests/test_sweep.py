@@ -87,7 +87,7 @@ def test_malformed_grid_is_refused_naming_the_argument(args: list[str], message:
         (["explore.width=2,four"], "override 'explore.width=four'"),
         (["explore.width=2,4"], ""),  # the valid sweep, for contrast
         (["explore.width=2"], "at least one grid axis"),
-        (["tasks.train=10,20", "tasks.demos=15"], "sweep point tasks.train=10: "),  # only one point fails
+        (["explore.seeds=1,2", "explore.width=6"], "sweep point explore.seeds=1: "),  # only one point fails
     ],
 )
 def test_every_point_is_validated_before_anything_runs(
@@ -183,7 +183,7 @@ def test_default_explore_key_is_the_key_without_the_width_setting() -> None:
     # a width is part of the key, and changes only exploration and what depends on it
     wide = stage_keys(build_stages(load_experiment(None, ["explore.width=4"]), 0))
     same = {n for n, k in stage_keys(stages).items() if wide[n] == k}
-    assert same == {"tasks", "demos", "models", "weak-sft", "strong-sft"}
+    assert same == {"tasks", "demos", "models", "weak-sft", "strong-sft", "ceiling-sft"}
 
 
 # ---------------------------------------------------------------------------------------- shared stages
@@ -202,7 +202,13 @@ def test_a_stage_finished_with_the_same_key_is_linked_not_rerun(tmp_path: Path) 
         _finish(a.run_dir / "seed-0" / name, key)
     (b.run_dir / "seed-0" / "strong-sft").mkdir(parents=True)  # a real folder of b's own is left to the run
     linked = link_shared_stages(plan, b)
-    assert linked == ["seed-0/tasks", "seed-0/demos", "seed-0/models", "seed-0/weak-sft"]
+    assert linked == [
+        "seed-0/tasks",
+        "seed-0/demos",
+        "seed-0/models",
+        "seed-0/weak-sft",
+        "seed-0/ceiling-sft",
+    ]
     models = b.run_dir / "seed-0" / "models"
     assert models.is_symlink() and not os.path.isabs(os.readlink(models))
     assert models.resolve() == (a.run_dir / "seed-0" / "models").resolve()

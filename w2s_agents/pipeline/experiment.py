@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,11 +53,11 @@ class TasksConfig:
     """The task suite and how many tasks of each split the run uses."""
 
     suite: str = option("tw-coin_collector", "task suite (`w2s envs suites`)")
-    train: int = option(40, "first N tasks of the train split: exploration, trees, the ceiling's demos")
+    train: int = option(60, "first N tasks of the train split: exploration, trees, the ceiling's demos")
     demos: int = option(
-        0,
+        8,
         "the first N train tasks have expert demos for weak and strong SFT (scarce demonstrations); the "
-        "ceiling sees every train task's demo (0: every train task has a demo)",
+        "ceiling sees every train task's demo (0, or N >= tasks.train: every train task has a demo)",
     )
     valid: int = option(0, "first N tasks of the valid split: validation success each epoch (0: none)")
     test: int = option(20, "first N tasks of the test split: the held-out evaluation")
@@ -77,11 +77,7 @@ class TasksConfig:
 
     def __post_init__(self) -> None:
         check(self.train >= 1, "train", f"must be >= 1, got {self.train}")
-        check(
-            0 <= self.demos <= self.train,
-            "demos",
-            f"must be between 0 and tasks.train ({self.train}), got {self.demos}",
-        )
+        check(self.demos >= 0, "demos", f"must be >= 0, got {self.demos}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(
             math.isfinite(self.generation_timeout_s) and self.generation_timeout_s > 0,
@@ -224,10 +220,14 @@ class TrainStagesConfig:
     weak-to-strong variants to train, and how the stages validate."""
 
     weak_sft: TrainConfig = option(
-        default_factory=lambda: _tiny_sft(3e-3, 30), help="weak model on expert demos"
+        default_factory=lambda: replace(_tiny_sft(3e-3, 200), early_stopping_patience=20),
+        help="weak model on expert demos",
     )
     strong_sft: TrainConfig = option(
-        default_factory=lambda: _tiny_sft(1e-3, 30), help="strong model on expert demos"
+        default_factory=lambda: replace(
+            _tiny_sft(1e-3, 100), valid_fraction=0.0, early_stopping_patience=0, export="last"
+        ),
+        help="strong model on expert demos",
     )
     mcts_sft: TrainConfig = option(
         default_factory=lambda: _tiny_sft(1e-3, 30, "mcts-sft"),

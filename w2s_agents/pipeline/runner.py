@@ -167,7 +167,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
         Stage(
             "demos",
             partial(run_demos, cfg=cfg),
-            config={"system": system, "demos": cfg.tasks.demos},
+            config={"system": system, "demos": cfg.tasks.demos if cfg.tasks.scarce else 0},
             deps=("tasks",),
             version=2,  # 2: sft-all.jsonl, the demo tasks of scarce demonstrations
         ),

@@ -96,5 +96,6 @@ def run_demos(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def demo_task_ids(train: list[str], demos: int) -> list[str]:
-    """The train tasks whose expert demos weak and strong SFT see: the first ``demos`` (every one when 0)."""
+    """The train tasks whose expert demos weak and strong SFT see: the first ``demos`` (every one when 0 or when
+    ``demos`` is not below their number)."""
     return list(train[:demos] if demos else train)
