@@ -58,10 +58,15 @@ def test_stage_table_names_each_stages_inputs() -> None:
         "trees": ("explore",),
         "search": ("trees", "demos"),
         "w2s-mcts": ("search", "models"),
-        "w2s-treedpo": ("search", "strong-sft", "weak-sft"),
         "ceiling": ("search", "ceiling-sft"),
-        "eval": ("weak-sft", "strong-sft", "ceiling-sft", "explore", "w2s-mcts", "w2s-treedpo", "ceiling"),
+        "eval": ("weak-sft", "strong-sft", "ceiling-sft", "explore", "w2s-mcts", "ceiling"),
     }
+    treedpo = load_experiment(None, ["train.variants=[w2s-mcts, w2s-treedpo]"])
+    assert {s.name: s.deps for s in build_stages(treedpo, 0)}["w2s-treedpo"] == (
+        "search",
+        "strong-sft",
+        "weak-sft",
+    )
     cfg = load_experiment(
         None, ["expand.iterations=2", "train.variants=[w2s-mcts-treedpo]", "train.ceiling=false"]
     )

@@ -34,7 +34,9 @@ ROUND_1 = [
 
 
 def _deps(overrides: list[str]) -> dict[str, tuple[str, ...]]:
-    return {s.name: s.deps for s in build_stages(load_experiment(None, overrides), 0)}
+    """The stage dependencies of the default config with both W2S-MCTS and W2S-TreeDPO, and ``overrides``."""
+    cfg = load_experiment(None, ["train.variants=[w2s-mcts, w2s-treedpo]", *overrides])
+    return {s.name: s.deps for s in build_stages(cfg, 0)}
 
 
 def test_two_rounds_add_round_two_stages_that_read_round_one() -> None:

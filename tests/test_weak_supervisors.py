@@ -120,7 +120,7 @@ def test_one_weak_model_keeps_the_stage_keys() -> None:
 
 def test_stage_table_with_two_weak_models() -> None:
     one = load_experiment(None)
-    two = load_experiment(None, [TWO_WEAK])
+    two = load_experiment(None, [TWO_WEAK, "train.variants=[w2s-mcts, w2s-treedpo]"])
     stages = {s.name: s for s in build_stages(two, 0)}
     names = list(stages)
     assert names[: names.index("trees") + 1] == [
