@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -147,6 +150,14 @@ def golden_trajectories() -> list:
 def game_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A TextWorld game cache shared by the tests of one session (games are generated once)."""
     return tmp_path_factory.mktemp("games")
+
+
+@pytest.fixture
+def w2s_cache(game_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``W2S_CACHE`` for one test that runs the pipeline: the session's cache, so that games are made once."""
+    path = game_cache_dir.parent / "w2s-cache"
+    monkeypatch.setenv("W2S_CACHE", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -449,3 +460,43 @@ def vault_game() -> type:
 def vault_play():
     """``play(actions, seed, door_closes=3)``: an episode of the vault game with its state keys."""
     return play_vault
+
+
+# ------------------------------------------------------------------ miniature pipeline runs
+
+
+def _pipeline_runs() -> ModuleType:
+    """tests/pipeline_runs.py, loaded once (pytest's importlib mode puts no test folder on ``sys.path``)."""
+    name = "w2s_test_pipeline_runs"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("pipeline_runs.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs() -> ModuleType:
+    """The module tests/pipeline_runs.py: the miniature experiment ``MINI`` and the feature run's settings."""
+    return _pipeline_runs()
+
+
+@pytest.fixture(scope="session")
+def feature_run(tmp_path_factory: pytest.TempPathFactory, game_cache_dir: Path) -> Any:
+    """The miniature run with every pipeline feature on (``FEATURES`` of tests/pipeline_runs.py), stopped after
+    round 2's exploration and resumed, once per session: a ``FeatureRun``. The tests of scarce demos, several
+    weak models, the baselines, rounds and the run's artefacts assert on it; a test that reruns it sets
+    ``W2S_CACHE`` with the ``w2s_cache`` fixture and changes none of the run's stages."""
+    import torch
+
+    threads = torch.get_num_threads()
+    # one torch thread: with the other core busy, two make the nano models' small products several times slower
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
+            return _pipeline_runs().run_features(tmp_path_factory.mktemp("feature-run"))
+    finally:
+        torch.set_num_threads(threads)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -16,31 +19,12 @@ from w2s_agents.pipeline import build_stages, run_pipeline, stage_names
 from w2s_agents.pipeline.experiment import load_experiment
 from w2s_agents.store import read_trajectories
 
-MINI = """\
-run: {{name: mini, out_dir: {out}}}
-weak: {{tiny_preset: nano}}
-strong: {{tiny_preset: nano}}
-tasks: {{suite: tw-coin_collector, train: 3, valid: 1, test: 2, max_steps: 6}}
-explore:
-  samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}]
-  seeds: 1
-search: {{iterations: 20, sft_min_value: 0.0}}
-train:
-  weak_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
-  strong_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
-  mcts_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
-  treedpo: {{lr: 0.0001, epochs: 1, batch_size: 4}}
-  ceiling_dpo: {{lr: 0.0001, epochs: 1, batch_size: 4}}
-  variants: [w2s-mcts, w2s-treedpo, w2s-mcts-treedpo]
-eval: {{misfit_states: 10}}
-"""
-
 
 @pytest.fixture()
-def mini_config(tmp_path: Path, game_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
+def mini_config(tmp_path: Path, w2s_cache: Path, pipeline_runs: ModuleType) -> Path:
+    """The miniature experiment (tests/pipeline_runs.py ``MINI``) in a file, its runs under ``tmp_path``."""
     path = tmp_path / "mini.yaml"
-    path.write_text(MINI.format(out=tmp_path / "runs"))
+    path.write_text(pipeline_runs.MINI.format(out=tmp_path / "runs"))
     return path
 
 
@@ -77,8 +61,13 @@ def test_stage_table_names_each_stages_inputs() -> None:
 
 
 @pytest.mark.slow
-def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
-    cfg = load_experiment(mini_config)
+@pytest.mark.usefixtures("one_torch_thread")
+def test_miniature_pipeline_writes_every_artefact(
+    feature_run: Any, pipeline_runs: ModuleType, w2s_cache: Path, tmp_path: Path
+) -> None:
+    """The shared feature run (tests/pipeline_runs.py): every stage ran once and wrote its artefacts, a rerun
+    reuses them all, ``from_stage`` redoes a stage and the ones after it."""
+    cfg = feature_run.cfg
     names = stage_names(cfg)
     assert names == [
         "tasks",
@@ -86,34 +75,52 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
         "models",
         "weak-sft",
         "strong-sft",
+        "ceiling-sft",
+        "models-b",
+        "weak-sft-b",
         "explore",
+        "explore-b",
         "trees",
         "search",
         "w2s-mcts",
         "w2s-treedpo",
         "w2s-mcts-treedpo",
         "ceiling",
+        "strong-explore",
+        "eto",
+        "best-of-n",
+        "explore-r2",
+        "trees-r2",
+        "search-r2",
+        "w2s-mcts-r2",
+        "w2s-treedpo-r2",
+        "w2s-mcts-treedpo-r2",
         "eval",
     ]
-    result = run_pipeline(cfg)
-    run = result.run_dir
+    run = feature_run.result.run_dir
     seed_dir = run / "seed-0"
     for name in names:
         done = json.loads((seed_dir / name / "_done.json").read_text())
         assert done["stage"] == name
-    assert [r.status for r in result.records[0]] == ["done"] * len(names)
+    # every stage ran once: the first invocation up to its stop, the resumed one the rest
+    stop = names.index(pipeline_runs.STOP) + 1
+    assert [(r.name, r.status) for r in feature_run.first.records[0]] == [(n, "done") for n in names[:stop]]
+    assert [(r.name, r.status) for r in feature_run.result.records[0]] == [
+        (n, "cached" if i < stop else "done") for i, n in enumerate(names)
+    ]
     tasks = json.loads((seed_dir / "tasks" / "tasks.json").read_text())
-    assert [len(tasks[s]) for s in ("train", "valid", "test")] == [3, 1, 2]
-    # exploration: every (task, sampler) once; one tree per task; search outputs
+    assert [len(tasks[s]) for s in ("train", "valid", "test")] == [4, 1, 2]
+    # exploration: every (task, sampler) once per explore seed; one tree per task; search outputs
     trajs = list(read_trajectories(seed_dir / "explore" / "trajectories.jsonl"))
     assert sorted((t.task_id, t.source.sampler) for t in trajs) == sorted(
-        (t, s) for t in tasks["train"] for s in ("greedy", "t1.5-p1")
+        (t, s) for t in tasks["train"] for s in ("greedy", "t1.5-p1") for _ in range(cfg.explore.seeds)
     )
-    assert len(list((seed_dir / "trees" / "trees").glob("*.json"))) == 3
+    assert len({(t.task_id, t.source.sampler, t.source.seed) for t in trajs}) == len(trajs)
+    assert len(list((seed_dir / "trees" / "trees").glob("*.json"))) == 4
     assert (seed_dir / "search" / "sft.jsonl").stat().st_size > 0
     # every tree's best path: shortened only when shorter (and then replayed in the game), summed in the metrics
     paths = json.loads((seed_dir / "search" / "paths.json").read_text())
-    assert paths["summary"]["trees"] == 3 == len(paths["trees"])
+    assert paths["summary"]["trees"] == 4 == len(paths["trees"])
     for entry in paths["trees"]:
         assert entry["steps"] <= entry["raw_steps"] or entry["won"]
         assert entry["path"] != "tree" or entry["steps"] == entry["raw_steps"]
@@ -128,7 +135,8 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
         assert 0.0 <= m["return"]["estimate"] <= 1.0
     assert "w2s-mcts" in metrics["misfit"] and metrics["misfit"]["w2s-mcts"]["states"] > 0
     assert {k: metrics["best_paths"][k] for k in paths["summary"]} == paths["summary"]
-    assert metrics["best_paths"]["with_expert_demo"] == 3  # every train task has a won expert demo
+    # every train task has a won expert demo (SFT sees the first tasks.demos of them)
+    assert metrics["best_paths"]["with_expert_demo"] == 4
     # correction / expansion: the counts of the train tasks the weak SFT agent failed (and no exploration
     # solved) that W2S-MCTS solves, as recorded per task in the eval stage
     ev = json.loads((seed_dir / "eval" / "eval.json").read_text())
@@ -140,7 +148,8 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
     assert tr["uncovered"] == sum(not ok for ok in explored.values())
     assert tr["expanded"] == sum(w2s[t] for t, ok in explored.items() if not ok)
     report = (run / "report.md").read_text()
-    for label in ("Weak SFT", "Strong SFT", "W2S-MCTS", "Ceiling"):
+    # the W2S rows of a run of two rounds are labelled by round
+    for label in ("Weak SFT", "Strong SFT", "W2S-MCTS (round 1)", "Ceiling"):
         assert f"| {label} | " in report
     assert (run / "plots" / "returns.png").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
@@ -149,13 +158,20 @@ def test_miniature_pipeline_writes_every_artefact(mini_config: Path) -> None:
     # a second run reuses everything
     again = run_pipeline(cfg)
     assert [r.status for r in again.records[0]] == ["cached"] * len(names)
-    # --from redoes a stage and the ones after it
-    redo = run_pipeline(cfg, from_stage="w2s-mcts")
-    statuses = {r.name: r.status for r in redo.records[0]}
-    assert statuses["search"] == "cached" and statuses["w2s-mcts"] == "done" and statuses["eval"] == "done"
+    # --from redoes a stage and the ones after it (in a copy of the run: the other tests read the shared one)
+    copy = tmp_path / "runs"
+    shutil.copytree(run.parent, copy, symlinks=True)
+    moved = load_experiment(feature_run.config, [*pipeline_runs.FEATURES, f"run.out_dir={copy}"])
+    redo = run_pipeline(moved, from_stage="w2s-mcts")
+    assert redo.run_dir == copy / run.name
+    at = names.index("w2s-mcts")
+    assert [(r.name, r.status) for r in redo.records[0]] == [
+        (n, "cached" if i < at else "done") for i, n in enumerate(names)
+    ]
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_online_expansion_stage_grows_the_trees_before_the_search(mini_config: Path) -> None:
     from w2s_agents.tree import TrajectoryTree
 
@@ -268,15 +284,17 @@ def test_env_plugin_example_runs(tmp_path: Path, repo_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_scarce_demos_reach_strong_sft_only_and_w2s_data_holds_no_expert_step(mini_config: Path) -> None:
+def test_scarce_demos_reach_strong_sft_only_and_w2s_data_holds_no_expert_step(feature_run: Any) -> None:
     """tasks.demos: weak and strong SFT see the demos of the first N train tasks only, the ceiling sees every
-    train task's demo, and what the W2S stages train on (best paths, tree pairs) comes from the weak agent."""
-    cfg = load_experiment(mini_config, ["tasks.train=4", "tasks.demos=1", "train.variants=[w2s-mcts]"])
+    train task's demo, and what the W2S stages train on (best paths, tree pairs) comes from the weak agents (and,
+    in round 2, from round 1's W2S model), never from the expert."""
+    cfg = feature_run.cfg
+    assert (cfg.tasks.train, cfg.tasks.demos) == (4, 1)  # the shared run's scarce demos
     names = stage_names(cfg)
     assert names.index("ceiling-sft") < names.index("ceiling")
     deps = {s.name: s.deps for s in build_stages(cfg, 0)}
     assert deps["ceiling"] == ("search", "ceiling-sft") and "ceiling-sft" in deps["eval"]
-    result = run_pipeline(cfg)
+    result = feature_run.result
     seed_dir = result.run_dir / "seed-0"
     train = json.loads((seed_dir / "tasks" / "tasks.json").read_text())["train"]
     assert len(train) == 4
@@ -288,13 +306,17 @@ def test_scarce_demos_reach_strong_sft_only_and_w2s_data_holds_no_expert_step(mi
     assert [r["task_id"] for r in demo_rows] == train[:1]
     assert sorted(r["task_id"] for r in rows(seed_dir / "demos" / "sft-all.jsonl")) == sorted(train)
     # the SFT stages trained on exactly those rows (one of them held out for validation loss at most)
-    for stage, n in (("weak-sft", 1), ("strong-sft", 1), ("ceiling-sft", 4)):
+    for stage, n in (("weak-sft", 1), ("weak-sft-b", 1), ("strong-sft", 1), ("ceiling-sft", 4)):
         trained = json.loads((seed_dir / stage / "train" / "result.json").read_text())
         assert trained["rows"] + trained["skipped_rows"] <= n and trained["rows"] >= 1, stage
-    # the W2S data: every best-path row and tree pair comes from the weak agent's explorations only
+    # the W2S data: every best-path row and tree pair comes from the weak agents' explorations only
     demos = list(read_trajectories(seed_dir / "demos" / "demos.jsonl"))
     assert {t.source.role for t in demos} == {"expert"}
-    explored = list(read_trajectories(seed_dir / "explore" / "trajectories.jsonl"))
+    explored = [
+        t
+        for stage in ("explore", "explore-b")
+        for t in read_trajectories(seed_dir / stage / "trajectories.jsonl")
+    ]
     assert explored and {t.source.role for t in explored} == {"weak"}
     best = rows(seed_dir / "search" / "sft.jsonl")
     pairs = rows(seed_dir / "search" / "pairs.jsonl")
@@ -302,6 +324,17 @@ def test_scarce_demos_reach_strong_sft_only_and_w2s_data_holds_no_expert_step(mi
     for row in best:
         assert set(row["sources"]) <= {t.source.model for t in explored}, row["sources"]
     for pair in pairs:
+        for key in ("chosen_sources", "rejected_sources"):
+            assert set(pair[key]) <= {t.source.model for t in explored}, pair[key]
+    assert not {t.source.model for t in demos} & {t.source.model for t in explored}
+    # round 2's data: the weak agents' episodes and round 1's W2S model's, still no expert step
+    explored += read_trajectories(seed_dir / "explore-r2" / "trajectories.jsonl")
+    assert {t.source.role for t in explored} == {"weak", "strong"}
+    best = rows(seed_dir / "search-r2" / "sft.jsonl")
+    assert best, "no round 2 best-path row to check"
+    for row in best:
+        assert set(row["sources"]) <= {t.source.model for t in explored}, row["sources"]
+    for pair in rows(seed_dir / "search-r2" / "pairs.jsonl"):
         for key in ("chosen_sources", "rejected_sources"):
             assert set(pair[key]) <= {t.source.model for t in explored}, pair[key]
     assert not {t.source.model for t in demos} & {t.source.model for t in explored}

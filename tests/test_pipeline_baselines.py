@@ -3,30 +3,19 @@ and configs/paper-table.yaml."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from w2s_agents.errors import ConfigError
-from w2s_agents.pipeline import build_stages, run_pipeline, stage_names
+from w2s_agents.pipeline import build_stages, stage_names
 from w2s_agents.pipeline.cache import stage_keys
 from w2s_agents.pipeline.experiment import load_experiment
 from w2s_agents.pipeline.stages.baselines import best_of_n
 from w2s_agents.store import read_trajectories
 from w2s_agents.types import Source, Step, Trajectory
-
-
-def _mini() -> str:
-    """The miniature pipeline config of tests/test_pipeline.py (one source of truth for its size)."""
-    spec = importlib.util.spec_from_file_location(
-        "w2s_test_pipeline", Path(__file__).with_name("test_pipeline.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MINI
 
 
 def _episode(task: str, sampler: str, seed: int, ret: float, steps: int, won: bool) -> Trajectory:
@@ -117,32 +106,18 @@ def test_best_of_n_samples_above_the_episodes_played_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_baselines_train_on_their_own_data_and_reach_the_report(
-    tmp_path: Path, game_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_baselines_train_on_their_own_data_and_reach_the_report(feature_run: Any) -> None:
     """ETO pairs: demo tasks only, expert chosen, a failed strong SFT episode rejected. Best-of-N rows: one per
-    task, its best successful strong SFT episode. Both models evaluated and in the report."""
-    monkeypatch.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
-    path = tmp_path / "mini.yaml"
-    path.write_text(_mini().format(out=tmp_path / "runs"))
-    cfg = load_experiment(
-        path,
-        [
-            "tasks.demos=1",
-            "train.baselines=[eto,best-of-n]",
-            "train.variants=[]",
-            "train.ceiling=false",
-            "eval.train_tasks=false",
-            "explore.seeds=2",
-            # the strong SFT agent learns its one demo, so that its samples both win and fail
-            "train.strong_sft.epochs=30",
-            "train.strong_sft.lr=0.02",
-            "train.valid_success=false",
-        ],
-    )
+    task, its best successful strong SFT episode. Both models evaluated and in the report. On the shared feature
+    run (tests/pipeline_runs.py): one demo task, 2 samplers x 2 seeds, a strong SFT agent that learned its demo."""
+    cfg = feature_run.cfg
+    assert cfg.train.baselines == ["eto", "best-of-n"] and cfg.tasks.demos == 1
+    assert (len(cfg.explore.samplers), cfg.explore.seeds) == (2, 2)
     names = stage_names(cfg)
-    assert names[-4:] == ["strong-explore", "eto", "best-of-n", "eval"]
-    result = run_pipeline(cfg)
+    # the baselines come after the W2S stages and the ceiling, from the strong SFT agent's own exploration
+    at = names.index("strong-explore")
+    assert names[at - 1 : at + 3] == ["ceiling", "strong-explore", "eto", "best-of-n"] and names[-1] == "eval"
+    result = feature_run.result
     seed_dir = result.run_dir / "seed-0"
     train = json.loads((seed_dir / "tasks" / "tasks.json").read_text())["train"]
     demos = {t.task_id: t for t in read_trajectories(seed_dir / "demos" / "demos.jsonl")}

@@ -1,10 +1,12 @@
 """Rounds of exploration and training (``run.rounds``): the stage table, the config checks, the report's rows,
-and one tiny run of two rounds."""
+and the two rounds of the shared miniature run (tests/pipeline_runs.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -204,53 +206,49 @@ def test_report_shows_each_rounds_rows_after_round_one_and_before_the_ceiling(tm
     assert row in report
 
 
-MINI_ROUNDS = """\
-run: {{name: rounds, out_dir: {out}, rounds: 2}}
-weak: {{tiny_preset: nano}}
-strong: {{tiny_preset: nano}}
-tasks: {{suite: tw-coin_collector, train: 3, valid: 1, test: 2, max_steps: 6}}
-explore:
-  samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}]
-  seeds: 1
-search: {{iterations: 20, sft_min_value: 0.0}}
-train:
-  weak_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
-  strong_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
-  mcts_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
-  variants: [w2s-mcts]
-  ceiling: false
-eval: {{misfit_states: 10}}
-"""
-
-
 @pytest.mark.slow
-def test_two_rounds_end_to_end(tmp_path: Path, game_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
-    path = tmp_path / "rounds.yaml"
-    path.write_text(MINI_ROUNDS.format(out=tmp_path / "runs"))
-    cfg = load_experiment(path)
+def test_two_rounds_end_to_end(feature_run: Any, pipeline_runs: ModuleType, w2s_cache: Path) -> None:
+    """On the shared feature run (tests/pipeline_runs.py): two rounds, two weak models, every W2S variant."""
+    cfg = feature_run.cfg
+    assert (cfg.run.rounds, cfg.run.round_model, pipeline_runs.STOP) == (2, "w2s-mcts", "explore-r2")
     # a run stopped after round 2's exploration carries on from there
-    first = run_pipeline(cfg, until="explore-r2")
-    assert [r.status for r in first.records[0]][-2:] == ["done", "done"]
-    result = run_pipeline(cfg)
+    first = feature_run.first
+    assert [(r.name, r.status) for r in first.records[0]][-2:] == [
+        ("best-of-n", "done"),
+        ("explore-r2", "done"),
+    ]
+    result = feature_run.result
     seed_dir = result.run_dir / "seed-0"
     names = [r.name for r in result.records[0]]
-    assert names[-6:] == ["w2s-mcts", "explore-r2", "trees-r2", "search-r2", "w2s-mcts-r2", "eval"]
+    assert names[-8:] == [
+        "best-of-n",
+        "explore-r2",
+        "trees-r2",
+        "search-r2",
+        "w2s-mcts-r2",
+        "w2s-treedpo-r2",
+        "w2s-mcts-treedpo-r2",
+        "eval",
+    ]
     statuses = [r.status for r in result.records[0]]
-    assert statuses == ["cached"] * (len(names) - 4) + ["done"] * 4
+    assert statuses == ["cached"] * (len(names) - 6) + ["done"] * 6
     # round 2's episodes: round 1's W2S-MCTS agent on every train task, under the round's own source
+    train = json.loads((seed_dir / "tasks" / "tasks.json").read_text())["train"]
+    per_explore = len(train) * len(cfg.explore.samplers) * cfg.explore.seeds  # episodes of one exploration
     round2 = list(read_trajectories(seed_dir / "explore-r2" / "trajectories.jsonl"))
     round1 = list(read_trajectories(seed_dir / "explore" / "trajectories.jsonl"))
-    assert len(round2) == len(round1) == 3 * 2
+    assert len(round2) == len(round1) == per_explore and {t.task_id for t in round2} == set(train)
     assert {(t.source.model, t.source.role) for t in round2} == {("w2s-mcts-r1", "strong")}
     assert {(t.source.model, t.source.role) for t in round1} == {("weak-sft", "weak")}
-    # round 2's trees hold both rounds' trajectories, counted per source; round 1's hold the weak agent's only
+    # round 2's trees hold both rounds' trajectories, counted per source; round 1's the weak agents' only
     trees2 = sorted((seed_dir / "trees-r2" / "trees").glob("*.json"))
-    assert len(trees2) == 3
+    assert len(trees2) == len(train)
+    per_task = per_explore // len(train)
     for f in trees2:
         tree = TrajectoryTree.load(f)
-        assert tree.sources(0) == {"weak-sft": 2, "w2s-mcts-r1": 2}
-        assert TrajectoryTree.load(seed_dir / "trees" / "trees" / f.name).sources(0) == {"weak-sft": 2}
+        assert tree.sources(0) == {"weak-sft": per_task, "weak-sft-b": per_task, "w2s-mcts-r1": per_task}
+        round1_tree = TrajectoryTree.load(seed_dir / "trees" / "trees" / f.name)
+        assert round1_tree.sources(0) == {"weak-sft": per_task, "weak-sft-b": per_task}
     # round 2's W2S-MCTS trained on round 2's rows, and was evaluated and reported with its round
     info = json.loads((seed_dir / "w2s-mcts-r2" / "model.json").read_text())
     assert info["rows"] == sum(1 for _ in (seed_dir / "search-r2" / "sft.jsonl").open()) > 0
@@ -259,9 +257,9 @@ def test_two_rounds_end_to_end(tmp_path: Path, game_cache_dir: Path, monkeypatch
     assert metrics["models"]["w2s-mcts-r2"]["episodes"] == 2
     assert "w2s-mcts-r2" in metrics["vs_strong"] and "w2s-mcts-r2" in metrics["transfer"]
     per_round = metrics["rounds"]["per_round"]
-    assert [r["explored_by"] for r in per_round] == [["weak-sft"], ["w2s-mcts-r1"]]
-    assert [r["trajectories"] for r in per_round] == [6, 12]
-    assert metrics["search_cost"]["exploration_episodes"] == 12
+    assert [r["explored_by"] for r in per_round] == [["weak-sft", "weak-sft-b"], ["w2s-mcts-r1"]]
+    assert [r["trajectories"] for r in per_round] == [2 * per_explore, 3 * per_explore]
+    assert metrics["search_cost"]["exploration_episodes"] == 3 * per_explore
     report = result.report.read_text()
     assert (
         "| W2S-MCTS (round 1) | " in report and "| W2S-MCTS (round 2) | " in report and "## Rounds" in report

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -316,23 +316,13 @@ def test_report_only_reads_the_points_metrics_written_for_their_config(tmp_path:
 # ---------------------------------------------------------------------------------------- end to end
 
 
-def _mini() -> str:
-    """The miniature pipeline config of tests/test_pipeline.py (nano models, 3 train tasks)."""
-    spec = importlib.util.spec_from_file_location(
-        "w2s_test_pipeline", Path(__file__).with_name("test_pipeline.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MINI
-
-
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_sweep_shares_stages_writes_its_table_and_resumes(
-    tmp_path: Path, game_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, w2s_cache: Path, pipeline_runs: ModuleType
 ) -> None:
-    monkeypatch.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
     config = tmp_path / "mini.yaml"
-    config.write_text(_mini().format(out=tmp_path / "runs"))
+    config.write_text(pipeline_runs.MINI.format(out=tmp_path / "runs"))
     # the MINI explores with 2 samplers x 1 seed: width 1 is the greedy sampler alone, width 2 both
     args = [
         "explore.width=1,2",

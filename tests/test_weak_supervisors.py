@@ -1,17 +1,18 @@
 """Several weak supervisors in the pipeline (``weak_extra``, RAVEN): the config, the stage table, the metrics and
-report section, and one miniature run with two weak models."""
+report section, and the two weak models of the shared miniature run (tests/pipeline_runs.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from w2s_agents.config import save_config
 from w2s_agents.errors import ConfigError
-from w2s_agents.pipeline import build_stages, run_pipeline, stage_names
+from w2s_agents.pipeline import build_stages, stage_names
 from w2s_agents.pipeline.cache import stage_keys
 from w2s_agents.pipeline.experiment import load_experiment
 from w2s_agents.pipeline.report import MODEL_LABELS, write_report
@@ -20,17 +21,6 @@ from w2s_agents.store import read_trajectories
 from w2s_agents.tree import TrajectoryTree
 
 TWO_WEAK = "weak_extra=[{name: b, tiny_preset: nano}]"
-
-
-def _mini() -> str:
-    """The MINI config of tests/test_pipeline.py (one source for the miniature run's settings)."""
-    spec = importlib.util.spec_from_file_location(
-        "_w2s_test_pipeline", Path(__file__).with_name("test_pipeline.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MINI
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -221,24 +211,25 @@ def test_metrics_count_each_sources_share_and_the_learned_weights(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_miniature_run_with_two_weak_models(
-    tmp_path: Path, game_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
-    path = tmp_path / "mini.yaml"
-    path.write_text(_mini().format(out=tmp_path / "runs"))
-    cfg = load_experiment(path, [TWO_WEAK, "train.variants=[w2s-mcts]", "train.ceiling=false"])
-    result = run_pipeline(cfg)
+def test_miniature_run_with_two_weak_models(feature_run: Any, tmp_path: Path) -> None:
+    """On the shared feature run (tests/pipeline_runs.py): the weak models ``weak`` and ``b`` (weak_extra)."""
+    cfg = feature_run.cfg
+    assert [w.name for w in cfg.weak_extra] == ["b"]
+    result = feature_run.result
     seed_dir = result.run_dir / "seed-0"
+    train = json.loads((seed_dir / "tasks" / "tasks.json").read_text())["train"]
+    per_explore = len(train) * len(cfg.explore.samplers) * cfg.explore.seeds  # episodes of one exploration
     # each weak model explored every train task; its episodes carry its SFT stage's name
     for stage, model in (("explore", "weak-sft"), ("explore-b", "weak-sft-b")):
         trajs = list(read_trajectories(seed_dir / stage / "trajectories.jsonl"))
-        assert len(trajs) == 3 * 2 and {t.source.model for t in trajs} == {model}, stage
+        assert len(trajs) == per_explore and {t.task_id for t in trajs} == set(train), stage
+        assert {t.source.model for t in trajs} == {model}, stage
     # one tree per task holds both sources
     trees = [TrajectoryTree.load(p) for p in sorted((seed_dir / "trees" / "trees").glob("*.json"))]
-    assert len(trees) == 3
+    assert len(trees) == len(train)
+    per_task = per_explore // len(train)
     for tree in trees:
-        assert tree.sources(0) == {"weak-sft": 2, "weak-sft-b": 2}
+        assert tree.sources(0) == {"weak-sft": per_task, "weak-sft-b": per_task}
     rows = [json.loads(line) for line in (seed_dir / "search" / "sft.jsonl").read_text().splitlines()]
     assert {s for r in rows for s in r["sources"]} == {"weak-sft", "weak-sft-b"}
     # W2S-MCTS learned one weight per source, on the simplex, recorded with its model
@@ -248,10 +239,16 @@ def test_miniature_run_with_two_weak_models(
     assert {"weak-sft", "weak-sft-b"} <= set(metrics["models"])
     assert metrics["models"]["weak-sft-b"]["label"] == "Weak SFT (b)"
     ws = metrics["weak_supervisors"]
-    assert ws["totals"]["trajectories"] == 12 and ws["sources"]["weak-sft-b"]["trajectories"] == 6
+    assert (
+        ws["totals"]["trajectories"] == 2 * per_explore
+    )  # both weak explorations (round 2's is no weak one)
+    assert ws["sources"]["weak-sft-b"]["trajectories"] == per_explore
     assert ws["weights"]["w2s-mcts"]["mean"] == pytest.approx(learned)
-    assert metrics["search_cost"]["exploration_episodes"] == 12  # both explorations
+    # both explorations, and round 2's (run.rounds: 2)
+    assert metrics["search_cost"]["exploration_episodes"] == 3 * per_explore
     report = (result.run_dir / "report.md").read_text()
     assert "## Weak supervisors" in report and "| Weak SFT (b) | " in report
     assert report.index("| Weak SFT | ") < report.index("| Weak SFT (b) | ") < report.index("| Strong SFT | ")
-    assert write_report(metrics, result.run_dir, plots=False).read_text().count("## Weak supervisors") == 1
+    # the report written again over the run's (in a copy: the other tests read the shared run's)
+    shutil.copy(result.run_dir / "report.md", tmp_path / "report.md")
+    assert write_report(metrics, tmp_path, plots=False).read_text().count("## Weak supervisors") == 1
