@@ -71,6 +71,7 @@ class FeatureRun:
     result: PipelineResult
     """The resumed invocation: the stages up to ``STOP`` cached, the rest ran; metrics and report written."""
 
+
 def run_features(root: Path) -> FeatureRun:
     """Run ``MINI`` with ``FEATURES`` under ``root``: until ``STOP``, then resumed to the end. The caller sets
     ``W2S_CACHE`` (the game cache) and the torch threads."""
