@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ValidFn",
     "env_id",
+    "exploration_stats",
     "load_agent",
     "model_path",
     "play_episodes",
@@ -69,6 +70,21 @@ def read_trajectories(path: Path) -> list[Trajectory]:
     from w2s_agents.store import read_trajectories as read_store
 
     return list(read_store(path)) if path.is_file() else []
+
+
+def exploration_stats(trajs: Sequence[Trajectory]) -> dict[str, Any]:
+    """What an exploration stage records of its episodes: counts, env steps, model tokens, mean return, and the
+    sorted ids of the tasks some episode won (``solved_tasks``)."""
+    solved = sorted({x.task_id for x in trajs if x.success})
+    return {
+        "episodes": len(trajs),
+        "successes": sum(x.success for x in trajs),
+        "tasks_solved": len(solved),
+        "env_steps": sum(len(x.steps) for x in trajs),
+        "tokens": sum((s.tokens_in or 0) + (s.tokens_out or 0) for x in trajs for s in x.steps),
+        "mean_return": sum(x.return_ for x in trajs) / max(1, len(trajs)),
+        "solved_tasks": solved,
+    }
 
 
 def task_ids(ctx: StageContext, split: str) -> list[str]:

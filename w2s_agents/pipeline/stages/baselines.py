@@ -19,6 +19,7 @@ from typing import Any
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import (
+    exploration_stats,
     load_agent,
     model_path,
     play_episodes,
@@ -68,14 +69,8 @@ def run_strong_explore(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> d
         first_seed=derive_seed(seed, "strong-explore") % 1_000_000,
         workers=cfg.explore.workers,
     )
-    solved = sorted({x.task_id for x in trajs if x.success})
-    stats = {
-        "episodes": len(trajs),
-        "successes": sum(x.success for x in trajs),
-        "tasks_solved": len(solved),
-        "env_steps": sum(len(x.steps) for x in trajs),
-        "mean_return": sum(x.return_ for x in trajs) / max(1, len(trajs)),
-    }
+    stats = exploration_stats(trajs)
+    solved = stats.pop("solved_tasks")
     write_json(ctx.directory / "explore.json", {**stats, "solved_tasks": solved})
     return stats
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig, TreeConfig
 from w2s_agents.pipeline.stage_io import (
+    exploration_stats,
     load_agent,
     model_path,
     play_episodes,
@@ -101,15 +102,8 @@ def run_explore(
                 first_seed=first_seed + seeds[0],
                 workers=cfg.explore.workers,
             )
-    solved = sorted({x.task_id for x in trajs if x.success})
-    stats = {
-        "episodes": len(trajs),
-        "successes": sum(x.success for x in trajs),
-        "tasks_solved": len(solved),
-        "env_steps": sum(len(x.steps) for x in trajs),
-        "tokens": sum((s.tokens_in or 0) + (s.tokens_out or 0) for x in trajs for s in x.steps),
-        "mean_return": sum(x.return_ for x in trajs) / max(1, len(trajs)),
-    }
+    stats = exploration_stats(trajs)
+    solved = stats.pop("solved_tasks")
     write_json(ctx.directory / "explore.json", {**stats, "solved_tasks": solved, **skipped})
     return {**stats, **skipped}
 
