@@ -212,6 +212,7 @@ def test_w2s_run_on_an_installed_plugin_suite(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     seed_dir = tmp_path / "runs" / "vault" / "seed-0"
     tasks = json.loads((seed_dir / "tasks" / "tasks.json").read_text())
+    tasks |= json.loads((seed_dir / "held-out" / "tasks.json").read_text())
     assert tasks == {"train": ["vault/0", "vault/1", "vault/2"], "valid": [], "test": ["vault/6", "vault/7"]}
     demos = [json.loads(line) for line in (seed_dir / "demos" / "demos.jsonl").read_text().splitlines()]
     assert len(demos) == 3 and all(d["success"] and d["env_id"] == "example/Vault-v0" for d in demos)

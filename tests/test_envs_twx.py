@@ -154,6 +154,7 @@ def test_w2s_run_completes_on_a_textworld_express_suite(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     seed_dir = tmp_path / "runs" / "twx" / "seed-0"
     tasks = json.loads((seed_dir / "tasks" / "tasks.json").read_text())
+    tasks |= json.loads((seed_dir / "held-out" / "tasks.json").read_text())
     assert tasks == {
         "train": ["twx-sorting/train/0", "twx-sorting/train/1"],
         "valid": [],

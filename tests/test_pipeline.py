@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from w2s_agents.pipeline import build_stages, run_pipeline, stage_names
+from w2s_agents.pipeline.cache import stage_keys
 from w2s_agents.pipeline.experiment import load_experiment
 from w2s_agents.store import read_trajectories
 
@@ -33,6 +34,7 @@ def test_stage_table_names_each_stages_inputs() -> None:
     deps = {s.name: s.deps for s in build_stages(load_experiment(None), 0)}
     assert deps == {
         "tasks": (),
+        "held-out": (),
         "demos": ("tasks",),
         "models": ("demos",),
         "weak-sft": ("models",),
@@ -43,7 +45,7 @@ def test_stage_table_names_each_stages_inputs() -> None:
         "search": ("trees", "demos"),
         "w2s-mcts": ("search", "models"),
         "ceiling": ("search", "ceiling-sft"),
-        "eval": ("weak-sft", "strong-sft", "ceiling-sft", "explore", "w2s-mcts", "ceiling"),
+        "eval": ("held-out", "weak-sft", "strong-sft", "ceiling-sft", "explore", "w2s-mcts", "ceiling"),
     }
     treedpo = load_experiment(None, ["train.variants=[w2s-mcts, w2s-treedpo]"])
     assert {s.name: s.deps for s in build_stages(treedpo, 0)}["w2s-treedpo"] == (
@@ -57,7 +59,29 @@ def test_stage_table_names_each_stages_inputs() -> None:
     deps = {s.name: s.deps for s in build_stages(cfg, 0)}
     assert deps["expand"] == ("trees", "weak-sft") and deps["search"] == ("expand", "demos")
     assert deps["w2s-mcts-treedpo"] == ("search", "w2s-mcts", "weak-sft")  # W2S-MCTS runs as its start
-    assert deps["eval"] == ("weak-sft", "strong-sft", "explore", "w2s-mcts", "w2s-mcts-treedpo")
+    assert deps["eval"] == ("held-out", "weak-sft", "strong-sft", "explore", "w2s-mcts", "w2s-mcts-treedpo")
+
+
+def test_held_out_tasks_retrain_nothing_unless_training_plays_them() -> None:
+    """More test games, or evaluating on the valid split, reruns ``held-out`` and ``eval`` only: the settings
+    chosen on the valid games are evaluated on the test games with the very models they were chosen on. Only
+    ``train.valid_success`` with valid tasks makes the training stages read (and depend on) the held-out games."""
+    keys = stage_keys(build_stages(load_experiment(None), 0))
+    for overrides in (
+        ["tasks.test=50"],
+        ["tasks.valid=20", "eval.split=valid", "train.valid_success=false"],
+        ["tasks.valid=20", "train.valid_success=false"],
+    ):
+        other = stage_keys(build_stages(load_experiment(None, overrides), 0))
+        assert {n for n, k in keys.items() if other[n] != k} == {"held-out", "eval"}, overrides
+    played = build_stages(load_experiment(None, ["tasks.valid=20"]), 0)  # valid_success is on by default
+    deps = {s.name: s.deps for s in played}
+    for name in ("weak-sft", "strong-sft", "ceiling-sft", "w2s-mcts", "ceiling"):
+        assert deps[name][-1] == "held-out", name
+    assert "held-out" not in deps["explore"] and "held-out" not in deps["search"]
+    # the train tasks are the tasks stage's: more of them redo every stage but held-out
+    more = stage_keys(build_stages(load_experiment(None, ["tasks.train=61"]), 0))
+    assert {n for n, k in keys.items() if more[n] == k} == {"held-out"}
 
 
 @pytest.mark.slow
@@ -71,6 +95,7 @@ def test_miniature_pipeline_writes_every_artefact(
     names = stage_names(cfg)
     assert names == [
         "tasks",
+        "held-out",
         "demos",
         "models",
         "weak-sft",
@@ -109,6 +134,7 @@ def test_miniature_pipeline_writes_every_artefact(
         (n, "cached" if i < stop else "done") for i, n in enumerate(names)
     ]
     tasks = json.loads((seed_dir / "tasks" / "tasks.json").read_text())
+    tasks |= json.loads((seed_dir / "held-out" / "tasks.json").read_text())
     assert [len(tasks[s]) for s in ("train", "valid", "test")] == [4, 1, 2]
     # exploration: every (task, sampler) once per explore seed; one tree per task; search outputs
     trajs = list(read_trajectories(seed_dir / "explore" / "trajectories.jsonl"))

@@ -60,7 +60,7 @@ def test_paper_table_config_lists_every_row_of_the_table(repo_root: Path) -> Non
     cfg = load_experiment(repo_root / "configs" / "paper-table.yaml")
     deps = {s.name: s.deps for s in build_stages(cfg, 0)}
     rows = ["w2s-mcts", "w2s-treedpo", "w2s-mcts-treedpo", "ceiling", "strong-explore", "eto", "best-of-n"]
-    expected = ["tasks", "demos", "models", "weak-sft", "strong-sft"]
+    expected = ["tasks", "held-out", "demos", "models", "weak-sft", "strong-sft"]
     expected += ["ceiling-sft"] if cfg.tasks.scarce else []  # the ceiling's start under scarce demos
     expected += ["explore", "trees", "search", *rows, "eval"]
     assert list(deps) == expected

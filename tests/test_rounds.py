@@ -21,6 +21,7 @@ from w2s_agents.tree import TrajectoryTree
 
 ROUND_1 = [
     "tasks",
+    "held-out",
     "demos",
     "models",
     "weak-sft",
@@ -58,6 +59,7 @@ def test_two_rounds_add_round_two_stages_that_read_round_one() -> None:
     assert deps["w2s-mcts-r2"] == ("search-r2", "models")  # the strong base model, as in round 1
     assert deps["w2s-treedpo-r2"] == ("search-r2", "strong-sft", "weak-sft")
     assert deps["eval"] == (
+        "held-out",
         "weak-sft",
         "strong-sft",
         "ceiling-sft",

@@ -183,7 +183,7 @@ def test_default_explore_key_is_the_key_without_the_width_setting() -> None:
     # a width is part of the key, and changes only exploration and what depends on it
     wide = stage_keys(build_stages(load_experiment(None, ["explore.width=4"]), 0))
     same = {n for n, k in stage_keys(stages).items() if wide[n] == k}
-    assert same == {"tasks", "demos", "models", "weak-sft", "strong-sft", "ceiling-sft"}
+    assert same == {"tasks", "held-out", "demos", "models", "weak-sft", "strong-sft", "ceiling-sft"}
 
 
 # ---------------------------------------------------------------------------------------- shared stages
@@ -204,6 +204,7 @@ def test_a_stage_finished_with_the_same_key_is_linked_not_rerun(tmp_path: Path) 
     linked = link_shared_stages(plan, b)
     assert linked == [
         "seed-0/tasks",
+        "seed-0/held-out",
         "seed-0/demos",
         "seed-0/models",
         "seed-0/weak-sft",

@@ -96,11 +96,11 @@ def test_one_weak_model_keeps_the_stage_keys() -> None:
     """The keys of the default run's stages, pinned (a change would make users' finished runs redo them, so it
     must be deliberate): a run with one weak model (``weak_extra`` empty, the default) has exactly these."""
     expected = {
-        "models": "ca525d8380637b0b",
-        "weak-sft": "ecf1f4ef010e83c9",
-        "explore": "f7d531009b4b3d92",
-        "trees": "0391e4e83f3c6dc6",
-        "search": "9ccd0749d58f2bc0",
+        "models": "ee5c011f8c1acff7",
+        "weak-sft": "eae20da83adf703e",
+        "explore": "dbb1427394563969",
+        "trees": "57b80a3d5fc38c84",
+        "search": "c58582b13aa99cca",
     }
     for overrides in ([], ["weak_extra=[]"]):
         keys = stage_keys(build_stages(load_experiment(None, overrides), 0))
@@ -115,6 +115,7 @@ def test_stage_table_with_two_weak_models() -> None:
     names = list(stages)
     assert names[: names.index("trees") + 1] == [
         "tasks",
+        "held-out",
         "demos",
         "models",
         "weak-sft",

@@ -3,7 +3,8 @@
 One :class:`~w2s_agents.pipeline.experiment.ExperimentConfig` in, a report out. For every run seed the stages of DESIGN
 section 2 run in ``<run dir>/seed-<k>/<stage>/`` as cached, resumable stages (:mod:`w2s_agents.pipeline.cache`)::
 
-    tasks       task ids of the train / valid / test splits; every game generated (cached)
+    tasks       task ids of the train split; every game generated (cached)
+    held-out    task ids of the valid / test splits; every game generated (changing them retrains nothing)
     demos       expert trajectories of the train tasks
     models      the weak and strong models (local folders, or tiny models built on the demos' text)
     weak-sft    the weak agent fine-tuned on the demos (the explorer and the DPO reference)
@@ -52,7 +53,7 @@ from w2s_agents.pipeline.experiment import BASELINES, W2S_VARIANTS, ExperimentCo
 from w2s_agents.pipeline.metrics import aggregate, write_metrics
 from w2s_agents.pipeline.report import write_report
 from w2s_agents.pipeline.rounds import later_round_stages
-from w2s_agents.pipeline.stage_io import training_system
+from w2s_agents.pipeline.stage_io import plays_valid, training_system
 from w2s_agents.pipeline.stages import (
     run_best_of_n,
     run_demos,
@@ -61,6 +62,7 @@ from w2s_agents.pipeline.stages import (
     run_eval,
     run_expand,
     run_explore,
+    run_held_out,
     run_mcts_sft,
     run_models,
     run_search,
@@ -98,13 +100,10 @@ class PipelineResult:
 
 
 def _train_part(cfg: ExperimentConfig, tc: TrainConfig, seed: int) -> dict[str, Any]:
-    """The config part of a training stage: its own run, and the validation settings it trains with."""
-    return {
-        "train": tc,
-        "valid_success": cfg.train.valid_success,
-        "agent": cfg.agent if cfg.train.valid_success else None,
-        "seed": seed,
-    }
+    """The config part of a training stage: its own run, and the validation settings it trains with (the
+    agent's settings only when it plays the valid tasks)."""
+    valid = plays_valid(cfg)
+    return {"train": tc, "valid_success": valid, "agent": cfg.agent if valid else None, "seed": seed}
 
 
 def _replay_part(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -114,12 +113,17 @@ def _replay_part(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"replay_env": {"max_steps": cfg.tasks.max_steps, "env_kwargs": cfg.tasks.env_kwargs}}
 
 
-def _tasks_part(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The config part of the tasks stage: ``cfg.tasks`` without the settings of how games are made."""
-    part = config_to_dict(replace(cfg.tasks, workers=0))
-    part.pop("generation_timeout_s")
-    part.pop("demos")  # which train tasks have demos is the demos stage's part
-    return part
+def _tasks_part(cfg: ExperimentConfig, splits: tuple[str, ...]) -> dict[str, Any]:
+    """The config part of the tasks (``splits`` = train) or held-out (valid, test) stage: the suite, its env
+    settings and the number of tasks of ``splits``; not how games are made (``workers``,
+    ``generation_timeout_s``), nor which train tasks have demos (the demos stage's part)."""
+    t = cfg.tasks
+    return {
+        "suite": t.suite,
+        "max_steps": t.max_steps,
+        "env_kwargs": t.env_kwargs,
+        **{split: getattr(t, split) for split in splits},
+    }
 
 
 def _explore_part(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
@@ -157,13 +161,16 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             tc = with_source_weights(tc)
         # the training config is bound to the function and hashed into the key from the same object
         bound = partial(run, cfg=cfg, seed=seed, train=tc, **kw)
+        if plays_valid(cfg):  # validation success plays the valid tasks each epoch
+            deps = (*deps, "held-out")
         return Stage(name, bound, config=_train_part(cfg, tc, seed), deps=deps)
 
     # tasks, expert demos, base models
     stages = [
         # tasks.workers and tasks.generation_timeout_s are left out of the key: they set how games are made, not
         # what is made
-        Stage("tasks", partial(run_tasks, cfg=cfg), config=_tasks_part(cfg)),
+        Stage("tasks", partial(run_tasks, cfg=cfg), config=_tasks_part(cfg, ("train",)), version=2),
+        Stage("held-out", partial(run_held_out, cfg=cfg), config=_tasks_part(cfg, ("valid", "test"))),
         Stage(
             "demos",
             partial(run_demos, cfg=cfg),

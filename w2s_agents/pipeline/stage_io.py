@@ -34,6 +34,7 @@ __all__ = [
     "load_agent",
     "model_path",
     "play_episodes",
+    "plays_valid",
     "read_json",
     "read_trajectories",
     "save_model_info",
@@ -88,8 +89,10 @@ def exploration_stats(trajs: Sequence[Trajectory]) -> dict[str, Any]:
 
 
 def task_ids(ctx: StageContext, split: str) -> list[str]:
-    """The task ids of ``split`` (train / valid / test) that the ``tasks`` stage chose."""
-    return list(read_json(ctx.output("tasks") / "tasks.json")[split])
+    """The task ids of ``split`` (train / valid / test) that the ``tasks`` stage (train) or the ``held-out``
+    stage (valid, test) chose."""
+    stage = "tasks" if split == "train" else "held-out"
+    return list(read_json(ctx.output(stage) / "tasks.json")[split])
 
 
 def model_path(ctx: StageContext, name: str, *, models: str = "models") -> Path | None:
@@ -202,11 +205,19 @@ def play_episodes(
     return read_trajectories(store_path), summary
 
 
-def validation_fn(cfg: ExperimentConfig, tasks: Sequence[str], work: Path) -> ValidFn | None:
-    """Validation success on the valid ``tasks`` (one greedy episode each) of the model being trained, for the
-    trainers' ``valid_fn``; None when the run has no valid tasks or ``train.valid_success`` is off."""
-    if not tasks or not cfg.train.valid_success:
+def plays_valid(cfg: ExperimentConfig) -> bool:
+    """Whether the training stages play the valid tasks each epoch (``train.valid_success`` with valid tasks):
+    then they read the ``held-out`` stage and their keys hash the agent's settings."""
+    return bool(cfg.train.valid_success and cfg.tasks.valid)
+
+
+def validation_fn(cfg: ExperimentConfig, ctx: StageContext) -> ValidFn | None:
+    """Validation success on the valid tasks (one greedy episode each) of the model being trained, for the
+    trainers' ``valid_fn``, with the stage's folder as the work folder; None unless :func:`plays_valid`."""
+    if not plays_valid(cfg):
         return None
+    tasks = task_ids(ctx, "valid")
+    work = ctx.directory
     from w2s_agents.agents import Agent, LoadedModel, Sampler
     from w2s_agents.rollout import EnvFactory, plan_episodes, run_episodes
 

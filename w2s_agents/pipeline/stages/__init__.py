@@ -7,7 +7,7 @@ by what it needs of the experiment; :func:`w2s_agents.pipeline.runner.build_stag
 
 Stage, module, function::
 
-    tasks, demos                                tasks.py     run_tasks, run_demos
+    tasks, held-out, demos                      tasks.py     run_tasks, run_held_out, run_demos
     models, models-<name>                       models.py    run_models, run_weak_model
     weak-sft, strong-sft, weak-sft-<name>       train.py     run_sft
     w2s-mcts                                    train.py     run_mcts_sft
@@ -32,7 +32,7 @@ from .expand import run_expand
 from .explore import run_explore, run_trees
 from .models import run_models, run_weak_model
 from .search import run_search
-from .tasks import run_demos, run_tasks
+from .tasks import run_demos, run_held_out, run_tasks
 from .train import run_dpo, run_mcts_sft, run_sft
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "run_eval",
     "run_expand",
     "run_explore",
+    "run_held_out",
     "run_mcts_sft",
     "run_models",
     "run_search",

@@ -108,7 +108,7 @@ def run_eto(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, train: Train
         ctx.directory / "train",
         replace(train, method="dpo", seed=derive_seed(seed, ctx.name)),
         reference_path=start,
-        valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
+        valid_fn=validation_fn(cfg, ctx),
     )
     return {"pairs": n, **save_model_info(ctx, result)}
 
@@ -176,6 +176,6 @@ def run_best_of_n(
         data,
         ctx.directory / "train",
         replace(train, method="sft", seed=derive_seed(seed, ctx.name)),
-        valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
+        valid_fn=validation_fn(cfg, ctx),
     )
     return {"rows": n, **save_model_info(ctx, result)}

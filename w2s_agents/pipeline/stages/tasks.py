@@ -1,4 +1,4 @@
-"""The stages that fix a run's tasks and their expert data: ``tasks`` and ``demos``."""
+"""The stages that fix a run's tasks and their expert data: ``tasks``, ``held-out`` and ``demos``."""
 
 from __future__ import annotations
 
@@ -10,39 +10,56 @@ from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import read_trajectories, task_ids, training_system, write_json
 
-__all__ = ["demo_task_ids", "run_demos", "run_tasks"]
+__all__ = ["demo_task_ids", "run_demos", "run_held_out", "run_tasks"]
 
 
 def run_tasks(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
-    """Stage ``tasks``: the first ``tasks.train`` / ``valid`` / ``test`` task ids of the suite's splits, every
-    game prepared (generated into the game cache), ``tasks.workers`` processes at once, each game within
+    """Stage ``tasks``: the first ``tasks.train`` task ids of the suite's train split, every game prepared
+    (generated into the game cache), ``tasks.workers`` processes at once, each within
     ``tasks.generation_timeout_s`` seconds.
 
-    Reads: the suite. Writes: ``tasks.json`` (split -> task ids). Returns the number of tasks per split.
+    The valid and test tasks are the stage ``held-out``'s: changing how many of them a run evaluates on reruns
+    no training stage.
+
+    Reads: the suite. Writes: ``tasks.json`` (``{"train": [...]}``). Returns the number of train tasks.
 
     Raises:
-        W2SError: the suite has fewer train or test tasks than the config asks for.
+        W2SError: the suite has fewer train tasks than the config asks for.
     """
+    return _prepare_splits(ctx, cfg, {"train": cfg.tasks.train}, required=("train",))
+
+
+def run_held_out(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Stage ``held-out``: the first ``tasks.valid`` / ``tasks.test`` task ids of the suite's valid and test
+    splits, every game prepared as in ``tasks``. Evaluation reads them (the valid tasks with ``eval.split:
+    valid``), and the training stages when ``train.valid_success`` plays the valid tasks each epoch.
+
+    Reads: the suite. Writes: ``tasks.json`` (``{"valid": [...], "test": [...]}``). Returns the number of
+    tasks per split.
+
+    Raises:
+        W2SError: the suite has fewer test tasks than the config asks for.
+    """
+    return _prepare_splits(ctx, cfg, {"valid": cfg.tasks.valid, "test": cfg.tasks.test}, required=("test",))
+
+
+def _prepare_splits(
+    ctx: StageContext, cfg: ExperimentConfig, counts: dict[str, int], *, required: tuple[str, ...]
+) -> dict[str, Any]:
+    """The first ``counts[split]`` task ids of each split, their games prepared, written to ``tasks.json``."""
     from w2s_agents.envs.demos import suite_env, suite_task_ids
 
     env = suite_env(cfg.tasks.suite, max_steps=cfg.tasks.max_steps, **cfg.tasks.env_kwargs)
     try:
-        ids = {
-            split: suite_task_ids(cfg.tasks.suite, split, env)[:n]
-            for split, n in (
-                ("train", cfg.tasks.train),
-                ("valid", cfg.tasks.valid),
-                ("test", cfg.tasks.test),
-            )
-        }
-        for split, want in (("train", cfg.tasks.train), ("test", cfg.tasks.test)):
-            if len(ids[split]) < want:
+        ids = {split: suite_task_ids(cfg.tasks.suite, split, env)[:n] for split, n in counts.items()}
+        for split in required:
+            if len(ids[split]) < counts[split]:
                 raise W2SError(
-                    f"tasks.{split}: suite {cfg.tasks.suite} has {len(ids[split])} {split} tasks, {want} asked"
+                    f"tasks.{split}: suite {cfg.tasks.suite} has {len(ids[split])} {split} tasks, "
+                    f"{counts[split]} asked"
                 )
-        all_ids = [i for split in ("train", "valid", "test") for i in ids[split]]
         env.prepare(  # makes the games
-            all_ids,
+            [i for split in counts for i in ids[split]],
             workers=cfg.tasks.workers or os.cpu_count() or 1,
             timeout_s=cfg.tasks.generation_timeout_s,
         )

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
-from w2s_agents.pipeline.stage_io import model_path, save_model_info, task_ids, validation_fn, write_json
+from w2s_agents.pipeline.stage_io import model_path, save_model_info, validation_fn, write_json
 from w2s_agents.seeding import derive_seed
 from w2s_agents.trainers import TrainConfig
 
@@ -57,7 +57,7 @@ def run_sft(
         ctx.output("demos") / rows,
         ctx.directory / "train",
         replace(train, seed=derive_seed(seed, role, "sft") if first else derive_seed(seed, ctx.name)),
-        valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
+        valid_fn=validation_fn(cfg, ctx),
     )
     return save_model_info(ctx, result)
 
@@ -93,7 +93,7 @@ def run_mcts_sft(
         rows,
         ctx.directory / "train",
         replace(train, method="mcts-sft", seed=derive_seed(seed, "w2s-mcts")),
-        valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
+        valid_fn=validation_fn(cfg, ctx),
     )
     return save_model_info(ctx, result)
 
@@ -131,6 +131,6 @@ def run_dpo(
         ctx.directory / "train",
         replace(train, method="dpo", seed=derive_seed(seed, ctx.name)),
         reference_path=model_path(ctx, reference),
-        valid_fn=validation_fn(cfg, task_ids(ctx, "valid"), ctx.directory),
+        valid_fn=validation_fn(cfg, ctx),
     )
     return save_model_info(ctx, result)
