@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from w2s_agents.errors import ModelLoadError
 from w2s_agents.tree import DenseVectors, Embedder, TfidfEmbedder
 
-from .models import _one_line, count_parameters, load_tokenizer, resolve_device
+from .models import _one_line, check_model_dir, count_parameters, load_tokenizer, resolve_device
 
 __all__ = ["ModelEmbedder", "load_embedder"]
 
@@ -49,17 +48,12 @@ class ModelEmbedder:
         batch_size: int = 32,
         max_length: int = 512,
     ) -> None:
-        p = Path(path).expanduser()
-        if not p.is_dir():
-            raise ModelLoadError(
-                f"embedder '{path}' is not a local directory; the similarity merge loads embedding models only "
-                "from local folders and downloads nothing (give a folder saved with save_pretrained, or leave "
-                "the embedder unset for the TF-IDF embedding)"
-            )
-        if not (p / "config.json").is_file():
-            raise ModelLoadError(
-                f"embedder {p}: no config.json here; not a saved Hugging Face model directory"
-            )
+        p = check_model_dir(
+            path,
+            what="embedder",
+            why="the similarity merge loads embedding models only from local folders and downloads nothing "
+            "(give a folder saved with save_pretrained, or leave the embedder unset for the TF-IDF embedding)",
+        )
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
         from transformers import AutoModel

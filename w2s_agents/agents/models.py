@@ -42,6 +42,7 @@ __all__ = [
     "ModelConfig",
     "TinyPreset",
     "build_tiny_model",
+    "check_model_dir",
     "count_parameters",
     "create_tiny_model",
     "load_model",
@@ -360,6 +361,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
 
 
+def check_model_dir(path: str | os.PathLike[str], *, what: str, why: str) -> Path:
+    """``path`` as a local folder saved with ``save_pretrained`` (it holds a ``config.json``).
+
+    Raises:
+        ModelLoadError: ``path`` is not a local directory (the message names ``what`` and ends with ``why``), or
+            has no ``config.json``.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelLoadError(f"{what} '{path}' is not a local directory; {why}")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{p}: no config.json here; not a saved Hugging Face model directory")
+    return p
+
+
 def load_model(
     path: str | os.PathLike[str], *, device: str = "auto", dtype: str = "auto", **model_kwargs: Any
 ) -> LoadedModel:
@@ -378,15 +394,12 @@ def load_model(
         ModelLoadError: the path is not a local model directory, its config.json is not a valid model config,
             or loading it failed (message names the path).
     """
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ModelLoadError(
-            f"model path '{path}' is not a local directory; w2s-agents loads models only from local "
-            "directories and downloads nothing (give a folder saved with save_pretrained, or build a tiny "
-            "model with `w2s model tiny`)"
-        )
-    if not (p / "config.json").is_file():
-        raise ModelLoadError(f"{p}: no config.json here; not a saved Hugging Face model directory")
+    p = check_model_dir(
+        path,
+        what="model path",
+        why="w2s-agents loads models only from local directories and downloads nothing (give a folder saved "
+        "with save_pretrained, or build a tiny model with `w2s model tiny`)",
+    )
 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
