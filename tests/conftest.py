@@ -497,6 +497,12 @@ def feature_run(tmp_path_factory: pytest.TempPathFactory, game_cache_dir: Path) 
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("W2S_CACHE", str(game_cache_dir.parent / "w2s-cache"))
-            return _pipeline_runs().run_features(tmp_path_factory.mktemp("feature-run"))
+            root = tmp_path_factory.mktemp("feature-run")
+            # the run reports to W&B (pipeline_runs.TRACKING): offline and silent, its folders in the run's tmp
+            mp.setenv("WANDB_MODE", "offline")
+            mp.setenv("WANDB_SILENT", "true")
+            for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+                mp.setenv(var, str(root / "wandb-env" / var.lower()))
+            return _pipeline_runs().run_features(root)
     finally:
         torch.set_num_threads(threads)

@@ -55,6 +55,12 @@ FEATURES = [
 ]
 """``MINI``'s overrides for the feature run."""
 
+TRACKING = ["run.report_to=[tensorboard,wandb]"]
+"""The feature run also reports every stage to TensorBoard and W&B (offline; conftest's ``feature_run`` sets the W&B
+environment, tests/test_tracking.py reads the files). Kept out of ``FEATURES``: ``report_to`` enters no stage key,
+so a copy of the run loaded with ``FEATURES`` alone reuses its stages and tracks nothing.
+"""
+
 STOP = "explore-r2"
 """The stage the feature run's first invocation stops after (then it is resumed)."""
 
@@ -73,11 +79,11 @@ class FeatureRun:
 
 
 def run_features(root: Path) -> FeatureRun:
-    """Run ``MINI`` with ``FEATURES`` under ``root``: until ``STOP``, then resumed to the end. The caller sets
-    ``W2S_CACHE`` (the game cache) and the torch threads."""
+    """Run ``MINI`` with ``FEATURES`` and ``TRACKING`` under ``root``: until ``STOP``, then resumed to the end. The
+    caller sets ``W2S_CACHE`` (the game cache), the W&B environment and the torch threads."""
     config = root / "mini.yaml"
     config.write_text(MINI.format(out=root / "runs"))
-    cfg = load_experiment(config, FEATURES)
+    cfg = load_experiment(config, [*FEATURES, *TRACKING])
     first = run_pipeline(cfg, until=STOP)
     result = run_pipeline(cfg)
     return FeatureRun(config, cfg, first, result)

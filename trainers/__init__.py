@@ -30,6 +30,8 @@ SFT, TreeDPO and MCTS-SFT on conversational rows extracted from searched trees, 
 ``export``         the exported model (LoRA merged) in ``out_dir/model``
 ``result``         :class:`TrainResult`, saved as ``result.json``
 ``fingerprint``    a run's identity, the reuse of finished runs
+``tracking``       experiment trackers (``report_to``): TensorBoard, Weights & Biases, :class:`TrackingSpec`
+``reporting``      what the loop reports to the log and the trackers, under TRL's names
 =================  =====================================================================================
 """
 
@@ -79,6 +81,8 @@ _LAZY = {
     "encode_sft_rows": "sft",
     "sft_objective": "sft",
     "train_sft": "sft",
+    "TrackingSpec": "tracking",
+    "check_backends": "tracking",
 }
 
 if TYPE_CHECKING:
@@ -94,6 +98,7 @@ if TYPE_CHECKING:
     from .model import load_tokenizer
     from .reference import reference_logps
     from .sft import encode_sft_rows, sft_objective, train_sft
+    from .tracking import TrackingSpec, check_backends
 
 
 def __getattr__(name: str) -> Any:
@@ -125,10 +130,12 @@ __all__ = [
     "SourceOptions",
     "SourceWeights",
     "TokenScorer",
+    "TrackingSpec",
     "TrainConfig",
     "TrainJobConfig",
     "TrainResult",
     "Trainer",
+    "check_backends",
     "collate",
     "dpo_loss",
     "dpo_margins",

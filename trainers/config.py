@@ -17,8 +17,10 @@ from w2s_agents.config import check, option
 __all__ = [
     "BOOKKEEPING_KEYS",
     "METHOD_LR",
+    "TRACKING_KEYS",
     "LoraOptions",
     "Method",
+    "ReportTo",
     "SourceOptions",
     "TrainConfig",
     "TrainJobConfig",
@@ -30,9 +32,16 @@ METHOD_LR: dict[str, float] = {"sft": 1e-5, "mcts-sft": 1e-5, "dpo": 2e-5}
 """Learning rate of each method when ``lr`` is null (the paper's settings)."""
 
 BOOKKEEPING_KEYS = frozenset(
-    {"checkpoint_every", "keep_checkpoints", "log_every", "export", "early_stopping_patience"}
+    {"checkpoint_every", "keep_checkpoints", "log_every", "export", "early_stopping_patience", "report_to"}
 )
 """Keys that do not change the computation of a step: a run may resume with other values of these."""
+
+ReportTo = Literal["tensorboard", "wandb"]
+"""An experiment tracker (``report_to``, as in TRL): TensorBoard event files or a Weights & Biases run."""
+
+TRACKING_KEYS = frozenset({"report_to"})
+"""Keys that say where a run's numbers are reported, not what it computes: neither a run's fingerprint nor a
+pipeline stage's key hashes them (they are also bookkeeping keys)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,11 @@ class TrainConfig:
         True, "SFT on trajectory files: only won episodes become rows (expert demos are won)"
     )
     sources: SourceOptions = option(default_factory=SourceOptions, help="several weak supervisors (RAVEN)")
+    report_to: list[ReportTo] | None = option(
+        None,
+        "experiment trackers of this run: tensorboard, wandb (TRL's report_to); [] none; null: none, or under "
+        "w2s run the run's run.report_to",
+    )
 
     def __post_init__(self) -> None:
         check(
@@ -185,6 +199,11 @@ class TrainConfig:
         check(0.0 <= self.valid_fraction < 1.0, "valid_fraction", "must be in [0, 1)")
         check(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check(
+            self.report_to is None or len(set(self.report_to)) == len(self.report_to),
+            "report_to",
+            f"must not repeat a tracker, got {self.report_to}",
+        )
 
     @property
     def learning_rate(self) -> float:

@@ -48,6 +48,7 @@ from .masks import ChatEncoder, pair_messages
 from .model import load_tokenizer
 from .reference import RefPair, reference_logps
 from .result import TrainResult
+from .tracking import TrackingSpec
 
 __all__ = ["REFERENCE_FILE", "DPOObjective", "encode_pairs", "resolve_reference", "train_dpo"]
 
@@ -160,6 +161,7 @@ def train_dpo(
     valid_fn: ValidFn | None = None,
     valid_pairs_or_path: RowsInput | None = None,
     resume: bool = True,
+    tracking: TrackingSpec | None = None,
 ) -> TrainResult:
     """Train the model in ``model_path`` with TreeDPO on preference pairs.
 
@@ -174,6 +176,8 @@ def train_dpo(
         valid_fn: ``valid_fn(model, tokenizer) -> score`` (higher is better) run each epoch.
         valid_pairs_or_path: validation pairs for the validation DPO loss (used without ``valid_fn``);
             without either, ``config.valid_fraction`` of the tasks is held out.
+        tracking: where the run's numbers are tracked (``w2s run``: under the run's name); None: the trackers
+            of ``config.report_to`` in ``out_dir`` (``tb/``, ``wandb/``).
         resume: continue from the newest checkpoint of this run in ``out_dir``.
 
     Raises:
@@ -239,4 +243,5 @@ def train_dpo(
         source_names=names,
         resume=resume,
         skipped_rows=skipped + more_skipped,
+        tracking=tracking,
     ).run()

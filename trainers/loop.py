@@ -10,8 +10,8 @@ exactly the batches the interrupted one would have taken.
 The loop knows no method: it is handed an :class:`~.batch.Objective` (:func:`.sft.sft_objective`,
 :class:`.dpo.DPOObjective`) that turns a :class:`~.batch.Batch` into per-row losses and metrics. Each step's
 loss, gradient norm, learning rate and the objective's metrics (averaged over the step's rows) form one entry
-of the metrics curve, which is checkpointed with the rest of the state and written to ``curves.json`` and
-``result.json``.
+of the metrics curve, which is checkpointed with the rest of the state, written to ``curves.json`` and
+``result.json``, and reported to the log and to the trackers of ``report_to`` (:mod:`.reporting`).
 
 Several GPUs: run under ``accelerate launch`` (or ``torchrun``); accelerate's process state joins the process
 group, the policy is wrapped by DDP, the micro-batches of a step are dealt round-robin to the processes, and
@@ -56,9 +56,11 @@ from .distributed import Processes
 from .export import export_model
 from .losses import SourceWeights
 from .model import load_policy, make_optimizer, make_scheduler, saved_dtype
+from .reporting import RunReporter
 from .result import RESULT_FILE, TrainResult, final_metrics
 from .resume import load_run_checkpoint, load_verified_trainable, resume_newest_intact
 from .state_files import write_rng
+from .tracking import TrackingSpec
 
 __all__ = ["CURVES_FILE", "NonFiniteLossError", "Trainer", "ValidFn", "epoch_order"]
 
@@ -66,8 +68,6 @@ logger = logging.getLogger(__name__)
 
 CURVES_FILE = "curves.json"
 SOURCE_WEIGHTS_FILE = "source_weights.json"
-# what every step records; the other entries of a step's record are its objective's metrics
-_STEP_KEYS = ("step", "loss", "grad_norm", "learning_rate")
 
 ValidFn = Callable[[nn.Module, Any], float]
 """``valid_fn(model, tokenizer) -> score``: higher is better (e.g. the success rate of rollouts)."""
@@ -102,6 +102,8 @@ class Trainer:
         source_names: the sources that ``Example.sources`` index.
         resume: continue from the newest checkpoint (else existing checkpoints are removed).
         skipped_rows: rows left out before tokenization (too long), reported in the result.
+        tracking: where the run's numbers are tracked (:mod:`.reporting`); None: ``config.report_to`` in
+            ``out_dir``.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class Trainer:
         source_names: Sequence[str] = (),
         resume: bool = True,
         skipped_rows: int = 0,
+        tracking: TrackingSpec | None = None,
     ) -> None:
         if not examples:
             raise W2SError("no training rows left (all were too long for max_length, or the data is empty)")
@@ -133,6 +136,7 @@ class Trainer:
         self.source_names = list(source_names)
         self.resume = resume
         self.skipped_rows = skipped_rows
+        self.tracking = tracking
         self.objective = objective
         self.log = logger
 
@@ -441,6 +445,19 @@ class Trainer:
         )
         if not self.procs.is_main:
             bar.disable = True
+        reporter = RunReporter.open(
+            method=self.method,
+            config=cfg,
+            out_dir=self.out_dir,
+            tracking=self.tracking,
+            identity=self.fingerprint,
+            state=state,
+            main=self.procs.is_main,
+            log=self.log,
+            total_steps=self.total_steps,
+            micro_per_epoch=self.micro_per_epoch,
+            info={"model": str(self.model_path), "rows": len(self.examples), "processes": self.world},
+        )
         try:
             while state["step"] < self.total_steps and not state["stopped_early"]:
                 order = epoch_order(len(self.examples), cfg.seed, state["epoch"], self.easy)
@@ -458,8 +475,7 @@ class Trainer:
                     state["metrics_curve"].append({"step": step, **record})
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    if step % cfg.log_every == 0 or step == 1:
-                        self._log_step(state, record)
+                    reporter.step(state, record)
                     epoch_done = state["micro"] >= self.micro_per_epoch
                     last = step >= self.total_steps
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not (epoch_done or last):
@@ -468,26 +484,14 @@ class Trainer:
                     state["epoch"] += 1
                     state["micro"] = 0
                 self._end_of_epoch(state)  # at an epoch's end, or where max_steps ends inside one
+                reporter.epoch_end(state, self.weights.as_dict() if self.weights is not None else None)
                 self._save(state)
+            return reporter.finish(self._finish(state))
+        except BaseException:
+            reporter.close(failed=True)
+            raise
         finally:
             bar.close()
-        return self._finish(state)
-
-    def _log_step(self, state: dict[str, Any], record: dict[str, float]) -> None:
-        """One line: the step's loss, learning rate, gradient norm, throughput and the objective's metrics."""
-        metrics = "".join(f" {k} {v:.4g}" for k, v in record.items() if k not in _STEP_KEYS)
-        self.log.info(
-            "%s step %d/%d epoch %d loss %.4f lr %.3g grad-norm %.3g %.0f tok/s%s",
-            self.method,
-            state["step"],
-            self.total_steps,
-            state["epoch"] + 1,
-            record["loss"],
-            record["learning_rate"],
-            record["grad_norm"],
-            state["tokens"] / max(state["train_seconds"], 1e-9),
-            metrics,
-        )
 
     def _end_of_epoch(self, state: dict[str, Any]) -> None:
         measured = self._validate()

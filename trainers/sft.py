@@ -39,6 +39,7 @@ from .loop import Trainer, ValidFn
 from .masks import ChatEncoder, fit_conversation
 from .model import load_tokenizer
 from .result import TrainResult
+from .tracking import TrackingSpec
 
 __all__ = ["encode_sft_rows", "sft_objective", "train_sft"]
 
@@ -91,6 +92,7 @@ def train_sft(
     valid_fn: ValidFn | None = None,
     valid_rows_or_path: RowsInput | None = None,
     resume: bool = True,
+    tracking: TrackingSpec | None = None,
 ) -> TrainResult:
     """Fine-tune the model in ``model_path`` on SFT rows (method ``sft`` or ``mcts-sft``).
 
@@ -103,6 +105,8 @@ def train_sft(
             epoch's weights are exported.
         valid_rows_or_path: validation rows for the validation loss (used without ``valid_fn``); without
             either, ``config.valid_fraction`` of the tasks is held out.
+        tracking: where the run's numbers are tracked (``w2s run``: under the run's name); None: the trackers
+            of ``config.report_to`` in ``out_dir`` (``tb/``, ``wandb/``).
         resume: continue from the newest checkpoint of this run in ``out_dir``; a finished run with the
             same config, data and model is returned as it is.
 
@@ -147,4 +151,5 @@ def train_sft(
         source_names=names,
         resume=resume,
         skipped_rows=skipped,
+        tracking=tracking,
     ).run()

@@ -317,7 +317,7 @@ class ExperimentConfig:
     """A whole weak-to-strong experiment."""
 
     run: PipelineRunConfig = option(
-        default_factory=PipelineRunConfig, help="run name, output folder, seed, logging, rounds"
+        default_factory=PipelineRunConfig, help="run name, output folder, seed, logging, rounds, trackers"
     )
     weak: ModelConfig = option(
         default_factory=lambda: ModelConfig(tiny_preset="weak"),

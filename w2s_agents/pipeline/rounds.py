@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from w2s_agents.config import RunConfig, check, option
 from w2s_agents.pipeline.cache import Stage
+from w2s_agents.trainers.config import ReportTo
 
 if TYPE_CHECKING:
     from w2s_agents.pipeline.experiment import ExperimentConfig
@@ -62,7 +63,7 @@ _WEAK_CLASH = re.compile(r"r[1-9][0-9]*")
 
 @dataclass(frozen=True)
 class PipelineRunConfig(RunConfig):
-    """The ``run`` section of ``w2s run``: where it writes and how it is seeded, and its rounds."""
+    """The ``run`` section of ``w2s run``: where it writes and how it is seeded, its rounds and its trackers."""
 
     rounds: int = option(
         1,
@@ -74,10 +75,20 @@ class PipelineRunConfig(RunConfig):
         "w2s-mcts",
         "with rounds > 1: the W2S model of round k that explores in round k+1 (trained in the run)",
     )
+    report_to: list[ReportTo] = option(
+        default_factory=list,
+        help="experiment trackers of every stage: tensorboard (<run dir>/tb/), wandb (<run dir>/wandb/, offline "
+        "without an API key); a training stage's own train.<stage>.report_to replaces it; []: none",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(
+            len(set(self.report_to)) == len(self.report_to),
+            "report_to",
+            f"must not repeat a tracker, got {self.report_to}",
+        )
 
 
 def check_rounds(cfg: ExperimentConfig) -> None:

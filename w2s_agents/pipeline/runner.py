@@ -72,6 +72,7 @@ from w2s_agents.pipeline.stages import (
     run_trees,
     run_weak_model,
 )
+from w2s_agents.pipeline.tracking import check_tracking, train_key_part
 from w2s_agents.pipeline.weaks import W2S_WEIGHTED_STAGES, extra_weaks, with_source_weights
 from w2s_agents.seeding import seed_everything
 from w2s_agents.trainers import TrainConfig
@@ -103,7 +104,13 @@ def _train_part(cfg: ExperimentConfig, tc: TrainConfig, seed: int) -> dict[str, 
     """The config part of a training stage: its own run, and the validation settings it trains with (the
     agent's settings only when it plays the valid tasks)."""
     valid = plays_valid(cfg)
-    return {"train": tc, "valid_success": valid, "agent": cfg.agent if valid else None, "seed": seed}
+    # train_key_part: report_to is left out (where numbers are reported is not what is computed)
+    return {
+        "train": train_key_part(tc),
+        "valid_success": valid,
+        "agent": cfg.agent if valid else None,
+        "seed": seed,
+    }
 
 
 def _replay_part(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -383,6 +390,7 @@ def run_pipeline(
         W2SError: a stage failed with a reportable error (finished stages stay cached).
     """
     check_stage_range(cfg, from_stage=from_stage, until=until)
+    check_tracking(cfg)
     run_dir = cfg.run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(cfg.run.log_level, run_dir / "run.log")

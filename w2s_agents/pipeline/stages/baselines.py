@@ -31,6 +31,7 @@ from w2s_agents.pipeline.stage_io import (
     validation_fn,
     write_json,
 )
+from w2s_agents.pipeline.tracking import rollout_scalars, stage_tracking, track_stage
 from w2s_agents.seeding import derive_seed
 from w2s_agents.trainers import TrainConfig
 from w2s_agents.types import Trajectory
@@ -72,6 +73,7 @@ def run_strong_explore(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> d
     stats = exploration_stats(trajs)
     solved = stats.pop("solved_tasks")
     write_json(ctx.directory / "explore.json", {**stats, "solved_tasks": solved})
+    track_stage(ctx, cfg, seed, rollout_scalars(stats))
     return stats
 
 
@@ -109,6 +111,7 @@ def run_eto(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, train: Train
         replace(train, method="dpo", seed=derive_seed(seed, ctx.name)),
         reference_path=start,
         valid_fn=validation_fn(cfg, ctx),
+        tracking=stage_tracking(ctx, cfg, seed, train.report_to),
     )
     return {"pairs": n, **save_model_info(ctx, result)}
 
@@ -177,5 +180,6 @@ def run_best_of_n(
         ctx.directory / "train",
         replace(train, method="sft", seed=derive_seed(seed, ctx.name)),
         valid_fn=validation_fn(cfg, ctx),
+        tracking=stage_tracking(ctx, cfg, seed, train.report_to),
     )
     return {"rows": n, **save_model_info(ctx, result)}

@@ -9,6 +9,7 @@ from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.evaluate import evaluate_models
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import task_ids, write_json
+from w2s_agents.pipeline.tracking import track_stage
 
 __all__ = ["run_eval"]
 
@@ -23,7 +24,9 @@ def run_eval(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> dict[str, A
     """
     out = evaluate_models(ctx, cfg, seed, task_ids(ctx, cfg.eval.split), task_ids(ctx, "train"))
     write_json(ctx.directory / "eval.json", out)
-    return {
+    returns = {
         name: round(sum(u["return"] for u in units) / max(1, len(units)), 4)
         for name, units in out["models"].items()
     }
+    track_stage(ctx, cfg, seed, {cfg.eval.split: {name: {"mean_return": r} for name, r in returns.items()}})
+    return returns

@@ -14,6 +14,7 @@ from w2s_agents.log import progress
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import load_agent, model_path, read_json, write_json
+from w2s_agents.pipeline.tracking import track_stage
 from w2s_agents.seeding import derive_seed
 
 __all__ = ["expand_tree_files", "run_expand"]
@@ -36,7 +37,9 @@ def run_expand(
     weak_sft = model_path(ctx, "weak-sft")
     assert weak_sft is not None, "the expand stage runs after weak-sft"
     paths = sorted((ctx.output(trees_stage) / "trees").glob("*.json"))
-    return expand_tree_files(cfg, weak_sft, paths, ctx.directory, seed)
+    totals = expand_tree_files(cfg, weak_sft, paths, ctx.directory, seed)
+    track_stage(ctx, cfg, seed, {"expand": totals})
+    return totals
 
 
 def expand_tree_files(

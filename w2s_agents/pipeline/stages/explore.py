@@ -17,6 +17,7 @@ from w2s_agents.pipeline.stage_io import (
     task_ids,
     write_json,
 )
+from w2s_agents.pipeline.tracking import rollout_scalars, track_stage
 from w2s_agents.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ def run_explore(
     stats = exploration_stats(trajs)
     solved = stats.pop("solved_tasks")
     write_json(ctx.directory / "explore.json", {**stats, "solved_tasks": solved, **skipped})
+    track_stage(ctx, cfg, seed, rollout_scalars(stats))
     return {**stats, **skipped}
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import read_trajectories, training_system, write_json
+from w2s_agents.pipeline.tracking import track_stage
 from w2s_agents.seeding import derive_seed
 from w2s_agents.tree import TrajectoryTree
 
@@ -48,6 +49,7 @@ def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_sta
     system = training_system(cfg)
     sc = replace(cfg.search, seed=derive_seed(seed, "search") % 2**31)
     sft_rows, pair_rows, path_stats = [], [], []
+    nodes = visited = 0  # over every tree: nodes, nodes the search went through (tracked, run.report_to)
     # shortened best paths are replayed in the env of the suite before they become rows
     env = None
     if sc.paths != "tree":
@@ -56,7 +58,8 @@ def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_sta
         replay = env_replayer(env) if env is not None else None
         for path in sorted((ctx.output(trees_stage) / "trees").glob("*.json")):
             tree = TrajectoryTree.load(path)
-            search_tree(tree, sc)
+            mcts = search_tree(tree, sc)
+            nodes, visited = nodes + tree.num_nodes, visited + int((mcts.visits > 0).sum())
             tree.save(ctx.directory / "trees" / path.name)
             data = tree_rows(tree, node_values(tree, sc.value, sc.discount), sc, replay=replay, system=system)
             if data.row is not None:
@@ -75,13 +78,15 @@ def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_sta
     n_expert = write_rows(expert, ctx.directory / "expert_pairs.jsonl")
     summary = summarize_paths(path_stats)
     write_json(ctx.directory / "paths.json", {"summary": summary, "trees": path_stats})
-    return {
+    out = {
         "sft_rows": n_sft,
         "pairs": n_pairs,
         "expert_pairs": n_expert,
         "simulations": sc.iterations,
         "best_paths": summary,
     }
+    track_stage(ctx, cfg, seed, {"search": {**out, "nodes": nodes, "nodes_visited": visited}})
+    return out
 
 
 def _path_stats(tree: TrajectoryTree, choice: PathChoice, kept: bool) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import model_path, save_model_info, validation_fn, write_json
+from w2s_agents.pipeline.tracking import stage_tracking
 from w2s_agents.seeding import derive_seed
 from w2s_agents.trainers import TrainConfig
 
@@ -58,6 +59,7 @@ def run_sft(
         ctx.directory / "train",
         replace(train, seed=derive_seed(seed, role, "sft") if first else derive_seed(seed, ctx.name)),
         valid_fn=validation_fn(cfg, ctx),
+        tracking=stage_tracking(ctx, cfg, seed, train.report_to),
     )
     return save_model_info(ctx, result)
 
@@ -94,6 +96,7 @@ def run_mcts_sft(
         ctx.directory / "train",
         replace(train, method="mcts-sft", seed=derive_seed(seed, "w2s-mcts")),
         valid_fn=validation_fn(cfg, ctx),
+        tracking=stage_tracking(ctx, cfg, seed, train.report_to),
     )
     return save_model_info(ctx, result)
 
@@ -132,5 +135,6 @@ def run_dpo(
         replace(train, method="dpo", seed=derive_seed(seed, ctx.name)),
         reference_path=model_path(ctx, reference),
         valid_fn=validation_fn(cfg, ctx),
+        tracking=stage_tracking(ctx, cfg, seed, train.report_to),
     )
     return save_model_info(ctx, result)
