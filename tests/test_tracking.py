@@ -10,6 +10,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def wandb_run(run_dir: Path, timeout: float = 30.0) -> dict[str, Any]:
         if kind == "run":
             out |= {"name": record.run.display_name, "group": record.run.run_group, "id": record.run.run_id,
                     "job_type": record.run.job_type, "project": record.run.project}  # fmt: skip
+        elif kind == "exit":
+            out["exit_code"] = record.exit.exit_code
         elif kind == "history":
             out["history"].append(
                 {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
@@ -275,6 +278,61 @@ def test_dpo_run_reports_trl_metrics_to_both_trackers(
     assert run["summary"]["run/tokens"] == result.train_tokens
 
 
+class _Stop(Exception):
+    """Stops a training run from inside, as a kill would."""
+
+
+def test_a_resumed_run_continues_its_curves_and_its_wandb_run(
+    train_models: dict[str, Path], sft_rows: list[dict], tmp_path: Path, wandb_env: Path, monkeypatch
+) -> None:
+    """Stopped after step 5 (its last checkpoint at step 4) and resumed: TensorBoard shows each step once, the
+    second session continues the first's W&B run (same id, from ``tracking.json``); a finished run reused as it
+    is reports nothing; a run started over gets a W&B run of its own."""
+    import torch
+
+    from w2s_agents.trainers import train_sft
+    from w2s_agents.trainers.reporting import TRACKING_FILE, RunReporter
+
+    config = from_dict(TrainConfig, dict(lr=5e-3, batch_size=4, max_length=256, epochs=3, valid_fraction=0.0,
+                                         checkpoint_every=2, warmup_ratio=0.0, report_to=["tensorboard", "wandb"]))  # fmt: skip
+    out = tmp_path / "sft"
+    step = RunReporter.step
+
+    def stop_after_5(self, state, record):
+        step(self, state, record)
+        if state["step"] == 5:
+            raise _Stop
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(RunReporter, "step", stop_after_5)
+            with pytest.raises(_Stop):
+                train_sft(train_models["policy"], sft_rows, out, config)
+        identity = json.loads((out / TRACKING_FILE).read_text())["identity"]
+        result = train_sft(train_models["policy"], sft_rows, out, config)
+        assert train_sft(train_models["policy"], sft_rows, out, config) == result  # finished: reused
+    finally:
+        torch.set_num_threads(threads)
+    assert result.steps == 9
+    curve = [(e["step"], pytest.approx(e["loss"], rel=1e-5)) for e in result.metrics_curve]
+    assert tb_scalars(out / "tb")["train/loss"] == curve
+    first, second = (wandb_run(d) for d in sorted((out / "wandb").glob("offline-run-*")))
+    assert first["id"] == second["id"] == wandb_run_id(out.name, identity)
+    assert (first["exit_code"], second["exit_code"]) == (1, 0)  # the stopped session is marked failed
+    assert [h["_step"] for h in first["history"] if "train/loss" in h] == [1, 2, 3, 4, 5]
+    assert [h["_step"] for h in second["history"] if "train/loss" in h] == [5, 6, 7, 8, 9]
+    # started over: checkpoints removed, a new identity and W&B run
+    torch.set_num_threads(1)
+    try:
+        train_sft(train_models["policy"], sft_rows, out, replace(config, max_steps=2), resume=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((out / TRACKING_FILE).read_text())["identity"] != identity
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 3
+
+
 # ------------------------------------------------------------------ w2s run
 
 
@@ -337,10 +395,17 @@ def test_every_stage_of_the_feature_run_is_tracked_under_the_run_name(feature_ru
     assert by_stage["search"]["summary"]["search/nodes"] > 0
     returns = json.loads((seed_dir / "eval" / "_done.json").read_text())["summary"]
     assert by_stage["eval"]["summary"]["test/w2s-mcts/mean_return"] == pytest.approx(returns["w2s-mcts"])
-    treedpo = tb_scalars(run_dir / "tb" / "seed-0" / "w2s-treedpo")
+    # a DPO stage (the ceiling, ETO; TreeDPO when its trees gave pairs): TRL's DPO metrics, validation, summary
+    dpo = [n for n, tag in tracked.items() if tag == "train/loss" and _method(seed_dir, n) == "dpo"]
+    assert dpo
+    scalars_of = tb_scalars(run_dir / "tb" / "seed-0" / dpo[0])
     assert {
         "train/rewards/margins",
         "train/learning_rate",
         "eval/valid_success",
         "run/tokens_per_second",
-    } <= set(treedpo)
+    } <= set(scalars_of)
+
+
+def _method(seed_dir: Path, stage: str) -> str:
+    return json.loads((seed_dir / stage / "model.json").read_text())["method"]

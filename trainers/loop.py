@@ -450,7 +450,7 @@ class Trainer:
             config=cfg,
             out_dir=self.out_dir,
             tracking=self.tracking,
-            identity=self.fingerprint,
+            fingerprint=self.fingerprint,
             state=state,
             main=self.procs.is_main,
             log=self.log,

@@ -23,23 +23,31 @@ summary                         ``run/steps``, ``run/tokens``, ``run/seconds``, 
 ==============================  ============================================================================
 
 The log gets one line every ``log_every`` steps and at step 1; the trackers get every step. Only the main
-process opens trackers.
+process opens trackers. A run that starts afresh draws a tracking identity and keeps it in
+``<out_dir>/tracking.json``; a resumed run of the same fingerprint reads it back, so its W&B run is continued,
+while a run started over (``resume`` off, a redone pipeline stage) gets a W&B run of its own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from w2s_agents.atomic import atomic_write
 from w2s_agents.config import config_to_dict
 
 from .config import TrainConfig
 from .result import TrainResult
 from .tracking import Trackers, TrackingSpec
 
-__all__ = ["RunReporter"]
+__all__ = ["TRACKING_FILE", "RunReporter", "tracking_identity"]
+
+TRACKING_FILE = "tracking.json"
+"""The run's tracking identity (``{"fingerprint", "identity"}``), in its output folder."""
 
 _STEP_KEYS = ("step", "loss", "grad_norm", "learning_rate")  # the loop's own; the others are the objective's
 
@@ -72,7 +80,7 @@ class RunReporter:
         config: TrainConfig,
         out_dir: Path,
         tracking: TrackingSpec | None,
-        identity: str,
+        fingerprint: str,
         state: Mapping[str, Any],
         main: bool,
         log: logging.Logger,
@@ -83,7 +91,7 @@ class RunReporter:
         """A reporter whose trackers are ``tracking``'s, or else ``config.report_to``'s in ``out_dir``
         (:meth:`TrackingSpec.under`); none on processes other than the main one.
 
-        ``identity`` is the run's fingerprint (its W&B run id), ``state`` the loop state it starts from (a
+        ``fingerprint`` is the run's (:func:`tracking_identity`), ``state`` the loop state it starts from (a
         resumed run continues its curves after its step), ``info`` what the tracker's config records besides
         ``config`` (model, rows).
 
@@ -96,7 +104,7 @@ class RunReporter:
         if main and tracking is not None and tracking.report_to:
             step = int(state["step"])
             trackers = tracking.open(
-                identity=identity,
+                identity=tracking_identity(out_dir, fingerprint, resumed=step > 0),
                 start_step=step + 1 if step else 0,
                 config={"method": method, **info, "train": config_to_dict(config)},
             )
@@ -178,3 +186,20 @@ class RunReporter:
     def close(self, *, failed: bool = False) -> None:
         """Close the trackers (``failed``: the run stopped with an error); closing twice does nothing."""
         self.trackers.finish(failed=failed)
+
+
+def tracking_identity(out_dir: Path, fingerprint: str, *, resumed: bool) -> str:
+    """The identity a run's trackers open with: the one ``out_dir/tracking.json`` holds for this fingerprint
+    when the run is ``resumed``, else a new one (written there)."""
+    path = out_dir / TRACKING_FILE
+    if resumed:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved["fingerprint"] == fingerprint and isinstance(saved["identity"], str):
+                return saved["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no file, or not one this run wrote: a new identity
+    identity = secrets.token_hex(8)
+    with atomic_write(path) as fh:
+        fh.write(json.dumps({"fingerprint": fingerprint, "identity": identity}) + "\n")
+    return identity

@@ -16,8 +16,9 @@ when an API key is known (``WANDB_API_KEY`` or a netrc entry for the W&B host) a
 network (``wandb sync <dir>`` uploads an offline run later). Runs go to ``<wandb_dir>/wandb/``; so that nothing
 is written under the home folder, ``WANDB_CONFIG_DIR``, ``WANDB_CACHE_DIR`` and ``WANDB_DATA_DIR`` default to
 ``<wandb_dir>/wandb/.config``, ``.cache`` and ``.data`` while a run starts when they are not set. The project
-is ``WANDB_PROJECT`` or ``w2s-agents``; a run's id is made from its name and an identity (the training run's
-fingerprint, a stage's key), so a resumed run continues its W&B run and a changed one starts another.
+is ``WANDB_PROJECT`` or ``w2s-agents``. A run opened with an ``identity`` gets the id made of its name and that
+identity and continues the W&B run of that id if there is one (a resumed training run passes the identity its
+first session drew: :mod:`.reporting`); without one W&B draws a new id.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class WandbTracker:
         wandb_dir: Path,
         *,
         name: str,
-        run_id: str,
+        run_id: str | None,
         group: str | None = None,
         job_type: str | None = None,
         config: Mapping[str, Any] | None = None,
@@ -201,7 +202,7 @@ class WandbTracker:
                     project=os.environ.get("WANDB_PROJECT") or "w2s-agents",
                     name=name,
                     id=run_id,
-                    resume="allow",
+                    resume="allow" if run_id else None,
                     group=group,
                     job_type=job_type,
                     config=dict(config or {}),
@@ -301,13 +302,13 @@ class TrackingSpec:
         )
 
     def open(
-        self, *, identity: str, start_step: int = 0, config: Mapping[str, Any] | None = None
+        self, *, identity: str | None = None, start_step: int = 0, config: Mapping[str, Any] | None = None
     ) -> Trackers:
         """Open every tracker of ``report_to`` and log ``config`` (merged over the spec's).
 
         Args:
-            identity: what makes this run itself (a fingerprint, a stage key): the W&B run id is made of the
-                name and it.
+            identity: the W&B run id is made of the name and it, and the run of that id is continued (a
+                resumed training run); None: a new W&B run.
             start_step: the first step this session logs (TensorBoard hides an earlier session's events from
                 there on).
             config: the run's own settings.
@@ -326,7 +327,7 @@ class TrackingSpec:
                         WandbTracker(
                             self.wandb_dir,
                             name=self.name,
-                            run_id=wandb_run_id(self.name, identity),
+                            run_id=wandb_run_id(self.name, identity) if identity else None,
                             group=self.group,
                             job_type=self.job_type,
                             key=self.key,

@@ -95,8 +95,8 @@ def stage_tracking(
 
 def track_stage(ctx: StageContext, cfg: ExperimentConfig, seed: int, values: Mapping[str, Any]) -> None:
     """Report a finished stage's numbers (the numeric leaves of ``values``, nested names joined by ``/``) at
-    step 0 to the trackers of ``run.report_to``; nothing when there are none. The stage key is the W&B run's
-    identity, so a redone stage (another key) gets a run of its own.
+    step 0 to the trackers of ``run.report_to``; nothing when there are none. Each call is a W&B run of its own
+    (a stage redone with ``--from`` is another run).
 
     Raises:
         W2SError: a tracker's package is missing, or the W&B run cannot start.
@@ -104,7 +104,7 @@ def track_stage(ctx: StageContext, cfg: ExperimentConfig, seed: int, values: Map
     spec = stage_tracking(ctx, cfg, seed)
     if spec is None:
         return
-    trackers = spec.open(identity=ctx.key)
+    trackers = spec.open()
     try:
         trackers.log(scalars(values), 0)
     except BaseException:
