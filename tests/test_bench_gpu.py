@@ -1,6 +1,6 @@
 """The GPU check (bench/gpu.py) on the CPU at its tiny size: every section of the report holds figures, none an
 error or a skip, run from the checkout alone (the editable install's finder removed) with ray, textworld,
-gymnasium, trl, datasets and jericho refused."""
+gymnasium, trl, datasets, jericho, vllm and wandb hidden."""
 
 from __future__ import annotations
 
@@ -20,17 +20,26 @@ WRAPPER = textwrap.dedent(
     """
     import runpy, sys
 
-    BLOCKED = {"ray", "textworld", "gymnasium", "trl", "datasets", "jericho"}
+    BLOCKED = {"ray", "textworld", "gymnasium", "trl", "datasets", "jericho", "vllm", "wandb"}
 
-    class Refuse:
+    class Hide:
+        # a meta-path finder that finds nothing of the blocked packages, as if they were not installed
+
+        def __init__(self, inner):
+            self.inner = inner
+
         def find_spec(self, name, path=None, target=None):
             if name.partition(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"{name} is refused by the test", name=name)
-            return None
+                return None
+            return self.inner.find_spec(name, path, target)
+
+        def __getattr__(self, name):  # invalidate_caches, find_distributions (importlib.metadata)
+            return getattr(self.inner, name)
 
     # as on a machine where the project is not installed: only the checkout's own files
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-    sys.meta_path.insert(0, Refuse())
+    sys.meta_path[:] = [
+        Hide(f) for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")
+    ]
     sys.argv = [sys.argv[1], *sys.argv[2:]]
     runpy.run_path(sys.argv[0], run_name="__main__")
     """
