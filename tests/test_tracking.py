@@ -1,6 +1,6 @@
 """Experiment tracking (``report_to``): TensorBoard event files and W&B offline runs read back, the training
-loop's curves under TRL's names, a missing package refused in one line, no stage key or fingerprint changed, and
-every stage of the shared feature run tracked under the run's name."""
+loop's curves under TRL's names, a resumed run's curves, a missing package refused in one line, no stage key
+or fingerprint changed, and every stage of the shared feature run tracked under the run's name."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def tb_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def wandb_records(path: Path) -> Iterator[Any]:
-    """The records of a W&B run file (``run-<id>.wandb``): a ``:W&B`` header, then records in 32 KiB blocks, each
-    chunk with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last), as LevelDB's log."""
+    """The records of a W&B run file (``run-<id>.wandb``): a ``:W&B`` header, then records in 32 KiB blocks,
+    each chunk with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last), as LevelDB's
+    log."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
@@ -165,8 +166,8 @@ def test_wandb_tracker_offline_run_holds_history_and_summary(tmp_path: Path, wan
 def test_wandb_defaults_offline_and_keeps_its_folders_in_the_run(
     tmp_path: Path, wandb_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without WANDB_MODE and an API key the run is offline; W&B's config, cache and data folders default to the
-    run folder and the environment is left as it was."""
+    """Without WANDB_MODE and an API key the run is offline; W&B's config, cache and data folders default to
+    the run folder and the environment is left as it was."""
     for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.delenv(var)
     spec = TrackingSpec(("wandb",), tmp_path / "tb", tmp_path / "out", name="solo")
@@ -286,15 +287,16 @@ def test_a_resumed_run_continues_its_curves_and_its_wandb_run(
     train_models: dict[str, Path], sft_rows: list[dict], tmp_path: Path, wandb_env: Path, monkeypatch
 ) -> None:
     """Stopped after step 5 (its last checkpoint at step 4) and resumed: TensorBoard shows each step once, the
-    second session continues the first's W&B run (same id, from ``tracking.json``); a finished run reused as it
-    is reports nothing; a run started over gets a W&B run of its own."""
+    second session continues the first's W&B run (same id, from ``tracking.json``); a finished run reused as
+    it is reports nothing; a run started over gets a W&B run of its own."""
     import torch
 
     from w2s_agents.trainers import train_sft
     from w2s_agents.trainers.reporting import TRACKING_FILE, RunReporter
 
-    config = from_dict(TrainConfig, dict(lr=5e-3, batch_size=4, max_length=256, epochs=3, valid_fraction=0.0,
-                                         checkpoint_every=2, warmup_ratio=0.0, report_to=["tensorboard", "wandb"]))  # fmt: skip
+    settings = dict(lr=5e-3, batch_size=4, max_length=256, epochs=3, valid_fraction=0.0, checkpoint_every=2,
+                    warmup_ratio=0.0, report_to=["tensorboard", "wandb"])  # fmt: skip
+    config = from_dict(TrainConfig, settings)
     out = tmp_path / "sft"
     step = RunReporter.step
 
@@ -337,8 +339,8 @@ def test_a_resumed_run_continues_its_curves_and_its_wandb_run(
 
 
 def _reported_tag(seed_dir: Path, stage: str) -> str | None:
-    """A tag that ``stage`` reports (pipeline/tracking.py's table), None for the stages that report nothing and
-    for training stages that were skipped."""
+    """A tag that ``stage`` reports (pipeline/tracking.py's table), None for the stages that report nothing
+    and for training stages that were skipped."""
     if stage.startswith("explore") or stage == "strong-explore":
         return "rollout/episodes"
     if stage.startswith("search"):
@@ -355,8 +357,8 @@ def _reported_tag(seed_dir: Path, stage: str) -> str | None:
 
 @pytest.mark.slow
 def test_every_stage_of_the_feature_run_is_tracked_under_the_run_name(feature_run: Any) -> None:
-    """The shared feature run (``run.report_to: [tensorboard, wandb]``, stopped and resumed): each stage that ran
-    has its TensorBoard event files in ``tb/seed-0/<stage>/`` and exactly one offline W&B run named
+    """The shared feature run (``run.report_to: [tensorboard, wandb]``, stopped and resumed): each stage that
+    ran has its TensorBoard event files in ``tb/seed-0/<stage>/`` and exactly one offline W&B run named
     ``<run>/seed-0/<stage>`` in the run's group, holding the same numbers as the stage's own files."""
     cfg = feature_run.cfg
     assert cfg.run.report_to == ["tensorboard", "wandb"]
@@ -395,7 +397,7 @@ def test_every_stage_of_the_feature_run_is_tracked_under_the_run_name(feature_ru
     assert by_stage["search"]["summary"]["search/nodes"] > 0
     returns = json.loads((seed_dir / "eval" / "_done.json").read_text())["summary"]
     assert by_stage["eval"]["summary"]["test/w2s-mcts/mean_return"] == pytest.approx(returns["w2s-mcts"])
-    # a DPO stage (the ceiling, ETO; TreeDPO when its trees gave pairs): TRL's DPO metrics, validation, summary
+    # a DPO stage (the ceiling, ETO; TreeDPO when its trees gave pairs): DPO metrics, validation, summary
     dpo = [n for n, tag in tracked.items() if tag == "train/loss" and _method(seed_dir, n) == "dpo"]
     assert dpo
     scalars_of = tb_scalars(run_dir / "tb" / "seed-0" / dpo[0])

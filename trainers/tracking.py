@@ -1,4 +1,4 @@
-"""Experiment tracking: a run's numbers sent to TensorBoard and to Weights & Biases (``report_to``, as in TRL).
+"""Experiment tracking: a run's numbers sent to TensorBoard and Weights & Biases (``report_to``, as in TRL).
 
 One interface, :class:`Tracker`: ``log`` scalars at a step, ``log_config`` once, ``log_summary`` at the end,
 ``finish``. Two backends: :class:`TensorBoardTracker` (event files through ``torch.utils.tensorboard``) and
@@ -11,14 +11,16 @@ when it is opened (or earlier, with :func:`check_backends`) with one line naming
 
 TensorBoard: the event files of a run go to ``TrackingSpec.tensorboard_dir``; a session that starts at step
 ``s`` hides the events at or after ``s`` that an earlier session in the folder wrote (``purge_step``), so a
-resumed or redone run shows one curve. Weights & Biases: the mode is ``WANDB_MODE`` when set, else online
-when an API key is known (``WANDB_API_KEY`` or a netrc entry for the W&B host) and offline otherwise, with no
-network (``wandb sync <dir>`` uploads an offline run later). Runs go to ``<wandb_dir>/wandb/``; so that nothing
-is written under the home folder, ``WANDB_CONFIG_DIR``, ``WANDB_CACHE_DIR`` and ``WANDB_DATA_DIR`` default to
-``<wandb_dir>/wandb/.config``, ``.cache`` and ``.data`` while a run starts when they are not set. The project
-is ``WANDB_PROJECT`` or ``w2s-agents``. A run opened with an ``identity`` gets the id made of its name and that
-identity and continues the W&B run of that id if there is one (a resumed training run passes the identity its
-first session drew: :mod:`.reporting`); without one W&B draws a new id.
+resumed or redone run shows one curve.
+
+Weights & Biases: the mode is ``WANDB_MODE`` when set, else online when an API key is known (``WANDB_API_KEY``
+or a netrc entry for the W&B host) and offline otherwise, with no network (``wandb sync <dir>`` uploads an
+offline run later). Runs go to ``<wandb_dir>/wandb/``; so that nothing is written under the home folder,
+``WANDB_CONFIG_DIR``, ``WANDB_CACHE_DIR`` and ``WANDB_DATA_DIR`` default to ``<wandb_dir>/wandb/.config``,
+``.cache`` and ``.data`` while a run starts when they are not set. The project is ``WANDB_PROJECT`` or
+``w2s-agents``. A run opened with an ``identity`` gets the id made of its name and that identity and continues
+the W&B run of that id if there is one (a resumed training run passes the identity its first session drew:
+:mod:`.reporting`); without one W&B draws a new id.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def wandb_run_id(name: str, identity: str) -> str:
-    """A W&B run id from a run's name and identity: letters, digits, ``-``, ``_`` and ``.`` only, at most 64."""
+    """A W&B run id from a run's name and identity: letters, digits, ``-``, ``_``, ``.``; at most 64."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:47] or "run"
     return f"{slug}-{re.sub(r'[^A-Za-z0-9]', '', identity)[:16]}"
 

@@ -13,19 +13,19 @@ Where (``<run dir>`` is ``run.out_dir/run.name``)::
 
 What each stage reports, as it finishes (a cached stage reports nothing: it ran before):
 
-==================================================  ==============================================================
-training stages (``weak-sft``, ``w2s-mcts``, ...)    every step, validation and the summary
-                                                     (:mod:`w2s_agents.trainers.reporting`)
-``explore``, ``explore-<name>``, ``explore-r<k>``,   ``rollout/episodes``, ``successes``, ``success_rate``,
-``strong-explore``                                   ``tasks_solved``, ``env_steps``, ``tokens``, ``mean_return``
-``trees``, ``trees-r<k>``                            ``trees/trees``, ``trees/nodes`` (and the similarity merge's
-                                                     counts)
-``expand``, ``expand-r<k>``                          ``expand/iterations``, ``env_steps``, ``tokens``,
-                                                     ``new_nodes``, ``successes``
-``search``, ``search-r<k>``                          ``search/simulations`` (per tree), ``search/sft_rows``,
-                                                     ``pairs``, ``expert_pairs``, ``search/best_paths/...``
-``eval``                                             ``<split>/<model>/mean_return`` (split: test or valid)
-==================================================  ==============================================================
+=================================================  ==========================================================
+training stages (``weak-sft``, ``w2s-mcts``, ...)   every step, validation and the summary
+                                                    (:mod:`w2s_agents.trainers.reporting`)
+``explore``, ``explore-<name>``, ``explore-r<k>``,  ``rollout/episodes``, ``successes``, ``success_rate``,
+``strong-explore``                                  ``tasks_solved``, ``env_steps``, ``tokens``,
+                                                    ``mean_return``
+``expand``, ``expand-r<k>``                         ``expand/iterations``, ``env_steps``, ``tokens``,
+                                                    ``new_nodes``, ``successes``
+``search``, ``search-r<k>``                         ``search/simulations`` (per tree), ``search/nodes`` and
+                                                    ``nodes_visited`` (every tree's), ``search/sft_rows``,
+                                                    ``pairs``, ``expert_pairs``, ``search/best_paths/...``
+``eval``                                            ``<split>/<model>/mean_return`` (split: test or valid)
+=================================================  ==========================================================
 
 Each stage's W&B run also records the experiment's resolved config, the run seed and the stage.
 """
@@ -76,7 +76,8 @@ def stage_tracking(
     ctx: StageContext, cfg: ExperimentConfig, seed: int, report_to: Sequence[str] | None = None
 ) -> TrackingSpec | None:
     """Where stage ``ctx.name`` of run seed ``seed`` is tracked (see the module docstring), with the trackers
-    ``report_to`` (a training stage's own ``report_to``) or else ``run.report_to``; None when there are none."""
+    ``report_to`` (a training stage's own ``report_to``) or else ``run.report_to``; None when there are
+    none."""
     backends = cfg.run.report_to if report_to is None else report_to
     if not backends:
         return None
@@ -95,8 +96,8 @@ def stage_tracking(
 
 def track_stage(ctx: StageContext, cfg: ExperimentConfig, seed: int, values: Mapping[str, Any]) -> None:
     """Report a finished stage's numbers (the numeric leaves of ``values``, nested names joined by ``/``) at
-    step 0 to the trackers of ``run.report_to``; nothing when there are none. Each call is a W&B run of its own
-    (a stage redone with ``--from`` is another run).
+    step 0 to the trackers of ``run.report_to``; nothing when there are none. Each call is a W&B run of its
+    own (a stage redone with ``--from`` is another run).
 
     Raises:
         W2SError: a tracker's package is missing, or the W&B run cannot start.
