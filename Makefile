@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup chromium test test-fast lint format run clean
+.PHONY: setup chromium test test-fast lint format run clean gpu-check
 
 setup: $(VENV)/.w2s-installed
 
@@ -36,3 +36,8 @@ clean:
 
 run: setup
 	$(VENV)/bin/w2s run $(CONFIG) $(ARGS)
+
+# the GPU check (docs/benchmarks.md, "GPU check"): real model sizes on one CUDA GPU, a report in bench/results
+# (or $OUT); needs no set-up beyond torch, transformers and peft; ARGS="--device cpu --tiny" for a CPU smoke run
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash bench/gpu-check.sh $(ARGS)

@@ -276,7 +276,7 @@ def render(env: dict[str, Any], tables: list[Table], budget: Budget, args: argpa
         f"{', '.join(args.sizes)}, {budget.elapsed:.0f} s of a {budget.seconds:.0f} s budget.",
         "",
     ]
-    return "\n".join(head) + "\n\n".join(t.markdown() for t in tables) + "\n"
+    return "\n".join(head) + "\n\n".join(t.markdown() for t in tables if t.rows) + "\n"
 
 
 def default_out() -> Path:
