@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu.py: error: --device cuda but no CUDA device is visible (a CPU smoke run: --device cpu --tiny)",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.device.startswith("cuda"):  # float32 matmuls (few: the trainers compute in bf16) may use TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     budget = Budget(args.budget_s)
     env = environment(args.device)
     out = args.out or default_out()

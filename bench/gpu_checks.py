@@ -412,11 +412,9 @@ def measure_training(ctx: Context, size: str, method: str, lora: bool, loop: str
         def step(batch: list) -> None:
             trainer._step([np.array([index[id(ex)] for ex in batch])], state)
 
-        note = (
-            f"weights {next(p for p in model.parameters() if p.requires_grad).dtype} under bf16 autocast"
-            if ctx.cuda
-            else ""
-        )
+        dtypes = {p.requires_grad: str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+        trained = f"trained weights {dtypes[True]}" + (f", frozen {dtypes[False]}" if False in dtypes else "")
+        note = f"{trained}, bf16 autocast" if trainer.autocast_dtype is not None else trained
     else:
         from transformers import AutoModelForCausalLM
 
