@@ -56,7 +56,7 @@ def test_tiny_gpu_check_on_the_cpu_fills_every_section(tmp_path: Path) -> None:
     wrapper.write_text(WRAPPER, encoding="utf-8")
     out = tmp_path / "report" / "gpu.md"
     args = ["--device", "cpu", "--tiny", "--budget-s", "60", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # no bench/__pycache__
     done = subprocess.run(
         [sys.executable, str(wrapper), str(REPO / "bench" / "gpu.py"), *args],
         capture_output=True,
