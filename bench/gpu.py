@@ -162,7 +162,8 @@ class Table:
         lines.append("| " + " | ".join("---" for _ in self.columns) + " |")
         for row in self.rows:
             lines.append("| " + " | ".join(row.get(c, "").replace("|", "/") for c in self.columns) + " |")
-        lines.extend(["", *self.notes] if self.notes else [])
+        for note in self.notes:
+            lines.extend(["", note])
         return "\n".join(lines)
 
 
@@ -276,7 +277,7 @@ def render(env: dict[str, Any], tables: list[Table], budget: Budget, args: argpa
         f"{', '.join(args.sizes)}, {budget.elapsed:.0f} s of a {budget.seconds:.0f} s budget.",
         "",
     ]
-    return "\n".join(head) + "\n\n".join(t.markdown() for t in tables if t.rows) + "\n"
+    return "\n".join(head) + "\n" + "\n\n".join(t.markdown() for t in tables if t.rows) + "\n"
 
 
 def default_out() -> Path:

@@ -432,7 +432,8 @@ def measure_training(ctx: Context, size: str, method: str, lora: bool, loop: str
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        note = f"weights {dtype} (no autocast), AdamW fused, every logit computed"
+        fused = ", AdamW fused" if ctx.cuda else ""
+        note = f"weights {str(dtype).removeprefix('torch.')} (no autocast){fused}, every logit computed"
     for batch in batches[: args.warmup]:
         step(batch)
     ctx.sync()
@@ -478,7 +479,7 @@ def plan(args: Any, env: dict[str, Any], tmp: Path) -> tuple[list[Table], list[M
          "batched vs 1", "peak memory", "time", "note"],
     )  # fmt: skip
     training = Table(
-        "Training throughput (bf16)",
+        f"Training throughput ({'bf16' if ctx.cuda else 'float32 on the CPU'})",
         ["model", "method", "weights", "loop", "tokens/step", "step", "tokens/s", "MFU (nominal)", "MFU (run)",
          "peak memory", "time", "note"],
     )  # fmt: skip
@@ -503,15 +504,13 @@ def plan(args: Any, env: dict[str, Any], tmp: Path) -> tuple[list[Table], list[M
         for label, check in gpu_e2e.CHECKS:
             run = lambda c=check: c(ctx, ctx.model(smallest))  # noqa: E731
             out.append(Measurement(e2e, {"check": label}, run, 20, status_column="result"))
-    s = SIZES[largest]
+    seq = ", ".join(dict.fromkeys(str(SIZES[k].seq_len) for k in sizes))
+    sft_rows = ", ".join(dict.fromkeys(str(SIZES[k].sft_rows) for k in sizes))
+    dpo_pairs = ", ".join(dict.fromkeys(str(SIZES[k].dpo_pairs) for k in sizes))
     training.notes = [
-        f"Sequences of {s.seq_len} tokens ({SIZES[smallest].seq_len} for the smaller sizes when they differ), "
-        "no padding; SFT micro-batches of "
-        + ", ".join(f"{SIZES[k].sft_rows} rows" for k in sizes)
-        + ", DPO of "
-        + ", ".join(f"{SIZES[k].dpo_pairs} pairs (twice the sequences)" for k in sizes)
-        + f"; {args.warmup} untimed warm-up steps, then {args.steps} timed steps (device synchronised around "
-        "the timer). Tokens: every token through forward and backward. Peak memory: "
+        f"Sequences of {seq} tokens, no padding; micro-batches of {sft_rows} rows (SFT) or {dpo_pairs} pairs "
+        f"(DPO, twice the sequences); {args.warmup} untimed warm-up steps, then {args.steps} timed steps (device "
+        "synchronised around the timer). Tokens: every token through forward and backward. Peak memory: "
         "torch.cuda.max_memory_allocated from loading the model to the last step.",
         "MFU (nominal): 6 * N * tokens/s (full fine-tuning) or (4 * N + 6 * N_lora) * tokens/s (LoRA: frozen "
         "weights run forward and pass gradients back, but get no weight gradient), N = the parameters with the "
@@ -522,9 +521,9 @@ def plan(args: Any, env: dict[str, Any], tmp: Path) -> tuple[list[Table], list[M
         "model(input_ids, labels).loss over every logit, clipping, fused AdamW, on the same batches.",
     ]
     rollouts.notes = [
-        "decisions/s and tokens/s at each number of states per agent call: all the states in one call, then "
-        "in calls of the engine's default batch, then one at a time (on fewer states); after a warm-up call. tokens/s: choose mode, prompt and "
-        "candidate tokens scored; generate mode, tokens generated (random weights never end an answer early: "
+        "decisions/s and tokens/s at each number of states per agent call: all the states in one call, then in "
+        "calls of the engine's default batch, then one at a time (on fewer states); after a warm-up call. "
+        "tokens/s: choose mode, prompt and candidate tokens scored; generate mode, tokens generated (random weights never end an answer early: "
         "every answer runs to max_new_tokens). Sampling at temperature 1; the prefix cache is off (the same "
         "prompts are decided repeatedly). Peak memory from loading the model to the last call.",
     ]
