@@ -19,7 +19,7 @@ It writes one markdown report (stdout and ``--out``, default ``$OUT/gpu.md`` whe
 tokenizers, peft, accelerate, safetensors, numpy, networkx and pyyaml: no ray, textworld, gymnasium, trl or
 datasets. The checkout is imported from where this file lies when the project is not installed.
 
-    python bench/gpu.py                                   # one H100/H200: both sizes, about 4-5 minutes
+    python bench/gpu.py                                   # one H100/H200: both sizes (4-5 minutes, estimated)
     python bench/gpu.py --sizes 1.5b --budget-s 200
     python bench/gpu.py --device cpu --tiny --budget-s 60  # a smoke run of every section on the CPU
 
