@@ -58,13 +58,21 @@ T = TypeVar("T")
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _MISSING) -> Any:
+def option(
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    default_factory: Any = _MISSING,
+    omit_default: bool = False,
+) -> Any:
     """Declare a config field with a default and a help string.
 
     Args:
         default: the default value (immutable values only; use ``default_factory`` for lists and dicts).
         help: one sentence shown by ``w2s config keys`` and written as documentation of the key.
         default_factory: a zero-argument callable producing the default (for mutable defaults).
+        omit_default: leave the key out of :func:`config_to_dict` (so out of the saved config and of every hash
+            of it) while it has its default, so that adding it to a section changes no existing hash.
 
     Returns:
         A :func:`dataclasses.field` carrying the help text in its metadata.
@@ -73,9 +81,10 @@ def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _M
         raise TypeError("every config option needs a help string")
     if default is not _MISSING and default_factory is not _MISSING:
         raise TypeError("give either default or default_factory, not both")
+    metadata = {"help": help, "omit_default": omit_default}
     if default_factory is not _MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -434,11 +443,16 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, JSON- and YAML-safe nested dict of a config dataclass (tuples as lists, paths as str)."""
+    """Plain, JSON- and YAML-safe nested dict of a config dataclass (tuples as lists, paths as str); a key
+    declared with ``option(omit_default=True)`` is left out while it has its default."""
 
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {
+                f.name: plain(getattr(v, f.name))
+                for f in dataclasses.fields(v)
+                if not (f.metadata.get("omit_default") and getattr(v, f.name) == _default_of(f))
+            }
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
@@ -448,6 +462,13 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(cfg)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    """The default value of a config field."""
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def dump_config(cfg: Any) -> str:

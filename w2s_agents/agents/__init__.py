@@ -3,7 +3,9 @@
 =================  =====================================================================================
 ``agent``          :class:`Agent`: decides the next action of many live episodes at once ("LLM picks an
                    action": choose mode scores the admissible commands, generate mode writes ReAct)
-``config``         :class:`AgentConfig` (the ``agent:`` config section)
+``config``         :class:`AgentConfig` (the ``agent:`` config section), :class:`VLLMOptions` (its ``vllm:`` part)
+``backend``        :class:`GenerationBackend`: where the model runs (the transformers backend, in this process)
+``vllm_backend``   the vLLM backend (``agent.backend: vllm``; imports vLLM, an optional extra, when built)
 ``prompts``        an :class:`~w2s_agents.types.EpisodeState` rendered through the chat template, fitted
 ``parsing``        a generated ``Thought: ... Action: ...`` answer split into thought and action
 ``sampling``       :class:`Sampler` (temperature, top-p) and how a choice is drawn
@@ -19,8 +21,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .agent import Agent, Decision, action_distribution, load_agent, score_actions
-from .config import AgentConfig
+from .agent import Agent, Decision, action_distribution, load_agent, make_backend, score_actions
+from .backend import GenerationBackend
+from .config import AgentConfig, VLLMOptions
 from .models import LoadedModel, ModelConfig, create_tiny_model, load_model
 from .parsing import ParsedOutput, parse_react
 from .prompts import Prompt, PromptBuilder
@@ -47,16 +50,19 @@ __all__ = [
     "AgentConfig",
     "AgentPolicy",
     "Decision",
+    "GenerationBackend",
     "LoadedModel",
     "ModelConfig",
     "ParsedOutput",
     "Prompt",
     "PromptBuilder",
     "Sampler",
+    "VLLMOptions",
     "action_distribution",
     "create_tiny_model",
     "load_agent",
     "load_model",
+    "make_backend",
     "parse_react",
     "score_actions",
 ]

@@ -23,6 +23,11 @@ token's score is ``(1 + lambda) * log p_A - lambda * log p_B`` where the expert 
 
 Every episode samples from its own random stream (a ``random.Random`` seeded per episode), so a decision depends
 only on its own state and stream, not on which other episodes share the batch.
+
+The model runs in a :class:`~w2s_agents.agents.backend.GenerationBackend` (``agent.backend``): in this process
+through transformers (the default, all of the above), or in a vLLM engine
+(:mod:`w2s_agents.agents.vllm_backend`). The agent's prompts, candidate tokens, parsing and choices are the same
+on every backend.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from w2s_agents.errors import ConfigError, ModelLoadError, W2SError
+from w2s_agents.errors import ModelLoadError, W2SError
 from w2s_agents.messages import agent_message
 from w2s_agents.types import EpisodeState
 
@@ -46,12 +52,13 @@ if TYPE_CHECKING:
 
     from w2s_agents.agents.models import LoadedModel
 
+from w2s_agents.agents.backend import GenerationBackend, TransformersBackend
 from w2s_agents.agents.config import AgentConfig, Mode
 from w2s_agents.agents.parsing import action_line_complete, parse_react
 from w2s_agents.agents.prompts import PromptBuilder, answer_affixes
 from w2s_agents.agents.sampling import Sampler, pick, softmax
 
-__all__ = ["Agent", "Decision", "action_distribution", "load_agent", "score_actions"]
+__all__ = ["Agent", "Decision", "action_distribution", "load_agent", "make_backend", "score_actions"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +91,24 @@ class Decision:
     """Oldest turns left out of the prompt to fit the context length."""
 
 
+def make_backend(
+    model_path: str | Path, config: AgentConfig, *, device: str = "auto", dtype: str = "auto"
+) -> GenerationBackend:
+    """The backend ``config.backend`` names, on the model folder ``model_path``.
+
+    Raises:
+        ModelLoadError: the model (or the amateur) cannot be loaded.
+        W2SError: the backend's package is not installed (naming ``agent.backend`` and what to install).
+    """
+    if config.backend == "vllm":
+        from w2s_agents.agents.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_path, config, dtype=dtype)
+    from w2s_agents.agents.models import load_model
+
+    return TransformersBackend(load_model(model_path, device=device, dtype=dtype), config)
+
+
 def load_agent(
     model_path: str,
     config: AgentConfig | None = None,
@@ -91,25 +116,27 @@ def load_agent(
     device: str = "auto",
     dtype: str = "auto",
 ) -> Agent:
-    """Load the model at ``model_path`` (and the amateur of contrastive decoding) and build an :class:`Agent`.
+    """Load the model at ``model_path`` on the backend ``config.backend`` names (and the amateur of contrastive
+    decoding) and build an :class:`Agent`.
 
     Raises:
         ModelLoadError: a model folder cannot be loaded.
         ConfigError: the amateur's tokenizer differs from the model's.
+        W2SError: the backend's package is not installed.
     """
-    from w2s_agents.agents.models import load_model
-
-    return Agent(load_model(model_path, device=device, dtype=dtype), config or AgentConfig())
+    config = config or AgentConfig()
+    return Agent(make_backend(model_path, config, device=device, dtype=dtype), config)
 
 
 class Agent:
-    """An LLM agent over a loaded model (see the module docstring).
+    """An LLM agent over a model (see the module docstring).
 
     Args:
-        lm: the model, from :func:`w2s_agents.agents.models.load_model`.
+        lm: the model, from :func:`w2s_agents.agents.models.load_model` (run in this process by a
+            :class:`~w2s_agents.agents.backend.TransformersBackend`), or a backend already built.
         config: agent settings.
-        amateur: the amateur model of contrastive decoding; loaded from ``config.amateur_path`` (same device and
-            dtype as ``lm``) when not given.
+        amateur: the amateur model of contrastive decoding (transformers backend); loaded from
+            ``config.amateur_path`` (same device and dtype as ``lm``) when not given.
 
     Raises:
         ConfigError: the amateur's tokenizer differs from the model's.
@@ -117,54 +144,62 @@ class Agent:
     """
 
     def __init__(
-        self, lm: LoadedModel, config: AgentConfig | None = None, *, amateur: LoadedModel | None = None
+        self,
+        lm: LoadedModel | GenerationBackend,
+        config: AgentConfig | None = None,
+        *,
+        amateur: LoadedModel | None = None,
     ):
-        self.lm = lm
         self.config = config or AgentConfig()
-        self.name = self.config.name or lm.path.name
         tok = lm.tokenizer
         if tok.pad_token_id is None:
             raise ModelLoadError(f"{lm.path}: the tokenizer has no pad token")
+        if isinstance(lm, GenerationBackend):
+            if amateur is not None:
+                raise ValueError("an agent on a backend already built takes its amateur from that backend")
+            self.backend = lm
+        else:
+            self.backend = TransformersBackend(lm, self.config, amateur=amateur)
+        self.lm: LoadedModel | None = getattr(self.backend, "lm", None)
+        """The loaded model on the transformers backend (None on an engine)."""
+        self.name = self.config.name or self.backend.path.name
         self.pad_id = int(tok.pad_token_id)
-        self.stop_ids = _stop_ids(lm)
-        positions = getattr(lm.model.config, "max_position_embeddings", None)
+        self.stop_ids = self.backend.stop_ids
+        positions = self.backend.max_positions
         self.max_context = min(self.config.max_context_tokens, positions or self.config.max_context_tokens)
         self.prompts = PromptBuilder(tok, self.config)
         self._answer_affixes = answer_affixes(tok)
         self._completion_cache: dict[str, list[int]] = {}
-        self.amateur: LoadedModel | None = amateur
-        if self.amateur is None and self.config.amateur_path is not None:
-            from w2s_agents.agents.models import load_model
 
-            self.amateur = load_model(
-                self.config.amateur_path, device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch.")
-            )
-        if self.amateur is not None and self.amateur.tokenizer.get_vocab() != tok.get_vocab():
-            raise ConfigError(
-                f"agent.amateur_path: the amateur model {self.amateur.path} does not share the tokenizer of "
-                f"{lm.path}; contrastive decoding compares the two models token by token"
-            )
-        self._prefix = self._prefix_cache(lm)
-        self._prefix_amateur = self._prefix_cache(self.amateur) if self.amateur is not None else None
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer prompts and commands are tokenized with."""
+        return self.backend.tokenizer
+
+    @property
+    def model_path(self) -> Path:
+        """The model folder."""
+        return self.backend.path
+
+    @property
+    def amateur(self) -> LoadedModel | None:
+        """The amateur model of contrastive decoding (transformers backend), or None."""
+        return getattr(self.backend, "amateur", None)
 
     @property
     def prefix_cache(self) -> Any:
-        """The :class:`~w2s_agents.agents.prefix_cache.PrefixCache` of the model's recent prompts, or None when off."""
-        return self._prefix
+        """The :class:`~w2s_agents.agents.prefix_cache.PrefixCache` of the model's recent prompts (transformers
+        backend), or None when off."""
+        return self.backend.prefix_cache
 
-    def _prefix_cache(self, lm: LoadedModel) -> Any:
-        from w2s_agents.agents.prefix_cache import PrefixCache
-
-        if not (self.config.prefix_cache and self.config.share_prompt):
-            return None
-        if not PrefixCache.supported(lm.model):
-            logger.info("%s: its KV cache cannot be kept per prompt; every prompt runs whole", lm.path)
-            return None
-        return PrefixCache(lm.model, self.config.prefix_cache)
+    def close(self) -> None:
+        """Release the backend's engine (nothing to release on the transformers backend)."""
+        self.backend.close()
 
     def __repr__(self) -> str:
         amateur = f", amateur={self.amateur.path.name!r}" if self.amateur is not None else ""
-        return f"Agent({self.name!r}, mode={self.config.mode!r}{amateur})"
+        backend = f", backend={self.backend.name!r}" if self.backend.name != "transformers" else ""
+        return f"Agent({self.name!r}, mode={self.config.mode!r}{amateur}{backend})"
 
     # -- token helpers ----------------------------------------------------------------------------------
 
@@ -175,7 +210,7 @@ class Agent:
         if ids is None:
             before, after = self._answer_affixes
             text = before + agent_message(action)["content"] + after
-            ids = list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             for i, t in enumerate(ids):
                 if t in self.stop_ids:
                     ids = ids[: i + 1]
@@ -191,19 +226,13 @@ class Agent:
         self, prompts: Sequence[list[int]], candidates: Sequence[Sequence[list[int]]]
     ) -> list[np.ndarray]:
         """Score of every candidate (sum or mean of its token scores; contrastive when configured)."""
-        from w2s_agents.agents.decoding import candidate_logprobs, contrastive_token_scores
+        from w2s_agents.agents.decoding import contrastive_token_scores
 
         cfg = self.config
-        kwargs = {
-            "pad_id": self.pad_id,
-            "batch_rows": cfg.score_batch_size or (4 if self.lm.device.type == "cpu" else 16),
-            "block_tokens": cfg.score_block_tokens,
-            "share_prompt": cfg.share_prompt,
-        }
-        expert = candidate_logprobs(self.lm.model, prompts, candidates, prefix=self._prefix, **kwargs)
+        expert = self.backend.candidate_logprobs(prompts, candidates)
         amateur = (
-            candidate_logprobs(self.amateur.model, prompts, candidates, prefix=self._prefix_amateur, **kwargs)
-            if self.amateur is not None
+            self.backend.candidate_logprobs(prompts, candidates, amateur=True)
+            if self.backend.has_amateur
             else None
         )
         out = []
@@ -370,28 +399,10 @@ class Agent:
     def _act_generate(
         self, states: list[EpisodeState], samplers: list[Sampler], rngs: list[random.Random]
     ) -> list[Decision]:
-
-        from w2s_agents.agents.decoding import contrastive_token_scores, generate, pick_tokens
-
         start = time.perf_counter()
         cfg = self.config
         prompts = [self.prompts.build(s, self.max_context - cfg.max_new_tokens) for s in states]
-        tok = self.lm.tokenizer
-
-        def choose(rows: list[int], logp: torch.Tensor, logp_b: torch.Tensor | None) -> torch.Tensor:
-            scores = logp
-            if logp_b is not None:
-                best = logp.max(dim=-1, keepdim=True).values
-                scores = contrastive_token_scores(
-                    logp, best, logp_b, lam=cfg.contrastive_lambda, alpha=cfg.contrastive_alpha
-                )
-            return pick_tokens(
-                scores,
-                [samplers[r].temperature for r in rows],
-                [samplers[r].top_p for r in rows],
-                [None if samplers[r].greedy else rngs[r].random() for r in rows],
-            )
-
+        tok = self.tokenizer
         newline_ids = self._newline_ids()
 
         def stop(row: int, ids: list[int]) -> bool:
@@ -399,15 +410,8 @@ class Agent:
                 return False
             return action_line_complete(tok.decode(ids, skip_special_tokens=True))
 
-        outputs = generate(
-            self.lm.model,
-            [p.ids for p in prompts],
-            choose,
-            pad_id=self.pad_id,
-            stop_ids=sorted(self.stop_ids),
-            max_new_tokens=cfg.max_new_tokens,
-            amateur=self.amateur.model if self.amateur is not None else None,
-            stop=stop,
+        outputs = self.backend.generate(
+            [p.ids for p in prompts], samplers, rngs, max_new_tokens=cfg.max_new_tokens, stop=stop
         )
         latency = time.perf_counter() - start
         out = []
@@ -434,27 +438,11 @@ class Agent:
     def _newline_ids(self) -> frozenset[int]:
         ids = getattr(self, "_newline_cache", None)
         if ids is None:
-            tok = self.lm.tokenizer
+            tok = self.tokenizer
             vocab = tok.get_vocab()
             ids = frozenset(i for i in vocab.values() if "\n" in tok.decode([i]))
             self._newline_cache = ids
         return ids
-
-
-def _stop_ids(lm: LoadedModel) -> frozenset[int]:
-    """End-of-turn tokens: the tokenizer's eos and the model's generation eos ids."""
-    ids: set[int] = set()
-    if lm.tokenizer.eos_token_id is not None:
-        ids.add(int(lm.tokenizer.eos_token_id))
-    gen = getattr(lm.model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(e) for e in eos)
-    if not ids:
-        raise ModelLoadError(f"{lm.path}: the tokenizer has no eos token to end the agent's answer")
-    return frozenset(ids)
 
 
 def _reduce(scores: torch.Tensor, mean: bool) -> float:

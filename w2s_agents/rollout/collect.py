@@ -315,7 +315,7 @@ def collect(
 
             factory = env_factory(env, env_kwargs, agent.config, max_steps, tasks)
             agent_spec = AgentSpec(
-                model_path=str(agent.lm.path),
+                model_path=str(agent.model_path),
                 config=replace(agent.config, name=agent.name),
                 device="cuda" if ray.worker_gpus > 0 else "cpu",
                 dtype="auto" if ray.worker_gpus > 0 else "float32",

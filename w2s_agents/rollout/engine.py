@@ -77,10 +77,10 @@ class AgentSpec:
     dtype: str = "float32"
 
     def load(self) -> Agent:
-        """Load the model (and amateur) and build the agent."""
-        from w2s_agents.agents.models import load_model
+        """Load the model (and amateur) on the configured backend and build the agent."""
+        from w2s_agents.agents import load_agent
 
-        return Agent(load_model(self.model_path, device=self.device, dtype=self.dtype), self.config)
+        return load_agent(self.model_path, self.config, device=self.device, dtype=self.dtype)
 
 
 @dataclass(frozen=True, order=True)

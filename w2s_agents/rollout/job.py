@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from w2s_agents.agents import Agent, AgentConfig, ModelConfig, Sampler
+from w2s_agents.agents import AgentConfig, ModelConfig, Sampler, load_agent
 from w2s_agents.atomic import atomic_write
 from w2s_agents.config import RunConfig, check, config_to_dict, load_yaml, option, save_config
 from w2s_agents.errors import ConfigError, W2SError
@@ -284,7 +284,6 @@ def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
         ConfigError: the run folder holds a run with a different config, or a key is invalid.
         ModelLoadError: the model cannot be loaded.
     """
-    from w2s_agents.agents.models import load_model
     from w2s_agents.envs.suites import get_suite
     from w2s_agents.store import TrajectoryStore
 
@@ -309,7 +308,7 @@ def run_job(cfg: RolloutJobConfig) -> tuple[RolloutSummary, Path]:
             build_task_model(
                 model_path, tasks, env, preset=m.tiny_preset, vocab_size=m.vocab_size, seed=cfg.run.seed
             )
-    agent = Agent(load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype), cfg.agent)
+    agent = load_agent(model_path, cfg.agent, device=cfg.model.device, dtype=cfg.model.dtype)
     summary = RolloutSummary()
     status = "failed"
     try:
