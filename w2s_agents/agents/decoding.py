@@ -47,7 +47,8 @@ class CandidateLogprobs:
     token: torch.Tensor
     """``log p(y_t | prompt, y_<t)`` for each candidate token, float32, shape ``[len]``."""
     best: torch.Tensor
-    """``max_v log p(v | prompt, y_<t)`` at each of those positions (for the plausibility mask), ``[len]``."""
+    """``max_v log p(v | prompt, y_<t)`` at each of those positions (for the plausibility mask), ``[len]``; NaN
+    from a backend that does not compute it (vLLM, which does no contrastive decoding)."""
 
 
 # ------------------------------------------------------------------------------------------- model calls

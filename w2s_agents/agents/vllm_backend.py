@@ -7,8 +7,9 @@ The agent renders and tokenizes exactly as on the transformers backend and hands
   its own drawn from the episode's random stream (greedy rows draw nothing); stop tokens end an answer, and the
   agent's own stop rule (the end of the ``Action:`` line) cuts it afterwards, at the same token as on the
   transformers backend (the tokens before a cut do not depend on what follows);
-* choose mode: one request per (state, candidate), ``prompt + candidate`` with ``prompt_logprobs=1``, the score
-  summed from the log-probabilities of the candidate's tokens. With prefix caching, the engine reuses the KV cache
+* choose mode: one request per (state, candidate), ``prompt + candidate`` with ``prompt_logprobs=0`` (each prompt
+  token's own log-probability; flat, which vLLM builds faster), the score summed from the candidate's tokens
+  (their ``best``, the contrastive mask's maximum, is not computed: NaN). With prefix caching, the engine reuses the KV cache
   of the prompt's earlier steps and computes log-probabilities for the tokens it runs; a request whose cached part
   reaches into the candidate (so its log-probabilities are missing) is scored again without reading the cache;
 * LoRA: with ``agent.vllm.serve_adapters``, a model folder exported by ``w2s train`` with LoRA (``<out>/model``
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -265,7 +267,11 @@ class VLLMBackend(GenerationBackend):
 
         def params(read_cache: bool) -> Any:
             return SamplingParams(
-                max_tokens=1, prompt_logprobs=1, detokenize=False, skip_reading_prefix_cache=not read_cache
+                max_tokens=1,
+                prompt_logprobs=0,
+                flat_logprobs=True,
+                detokenize=False,
+                skip_reading_prefix_cache=not read_cache,
             )
 
         cached = self.read_prefix_cache
@@ -288,13 +294,9 @@ class VLLMBackend(GenerationBackend):
         result: list[list[Any]] = [[None] * len(c) for c in candidates]
         for (i, j), out in zip(rows, outputs, strict=True):
             cand, start = candidates[i][j], len(prompts[i])
-            token, best = [], []
-            for k, t in enumerate(cand):
-                dist = out.prompt_logprobs[start + k]
-                token.append(dist[t].logprob)
-                best.append(max(v.logprob for v in dist.values()))
+            token = [out.prompt_logprobs[start + k][t].logprob for k, t in enumerate(cand)]
             result[i][j] = CandidateLogprobs(
-                torch.tensor(token, dtype=torch.float32), torch.tensor(best, dtype=torch.float32)
+                torch.tensor(token, dtype=torch.float32), torch.full((len(cand),), math.nan)
             )
         return result
 
