@@ -41,8 +41,8 @@ class VLLMOptions:
     )
     kv_cache_space_gb: float = option(
         0.0,
-        "GiB of memory for the KV cache (vLLM's kv_cache_memory_bytes; on a CPU the whole cache lives in "
-        "RAM); 0: vLLM's own sizing (from gpu_memory_utilization on a GPU)",
+        "GiB of memory for the KV cache (vLLM's kv_cache_memory_bytes); 0: on a GPU vLLM's own sizing (what "
+        "gpu_memory_utilization leaves), on a CPU 1 GiB of RAM",
     )
     enforce_eager: bool = option(
         False, "run the model eagerly (no CUDA graphs or compilation): starts faster, decodes slower"

