@@ -12,6 +12,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,8 @@ pytest.importorskip(
 )
 
 from w2s_agents.agents import Agent, AgentConfig, Sampler, load_agent, load_model
-from w2s_agents.agents.config import VLLMOptions
+from w2s_agents.agents.config import ServerOptions, VLLMOptions
+from w2s_agents.agents.server_backend import ServerBackend
 from w2s_agents.agents.vllm_backend import VLLMBackend, served_model, shutdown_engines
 from w2s_agents.errors import ConfigError, ModelLoadError, W2SError
 from w2s_agents.rollout import plan_episodes, run_episodes
@@ -284,3 +291,78 @@ def test_the_agent_imports_vllm_only_when_the_backend_is_built(tmp_path: Path) -
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------ the server backend against `vllm serve`
+
+
+@pytest.fixture(scope="module")
+def server(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """vLLM's OpenAI-compatible server on the base model (what `vllm serve` runs), on a free local port; stopped
+    (its whole process group) afterwards."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = ["--model", str(models["base"]), "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--max-model-len", str(CONTEXT), "--enforce-eager", "--uvicorn-log-level", "warning"]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                tail = log.read_text()[-2000:]
+                assert proc.poll() is None, f"the server exited: {tail}"
+                assert time.monotonic() < deadline, f"the server did not start in 300 s: {tail}"
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _server_agent(models: dict[str, Path], url: str, mode: str) -> Agent:
+    cfg = AgentConfig(mode=mode, max_context_tokens=CONTEXT, max_new_tokens=24, backend="server",
+                      server=ServerOptions(url=url, max_concurrency=16))  # fmt: skip
+    return load_agent(str(models["base"]), cfg)
+
+
+def test_the_server_backend_acts_as_the_transformers_backend(models, engines, server) -> None:
+    agent = _server_agent(models, server, "generate")
+    assert (
+        isinstance(agent.backend, ServerBackend) and agent.backend.model == "tiny"
+    )  # the only model it lists
+    hf, _ = _agents(models, engines, "generate", "base")
+    want, got = _episodes(hf, [Sampler()]), _episodes(agent, [Sampler()])
+    assert [_course(t) for t in got] == [_course(t) for t in want]
+    samplers = [Sampler(temperature=1.0)]
+    assert [_course(t) for t in _episodes(agent, samplers)] == [
+        _course(t) for t in _episodes(agent, samplers)
+    ]
+    chooser = _server_agent(models, server, "choose")
+    hf_c, _ = _agents(models, engines, "choose", "base")
+    want = _episodes(hf_c, [Sampler()])
+    assert [_course(t) for t in _episodes(chooser, [Sampler()])] == [_course(t) for t in want]
+    states = _states(want)[:24]
+    for x, y in zip(hf_c.score_actions(states), chooser.score_actions(states), strict=True):
+        assert y == pytest.approx(x, abs=TOLERANCE, rel=0)
+    # a model the server does not serve: the server's own message, on one line
+    other = load_agent(
+        str(models["base"]), replace(chooser.config, server=ServerOptions(url=server, model="other"))
+    )
+    with pytest.raises(
+        W2SError, match=r"agent\.server\.url .*: POST /v1/completions answered 4\d\d: .*other"
+    ) as err:
+        other.score_actions(states[:1])
+    assert "\n" not in str(err.value)

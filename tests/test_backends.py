@@ -1,13 +1,20 @@
 """The generation-backend seam of the agent, without vLLM: the agent on a backend of its own, the config of
-``agent.backend``, the stage keys of runs that keep the default, and the error where vLLM is missing.
+``agent.backend``, the stage keys of runs that keep the default, the error where vLLM is missing, and the server
+backend's errors against servers that cannot serve it.
 
-The vLLM backend itself is tested on a real engine in tests/test_backend_vllm.py (``make test-vllm``)."""
+The vLLM and server backends themselves are tested against a real engine and `vllm serve` in
+tests/test_backend_vllm.py (``make test-vllm``)."""
 
 from __future__ import annotations
 
+import json
 import random
+import socket
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +28,7 @@ from w2s_agents.agents import (
     load_model,
 )
 from w2s_agents.agents.backend import TransformersBackend
+from w2s_agents.agents.config import ServerOptions
 from w2s_agents.config import config_hash, config_to_dict, load_config
 from w2s_agents.errors import ConfigError, W2SError
 from w2s_agents.pipeline.cache import stage_keys
@@ -86,7 +94,7 @@ def test_an_agent_on_another_backend_decides_as_on_the_transformers_backend(
 
 def test_the_default_backend_changes_no_config_hash_nor_stage_key() -> None:
     cfg = AgentConfig()
-    assert "backend" not in config_to_dict(cfg) and "vllm" not in config_to_dict(cfg)
+    assert not {"backend", "vllm", "server"} & set(config_to_dict(cfg))
     assert config_hash(AgentConfig(backend="transformers")) == config_hash(cfg)
     on = AgentConfig(backend="vllm", vllm=VLLMOptions(max_model_len=256))
     assert config_to_dict(on)["backend"] == "vllm" and config_to_dict(on)["vllm"] == config_to_dict(on.vllm)
@@ -128,3 +136,77 @@ def test_a_missing_vllm_is_a_one_line_error_naming_the_key_and_the_extra(
         load_agent(str(nano_model_dir), AgentConfig(backend="vllm"))
     assert "pip install -e '.[vllm]'" in str(err.value) and "make vllm-env" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+class _Fake(BaseHTTPRequestHandler):
+    """A server that lists ``models`` and answers completions with ``choice`` (what a server without vLLM's
+    extensions answers)."""
+
+    models: list[str] = []  # noqa: RUF012 - set per test
+    choice: dict[str, Any] = {}  # noqa: RUF012
+
+    def _send(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send(200, {"data": [{"id": m} for m in self.models]})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.choice:
+            self._send(200, {"choices": [self.choice]})
+        else:
+            self._send(400, {"error": {"message": "prompt must be a string\nnot a list"}})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_server() -> Any:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_server_backend_says_what_a_server_lacks(
+    nano_model_dir: Path, fake_server: str, monkeypatch
+) -> None:
+    def agent(mode: str, **server: Any) -> Agent:
+        cfg = AgentConfig(mode=mode, backend="server", server=ServerOptions(url=fake_server, **server))
+        return load_agent(str(nano_model_dir), cfg)
+
+    def error(call: Any) -> str:
+        with pytest.raises(W2SError) as err:
+            call()
+        assert "\n" not in str(err.value) and str(err.value).startswith("agent.server")
+        return str(err.value)
+
+    monkeypatch.setattr(_Fake, "models", ["a", "b"])
+    assert "serves 2 models (a, b); name the one to use" in error(lambda: agent("generate"))
+    gen, choose = agent("generate", model="a"), agent("choose", model="a")
+    assert gen.backend.model == "a"
+    monkeypatch.setattr(_Fake, "choice", {})  # a server that refuses token-id prompts
+    assert "POST /v1/completions answered 400: prompt must be a string not a list" in error(
+        lambda: gen.act(STATES[:1], [Sampler()], [random.Random(0)])
+    )
+    monkeypatch.setattr(_Fake, "choice", {"text": "look", "index": 0})  # no vLLM extensions
+    assert "returned no token_ids" in error(lambda: gen.act(STATES[:1], [Sampler()], [random.Random(0)]))
+    assert "returned no prompt_logprobs" in error(lambda: choose.score_actions(STATES[:1]))
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gone = f"http://127.0.0.1:{port}"
+    assert f"agent.server.url {gone}: cannot reach the server" in error(
+        lambda: load_agent(str(nano_model_dir), AgentConfig(backend="server", server=ServerOptions(url=gone)))
+    )
+    with pytest.raises(ConfigError, match="'url' must start with http"):
+        ServerOptions(url="localhost:8000")

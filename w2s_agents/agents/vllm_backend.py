@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from w2s_agents.agents.backend import GenerationBackend, StopCheck, stop_ids_of
+from w2s_agents.agents.backend import GenerationBackend, StopCheck, cut_answer, local_model_files
 from w2s_agents.errors import ModelLoadError, W2SError
 
 if TYPE_CHECKING:
@@ -170,20 +170,11 @@ class VLLMBackend(GenerationBackend):
     name = "vllm"
 
     def __init__(self, model_path: str | Path, config: AgentConfig, *, dtype: str = "auto") -> None:
-        from w2s_agents.agents.models import check_model_dir, load_tokenizer
-
-        self.path = check_model_dir(
-            model_path,
-            what="model path",
-            why="the vLLM backend serves models from local directories only and downloads nothing",
+        self.path, self.tokenizer, self.stop_ids, positions = local_model_files(
+            model_path, why="the vLLM backend serves models from local directories only and downloads nothing"
         )
         self.config = config
         opts = config.vllm
-        self.tokenizer = load_tokenizer(self.path)
-        model_cfg = _read_json(self.path / "config.json")
-        generation = _read_json(self.path / "generation_config.json")
-        self.stop_ids = stop_ids_of(self.tokenizer, generation.get("eos_token_id"), self.path)
-        positions = model_cfg.get("max_position_embeddings")
         self.max_positions = opts.max_model_len or min(
             config.max_context_tokens, positions or config.max_context_tokens
         )
@@ -337,15 +328,9 @@ class VLLMBackend(GenerationBackend):
             for s, rng in zip(samplers, rngs, strict=True)
         ]
         outputs = self._run([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
-        result = []
-        for row, out in enumerate(outputs):
-            ids = list(out.outputs[0].token_ids)
-            for k, t in enumerate(ids):
-                if t in self.stop_ids or (stop is not None and stop(row, ids[: k + 1])):
-                    ids = ids[: k + 1]
-                    break
-            result.append(ids)
-        return result
+        return [
+            cut_answer(out.outputs[0].token_ids, self.stop_ids, stop, row) for row, out in enumerate(outputs)
+        ]
 
     def close(self) -> None:
         """Shut down this backend's engine (agents sharing it start it again when they act)."""
@@ -353,23 +338,6 @@ class VLLMBackend(GenerationBackend):
         if entry is not None:
             _shutdown(self._key, entry)
         self._closed = True
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file, or ``{}`` when it is missing.
-
-    Raises:
-        ModelLoadError: it is not a JSON object.
-    """
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a readable JSON file: {_one_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: not a JSON object")
-    return data
 
 
 def _one_line(exc: BaseException) -> str:
