@@ -18,6 +18,7 @@ import pytest
 from w2s_agents.pipeline import build_stages, run_pipeline, stage_names
 from w2s_agents.pipeline.cache import stage_keys
 from w2s_agents.pipeline.experiment import load_experiment
+from w2s_agents.pipeline.stage_io import plays_valid
 from w2s_agents.store import read_trajectories
 
 
@@ -319,7 +320,9 @@ def test_scarce_demos_reach_strong_sft_only_and_w2s_data_holds_no_expert_step(fe
     names = stage_names(cfg)
     assert names.index("ceiling-sft") < names.index("ceiling")
     deps = {s.name: s.deps for s in build_stages(cfg, 0)}
-    assert deps["ceiling"] == ("search", "ceiling-sft") and "ceiling-sft" in deps["eval"]
+    # the shared run validates by success on the valid tasks: its training stages also read held-out
+    assert plays_valid(cfg)
+    assert deps["ceiling"] == ("search", "ceiling-sft", "held-out") and "ceiling-sft" in deps["eval"]
     result = feature_run.result
     seed_dir = result.run_dir / "seed-0"
     train = json.loads((seed_dir / "tasks" / "tasks.json").read_text())["train"]

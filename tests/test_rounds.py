@@ -112,7 +112,7 @@ def test_round_stages_bind_round_one_functions_to_their_rounds_data() -> None:
     )
     # the same training settings as round 1 (per-source weights with several weak models included)
     assert stages["w2s-mcts-r2"].config == stages["w2s-mcts"].config
-    assert stages["w2s-mcts-r2"].config["train"].sources.weights
+    assert stages["w2s-mcts-r2"].config["train"]["sources"]["weights"]
     # the baselines, the ceiling, the SFT stages and the extra weak model's stages are not repeated
     assert {n for n in stages if n.endswith("-r2")} == {
         "explore-r2",

@@ -335,7 +335,7 @@ def test_sweep_shares_stages_writes_its_table_and_resumes(
     plan = plan_sweep(config, args)
     result = run_sweep(plan)
     first, second = plan.points
-    shared = ["tasks", "demos", "models", "weak-sft", "strong-sft"]
+    shared = ["tasks", "held-out", "demos", "models", "weak-sft", "strong-sft"]
     assert result.linked == {first.name: [], second.name: [f"seed-0/{s}" for s in shared]}
     status = {r.name: r.status for r in result.records[second.name][0]}
     assert {s for s, v in status.items() if v == "cached"} == set(shared)  # reused, not rerun

@@ -137,13 +137,13 @@ def test_stage_table_with_two_weak_models() -> None:
     assert stages["explore-b"].config == stages["explore"].config
     # the W2S stages learn per-source weights; the ceiling and the SFT baselines do not
     for name in ("w2s-mcts", "w2s-treedpo"):
-        assert stages[name].config["train"].sources.weights, name
+        assert stages[name].config["train"]["sources"]["weights"], name
     for name in ("weak-sft", "strong-sft", "ceiling"):
-        assert not stages[name].config["train"].sources.weights, name
+        assert not stages[name].config["train"]["sources"]["weights"], name
     off = {
         s.name: s for s in build_stages(load_experiment(None, [TWO_WEAK, "train.source_weights=false"]), 0)
     }
-    assert not off["w2s-mcts"].config["train"].sources.weights
+    assert not off["w2s-mcts"].config["train"]["sources"]["weights"]
     # adding a weak model keeps the first one's models, SFT and exploration (cached), and changes the trees
     k1, k2 = stage_keys(build_stages(one, 0)), stage_keys(list(stages.values()))
     for name in ("models", "weak-sft", "strong-sft", "explore"):
