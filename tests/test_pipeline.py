@@ -69,7 +69,7 @@ def test_held_out_tasks_retrain_nothing_unless_training_plays_them() -> None:
     ``train.valid_success`` with valid tasks makes the training stages read (and depend on) the held-out games."""
     keys = stage_keys(build_stages(load_experiment(None), 0))
     for overrides in (
-        ["tasks.test=50"],
+        ["tasks.test=20"],
         ["tasks.valid=20", "eval.split=valid", "train.valid_success=false"],
         ["tasks.valid=20", "train.valid_success=false"],
     ):

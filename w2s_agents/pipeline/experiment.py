@@ -60,7 +60,7 @@ class TasksConfig:
         "ceiling sees every train task's demo (0, or N >= tasks.train: every train task has a demo)",
     )
     valid: int = option(0, "first N tasks of the valid split: validation success each epoch (0: none)")
-    test: int = option(20, "first N tasks of the test split: the held-out evaluation")
+    test: int = option(50, "first N tasks of the test split: the held-out evaluation")
     max_steps: int = option(12, "step limit of an episode (exploration and evaluation)")
     env_kwargs: dict[str, Any] = option(default_factory=dict, help="extra env constructor arguments")
     workers: int = option(
