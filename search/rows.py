@@ -4,7 +4,9 @@ One writer (:func:`write_rows`) and one reader per kind (:func:`read_sft_rows`, 
 JSON-lines files of DESIGN section 4, which Hugging Face ``datasets.load_dataset("json", ...)`` also reads:
 
 * :class:`SftRow` (MCTS-SFT, SFT on demos): ``{"messages": [...], "task_id", "node", "value", "return",
-  "sources", "steps"}``, a conversation ending on the agent's last action;
+  "sources", "steps", "agent_tokens"}``, a conversation ending on the agent's last action; ``agent_tokens``
+  (rows of trajectories recorded with ``agent.record_tokens``) holds, for each assistant message in order,
+  ``{"ids": [...], "tokenizer": fingerprint}`` (the answer's token ids as the model produced them) or null;
 * :class:`PairRow` (TreeDPO, expert-vs-failed): ``{"prompt": [...], "chosen": [...], "rejected": [...],
   "level", "task_id", "node", "chosen_node", "rejected_node", "chosen_value", "rejected_value", "value_gap",
   "chosen_sources", "rejected_sources"}``; the prompt ends on the observation acted on (a user turn), chosen
@@ -97,6 +99,41 @@ def _names(d: Mapping[str, Any], key: str, origin: str) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _agent_tokens(
+    d: Mapping[str, Any], messages: list[Message], origin: str
+) -> tuple[dict[str, Any] | None, ...] | None:
+    """The checked ``agent_tokens`` field: one entry (``{"ids": [ints], "tokenizer": str}`` or null) per
+    assistant message."""
+    v = d.get("agent_tokens")
+    if v is None:
+        return None
+    turns = sum(1 for m in messages if m["role"] == "assistant")
+    if not isinstance(v, list) or len(v) != turns:
+        raise DataFormatError(
+            f"{origin}: 'agent_tokens' must be a list with one entry per assistant message ({turns}), got "
+            f"{len(v) if isinstance(v, list) else type(v).__name__}"
+        )
+    out: list[dict[str, Any] | None] = []
+    for j, t in enumerate(v):
+        if t is None:
+            out.append(None)
+            continue
+        ids = t.get("ids") if isinstance(t, dict) else None
+        fp = t.get("tokenizer") if isinstance(t, dict) else None
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+            or not isinstance(fp, str)
+            or not fp
+        ):
+            raise DataFormatError(
+                f"{origin}: 'agent_tokens[{j}]' must be null or {{'ids': [token ids], 'tokenizer': fingerprint}}"
+            )
+        out.append({"ids": list(ids), "tokenizer": fp})
+    return tuple(out)
+
+
 def _put(out: dict[str, Any], key: str, value: Any) -> None:
     if value is not None:
         out[key] = value
@@ -121,12 +158,15 @@ class SftRow:
     """The models (weak supervisors) behind the row."""
     steps: int | None = None
     """Agent actions in the conversation."""
+    agent_tokens: tuple[dict[str, Any] | None, ...] | None = None
+    """Recorded token ids of the assistant messages, one entry each in order (``{"ids", "tokenizer"}`` or
+    None), or None when the row has none."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Fields this version does not know, written back as they were."""
     origin: str = field(default="", compare=False)
     """Where the row was read (``file:line``), for messages; not written."""
 
-    _KNOWN = ("messages", "task_id", "node", "value", "return", "sources", "steps")
+    _KNOWN = ("messages", "task_id", "node", "value", "return", "sources", "steps", "agent_tokens")
 
     @classmethod
     def from_trajectory(cls, traj: Trajectory, *, system: str | None = SYSTEM_PROMPT) -> SftRow:
@@ -139,12 +179,19 @@ class SftRow:
             raise ValueError(f"a trajectory of {traj.task_id} without steps gives no SFT row")
         last = len(traj.steps) - 1
         turns = [(s.thought, s.action, s.observation if i < last else None) for i, s in enumerate(traj.steps)]
+        tokens = None
+        if traj.has_token_ids:
+            tokens = tuple(
+                {"ids": list(s.token_ids), "tokenizer": s.tokenizer} if s.token_ids is not None else None
+                for s in traj.steps
+            )
         return cls(
             messages=episode_messages(traj.instruction, traj.initial_observation, turns, system=system),
             task_id=traj.task_id,
             return_=traj.return_,
             sources=(traj.source.model,),
             steps=len(traj.steps),
+            agent_tokens=tokens,
         )
 
     @classmethod
@@ -170,6 +217,7 @@ class SftRow:
             return_=_opt_num(d, "return", origin),
             sources=_names(d, "sources", origin),
             steps=_opt_int(d, "steps", origin),
+            agent_tokens=_agent_tokens(d, msgs, origin),
             extra={k: v for k, v in d.items() if k not in cls._KNOWN},
             origin=origin,
         )
@@ -184,6 +232,8 @@ class SftRow:
         if self.sources:
             out["sources"] = list(self.sources)
         _put(out, "steps", self.steps)
+        if self.agent_tokens is not None:
+            out["agent_tokens"] = [dict(t) if t is not None else None for t in self.agent_tokens]
         out.update(self.extra)
         return out
 

@@ -49,6 +49,8 @@ class EncodedConversation:
     input_ids: list[int]
     loss_mask: list[int]  # 1 on agent tokens that carry loss, 0 elsewhere
     turn_ids: list[int]  # k >= 1 on the tokens of the k-th scored agent turn, 0 elsewhere
+    recorded_turns: int = 0  # agent turns tokenized from their recorded ids (.token_ids)
+    refused_turns: int = 0  # agent turns with recorded ids that were re-tokenised (their text differs)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -126,9 +128,17 @@ class ChatEncoder:
     # ------------------------------------------------------------------ masks
 
     def encode(
-        self, messages: Sequence[Message], *, score_from: int = 0, origin: str = "row"
+        self,
+        messages: Sequence[Message],
+        *,
+        score_from: int = 0,
+        origin: str = "row",
+        recorded: Sequence[Sequence[int] | None] | None = None,
     ) -> EncodedConversation:
         """Tokenize ``messages`` with a loss mask on the assistant turns at indices ``>= score_from``.
+
+        ``recorded`` (one entry per message, None where there is none) gives the token ids an agent turn was
+        produced as; they replace the turn's tokens where they spell its text (:mod:`.token_ids`).
 
         Raises:
             DataFormatError: the template cannot render the conversation, or renders it so that the agent's
@@ -147,7 +157,18 @@ class ChatEncoder:
             return self._encode_with_generation_markers(messages, score_from, origin)
         except DataFormatError as exc:
             raise DataFormatError(f"{origin}: {exc}") from None
-        ids, starts = self._tokenize(text)
+        used = refused = 0
+        if recorded is not None and any(r is not None for r in recorded):
+            from .token_ids import splice_recorded
+
+            turns = [
+                (*self._turn_span(messages, i), messages[i]["content"], r)
+                for i, r in enumerate(recorded)
+                if r is not None and messages[i]["role"] == "assistant"
+            ]
+            ids, starts, used, refused = splice_recorded(self.tokenizer, text, turns)
+        else:
+            ids, starts = self._tokenize(text)
         loss_mask = [0] * len(ids)
         turn_ids = [0] * len(ids)
         k = 0
@@ -158,7 +179,12 @@ class ChatEncoder:
                 loss_mask[k] = 1
                 turn_ids[k] = turn
                 k += 1
-        return EncodedConversation(ids, loss_mask, turn_ids)
+        return EncodedConversation(ids, loss_mask, turn_ids, used, refused)
+
+    def _turn_span(self, messages: Sequence[Message], i: int) -> tuple[int, int]:
+        head = self.render(messages[:i], generation_prompt=True)
+        upto = self.render(messages[: i + 1])
+        return len(head), len(head) + len(upto[len(head) :].rstrip())
 
     def _assistant_spans(
         self, messages: Sequence[Message], text: str, score_from: int
@@ -244,22 +270,32 @@ def _drop(messages: Sequence[Message], head: int, units: list[tuple[int, int]], 
 
 
 def fit_conversation(
-    encoder: ChatEncoder, messages: Sequence[Message], max_length: int, *, origin: str = "row"
+    encoder: ChatEncoder,
+    messages: Sequence[Message],
+    max_length: int,
+    *,
+    origin: str = "row",
+    recorded: Sequence[Sequence[int] | None] | None = None,
 ) -> tuple[EncodedConversation, int] | None:
     """Encode an SFT conversation, dropping its oldest units until it fits ``max_length`` tokens.
 
     The system and task turns are kept, and so are the last agent turn and the unit before it (whose
-    observation the last turn answers). Returns ``(encoded, units dropped)``, or None when even the shortest
-    form is too long.
+    observation the last turn answers). ``recorded`` are the recorded ids of the messages (see
+    :meth:`ChatEncoder.encode`), dropped with their messages. Returns ``(encoded, units dropped)``, or None
+    when even the shortest form is too long.
     """
     try:
-        return _fit_conversation(encoder, messages, max_length, origin)
+        return _fit_conversation(encoder, messages, max_length, origin, recorded)
     except DataFormatError as exc:
         raise _with_origin(exc, origin) from None
 
 
 def _fit_conversation(
-    encoder: ChatEncoder, messages: Sequence[Message], max_length: int, origin: str
+    encoder: ChatEncoder,
+    messages: Sequence[Message],
+    max_length: int,
+    origin: str,
+    recorded: Sequence[Sequence[int] | None] | None = None,
 ) -> tuple[EncodedConversation, int] | None:
     head = _head_length(messages)
     units = conversation_units(messages, head)
@@ -275,7 +311,8 @@ def _fit_conversation(
             removed += sum(counts[b:e])
             n += 1
     while True:
-        enc = encoder.encode(_drop(messages, head, units, n), origin=origin)
+        kept = _drop(recorded, head, units, n) if recorded is not None else None  # type: ignore[arg-type]
+        enc = encoder.encode(_drop(messages, head, units, n), origin=origin, recorded=kept)
         if len(enc) <= max_length:
             return enc, n
         if n >= max_drop:

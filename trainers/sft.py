@@ -7,7 +7,8 @@ method in outputs and logs. From rows to gradient, top to bottom:
 1. **Load rows** (:func:`.data.load_sft_rows`): ``{"messages": [...]}`` rows or trajectory files, checked
    with ``file:line``; without validation data or ``valid_fn`` a share of the tasks is held out.
 2. **Encode** (:func:`encode_sft_rows`): each conversation rendered with the policy's chat template, its
-   agent tokens masked in (:mod:`.masks`), the oldest history cut to ``max_length``: one
+   agent tokens masked in (:mod:`.masks`; agent turns with recorded token ids of the same tokenizer take
+   those ids, :mod:`.token_ids`), the oldest history cut to ``max_length``: one
    :class:`~.batch.Example` per row whose loss units are its agent tokens (``loss_reduction: token``) or its
    agent turns (``turn``).
 3. **Objective** (:func:`sft_objective`): each row's summed negative log-likelihood of its agent tokens,
@@ -25,11 +26,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
 from w2s_agents.errors import ConfigError
+from w2s_agents.tokens import tokenizer_fingerprint
 
 from .batch import Batch, Example, ObjectiveOutput
 from .config import TrainConfig
@@ -39,6 +42,7 @@ from .loop import Trainer, ValidFn
 from .masks import ChatEncoder, fit_conversation
 from .model import load_tokenizer
 from .result import TrainResult
+from .token_ids import TokenIdsUse, recorded_for_messages
 from .tracking import TrackingSpec
 
 __all__ = ["encode_sft_rows", "sft_objective", "train_sft"]
@@ -47,22 +51,41 @@ logger = logging.getLogger(__name__)
 
 
 def encode_sft_rows(
-    rows: Sequence[Row], encoder: ChatEncoder, config: TrainConfig, source_index: dict[str, int]
+    rows: Sequence[Row],
+    encoder: ChatEncoder,
+    config: TrainConfig,
+    source_index: dict[str, int],
+    use: TokenIdsUse | None = None,
 ) -> tuple[list[Example], int]:
     """Tokenize SFT rows with agent-token masks, cutting history to ``max_length``.
+
+    Agent turns that carry recorded token ids of the encoder's tokenizer are tokenized from those ids where
+    they spell the turn's text (:mod:`.token_ids`); ``use`` counts which rows and turns did.
 
     Returns ``(examples, skipped)``: rows that do not fit even with their history cut, or whose agent
     tokens were all cut, are skipped (and logged).
     """
     out: list[Example] = []
     skipped = 0
+    fingerprint: str | None = None
     for row in rows:
-        fitted = fit_conversation(encoder, row.data["messages"], config.max_length, origin=row.origin)
+        messages, recorded = row.data["messages"], None
+        if row.data.get("agent_tokens"):
+            fingerprint = fingerprint or tokenizer_fingerprint(encoder.tokenizer)
+            recorded = recorded_for_messages(messages, row.data["agent_tokens"], fingerprint, use)
+        fitted = fit_conversation(encoder, messages, config.max_length, origin=row.origin, recorded=recorded)
         if fitted is None or fitted[0].n_loss_tokens == 0:
             skipped += 1
             logger.debug("%s: too long for max_length %d; skipped", row.origin, config.max_length)
             continue
         enc, _ = fitted
+        if use is not None:
+            use.count_turns("recorded", enc.recorded_turns)
+            use.count_turns("text", enc.refused_turns)
+            if enc.recorded_turns:
+                use.recorded_rows += 1
+            else:
+                use.retokenised_rows += 1
         units = enc.n_loss_tokens if config.loss_reduction == "token" else enc.n_turns
         sources = tuple(source_index[s] for s in row.sources if s in source_index)
         out.append(Example((enc,), float(units), sources, row.easy))
@@ -136,9 +159,11 @@ def train_sft(
     tokenizer = load_tokenizer(model_path)
     encoder = ChatEncoder(tokenizer, name=str(model_path))
     names = sorted({s for r in rows for s in r.sources})
-    examples, skipped = encode_sft_rows(rows, encoder, cfg, {n: i for i, n in enumerate(names)})
+    use = TokenIdsUse()
+    examples, skipped = encode_sft_rows(rows, encoder, cfg, {n: i for i, n in enumerate(names)}, use)
+    logger.info("%s", use.summary())
     valid_examples, _ = encode_sft_rows(valid_rows, encoder, cfg, {}) if valid_rows else ([], 0)
-    return Trainer(
+    trainer = Trainer(
         method=cfg.method,
         model_path=model_path,
         out_dir=out,
@@ -152,4 +177,16 @@ def train_sft(
         resume=resume,
         skipped_rows=skipped,
         tracking=tracking,
-    ).run()
+    )
+    return with_token_ids_use(trainer.run(), use, save=trainer.procs.is_main)
+
+
+def with_token_ids_use(result: TrainResult, use: TokenIdsUse, *, save: bool) -> TrainResult:
+    """``result`` with the counts of ``use`` in ``extra["token_ids"]`` (saved again when ``save``), when any
+    training row carried recorded token ids; ``result`` itself otherwise."""
+    if not use.any_recorded:
+        return result
+    result = replace(result, extra={**result.extra, "token_ids": use.to_dict()})
+    if save:
+        result.save()
+    return result

@@ -24,7 +24,7 @@ State keys: the reset's ``info["state_key"]`` becomes the trajectory's ``initial
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,11 +208,15 @@ class EpisodeRecorder:
         tokens_out: int = 0,
         latency_s: float = 0.0,
         extra: Mapping[str, Any] | None = None,
+        token_ids: Sequence[int] | None = None,
+        logprobs: Sequence[float] | None = None,
+        tokenizer: str | None = None,
     ) -> Step:
         """Record one action and the env's answer; returns the recorded step.
 
         The step keeps the commands that were admissible when the action was chosen; ``info``'s commands
-        become the admissible commands of the new state, and ``info``'s state key is the step's.
+        become the admissible commands of the new state, and ``info``'s state key is the step's. ``token_ids``,
+        ``logprobs`` and ``tokenizer`` are the answer's tokens as its model produced them, when recorded.
         """
         step = Step(
             action=action,
@@ -226,6 +230,9 @@ class EpisodeRecorder:
             latency_s=latency_s,
             state_key=state_key_of(info),
             extra=dict(extra or {}),
+            token_ids=tuple(token_ids) if token_ids is not None else None,
+            logprobs=tuple(logprobs) if logprobs is not None else None,
+            tokenizer=tokenizer,
         )
         self.steps.append(step)
         self._turns.append((thought, action, observation))

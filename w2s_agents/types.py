@@ -18,6 +18,12 @@ observation, the :class:`Step` sequence and the outcome. It is persisted as one 
 it. Both are optional: written only when the env reported a key, absent in older files and for envs that
 cannot tell.
 
+A step may also carry the tokens of the agent's answer as its model produced them (``token_ids``, the
+model's ``logprobs`` of them, and ``tokenizer``, the fingerprint of the tokenizer the ids belong to; see
+:func:`w2s_agents.tokens.tokenizer_fingerprint`), recorded with ``agent.record_tokens``. A record with such
+steps is written as ``w2s.trajectory/2`` (:data:`TOKENS_SCHEMA`), every other as ``w2s.trajectory/1``, so
+files without token ids stay readable by readers that know only version 1; this version reads both.
+
 :class:`EpisodeState` is what an agent sees of a live episode: the task, the turns so far and the commands
 admissible now.
 
@@ -35,7 +41,9 @@ from typing import Any, Literal, get_args
 __all__ = [
     "END_REASONS",
     "ROLES",
+    "TOKENS_SCHEMA",
     "TRAJECTORY_SCHEMA",
+    "TRAJECTORY_SCHEMAS",
     "EndReason",
     "EpisodeKey",
     "EpisodeState",
@@ -46,7 +54,16 @@ __all__ = [
 ]
 
 TRAJECTORY_SCHEMA = "w2s.trajectory/1"
-"""Schema tag written into every trajectory record; readers reject any other value."""
+"""Schema tag of a trajectory record whose steps carry no token ids."""
+
+TOKENS_SCHEMA = "w2s.trajectory/2"
+"""Schema tag of a record whose steps carry token ids (version 1 plus the optional step fields ``token_ids``,
+``logprobs`` and ``tokenizer``)."""
+
+TRAJECTORY_SCHEMAS: tuple[str, ...] = (TRAJECTORY_SCHEMA, TOKENS_SCHEMA)
+"""The schema tags this version reads; readers reject any other value."""
+
+_TOKEN_FIELDS = ("token_ids", "logprobs", "tokenizer")
 
 Role = Literal["weak", "strong", "expert", "search"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -128,6 +145,14 @@ class Step:
     """Identity of the state the action led to (the env's ``info["state_key"]``), None when unknown."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form JSON metadata (e.g. a raw model output that could not be parsed)."""
+    token_ids: tuple[int, ...] | None = None
+    """The agent's answer as its model produced it (generate mode: the sampled ids; choose mode: the ids of the
+    chosen command as the model scored it), after the chat template's generation prompt, through the
+    end-of-turn token when one ended it; None when not recorded."""
+    logprobs: tuple[float, ...] | None = None
+    """The model's log-probability of each of ``token_ids`` (not the sampler's), None when not recorded."""
+    tokenizer: str | None = None
+    """Fingerprint of the tokenizer ``token_ids`` belong to (set exactly when ``token_ids`` is)."""
 
     def __post_init__(self) -> None:
         for name in ("action", "observation", "thought"):
@@ -151,6 +176,30 @@ class Step:
             raise ValueError(f"step.state_key must be a non-empty string or null, got {self.state_key!r}")
         if not isinstance(self.extra, Mapping):
             raise ValueError("step.extra must be a mapping")
+        self._check_tokens()
+
+    def _check_tokens(self) -> None:
+        ids, logprobs = self.token_ids, self.logprobs
+        if ids is not None:
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids:
+                raise ValueError("step.token_ids must be a non-empty list of token ids or null")
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError("step.token_ids must hold non-negative integers")
+            object.__setattr__(self, "token_ids", tuple(ids))
+            if not isinstance(self.tokenizer, str) or not self.tokenizer:
+                raise ValueError("step.tokenizer must name the tokenizer of token_ids (a non-empty string)")
+        elif self.tokenizer is not None or logprobs is not None:
+            raise ValueError("step.tokenizer and step.logprobs need step.token_ids")
+        if logprobs is not None:
+            if isinstance(logprobs, (str, bytes)) or not isinstance(logprobs, Sequence):
+                raise ValueError("step.logprobs must be a list of numbers or null")
+            if not all(_is_number(x) for x in logprobs):
+                raise ValueError("step.logprobs must hold finite numbers")
+            if len(logprobs) != len(self.token_ids or ()):
+                raise ValueError(
+                    f"step.logprobs has {len(logprobs)} numbers for {len(self.token_ids or ())} token ids"
+                )
+            object.__setattr__(self, "logprobs", tuple(float(x) for x in logprobs))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready mapping in the field order of the file format."""
@@ -169,6 +218,11 @@ class Step:
             d["state_key"] = self.state_key
         if self.extra:
             d["extra"] = dict(self.extra)
+        if self.token_ids is not None:
+            d["token_ids"] = list(self.token_ids)
+            if self.logprobs is not None:
+                d["logprobs"] = list(self.logprobs)
+            d["tokenizer"] = self.tokenizer
         return d
 
 
@@ -213,11 +267,13 @@ class Trajectory:
     initial_state_key: str | None = None
     """Identity of the first state (the reset's ``info["state_key"]``), None when unknown."""
     schema: str = TRAJECTORY_SCHEMA
+    """The schema the record was read with; :meth:`to_dict` writes the one its steps need."""
 
     def __post_init__(self) -> None:
-        if self.schema != TRAJECTORY_SCHEMA:
+        if self.schema not in TRAJECTORY_SCHEMAS:
             raise ValueError(
-                f"unsupported trajectory schema {self.schema!r} (this version reads {TRAJECTORY_SCHEMA!r})"
+                f"unsupported trajectory schema {self.schema!r} (this version reads "
+                f"{' and '.join(map(repr, TRAJECTORY_SCHEMAS))})"
             )
         for name in ("task_id", "env_id"):
             v = getattr(self, name)
@@ -257,10 +313,15 @@ class Trajectory:
         """Number of actions taken."""
         return len(self.steps)
 
+    @property
+    def has_token_ids(self) -> bool:
+        """Whether a step carries the token ids of its answer (the record is then ``w2s.trajectory/2``)."""
+        return any(s.token_ids is not None for s in self.steps)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready mapping in the file format (``return_`` written as ``return``)."""
         d: dict[str, Any] = {
-            "schema": self.schema,
+            "schema": TOKENS_SCHEMA if self.has_token_ids else TRAJECTORY_SCHEMA,
             "task_id": self.task_id,
             "env_id": self.env_id,
             "source": self.source.to_dict(),
@@ -292,9 +353,10 @@ class Trajectory:
         schema = d.get("schema")
         if schema is None:
             raise ValueError("missing field 'schema'")
-        if schema != TRAJECTORY_SCHEMA:
+        if schema not in TRAJECTORY_SCHEMAS:
             raise ValueError(
-                f"unsupported trajectory schema {schema!r} (this version reads {TRAJECTORY_SCHEMA!r})"
+                f"unsupported trajectory schema {schema!r} (this version reads "
+                f"{' and '.join(map(repr, TRAJECTORY_SCHEMAS))})"
             )
         _check_fields(d, _TRAJ_REQUIRED, _TRAJ_OPTIONAL, "")
         src = d["source"]
@@ -312,7 +374,10 @@ class Trajectory:
         for i, s in enumerate(raw_steps):
             if not isinstance(s, Mapping):
                 raise ValueError(f"steps[{i}] must be an object")
-            _check_fields(s, _STEP_REQUIRED, _STEP_OPTIONAL, f"steps[{i}].")
+            if schema != TOKENS_SCHEMA and (name := next((n for n in _TOKEN_FIELDS if n in s), None)):
+                raise ValueError(f"field 'steps[{i}].{name}' needs schema {TOKENS_SCHEMA!r}, not {schema!r}")
+            optional = _STEP_OPTIONAL + (_TOKEN_FIELDS if schema == TOKENS_SCHEMA else ())
+            _check_fields(s, _STEP_REQUIRED, optional, f"steps[{i}].")
             try:
                 steps.append(Step(**s))
             except (TypeError, ValueError) as exc:

@@ -50,6 +50,7 @@ from w2s_agents.types import EpisodeState
 if TYPE_CHECKING:
     import torch
 
+    from w2s_agents.agents.decoding import CandidateLogprobs
     from w2s_agents.agents.models import LoadedModel
 
 from w2s_agents.agents.backend import GenerationBackend, TransformersBackend
@@ -89,6 +90,14 @@ class Decision:
     """Choose mode: probability of the chosen command under the sampler's distribution."""
     turns_dropped: int = 0
     """Oldest turns left out of the prompt to fit the context length."""
+    token_ids: tuple[int, ...] | None = None
+    """With ``record_tokens``: the answer's token ids (generate mode: as sampled; choose mode: the chosen
+    command's as scored), else None."""
+    logprobs: tuple[float, ...] | None = None
+    """With ``record_tokens``: the model's log-probability of each of ``token_ids``."""
+    tokenizer: str | None = None
+    """With ``record_tokens``: the fingerprint of the tokenizer of ``token_ids``
+    (:func:`w2s_agents.tokens.tokenizer_fingerprint`)."""
 
 
 def make_backend(
@@ -176,6 +185,16 @@ class Agent:
         self.prompts = PromptBuilder(tok, self.config)
         self._answer_affixes = answer_affixes(tok)
         self._completion_cache: dict[str, list[int]] = {}
+        self._fingerprint: str | None = None
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        """The fingerprint of the model's tokenizer recorded with token ids (computed once)."""
+        if self._fingerprint is None:
+            from w2s_agents.tokens import tokenizer_fingerprint
+
+            self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+        return self._fingerprint
 
     @property
     def tokenizer(self) -> Any:
@@ -232,6 +251,12 @@ class Agent:
         self, prompts: Sequence[list[int]], candidates: Sequence[Sequence[list[int]]]
     ) -> list[np.ndarray]:
         """Score of every candidate (sum or mean of its token scores; contrastive when configured)."""
+        return self._scores_and_logprobs(prompts, candidates)[0]
+
+    def _scores_and_logprobs(
+        self, prompts: Sequence[list[int]], candidates: Sequence[Sequence[list[int]]]
+    ) -> tuple[list[np.ndarray], list[list[CandidateLogprobs]]]:
+        """The candidates' scores and the model's per-token log-probabilities they came from."""
         from w2s_agents.agents.decoding import contrastive_token_scores
 
         cfg = self.config
@@ -241,7 +266,7 @@ class Agent:
             if self.backend.has_amateur
             else None
         )
-        out = []
+        out: list[np.ndarray] = []
         for e, cands in enumerate(expert):
             plain = np.array([_reduce(c.token, cfg.length_normalize) for c in cands], dtype=np.float64)
             if amateur is None:
@@ -269,7 +294,7 @@ class Agent:
                 out.append(plain)
             else:
                 out.append(contrast)
-        return out
+        return out, expert
 
     def score_actions(
         self, states: Sequence[EpisodeState], candidates: Sequence[Sequence[str]] | None = None
@@ -379,11 +404,11 @@ class Agent:
         prompts = [
             self.prompts.build(s, self._choose_budget(ids)) for s, ids in zip(states, cand_ids, strict=True)
         ]
-        scores = self._candidate_scores([p.ids for p in prompts], cand_ids)
+        scores, logprobs = self._scores_and_logprobs([p.ids for p in prompts], cand_ids)
         latency = time.perf_counter() - start
         out = []
-        for cs, ids, prompt, sc, sampler, rng in zip(
-            cands, cand_ids, prompts, scores, samplers, rngs, strict=True
+        for cs, ids, prompt, sc, lps, sampler, rng in zip(
+            cands, cand_ids, prompts, scores, logprobs, samplers, rngs, strict=True
         ):
             k, prob = pick(sc, sampler, rng)
             out.append(
@@ -398,9 +423,20 @@ class Agent:
                     mode="choose",
                     probability=prob,
                     turns_dropped=prompt.turns_dropped,
+                    **self._recorded(ids[k], lps[k].token.tolist()),
                 )
             )
         return out
+
+    def _recorded(self, ids: Sequence[int], logprobs: Sequence[float]) -> dict[str, Any]:
+        """The :class:`Decision` fields of ``record_tokens`` (none when it is off)."""
+        if not self.config.record_tokens:
+            return {}
+        return {
+            "token_ids": tuple(int(t) for t in ids),
+            "logprobs": tuple(float(x) for x in logprobs),
+            "tokenizer": self.tokenizer_fingerprint,
+        }
 
     def _act_generate(
         self, states: list[EpisodeState], samplers: list[Sampler], rngs: list[random.Random]
@@ -419,9 +455,13 @@ class Agent:
         outputs = self.backend.generate(
             [p.ids for p in prompts], samplers, rngs, max_new_tokens=cfg.max_new_tokens, stop=stop
         )
+        answer_logprobs: list[list[float]] = []
+        if cfg.record_tokens:  # the model's log-probs of what was sampled: the answers scored as candidates
+            expert = self.backend.candidate_logprobs([p.ids for p in prompts], [[ids] for ids in outputs])
+            answer_logprobs = [e[0].token.tolist() for e in expert]
         latency = time.perf_counter() - start
         out = []
-        for prompt, ids in zip(prompts, outputs, strict=True):
+        for r, (prompt, ids) in enumerate(zip(prompts, outputs, strict=True)):
             text_ids = [t for t in ids if t not in self.stop_ids]
             raw = tok.decode(text_ids, skip_special_tokens=True)
             parsed = parse_react(raw, bare_action=cfg.bare_action)
@@ -437,6 +477,7 @@ class Agent:
                     mode="generate",
                     parse_error=parsed.error,
                     turns_dropped=prompt.turns_dropped,
+                    **(self._recorded(ids, answer_logprobs[r]) if cfg.record_tokens else {}),
                 )
             )
         return out

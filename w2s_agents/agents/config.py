@@ -198,6 +198,13 @@ class AgentConfig:
     contrastive_alpha: float = option(
         0.1, "contrastive decoding: a token is plausible when p_expert >= alpha * max p_expert"
     )
+    record_tokens: bool = option(
+        False,
+        "record the token ids of every answer (and the model's log-probs of them) with the tokenizer's "
+        "fingerprint in the trajectory's steps, for trainers to use instead of re-tokenising the text; generate "
+        "mode scores each answer once more for its log-probs",
+        omit_default=True,
+    )
     backend: Backend = option(
         "transformers",
         "where the model runs: 'transformers' (in this process, CPU or GPU), 'vllm' (an offline vLLM engine: "
@@ -262,6 +269,12 @@ class AgentConfig:
             "vllm.serve_adapters",
             "is on but choose mode scores commands by prompt log-probs, which vLLM does not compute on a "
             "LoRA-enabled engine; use mode: generate or serve_adapters: false (the merged weights)",
+        )
+        check(
+            not (self.backend == "vllm" and self.vllm.serve_adapters and self.record_tokens),
+            "record_tokens",
+            "is on but the log-probs of answers come from prompt log-probs, which vLLM does not compute on a "
+            "LoRA-enabled engine; use vllm.serve_adapters: false (the merged weights) or record_tokens: false",
         )
 
     @property

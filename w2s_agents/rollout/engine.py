@@ -306,6 +306,9 @@ def run_episodes(
                     tokens_out=d.tokens_out,
                     latency_s=d.latency_s,
                     extra=None if d.parse_ok else {"raw_output": d.raw_output, "parse_error": d.parse_error},
+                    token_ids=d.token_ids,
+                    logprobs=d.logprobs,
+                    tokenizer=d.tokenizer,
                 )
                 if terminated or truncated or rec.num_steps >= max_steps:
                     envs.give(ep.env, ep.spec.task_id)

@@ -1,0 +1,175 @@
+"""Tokens in, tokens out: training on the token ids an agent's model produced instead of re-tokenised text.
+
+A conversation is normally rendered with the chat template and tokenized as a whole (:mod:`.masks`). When the
+model that acted produced an answer as tokens the tokenizer would not choose for the same text (a word sampled
+as two pieces, say), re-tokenising the rendered text trains on a sequence the model never produced, and the
+log-probabilities computed on it are not those of its actions. SFT rows of trajectories recorded with
+``agent.record_tokens`` carry the answers' ids (``agent_tokens``); this module puts them back:
+
+1. **Fingerprint rule** (:func:`recorded_for_messages`): a turn's recorded ids are offered only when their
+   tokenizer fingerprint (:func:`w2s_agents.tokens.tokenizer_fingerprint`) equals the trained model's;
+   otherwise the turn is re-tokenised.
+2. **Text rule** (:func:`splice_recorded`): the ids are used when a prefix of them decodes to the start of
+   the turn's text as the chat template renders it, covering at least the message's content (an answer
+   generated up to the end of its ``Action:`` line covers it without its final newline); the rest of the turn
+   (the end-of-turn token) is tokenized as text.
+3. **Boundaries**: the conversation's tokenization must split at the turn's start and end (true where turns
+   are delimited by special tokens); then the turn's tokens are replaced by the recorded ones and everything
+   else (system, task and observation turns, template text) stays as tokenized.
+
+A turn that fails a rule is re-tokenised as before; nothing else changes. The counts of both paths are logged
+and returned by the trainers (``TrainResult.extra["token_ids"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from w2s_agents.messages import Message
+
+__all__ = ["TokenIdsUse", "recorded_for_messages", "splice_recorded"]
+
+
+@dataclass
+class TokenIdsUse:
+    """How many rows and agent turns were trained on recorded ids and how many were re-tokenised."""
+
+    recorded_rows: int = 0
+    """Rows with at least one agent turn from its recorded ids."""
+    retokenised_rows: int = 0
+    """Rows wholly re-tokenised (no recorded ids, or none usable)."""
+    turns: dict[str, int] = field(default_factory=dict)
+    """Agent turns with recorded ids by outcome: ``recorded`` (used), ``tokenizer`` (fingerprint differs),
+    ``text`` (the ids do not decode to the turn's text, or the turn's boundaries split a token)."""
+
+    def count_turns(self, outcome: str, n: int = 1) -> None:
+        """Add ``n`` agent turns with this outcome."""
+        if n:
+            self.turns[outcome] = self.turns.get(outcome, 0) + n
+
+    @property
+    def any_recorded(self) -> bool:
+        """Whether any row carried recorded ids at all."""
+        return bool(self.turns)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as ``TrainResult.extra["token_ids"]`` holds them."""
+        return {
+            "recorded_rows": self.recorded_rows,
+            "retokenised_rows": self.retokenised_rows,
+            "turns": dict(sorted(self.turns.items())),
+        }
+
+    def summary(self) -> str:
+        """One line for the log."""
+        turns = ", ".join(f"{k} {v}" for k, v in sorted(self.turns.items())) or "none recorded"
+        return (
+            f"agent tokens: {self.recorded_rows} rows from recorded token ids, {self.retokenised_rows} "
+            f"re-tokenised (agent turns with recorded ids: {turns})"
+        )
+
+
+def recorded_for_messages(
+    messages: Sequence[Message], agent_tokens: Any, fingerprint: str, use: TokenIdsUse | None = None
+) -> list[list[int] | None] | None:
+    """The recorded ids of each message of a conversation (None for other messages and for turns without
+    usable ids), or None when the row has no recorded ids at all.
+
+    Args:
+        messages: the row's conversation.
+        agent_tokens: the row's ``agent_tokens`` (one entry per assistant message, checked by
+            :class:`w2s_agents.search.rows.SftRow`), or None.
+        fingerprint: the fingerprint of the trained model's tokenizer; entries of another tokenizer are
+            dropped (and counted as ``tokenizer`` in ``use``).
+        use: counts to add the dropped turns to.
+    """
+    if not agent_tokens:
+        return None
+    entries = iter(agent_tokens)
+    out: list[list[int] | None] = []
+    for m in messages:
+        entry = next(entries, None) if m["role"] == "assistant" else None
+        if isinstance(entry, Mapping) and entry.get("tokenizer") != fingerprint:
+            if use is not None:
+                use.count_turns("tokenizer")
+            entry = None
+        out.append(list(entry["ids"]) if isinstance(entry, Mapping) else None)
+    return out if any(x is not None for x in out) else None
+
+
+def _turn_tokens(tokenizer: Any, span: str, content: str, recorded: Sequence[int]) -> list[int] | None:
+    """The recorded ids (a prefix of them, the rest of ``span`` tokenized) that spell ``span``, or None when
+    no prefix of them decodes to a start of ``span`` covering ``content``."""
+    at = span.find(content)
+    if at < 0:
+        return None
+    need = at + len(content)
+    for j in range(len(recorded), 0, -1):
+        text = tokenizer.decode(
+            list(recorded[:j]), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        if len(text) < need:
+            return None  # shorter prefixes decode to shorter texts
+        if span.startswith(text):
+            rest = span[len(text) :]
+            tail = list(tokenizer(rest, add_special_tokens=False)["input_ids"]) if rest else []
+            return list(recorded[:j]) + tail
+    return None
+
+
+def splice_recorded(
+    tokenizer: Any, text: str, turns: Sequence[tuple[int, int, str, Sequence[int]]]
+) -> tuple[list[int], list[int], int, int]:
+    """Tokenize ``text`` with the recorded ids of agent turns in place of the tokenizer's own.
+
+    Args:
+        tokenizer: a fast tokenizer (character offsets).
+        text: the rendered conversation.
+        turns: ``(start, end, content, recorded ids)`` of each agent turn with ids: the turn's character span
+            in ``text`` (from the end of the generation prompt to its end-of-turn token) and its message content.
+
+    Returns:
+        ``(ids, starts, used, refused)``: the token ids, the character where each token starts (a recorded
+        token starts where the decoding of the ids before it ends), and how many turns took their recorded
+        ids and how many were re-tokenised (see the module docstring for the rules).
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    out_ids: list[int] = []
+    out_starts: list[int] = []
+    k = used = refused = 0
+    for a, b, content, recorded in sorted(turns, key=lambda t: t[0]):
+        lo = k
+        while lo < len(ids) and offsets[lo][0] < a:
+            lo += 1
+        hi = lo
+        while hi < len(ids) and offsets[hi][0] < b:
+            hi += 1
+        split = (lo == 0 or offsets[lo - 1][1] <= a) and (hi == 0 or offsets[hi - 1][1] <= b)
+        piece = _turn_tokens(tokenizer, text[a:b], content, recorded) if split else None
+        if piece is None:
+            refused += 1
+            continue
+        out_ids += ids[k:lo]
+        out_starts += [s for s, _ in offsets[k:lo]]
+        out_ids += piece
+        out_starts += _starts(tokenizer, piece, a)
+        k = hi
+        used += 1
+    out_ids += ids[k:]
+    out_starts += [s for s, _ in offsets[k:]]
+    return out_ids, out_starts, used, refused
+
+
+def _starts(tokenizer: Any, piece: Sequence[int], at: int) -> list[int]:
+    """Where each token of ``piece`` starts when ``piece``'s decoding starts at character ``at``."""
+    out = []
+    for t in range(len(piece)):
+        prefix = tokenizer.decode(
+            list(piece[:t]), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        out.append(at + len(prefix))
+    return out
