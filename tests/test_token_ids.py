@@ -295,3 +295,52 @@ def test_the_agent_records_its_answers_tokens_in_both_modes(nano) -> None:
         logp = nano.model(torch.tensor([prompt + ids])).logits[0].float().log_softmax(-1)
     expect = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(ids)]
     assert list(g[0].logprobs) == pytest.approx(expect, abs=1e-4)
+
+
+class _Hall:
+    """A two-move game: any two commands win it."""
+
+    env_id = "test/Hall-v0"
+    command_grammar = "go east, look"
+
+    @property
+    def unwrapped(self) -> _Hall:
+        return self
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        self.moves = 0
+        info = {"admissible_commands": ["go east", "look"], "instruction": "Leave the hall.", "score": 0.0}
+        return "You are in a hall.", info
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        self.moves += 1
+        won = self.moves >= 2
+        info = {
+            "admissible_commands": ["go east", "look"],
+            "won": won,
+            "lost": False,
+            "score": self.moves / 2,
+        }
+        return f"Move {self.moves}.", 0.5, won, False, info
+
+
+def test_a_rollout_stores_the_ids_and_the_trainer_uses_them(nano, tmp_path: Path) -> None:
+    from w2s_agents.rollout import collect
+
+    agent = Agent(nano, AgentConfig(mode="choose", record_tokens=True, max_context_tokens=512))
+    with TrajectoryStore(tmp_path / "t.jsonl") as store:
+        collect(["hall/0"], agent, [Sampler(temperature=1.0)], store, env=_Hall, seeds=2, max_steps=3)
+    records = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [r["schema"] for r in records] == [TOKENS_SCHEMA] * 2
+    trajs = list(read_trajectories(tmp_path / "t.jsonl"))
+    fp = tokenizer_fingerprint(nano.tokenizer)
+    for step in (s for t in trajs for s in t.steps):
+        assert step.token_ids == tuple(agent.completion_ids(step.action)) and step.tokenizer == fp
+        assert len(step.logprobs) == len(step.token_ids)
+    use = TokenIdsUse()
+    encoder = ChatEncoder(nano.tokenizer)
+    examples, _ = encode_sft_rows(load_sft_rows(tmp_path / "t.jsonl"), encoder, TrainConfig(), {}, use)
+    # choose mode records the tokenizer's own ids of each command: both paths give the same rows
+    assert (use.recorded_rows, use.retokenised_rows, use.turns) == (2, 0, {"recorded": 4})
+    for ex, traj in zip(examples, trajs, strict=True):
+        assert ex.seqs[0].input_ids == encoder.encode(SftRow.from_trajectory(traj).messages).input_ids
