@@ -111,7 +111,19 @@ class ExploreConfig:
     batch_size: int = option(16, "live episodes per batched agent call")
     workers: int = option(0, "Ray workers for exploration (0: in this process)")
     ray_address: str | None = option(
-        None, "Ray cluster to join; null starts a local instance when workers > 0"
+        None,
+        "Ray cluster to join ('auto', 'host:port' or 'ray://host:port'); null: the RAY_ADDRESS environment "
+        "variable if set (this key wins over it), else a local instance when workers > 0",
+    )
+    # where the workers run is not what they compute: these keys stay out of the explore stage's key
+    worker_cpus: float = option(1.0, "CPUs reserved per Ray worker", omit_default=True)
+    worker_gpus: float = option(
+        0.0,
+        "GPUs per Ray worker (> 0 loads its model on CUDA); a fraction below 1 shares a GPU, whole numbers above",
+        omit_default=True,
+    )
+    workers_per_node: int = option(
+        0, "at most this many Ray workers on each node, pinned to it (0: Ray places them)", omit_default=True
     )
 
     def __post_init__(self) -> None:
@@ -128,6 +140,13 @@ class ExploreConfig:
         )
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.worker_cpus > 0, "worker_cpus", f"must be > 0, got {self.worker_cpus}")
+        check(
+            self.worker_gpus >= 0 and (self.worker_gpus < 1 or float(self.worker_gpus).is_integer()),
+            "worker_gpus",
+            f"must be a fraction in [0, 1) or a whole number, got {self.worker_gpus}",
+        )
+        check(self.workers_per_node >= 0, "workers_per_node", f"must be >= 0, got {self.workers_per_node}")
 
 
 @dataclass(frozen=True)

@@ -135,10 +135,15 @@ def _tasks_part(cfg: ExperimentConfig, splits: tuple[str, ...]) -> dict[str, Any
 
 def _explore_part(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     """The config part of the explore stage; ``explore.width`` only when set, so that a run without it keeps the
-    key it had before that setting existed."""
+    key it had before that setting existed. Where the Ray workers run (``ray_address`` when set, ``worker_cpus``,
+    ``worker_gpus``, ``workers_per_node``) is left out: it is not what they compute."""
     part = config_to_dict(cfg.explore)
     if not cfg.explore.width:
         part.pop("width")
+    for key in ("worker_cpus", "worker_gpus", "workers_per_node"):
+        part.pop(key, None)
+    if part.get("ray_address") is not None:
+        part["ray_address"] = None  # the key a run without a cluster has
     return {"explore": part, "agent": cfg.agent, "seed": seed}
 
 

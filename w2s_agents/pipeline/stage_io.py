@@ -24,13 +24,14 @@ from w2s_agents.types import Trajectory
 
 if TYPE_CHECKING:
     from w2s_agents.agents import Agent, Sampler
-    from w2s_agents.rollout import RolloutSummary
+    from w2s_agents.rollout import RayOptions, RolloutSummary
     from w2s_agents.trainers import TrainResult
 
 __all__ = [
     "ValidFn",
     "env_id",
     "exploration_stats",
+    "explore_ray",
     "load_agent",
     "model_path",
     "play_episodes",
@@ -186,7 +187,7 @@ def play_episodes(
     Returns:
         Every trajectory of the store, and the rollout's summary.
     """
-    from w2s_agents.rollout import EngineOptions, RayOptions, collect
+    from w2s_agents.rollout import EngineOptions, collect
     from w2s_agents.store import TrajectoryStore
 
     env_kwargs = {"max_steps": cfg.tasks.max_steps, **cfg.tasks.env_kwargs}
@@ -201,9 +202,24 @@ def play_episodes(
             seeds=list(range(first_seed, first_seed + seeds)),
             max_steps=cfg.tasks.max_steps,
             engine=EngineOptions(batch_size=cfg.explore.batch_size),
-            ray=RayOptions(workers=workers, address=cfg.explore.ray_address) if workers else None,
+            ray=explore_ray(cfg, workers) if workers else None,
         )
     return read_trajectories(store_path), summary
+
+
+def explore_ray(cfg: ExperimentConfig, workers: int) -> RayOptions:
+    """The Ray workers of the run's rollouts (``explore.ray_address``, ``worker_*``, ``workers_per_node``)."""
+    from w2s_agents.rollout import RayOptions
+
+    e = cfg.explore
+    return RayOptions(
+        workers=workers,
+        address=e.ray_address,
+        address_key="explore.ray_address",
+        worker_cpus=e.worker_cpus,
+        worker_gpus=e.worker_gpus,
+        workers_per_node=e.workers_per_node,
+    )
 
 
 def plays_valid(cfg: ExperimentConfig) -> bool:

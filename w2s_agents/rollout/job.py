@@ -21,7 +21,7 @@ from w2s_agents.errors import ConfigError, W2SError
 
 from .collect import BUILTIN_ENV_IDS, RolloutSummary, collect, env_factory
 from .engine import EnvFactory
-from .options import EngineOptions, RayOptions
+from .options import EngineOptions, RayOptions, gpu_share_ok
 
 __all__ = ["RolloutConfig", "RolloutJobConfig", "build_task_model", "load_job", "resolve_tasks", "run_job"]
 
@@ -61,10 +61,21 @@ class RolloutConfig:
     )
     workers: int = option(0, "Ray workers (each with a model replica and envs); 0 runs in this process")
     ray_address: str | None = option(
-        None, "address of a running Ray cluster ('auto' finds a local one); null starts a local instance"
+        None,
+        "address of a running Ray cluster to join ('auto', 'host:port' or 'ray://host:port'); null: the "
+        "RAY_ADDRESS environment variable if set, else a local instance (this key wins over the variable)",
     )
     worker_cpus: float = option(1.0, "CPUs reserved per Ray worker")
-    worker_gpus: float = option(0.0, "GPUs per Ray worker (> 0 loads the worker's model on CUDA)")
+    worker_gpus: float = option(
+        0.0,
+        "GPUs per Ray worker (> 0 loads the worker's model on CUDA); a fraction below 1 shares a GPU (0.5: two "
+        "workers per GPU), whole numbers above",
+    )
+    workers_per_node: int = option(
+        0,
+        "at most this many Ray workers on each node of the cluster, each pinned to its node (0: Ray places them)",
+        omit_default=True,
+    )
     worker_threads: int = option(1, "torch threads of each Ray worker")
     max_worker_restarts: int = option(4, "workers started to replace dead ones before the run gives up")
     ray_log_to_driver: bool = option(False, "show Ray workers' output in this process")
@@ -83,7 +94,12 @@ class RolloutConfig:
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.worker_cpus > 0, "worker_cpus", f"must be > 0, got {self.worker_cpus}")
-        check(self.worker_gpus >= 0, "worker_gpus", f"must be >= 0, got {self.worker_gpus}")
+        check(
+            self.worker_gpus >= 0 and gpu_share_ok(self.worker_gpus),
+            "worker_gpus",
+            f"must be a fraction in [0, 1) or a whole number, got {self.worker_gpus}",
+        )
+        check(self.workers_per_node >= 0, "workers_per_node", f"must be >= 0, got {self.workers_per_node}")
         check(self.worker_threads >= 1, "worker_threads", f"must be >= 1, got {self.worker_threads}")
         check(
             self.max_worker_restarts >= 0,
@@ -103,8 +119,10 @@ class RolloutConfig:
         return RayOptions(
             workers=self.workers,
             address=self.ray_address,
+            address_key="rollout.ray_address",
             worker_cpus=self.worker_cpus,
             worker_gpus=self.worker_gpus,
+            workers_per_node=self.workers_per_node,
             worker_threads=self.worker_threads,
             max_worker_restarts=self.max_worker_restarts,
             log_to_driver=self.ray_log_to_driver,
@@ -139,6 +157,7 @@ _OPERATIONAL_KEYS = {
     "rollout.ray_address",
     "rollout.worker_cpus",
     "rollout.worker_gpus",
+    "rollout.workers_per_node",
     "rollout.worker_threads",
     "rollout.max_worker_restarts",
     "rollout.ray_log_to_driver",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EngineOptions", "RayOptions"]
+__all__ = ["EngineOptions", "RayOptions", "gpu_share_ok"]
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,16 @@ class RayOptions:
 
     workers: int = 2
     address: str | None = None
-    """Cluster to join; None starts a local instance (unless Ray is already initialised here)."""
+    """Cluster to join (``"auto"``, ``"host:port"`` or ``"ray://host:port"``); None: the ``RAY_ADDRESS``
+    environment variable if set (the option wins over the variable), else a local instance (unless Ray is already
+    initialised here)."""
+    address_key: str = "address"
+    """The config key that set ``address``, named in errors (e.g. ``rollout.ray_address``)."""
     worker_cpus: float = 1.0
     worker_gpus: float = 0.0
+    """GPUs per worker: a fraction below 1 shares a GPU between workers (0.5: two per GPU), whole numbers above."""
+    workers_per_node: int = 0
+    """At most this many workers on each node of the cluster, each pinned to its node (0: Ray places them)."""
     worker_threads: int = 1
     """torch threads per worker."""
     max_worker_restarts: int = 4
@@ -49,3 +56,19 @@ class RayOptions:
     start_timeout_s: float = 600.0
     """How long a worker may take to start (load its model) before the run fails; a cluster without the CPUs or
     GPUs asked for would otherwise wait for ever."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 0 or self.workers_per_node < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
+            raise ValueError(
+                "workers and workers_per_node must be >= 0, worker_cpus > 0 and worker_gpus >= 0, got "
+                f"{self.workers}, {self.workers_per_node}, {self.worker_cpus}, {self.worker_gpus}"
+            )
+        if not gpu_share_ok(self.worker_gpus):
+            raise ValueError(
+                f"worker_gpus must be a fraction below 1 or a whole number, got {self.worker_gpus}"
+            )
+
+
+def gpu_share_ok(gpus: float) -> bool:
+    """Whether Ray accepts ``gpus`` as an actor's GPU request: a fraction below 1 or a whole number."""
+    return gpus < 1 or float(gpus).is_integer()

@@ -14,8 +14,13 @@ raised, since running it again would fail again.
 
 Ray runs locally by default: ``ray.init`` with ``num_cpus`` for the workers, no dashboard, a short private
 temporary folder (removed at the end; Ray's socket paths must stay short) and ``RAY_AUTH_MODE=disabled`` unless
-set. With an address (``"auto"`` or ``"ray://host:port"``) it joins that cluster; a Ray instance already
-initialised in the process is used as it is and left running.
+set. With an address (``"auto"``, ``"host:port"`` or ``"ray://host:port"``; from the options, else from the
+``RAY_ADDRESS`` environment variable) it joins that cluster, after checking that the address answers; a Ray
+instance already initialised in the process is used as it is and left running.
+
+Placement: each worker asks Ray for ``worker_cpus`` CPUs and ``worker_gpus`` GPUs (a fraction below 1 shares a
+GPU). With ``workers_per_node`` each worker is pinned to a node (Ray's node affinity, not soft), the nodes filled
+evenly up to that many workers each; a replacement goes to the live node with the fewest workers.
 
 Stops: ``ray.init`` replaces the process's SIGTERM handler (with one that aborts with a C++ stack dump);
 :func:`ray_session` puts back the SIGTERM and SIGINT handlers the process had, so a stop runs the caller's
@@ -32,12 +37,13 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +59,16 @@ from .reaper import ENV_VAR
 if TYPE_CHECKING:
     from w2s_agents.types import Trajectory
 
-__all__ = ["RayOptions", "RolloutWorker", "ray_session", "run_shards"]  # RayOptions: from .options
+__all__ = [  # RayOptions: from .options
+    "RayOptions",
+    "RolloutWorker",
+    "check_reachable",
+    "plan_nodes",
+    "ray_session",
+    "resolve_address",
+    "run_shards",
+    "worker_options",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +183,46 @@ def _session_dir(temp_dir: str) -> str | None:
     return str(latest.resolve()) if latest.exists() else None
 
 
+def resolve_address(options: RayOptions) -> tuple[str | None, str]:
+    """The cluster to join and what named it: ``options.address`` (named by ``options.address_key``), else the
+    ``RAY_ADDRESS`` environment variable; ``(None, "")`` when neither is set (a local instance)."""
+    if options.address:
+        return options.address, options.address_key
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    return (env, "RAY_ADDRESS") if env else (None, "")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500] or type(exc).__name__
+
+
+def check_reachable(address: str, where: str, timeout_s: float = 5.0) -> None:
+    """Check that a TCP connection to the ``host:port`` of a cluster address opens within ``timeout_s`` (Ray
+    itself would wait minutes for an address that does not answer). ``"auto"`` is not checked: Ray looks for a
+    cluster on this machine itself.
+
+    Raises:
+        W2SError: the address is malformed or does not answer, naming ``where`` (the config key or
+            ``RAY_ADDRESS``) and the address.
+    """
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise W2SError(
+            f"{where}: {address!r} is not a Ray cluster address ('auto', 'host:port' or 'ray://host:port')"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise W2SError(
+            f"{where}: cannot reach the Ray cluster at {address} ({exc.strerror or _one_line(exc)}); is it "
+            "running and is the port open from here?"
+        ) from None
+
+
 @contextlib.contextmanager
 def ray_session(options: RayOptions) -> Iterator[None]:
     """Ray initialised for the body: joined, started locally, or the instance already running.
@@ -175,7 +230,11 @@ def ray_session(options: RayOptions) -> Iterator[None]:
     A local instance gets ``num_cpus = ceil(workers * worker_cpus)``, GPUs when workers ask for them, no
     dashboard and a private temporary folder; it is shut down and its folder removed afterwards. A reaper
     process (:mod:`w2s_agents.rollout.reaper`) does the same if this process dies without doing it (SIGKILL).
-    The SIGTERM and SIGINT handlers of this process are those it had before ``ray.init``.
+    A cluster address (``options.address``, else ``RAY_ADDRESS``) is joined instead, and only disconnected from
+    afterwards. The SIGTERM and SIGINT handlers of this process are those it had before ``ray.init``.
+
+    Raises:
+        W2SError: Ray cannot start, or the cluster's address does not answer or cannot be joined.
     """
     if ray.is_initialized():
         yield
@@ -187,7 +246,8 @@ def ray_session(options: RayOptions) -> Iterator[None]:
     }
     tmp: str | None = None
     reaper: _Reaper | None = None
-    if options.address is None:
+    address, where = resolve_address(options)
+    if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if options.temp_dir is None:
@@ -203,9 +263,10 @@ def ray_session(options: RayOptions) -> Iterator[None]:
                 "cannot start the Ray reaper (%s): a killed run may leave Ray processes behind", exc
             )
     else:
-        kwargs["address"] = options.address
+        check_reachable(address, where)
+        kwargs["address"] = address
         kwargs.pop("include_dashboard")
-    logger.info("starting Ray (%s)", options.address or f"local, {kwargs.get('num_cpus')} CPUs")
+    logger.info("starting Ray (%s)", address or f"local, {kwargs.get('num_cpus')} CPUs")
     handlers = _signal_handlers()
     try:
         with reaper.marking() if reaper is not None else contextlib.nullcontext():
@@ -218,7 +279,9 @@ def ray_session(options: RayOptions) -> Iterator[None]:
             shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception):
             raise
-        raise W2SError(f"cannot start Ray ({options.address or 'local instance'}): {exc}") from exc
+        if address is not None:
+            raise W2SError(f"{where}: cannot join the Ray cluster at {address}: {_one_line(exc)}") from exc
+        raise W2SError(f"cannot start Ray (local instance): {_one_line(exc)}") from exc
     _restore_signal_handlers(handlers)
     if reaper is not None:
         reaper.started(_session_dir(kwargs["_temp_dir"]))
@@ -232,6 +295,52 @@ def ray_session(options: RayOptions) -> Iterator[None]:
                 reaper.finish()
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def worker_options(options: RayOptions, node_id: str | None = None) -> dict[str, Any]:
+    """The Ray actor options of a rollout worker: ``worker_cpus`` CPUs, ``worker_gpus`` GPUs (a fraction below 1
+    shares a GPU), no restarts by Ray (the driver replaces dead workers) and, with ``node_id``, a hard affinity to
+    that node."""
+    opts: dict[str, Any] = {
+        "num_cpus": options.worker_cpus,
+        "num_gpus": options.worker_gpus,
+        "max_restarts": 0,
+        "max_concurrency": 1,
+    }
+    if node_id is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return opts
+
+
+def plan_nodes(options: RayOptions, n: int, live: Counter[str] | None = None) -> list[str | None]:
+    """The nodes of up to ``n`` new workers: with ``workers_per_node``, the live nodes that can hold a worker
+    (``worker_cpus`` CPUs and ``worker_gpus`` GPUs in all), filled evenly (fewest workers first, counting those in
+    ``live``) up to that many each, so fewer than ``n`` when the cluster is full; without it, ``n`` times None
+    (Ray places them)."""
+    if not options.workers_per_node:
+        return [None] * n
+    counts: Counter[str] = Counter()
+    nodes = []
+    for node in ray.nodes():
+        res = node.get("Resources") or {}
+        if (
+            node.get("Alive")
+            and res.get("CPU", 0) >= options.worker_cpus
+            and res.get("GPU", 0) >= options.worker_gpus
+        ):
+            nodes.append(node["NodeID"])
+            counts[node["NodeID"]] = (live or Counter())[node["NodeID"]]
+    planned: list[str | None] = []
+    for _ in range(n):
+        room = [nid for nid in nodes if counts[nid] < options.workers_per_node]
+        if not room:
+            break
+        nid = min(room, key=lambda x: counts[x])  # the first of the least loaded
+        counts[nid] += 1
+        planned.append(nid)
+    return planned
 
 
 class RolloutWorker:
@@ -296,9 +405,10 @@ def _is_death(exc: BaseException) -> bool:
 class _Slot:
     """A worker actor and the shard it is running."""
 
-    def __init__(self, actor: Any, pid: int | None) -> None:
+    def __init__(self, actor: Any, pid: int | None, node: str | None = None) -> None:
         self.actor = actor
         self.pid = pid
+        self.node = node
         self.shard: list[EpisodeSpec] = []
         self.arrived: set[tuple[str, str, int]] = set()
 
@@ -330,24 +440,29 @@ def run_shards(
         The number of workers that died (their episodes were re-run).
 
     Raises:
-        W2SError: a worker could not start, the rollout code raised in a worker, or workers kept dying beyond
-            ``max_worker_restarts``.
+        W2SError: a worker could not start, no node can hold a worker (``workers_per_node``), the rollout code
+            raised in a worker, or workers kept dying beyond ``max_worker_restarts``.
     """
     queue: deque[list[EpisodeSpec]] = deque(list(s) for s in shards if s)
     if not queue:
         return 0
     with ray_session(options):
-        remote_cls = ray.remote(RolloutWorker).options(
-            num_cpus=options.worker_cpus, num_gpus=options.worker_gpus, max_restarts=0, max_concurrency=1
-        )
+        remote_cls = ray.remote(RolloutWorker)
         threads = options.worker_threads
         restarts_left = options.max_worker_restarts
         failures = 0
 
         def start_workers(n: int) -> list[_Slot]:
-            actors = [remote_cls.remote(agent, env, max_steps, engine, threads) for _ in range(n)]
+            live = Counter(s.node for s in [*running.values(), *idle] if s.node is not None)
+            nodes = plan_nodes(options, n, live)
+            actors = [
+                remote_cls.options(**worker_options(options, node)).remote(
+                    agent, env, max_steps, engine, threads
+                )
+                for node in nodes
+            ]
             slots = []
-            for actor in actors:
+            for actor, node in zip(actors, nodes, strict=True):
                 try:
                     pid = ray.get(actor.pid.remote(), timeout=options.start_timeout_s)
                 except ray.exceptions.GetTimeoutError as exc:
@@ -361,12 +476,26 @@ def run_shards(
                     for a in actors:
                         ray.kill(a)
                     raise W2SError(f"a rollout worker failed to start: {_cause(exc)}") from exc
-                slots.append(_Slot(actor, pid))
+                slots.append(_Slot(actor, pid, node))
             logger.info("%d rollout workers ready (pids %s)", len(slots), [s.pid for s in slots])
             return slots
 
-        idle = start_workers(min(options.workers, len(queue)))
         running: dict[Any, _Slot] = {}
+        idle: list[_Slot] = []
+        wanted = min(options.workers, len(queue))
+        idle = start_workers(wanted)
+        if not idle:
+            raise W2SError(
+                f"no live node of the Ray cluster has {options.worker_cpus} CPUs and {options.worker_gpus} GPUs "
+                "for a rollout worker (workers_per_node)"
+            )
+        if len(idle) < wanted:
+            logger.warning(
+                "%d rollout workers instead of %d: workers_per_node = %d on the cluster's nodes",
+                len(idle),
+                wanted,
+                options.workers_per_node,
+            )
 
         def assign() -> None:
             while idle and queue:
@@ -418,12 +547,18 @@ def run_shards(
                         queue.appendleft(missing)
                     if restarts_left > 0 and queue:
                         restarts_left -= 1
-                        idle.extend(start_workers(1))
-                    elif not running and not idle and queue:
+                        try:  # a failed start (its node died too) leaves the queue to the other workers
+                            idle.extend(start_workers(1))
+                        except W2SError as start_exc:
+                            if not (running or idle):
+                                raise
+                            logger.warning("no replacement worker: %s", start_exc)
+                    if not running and not idle and queue:
                         left = sum(len(s) for s in queue)
                         raise W2SError(
-                            f"every rollout worker died and max_worker_restarts is used up; {left} episodes "
-                            "were not run (the store holds all finished ones: run again to resume)"
+                            f"every rollout worker died and max_worker_restarts is used up (or no node has room "
+                            f"for a replacement); {left} episodes were not run (the store holds all finished "
+                            "ones: run again to resume)"
                         ) from exc
                     assign()
                     continue
