@@ -29,7 +29,7 @@ from typing import Any
 from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import DataFormatError
 from w2s_agents.messages import SYSTEM_PROMPT, Message, episode_messages
-from w2s_agents.types import TRAJECTORY_SCHEMA, Trajectory
+from w2s_agents.types import Trajectory
 
 __all__ = [
     "PAIR_LEVELS",
@@ -442,7 +442,7 @@ def read_sft_rows(source: RowsInput, *, success_only: bool = True) -> tuple[list
             try:
                 traj = Trajectory.from_dict(data)
             except ValueError as exc:
-                raise DataFormatError(f"{origin}: invalid trajectory ({TRAJECTORY_SCHEMA}): {exc}") from None
+                raise DataFormatError(f"{origin}: invalid trajectory ({schema}): {exc}") from None
             if not traj.steps or (success_only and not traj.success):
                 skipped += 1
                 continue

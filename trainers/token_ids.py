@@ -131,9 +131,10 @@ def splice_recorded(
             in ``text`` (from the end of the generation prompt to its end-of-turn token) and its message content.
 
     Returns:
-        ``(ids, starts, used, refused)``: the token ids, the character where each token starts (a recorded
-        token starts where the decoding of the ids before it ends), and how many turns took their recorded
-        ids and how many were re-tokenised (see the module docstring for the rules).
+        ``(ids, starts, used, refused)``: the token ids, the character where each token starts (for a recorded
+        token, the start of its turn: the loss mask needs only which span a token lies in), and how many
+        turns took their recorded ids and how many were re-tokenised (see the module docstring for the
+        rules).
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -156,20 +157,9 @@ def splice_recorded(
         out_ids += ids[k:lo]
         out_starts += [s for s, _ in offsets[k:lo]]
         out_ids += piece
-        out_starts += _starts(tokenizer, piece, a)
+        out_starts += [a] * len(piece)  # all of the turn's span: where inside it does not matter to the mask
         k = hi
         used += 1
     out_ids += ids[k:]
     out_starts += [s for s, _ in offsets[k:]]
     return out_ids, out_starts, used, refused
-
-
-def _starts(tokenizer: Any, piece: Sequence[int], at: int) -> list[int]:
-    """Where each token of ``piece`` starts when ``piece``'s decoding starts at character ``at``."""
-    out = []
-    for t in range(len(piece)):
-        prefix = tokenizer.decode(
-            list(piece[:t]), skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
-        out.append(at + len(prefix))
-    return out
