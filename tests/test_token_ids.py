@@ -133,6 +133,14 @@ def test_another_tokenizers_ids_are_not_used(tok, train_models: dict[str, Path])
     assert (use.recorded_rows, use.retokenised_rows) == (0, 1)
 
 
+def test_the_fingerprint_survives_a_save_and_tells_tokenizers_apart(tok, tmp_path: Path) -> None:
+    tok.save_pretrained(tmp_path / "copy")  # as an exported model's folder holds it
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "copy")) == tokenizer_fingerprint(tok)
+    other = load_tokenizer(tmp_path / "copy")
+    other.chat_template = tok.chat_template.replace("<|assistant|>", "<|agent|>")
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+
+
 def test_an_answer_whose_text_differs_keeps_what_matches(tok) -> None:
     messages = episode_messages(*EPISODE)
     encoder = ChatEncoder(tok)
