@@ -1,8 +1,8 @@
 """Fine-tuning of agents for w2s-agents (installed as ``w2s_agents.trainers``).
 
-SFT, TreeDPO and MCTS-SFT on conversational rows extracted from searched trees, on CPU (float32) or CUDA
-(bfloat16), with LoRA (PEFT) or full fine-tuning, resumable from atomic checkpoints. Import this package as
-``w2s_agents.trainers``, never as ``trainers``.
+SFT, TreeDPO, MCTS-SFT and policy gradient (pg) on conversational rows extracted from searched trees, on CPU
+(float32) or CUDA (bfloat16), with LoRA (PEFT) or full fine-tuning, resumable from atomic checkpoints. Import
+this package as ``w2s_agents.trainers``, never as ``trainers``.
 
     from w2s_agents.trainers import TrainConfig, train_dpo, train_sft
 
@@ -18,6 +18,7 @@ SFT, TreeDPO and MCTS-SFT on conversational rows extracted from searched trees, 
 ``batch``          :class:`Example` (a tokenized row), :class:`Batch`, :func:`collate`, :class:`Objective`
 ``sft``            SFT / MCTS-SFT: :func:`sft_objective`, :func:`train_sft`
 ``dpo``            TreeDPO: :class:`DPOObjective` (loss and metrics), :func:`train_dpo`
+``pg``             policy gradient: :class:`PGObjective` (clipped ratio or REINFORCE, KL), :func:`train_pg`
 ``reference``      reference log-probs with the reference model's own tokenizer, cached per run
 ``losses``         the DPO loss and margins as functions; per-source weights (:class:`SourceWeights`)
 ``loop``           :class:`Trainer`: the training loop shared by every method
@@ -40,7 +41,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import METHOD_LR, LoraOptions, SourceOptions, TrainConfig, TrainJobConfig
+from .config import METHOD_LR, LoraOptions, PGOptions, SourceOptions, TrainConfig, TrainJobConfig
 from .data import load_pairs, load_sft_rows, split_by_task
 from .result import TrainResult
 
@@ -70,6 +71,10 @@ _LAZY = {
     "SourceWeights": "losses",
     "dpo_loss": "losses",
     "dpo_margins": "losses",
+    "PGObjective": "pg",
+    "encode_pg_rows": "pg",
+    "load_pg_rows": "pg",
+    "train_pg": "pg",
     "ChatEncoder": "masks",
     "EncodedConversation": "masks",
     "PairPlan": "masks",
@@ -96,6 +101,7 @@ if TYPE_CHECKING:
     from .losses import SourceWeights, dpo_loss, dpo_margins
     from .masks import ChatEncoder, EncodedConversation, PairPlan, fit_conversation, fit_pair, pair_messages
     from .model import load_tokenizer
+    from .pg import PGObjective, encode_pg_rows, load_pg_rows, train_pg
     from .reference import reference_logps
     from .sft import encode_sft_rows, sft_objective, train_sft
     from .tracking import TrackingSpec, check_backends
@@ -126,6 +132,8 @@ __all__ = [
     "NonFiniteLossError",
     "Objective",
     "ObjectiveOutput",
+    "PGObjective",
+    "PGOptions",
     "PairPlan",
     "SourceOptions",
     "SourceWeights",
@@ -140,6 +148,7 @@ __all__ = [
     "dpo_loss",
     "dpo_margins",
     "encode_pairs",
+    "encode_pg_rows",
     "encode_sft_rows",
     "epoch_order",
     "export_model",
@@ -147,6 +156,7 @@ __all__ = [
     "fit_pair",
     "latest_checkpoint",
     "load_pairs",
+    "load_pg_rows",
     "load_sft_rows",
     "load_tokenizer",
     "model_identity",
@@ -159,5 +169,6 @@ __all__ = [
     "split_by_task",
     "token_logps",
     "train_dpo",
+    "train_pg",
     "train_sft",
 ]

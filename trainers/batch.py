@@ -31,6 +31,7 @@ class Example:
     sources: tuple[int, ...] = ()  # indices of the row's sources in the run's source list
     easy: bool = True
     ref: tuple[float, float] | None = None  # reference log-probs (chosen, rejected) of a pair
+    advantage: float | None = None  # the step's advantage of a policy-gradient row
 
     @property
     def tokens(self) -> int:
@@ -51,6 +52,7 @@ class Batch:
     target_mask: torch.Tensor  # (N, T) int64, 1 on the agent tokens that carry loss
     ref_chosen: torch.Tensor | None = None  # (B,) float32 reference log-prob of each pair's chosen side
     ref_rejected: torch.Tensor | None = None  # (B,) float32, of its rejected side
+    advantages: torch.Tensor | None = None  # (B,) float32 advantage of each policy-gradient row
 
     @property
     def rows(self) -> int:
@@ -106,12 +108,16 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> B
     if examples[0].ref is not None:
         ref = torch.tensor([ex.ref for ex in examples], dtype=torch.float32, device=device)
         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+    advantages = None
+    if examples[0].advantage is not None:
+        advantages = torch.tensor([ex.advantage for ex in examples], dtype=torch.float32, device=device)
     return Batch(
         input_ids=torch.from_numpy(ids).to(device),
         attention_mask=torch.from_numpy(attn).to(device),
         target_mask=torch.from_numpy(target).to(device),
         ref_chosen=ref_chosen,
         ref_rejected=ref_rejected,
+        advantages=advantages,
     )
 
 

@@ -20,15 +20,17 @@ __all__ = [
     "TRACKING_KEYS",
     "LoraOptions",
     "Method",
+    "PGOptions",
     "ReportTo",
     "SourceOptions",
     "TrainConfig",
     "TrainJobConfig",
+    "method_key_dict",
 ]
 
-Method = Literal["sft", "dpo", "mcts-sft"]
+Method = Literal["sft", "dpo", "mcts-sft", "pg"]
 
-METHOD_LR: dict[str, float] = {"sft": 1e-5, "mcts-sft": 1e-5, "dpo": 2e-5}
+METHOD_LR: dict[str, float] = {"sft": 1e-5, "mcts-sft": 1e-5, "dpo": 2e-5, "pg": 1e-6}
 """Learning rate of each method when ``lr`` is null (the paper's settings)."""
 
 BOOKKEEPING_KEYS = frozenset(
@@ -94,10 +96,44 @@ class SourceOptions:
 
 
 @dataclass(frozen=True)
+class PGOptions:
+    """The policy-gradient objective (method pg; equations in docs/training.md and :mod:`.pg`)."""
+
+    loss: Literal["clip", "reinforce"] = option(
+        "clip",
+        "clip: PPO/GRPO clipped ratio to the start policy, -min(r A, clip(r, 1-eps, 1+eps) A) per agent token; "
+        "reinforce: -A log pi per agent token",
+    )
+    clip_eps: float = option(0.2, "clip range eps of the ratio r = pi / pi_start (loss: clip)")
+    kl_coef: float = option(
+        0.0,
+        "weight of the KL penalty to the frozen reference model ('reference'), k3 estimator per agent token; "
+        "0 disables it (no reference model is loaded)",
+    )
+    aggregation: Literal["token", "sequence"] = option(
+        "token",
+        "token: mean over the agent tokens of an optimizer step; sequence: each row's token mean, averaged over "
+        "the rows",
+    )
+
+    def __post_init__(self) -> None:
+        check(
+            0 < self.clip_eps < 1 and math.isfinite(self.clip_eps),
+            "clip_eps",
+            f"must be in (0, 1), got {self.clip_eps}",
+        )
+        check(
+            self.kl_coef >= 0 and math.isfinite(self.kl_coef), "kl_coef", f"must be >= 0, got {self.kl_coef}"
+        )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of one fine-tuning run (SFT, TreeDPO or MCTS-SFT)."""
 
-    method: Method = option("sft", "sft, dpo (TreeDPO) or mcts-sft (SFT on best paths; named so in outputs)")
+    method: Method = option(
+        "sft", "sft, dpo (TreeDPO), mcts-sft (SFT on best paths; named so in outputs) or pg (policy gradient)"
+    )
     lr: float | None = option(None, "peak learning rate; null: 1e-5 for sft and mcts-sft, 2e-5 for dpo")
     epochs: int = option(3, "passes over the data (ignored when max_steps is set)")
     max_steps: int | None = option(None, "optimizer steps to train for; null: as many as 'epochs' take")
@@ -118,7 +154,9 @@ class TrainConfig:
         "0 is plain DPO (the paper)",
     )
     reference: str = option(
-        "weak", "DPO reference model: weak (the weak SFT agent, paper), strong (the initial policy) or a path"
+        "weak",
+        "DPO reference model (and pg's KL reference when pg.kl_coef > 0): weak (the weak SFT agent, paper), "
+        "strong (the initial policy) or a path",
     )
     lora: LoraOptions = option(default_factory=LoraOptions, help="LoRA adapters (PEFT)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
@@ -160,6 +198,10 @@ class TrainConfig:
         True, "SFT on trajectory files: only won episodes become rows (expert demos are won)"
     )
     sources: SourceOptions = option(default_factory=SourceOptions, help="several weak supervisors (RAVEN)")
+    pg: PGOptions = option(
+        default_factory=PGOptions,
+        help="policy gradient (method pg); left out of the identity of runs of the other methods",
+    )
     report_to: list[ReportTo] | None = option(
         None,
         "experiment trackers of this run: tensorboard, wandb (TRL's report_to); [] none; null: none, or under "
@@ -216,6 +258,12 @@ class TrainConfig:
         return self.method == "dpo"
 
 
+def method_key_dict(config: TrainConfig, data: dict) -> dict:
+    """``data`` (``config`` as a dict) without the sections of other methods than ``config.method``: a run of
+    sft, mcts-sft or dpo is identified (fingerprint, pipeline stage key) as before the pg section existed."""
+    return data if config.method == "pg" else {k: v for k, v in data.items() if k != "pg"}
+
+
 @dataclass(frozen=True)
 class TrainJobConfig:
     """A ``w2s train`` run: which model trains on which data, where it writes, and the hyperparameters."""
@@ -223,8 +271,8 @@ class TrainJobConfig:
     model: str = option("", "local folder of the model to train (the initial policy)")
     data: list[str] = option(
         default_factory=list,
-        help="training data files (.jsonl): SFT rows {messages}, pairs {prompt, chosen, rejected}, or "
-        "trajectory files for plain SFT",
+        help="training data files (.jsonl): SFT rows {messages}, pairs {prompt, chosen, rejected}, pg rows "
+        "{messages, advantage}, or trajectory files for plain SFT",
     )
     valid_data: list[str] = option(default_factory=list, help="validation data files (same format as data)")
     out_dir: Path = option(Path("runs/train"), "output folder: checkpoints, curves, exported model")

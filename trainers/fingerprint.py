@@ -14,7 +14,7 @@ from pathlib import Path
 
 from w2s_agents.config import config_to_dict
 
-from .config import BOOKKEEPING_KEYS, TrainConfig
+from .config import BOOKKEEPING_KEYS, TrainConfig, method_key_dict
 from .result import RESULT_FILE, TrainResult
 
 __all__ = ["finished_result", "model_identity", "run_fingerprint"]
@@ -37,9 +37,10 @@ def model_identity(path: str | Path) -> str:
 
 
 def run_fingerprint(config: TrainConfig, model_path: str | Path, *parts: str) -> str:
-    """Identity of a run: the config (bookkeeping keys aside), the model folder (:func:`model_identity`) and
-    the given data fingerprints ``parts``; 16 hex digits."""
-    cfg = {k: v for k, v in config_to_dict(config).items() if k not in BOOKKEEPING_KEYS}
+    """Identity of a run: the config (bookkeeping keys and other methods' sections aside), the model folder
+    (:func:`model_identity`) and the given data fingerprints ``parts``; 16 hex digits."""
+    data = method_key_dict(config, config_to_dict(config))
+    cfg = {k: v for k, v in data.items() if k not in BOOKKEEPING_KEYS}
     text = json.dumps([cfg, model_identity(model_path), *parts], sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

@@ -1,4 +1,4 @@
-"""``w2s train``: fine-tune an agent with SFT, TreeDPO or MCTS-SFT from a YAML job config."""
+"""``w2s train``: fine-tune an agent with SFT, TreeDPO, MCTS-SFT or policy gradient from a YAML job config."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ __all__ = ["add_commands"]
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Declare ``w2s train sft|dpo|mcts-sft``."""
-    p_train = sub.add_parser("train", help="fine-tune an agent: SFT, TreeDPO or MCTS-SFT")
+    """Declare ``w2s train sft|dpo|mcts-sft|pg``."""
+    p_train = sub.add_parser("train", help="fine-tune an agent: SFT, TreeDPO, MCTS-SFT or policy gradient")
     train_sub = p_train.add_subparsers(dest="train_command", metavar="METHOD", required=True)
     for method, text in (
         ("sft", "supervised fine-tuning on agent conversations or trajectory files (baselines)"),
         ("dpo", "TreeDPO on preference pairs, reference log-probs from the reference model"),
         ("mcts-sft", "SFT on the best paths of searched trees"),
+        ("pg", "policy gradient on steps with advantages from searched trees (clipped ratio, REINFORCE)"),
     ):
         p = train_sub.add_parser(
             method,
@@ -35,7 +36,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from w2s_agents.config import load_config, load_yaml
-    from w2s_agents.trainers import TrainJobConfig, train_dpo, train_sft
+    from w2s_agents.trainers import TrainJobConfig, train_dpo, train_pg, train_sft
 
     method = ns.method
     written = load_yaml(ns.config).get("train", {})
@@ -54,7 +55,17 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     job = load_config(TrainJobConfig, ns.config, [*ns.overrides, f"train.method={method}"])
     check_output_dir(job.out_dir, "out_dir")
     cfg = job.train
-    if cfg.is_dpo:
+    if cfg.method == "pg":
+        result = train_pg(
+            job.model,
+            job.data,
+            job.out_dir,
+            cfg,
+            reference_path=job.reference_path() if cfg.pg.kl_coef > 0 else None,
+            valid_rows_or_path=job.valid_data or None,
+            resume=job.resume,
+        )
+    elif cfg.is_dpo:
         result = train_dpo(
             job.model,
             job.data,

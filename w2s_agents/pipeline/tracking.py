@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from w2s_agents.config import config_to_dict
-from w2s_agents.trainers.config import TRACKING_KEYS, TrainConfig
+from w2s_agents.trainers.config import TRACKING_KEYS, TrainConfig, method_key_dict
 from w2s_agents.trainers.tracking import TrackingSpec, check_backends, scalars
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ __all__ = [
 def train_key_part(tc: TrainConfig) -> dict[str, Any]:
     """A training config as a stage key hashes it: every key but the tracking ones (``report_to``), so that a
     stage's key is the one it had before tracking existed, whatever it reports to."""
-    return {k: v for k, v in config_to_dict(tc).items() if k not in TRACKING_KEYS}
+    # the pg section counts only for method pg, so the keys of the other methods' stages are unchanged by it
+    return {k: v for k, v in method_key_dict(tc, config_to_dict(tc)).items() if k not in TRACKING_KEYS}
 
 
 def check_tracking(cfg: ExperimentConfig) -> None:
