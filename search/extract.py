@@ -90,6 +90,7 @@ def best_path_row(
     if ret < min_return:
         return None
     messages = context_messages(tree, path[1], system=system) + continuation_messages(tree, path[1:])
+    tokens = tuple(tree.agent_tokens(n) for n in path[1:])
     return SftRow(
         messages=messages,
         task_id=tree.task_id,
@@ -98,6 +99,7 @@ def best_path_row(
         return_=ret,
         sources=_sources(tree, leaf),
         steps=len(path) - 1,
+        agent_tokens=tokens if any(t is not None for t in tokens) else None,
     )
 
 

@@ -5,7 +5,8 @@ JSON-lines files of DESIGN section 4, which Hugging Face ``datasets.load_dataset
 
 * :class:`SftRow` (MCTS-SFT, SFT on demos): ``{"messages": [...], "task_id", "node", "value", "return",
   "sources", "steps", "agent_tokens"}``, a conversation ending on the agent's last action; ``agent_tokens``
-  (rows of trajectories recorded with ``agent.record_tokens``) holds, for each assistant message in order,
+  (rows of trajectories recorded with ``agent.record_tokens``, and best paths of trees built from them) holds,
+  for each assistant message in order,
   ``{"ids": [...], "tokenizer": fingerprint}`` (the answer's token ids as the model produced them) or null;
 * :class:`PairRow` (TreeDPO, expert-vs-failed): ``{"prompt": [...], "chosen": [...], "rejected": [...],
   "level", "task_id", "node", "chosen_node", "rejected_node", "chosen_value", "rejected_value", "value_gap",

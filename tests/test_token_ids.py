@@ -352,3 +352,48 @@ def test_a_rollout_stores_the_ids_and_the_trainer_uses_them(nano, tmp_path: Path
     assert (use.recorded_rows, use.retokenised_rows, use.turns) == (2, 0, {"recorded": 4})
     for ex, traj in zip(examples, trajs, strict=True):
         assert ex.seqs[0].input_ids == encoder.encode(SftRow.from_trajectory(traj).messages).input_ids
+
+
+# ------------------------------------------------------------------------------------------- trees
+
+
+def test_tree_nodes_keep_the_ids_of_their_kept_thought_and_best_paths_carry_them(tmp_path: Path) -> None:
+    from w2s_agents.search import node_values
+    from w2s_agents.search.extract import best_path_row
+    from w2s_agents.tree import TrajectoryTree
+
+    def steps(thought: str, ids: list[int] | None) -> list[Step]:
+        first = Step(
+            "look", "You see a door.", thought=thought, token_ids=ids, tokenizer="fp" if ids else None
+        )
+        end = Step(
+            "open door", "You win.", token_ids=[9, 2] if ids else None, tokenizer="fp" if ids else None
+        )
+        return [first, end]
+
+    low = _traj("t", steps("a", [1, 2]), success=False)
+    high = Trajectory(**{**low.__dict__, "steps": tuple(steps("b", [3, 4, 2])), "return_": 1.0,
+                         "success": True, "end": "won", "source": Source("weak", "weak", seed=1)})  # fmt: skip
+    plain = Trajectory(
+        **{**low.__dict__, "steps": tuple(steps("c", None)), "source": Source("weak", "weak", seed=2)}
+    )
+    tree = TrajectoryTree("t", env_id="w2s/Toy-v0", instruction=EPISODE[0])
+    tree.extend([low, high, plain])
+    (look,) = [n for n in range(1, len(tree._key)) if tree.action(n) == "look"]
+    # the node keeps the thought of the highest-return trajectory, and the ids of that same answer
+    assert tree.thought(look) == "b" and tree.agent_tokens(look) == {"ids": [3, 4, 2], "tokenizer": "fp"}
+    tree.save(tmp_path / "t.json")
+    back = TrajectoryTree.load(tmp_path / "t.json")
+    assert [back.node(n) for n in range(len(back._key))] == [tree.node(n) for n in range(len(tree._key))]
+    row = best_path_row(back, node_values(back, "mean"))
+    assert row is not None and row.agent_tokens == ({"ids": [3, 4, 2], "tokenizer": "fp"},
+                                                    {"ids": [9, 2], "tokenizer": "fp"})  # fmt: skip
+    # a tree without recorded ids saves as before: no such attribute
+    bare = TrajectoryTree("t", env_id="w2s/Toy-v0", instruction=EPISODE[0])
+    bare.add(plain)
+    assert all("agent_tokens" not in bare.node(n) for n in range(len(bare._key)))
+    record = json.loads((tmp_path / "t.json").read_text())
+    record["nodes"][1]["agent_tokens"] = {"ids": [], "tokenizer": "fp"}
+    (tmp_path / "bad.json").write_text(json.dumps(record))
+    with pytest.raises(DataFormatError, match=r"bad.json.*attribute 'agent_tokens' must be"):
+        TrajectoryTree.load(tmp_path / "bad.json")

@@ -28,6 +28,7 @@ _NODE_LISTS = (
     "_otext",
     "_thought",
     "_tret",
+    "_tokens",
     "_visits",
     "_ret",
     "_succ",

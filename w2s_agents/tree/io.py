@@ -12,7 +12,9 @@ The saved form (canonical ids; node attributes of :meth:`TrajectoryTree.node`)::
 
 ``search_visits`` and ``search_value_sum`` are N and W of the last search; ``state_key`` (null when unknown) is
 the key of the game state the node's action reached. Files of the first version (``w2s.tree/1``: the same
-with ``mcts_visits`` and ``mcts_value`` for N and W, and no state keys) are read too. Readers check every node
+with ``mcts_visits`` and ``mcts_value`` for N and W, and no state keys) are read too. A node whose kept
+thought came from a step with recorded token ids also has ``agent_tokens`` (``{"ids": [...], "tokenizer":
+fingerprint}``); nodes without them have no such attribute, and readers that do not know it ignore it. Readers check every node
 and edge and name the file (or graph) and the node of the first problem.
 """
 
@@ -211,7 +213,7 @@ def from_records(
     new_id = {old: i for i, old in enumerate(order)}
     tree._key, tree._parent, tree._depth, tree._oka, tree._otext = [], array("q"), array("q"), [], []
     tree._canonical = False
-    tree._thought, tree._tret, tree._ret = [], array("q"), []
+    tree._thought, tree._tret, tree._ret, tree._tokens = [], array("q"), [], []
     tree._visits, tree._succ, tree._src = array("q"), array("q"), array("q")
     tree._state = []
     mv: list[int] = []
@@ -241,6 +243,7 @@ def from_records(
         tree._depth.append(depth[old])
         tree._thought.append(attrs["thought"])
         tree._tret.append(round(attrs["thought_return"] * _SCALE) if old else -1)
+        tree._tokens.append(_agent_tokens(rec.get("agent_tokens"), old, fail))
         tree._visits.append(attrs["visits"])
         tree._ret.append(round(attrs["return_sum"] * _SCALE))
         tree._succ.append(attrs["successes"])
@@ -296,6 +299,27 @@ _NODE_FIELDS: dict[str, tuple[type, ...]] = {
     "terminal": (dict,),
     "thought_return": (int, float),
 }
+
+
+def _agent_tokens(
+    v: Any, nid: int, fail: Callable[[str], DataFormatError]
+) -> tuple[tuple[int, ...], str] | None:
+    """The optional node attribute ``agent_tokens`` (``{"ids": [token ids], "tokenizer": fingerprint}``)."""
+    if v is None:
+        return None
+    ids = v.get("ids") if isinstance(v, Mapping) else None
+    fp = v.get("tokenizer") if isinstance(v, Mapping) else None
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        or not isinstance(fp, str)
+        or not fp
+    ):
+        raise fail(
+            f"node {nid}: attribute 'agent_tokens' must be {{'ids': [token ids], 'tokenizer': fingerprint}}"
+        )
+    return tuple(ids), fp
 
 
 def _check_node(rec: Mapping[str, Any], nid: int, fail: Callable[[str], DataFormatError]) -> dict[str, Any]:

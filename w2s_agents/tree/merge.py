@@ -59,7 +59,7 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
     """
     task_id = tree.task_id
     akc, index, keys, parents = tree._akc, tree._index, tree._key, tree._parent
-    oka, otext, thoughts, trets = tree._oka, tree._otext, tree._thought, tree._tret
+    oka, otext, thoughts, trets, toks = tree._oka, tree._otext, tree._thought, tree._tret, tree._tokens
     states = tree._state
     states_append = states.append
     models = tree._model_index
@@ -122,6 +122,7 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
                     otext.append(o)
                     thoughts.append(step.thought)
                     trets.append(r)
+                    toks.append(None if step.token_ids is None else (step.token_ids, step.tokenizer))
                     states_append(step.state_key)
                     flat_append(c)
                     node = c
@@ -133,6 +134,7 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
                 if r >= t and (r > t or step.thought < thoughts[c]):
                     thoughts[c] = step.thought
                     trets[c] = r
+                    toks[c] = None if step.token_ids is None else (step.token_ids, step.tokenizer)
                 flat_append(c)
                 node = c
             # past a new node every step makes a new node (a new node has no children, so no lookup), whose
@@ -151,6 +153,7 @@ def merge(tree: TrajectoryTree, trajectories: Iterable[Trajectory]) -> tuple[int
                 otext.append(step.observation)
                 thoughts.append(step.thought)
                 trets.append(r)
+                toks.append(None if step.token_ids is None else (step.token_ids, step.tokenizer))
                 states_append(step.state_key)
                 flat_append(c)
                 node = c

@@ -125,6 +125,8 @@ class TrajectoryTree:
         self._settled_below = 1  # the nodes below this id have a shown key and their texts registered
         self._thought: list[str] = [""]
         self._tret = array("q", [-1])  # fixed-point return of the trajectory whose thought is kept
+        # (token ids, tokenizer fingerprint) of that trajectory's answer at the node when it recorded them
+        self._tokens: list[tuple[tuple[int, ...], str] | None] = [None]
         self._visits = array("q", [0])
         self._ret: list[int] = [0]  # fixed-point return sums
         self._succ = array("q", [0])
@@ -244,6 +246,12 @@ class TrajectoryTree:
         """The thought before the action (from the highest-return trajectory through the node)."""
         return self._thought[node]
 
+    def agent_tokens(self, node: int) -> dict[str, Any] | None:
+        """``{"ids", "tokenizer"}``: the recorded token ids of the answer whose thought the node keeps (the step of
+        the highest-return trajectory through it), None when that step recorded none."""
+        t = self._tokens[node]
+        return None if t is None else {"ids": list(t[0]), "tokenizer": t[1]}
+
     def observation(self, node: int) -> str:
         """The observation after the node's action (for the root: the first observation)."""
         settle_texts(self)
@@ -355,7 +363,7 @@ class TrajectoryTree:
         """Every attribute of ``node`` (the node attributes of the saved format)."""
         if self._pend_ret:
             merge.flush(self)
-        return {
+        out = {
             "depth": self._depth[node],
             "action": self.action(node),
             "thought": self._thought[node],
@@ -372,6 +380,9 @@ class TrajectoryTree:
             "terminal": self.terminal(node),
             "thought_return": max(self._tret[node], 0) / _SCALE,
         }
+        if self._tokens[node] is not None:
+            out["agent_tokens"] = self.agent_tokens(node)
+        return out
 
     @property
     def is_canonical(self) -> bool:
