@@ -256,6 +256,21 @@ def test_a_lora_adapter_served_unmerged_acts_as_its_merged_weights(models, engin
         _config("choose", "vllm", adapters=True)
 
 
+def test_recorded_tokens_are_the_same_on_both_backends(models, engines) -> None:
+    """agent.record_tokens: the same greedy answers give the same token ids, and the model's log-probs of them
+    agree within float tolerance, in both modes."""
+    states = _states(_episodes(_agents(models, engines, "choose", "base")[0], [Sampler()]))[:8]
+    for mode in ("generate", "choose"):
+        hf = Agent(load_model(models["base"], device="cpu"), replace(_config(mode), record_tokens=True))
+        vl = Agent(engines["base"], replace(_config(mode, "vllm"), record_tokens=True))
+        a = hf.act(states, [Sampler()] * len(states), [random.Random(0) for _ in states])
+        b = vl.act(states, [Sampler()] * len(states), [random.Random(0) for _ in states])
+        assert [d.token_ids for d in b] == [d.token_ids for d in a]
+        assert all(d.token_ids and d.tokenizer == a[0].tokenizer for d in a + b)
+        for x, y in zip(a, b, strict=True):
+            assert y.logprobs == pytest.approx(x.logprobs, abs=TOLERANCE, rel=0)
+
+
 def test_load_agent_builds_the_configured_backend(models, engines) -> None:
     agent = load_agent(str(models["base"]), _config("choose", "vllm"))
     assert agent.backend.name == "vllm" and agent.lm is None and agent.model_path == models["base"]
