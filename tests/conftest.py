@@ -39,6 +39,7 @@ os.environ.update(
         "CUDA_VISIBLE_DEVICES": os.environ.get("W2S_TEST_CUDA_VISIBLE_DEVICES", ""),
     }
 )
+os.environ.pop("RAY_ADDRESS", None)  # rollouts would join that cluster; tests start their own Ray
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -284,8 +284,8 @@ def test_rollouts_on_a_cluster_match_and_a_killed_driver_resumes(
         "run": {"name": "job", "out_dir": str(tmp_path / "runs")},
         "model": {"path": str(nano_model_dir), "device": "cpu"},
         "agent": {"mode": "choose", "max_context_tokens": 1024},
-        "rollout": {"suite": "tw-simple", "task_ids": tasks, "samplers": SAMPLERS_CFG, "seeds": 6,
-                    "max_steps": 6, "batch_size": 2, "shard_size": 2, "workers": 2},
+        "rollout": {"suite": "tw-simple", "task_ids": tasks, "samplers": SAMPLERS_CFG, "seeds": 4,
+                    "max_steps": 4, "batch_size": 2, "shard_size": 2, "workers": 1},
     }))  # fmt: skip
     store = tmp_path / "runs" / "job" / "trajectories.jsonl"
     env = {
@@ -311,14 +311,14 @@ def test_rollouts_on_a_cluster_match_and_a_killed_driver_resumes(
             proc.wait()
         proc.stderr.close()
     killed_at = scan_store(store).records
-    assert 3 <= killed_at < 24
+    assert 3 <= killed_at < 16
     assert main(["rollout", str(cfg), f"rollout.ray_address={address}"]) == 0
     scan = scan_store(store)
-    want = {EpisodeKey(t, "nano", s, seed) for t in tasks for s in ("greedy", "t1-p1") for seed in range(6)}
-    assert scan.keys == want and scan.records == 24 and not scan.duplicates and scan.torn_bytes == 0
+    want = {EpisodeKey(t, "nano", s, seed) for t in tasks for s in ("greedy", "t1-p1") for seed in range(4)}
+    assert scan.keys == want and scan.records == 16 and not scan.duplicates and scan.torn_bytes == 0
     summary = json.loads((tmp_path / "runs" / "job" / "rollout-summary.json").read_text())
     assert (summary["status"], summary["episodes"], summary["skipped"]) == (
         "complete",
-        24 - killed_at,
+        16 - killed_at,
         killed_at,
     )
