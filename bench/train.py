@@ -1,17 +1,20 @@
-"""Benchmark of the trainers: training tokens/s of ``train_sft`` / ``train_dpo`` against a minimal hand-written
-torch loop on the same model and the same micro-batches, side by side in one run.
+"""Benchmark of the trainers: training tokens/s of ``train_sft`` / ``train_dpo`` / ``train_pg`` against a minimal
+hand-written torch loop on the same model and the same micro-batches, side by side in one run.
 
 Data: synthetic agent episodes (system prompt, task, 4 agent turns with observations) rendered by
-:mod:`w2s_agents.messages`; SFT rows and step/continuation preference pairs. Both sides get the same
-tokenized rows (tokenization is outside both timings), the same epoch order and micro-batches:
+:mod:`w2s_agents.messages`; SFT rows, step/continuation preference pairs, and policy-gradient rows (each
+episode ending on its last action, advantages +1 / -1 in turn). Both sides get the same tokenized rows
+(tokenization is outside both timings), the same epoch order and micro-batches:
 
-* ours: the real trainer (``train_sft`` / ``train_dpo``): collation from token lists, agent-token log-probs
-  through the selected-position head, normalised loss, clipping, AdamW, schedule, loss bookkeeping. Its
-  tokens/s is the trainer's own ``TrainResult.tokens_per_second`` (step time; the reference pass of DPO,
-  checkpoint writes and the export are outside it);
+* ours: the real trainer (``train_sft`` / ``train_dpo`` / ``train_pg``): collation from token lists, agent-token
+  log-probs through the selected-position head, normalised loss, clipping, AdamW, schedule, loss bookkeeping.
+  Its tokens/s is the trainer's own ``TrainResult.tokens_per_second`` (step time; the reference pass of DPO,
+  the loading of pg's frozen model, checkpoint writes and the export are outside it);
 * baseline: a plain loop over the same micro-batches: padded tensors, ``model(input_ids, attention_mask,
   labels)`` with the non-agent tokens set to -100 (SFT), or summed log-softmax gathers over all logits and the
-  sigmoid loss with the same precomputed reference log-probs (DPO); clip, AdamW step, zero grad.
+  sigmoid loss with the same precomputed reference log-probs (DPO), or (pg) a no-grad forward of a frozen copy
+  of the start model, per-token log-probs of both by log-softmax gathers, the clipped-ratio surrogate plus the
+  k3 KL to that copy, mean over agent tokens; clip, AdamW step, zero grad.
 
 Tokens are every non-padding token through forward and backward (prompt and completion). Each side runs
 ``--repeats`` times, alternating, and its best run counts (a shared machine's load only slows runs down).
@@ -22,7 +25,8 @@ GPU's peak dense bf16 FLOP/s (a table of known GPUs, or ``--peak-tflops``). Ours
 on agent tokens, so its real FLOPs are lower than the formula's: the MFU of both sides is counted with the
 same full-model formula.
 
-    python bench/train.py                                     # CPU, tiny 'weak' preset, SFT and DPO
+    python bench/train.py                                     # CPU, tiny 'weak' preset, SFT, DPO and pg
+    python bench/train.py --method pg                          # the policy-gradient trainer only
     python bench/train.py --device cuda --preset 0.5b          # a random-init Qwen2-0.5B-shaped model, bf16
 """
 
@@ -46,7 +50,16 @@ import torch.nn.functional as F
 from w2s_agents.agents.models import create_tiny_model, train_tokenizer
 from w2s_agents.config import from_dict
 from w2s_agents.messages import SYSTEM_PROMPT, agent_message, episode_messages
-from w2s_agents.trainers import Example, TrainConfig, Trainer, collate, epoch_order, train_dpo, train_sft
+from w2s_agents.trainers import (
+    Example,
+    TrainConfig,
+    Trainer,
+    collate,
+    epoch_order,
+    train_dpo,
+    train_pg,
+    train_sft,
+)
 
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
                     "GH200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}  # fmt: skip
@@ -76,6 +89,7 @@ def episode(i: int, obs_words: int) -> tuple[str, str, list[tuple[str, str, str 
 
 
 def make_data(n: int, obs_words: int) -> tuple[list[dict], list[dict], list[str]]:
+    """SFT rows, preference pairs and the texts of the tokenizer (pg rows: :func:`pg_rows`)."""
     sft, pairs, texts = [], [], [SYSTEM_PROMPT]
     for i in range(n):
         instr, first, turns = episode(i, obs_words)
@@ -89,6 +103,11 @@ def make_data(n: int, obs_words: int) -> tuple[list[dict], list[dict], list[str]
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": [agent_message("go south")],
                       "task_id": f"bench/{i}"})  # fmt: skip
     return sft, pairs, texts
+
+
+def pg_rows(sft: list[dict]) -> list[dict]:
+    """Policy-gradient rows: each episode ending on its last action, advantages +1 and -1 in turn."""
+    return [{**r, "advantage": 1.0 if i % 2 == 0 else -1.0} for i, r in enumerate(sft)]
 
 
 def make_model(root: Path, preset: str, texts: list[str], vocab: int) -> Path:
@@ -133,8 +152,14 @@ def peak_flops(device: torch.device, override: float | None) -> tuple[float | No
 # ----------------------------------------------------------------------------------------------- baseline
 
 
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p of each next token (0 where the label is -100): the plain full-logits way."""
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return logp * (labels != -100)
+
+
 def baseline(
-    model_dir: Path, examples: list[Example], cfg: TrainConfig, device: torch.device, dpo: bool
+    model_dir: Path, examples: list[Example], cfg: TrainConfig, device: torch.device, method: str
 ) -> tuple[float, int, float]:
     """The minimal loop: returns (tokens/s, tokens, seconds) over ``cfg.max_steps`` steps of the trainer's
     micro-batches (same order)."""
@@ -144,6 +169,10 @@ def baseline(
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model.train()
+    frozen = None
+    if method == "pg":
+        frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        frozen.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=device.type == "cuda" or None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     order = epoch_order(len(examples), cfg.seed, 0)
@@ -155,13 +184,30 @@ def baseline(
         b = collate(exs, pad_id=0, device=device)
         labels = b.input_ids.masked_fill(b.target_mask == 0, -100)
         with amp:
-            if not dpo:
+            if method in ("sft", "mcts-sft"):
                 loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+            elif method == "pg":
+                assert frozen is not None and b.advantages is not None
+                lab = labels[:, 1:]
+                mask = (lab != -100).float()
+                logp = _token_logps(
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1], lab
+                )
+                with torch.no_grad():
+                    old = _token_logps(
+                        frozen(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1], lab
+                    )
+                adv = b.advantages[:, None]
+                ratio = torch.exp(logp - old)
+                eps = cfg.pg.clip_eps
+                surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+                delta = old - logp  # the reference is the start model
+                kl = torch.exp(delta) - delta - 1
+                loss = ((-surrogate + cfg.pg.kl_coef * kl) * mask).sum() / mask.sum()
             else:
                 logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
                 lab = labels[:, 1:]
-                logp = torch.log_softmax(logits.float(), -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
-                sums = (logp * (lab != -100)).sum(-1)
+                sums = _token_logps(logits, lab).sum(-1)
                 chosen, rejected = sums.chunk(2)
                 margin = (chosen - b.ref_chosen) - (rejected - b.ref_rejected)
                 loss = -F.logsigmoid(cfg.beta * margin).mean()
@@ -178,16 +224,19 @@ def baseline(
 # ----------------------------------------------------------------------------------------------- ours
 
 
-def ours(model_dir: Path, data: list[dict], cfg: TrainConfig, root: Path, run: int, dpo: bool) -> Any:
-    out = root / f"{cfg.method}-{run}"
-    if dpo:
+def _train(model_dir: Path, data: list[dict], out: Path, cfg: TrainConfig) -> Any:
+    if cfg.method == "dpo":
         return train_dpo(model_dir, data, out, cfg, reference_path=model_dir)
+    if cfg.method == "pg":
+        return train_pg(model_dir, data, out, cfg, reference_path=model_dir)
     return train_sft(model_dir, data, out, cfg)
 
 
-def captured_examples(
-    model_dir: Path, data: list[dict], cfg: TrainConfig, root: Path, dpo: bool
-) -> list[Example]:
+def ours(model_dir: Path, data: list[dict], cfg: TrainConfig, root: Path, run: int) -> Any:
+    return _train(model_dir, data, root / f"{cfg.method}-{run}", cfg)
+
+
+def captured_examples(model_dir: Path, data: list[dict], cfg: TrainConfig, root: Path) -> list[Example]:
     """The trainer's tokenized examples (the baseline trains on exactly these), from a one-step run."""
     seen: list[list[Example]] = []
     original = Trainer.run
@@ -199,8 +248,7 @@ def captured_examples(
     Trainer.run = capture  # type: ignore[method-assign]
     try:
         one = from_dict(TrainConfig, {**_cfg_dict(cfg), "max_steps": 1})
-        (train_dpo(model_dir, data, root / "capture", one, reference_path=model_dir) if dpo
-         else train_sft(model_dir, data, root / "capture", one))  # fmt: skip
+        _train(model_dir, data, root / "capture", one)
     finally:
         Trainer.run = original  # type: ignore[method-assign]
     shutil.rmtree(root / "capture", ignore_errors=True)
@@ -229,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--preset", default="weak", choices=["nano", "weak", "small", "strong", "base", "0.5b"])
-    ap.add_argument("--method", default="both", choices=["sft", "dpo", "both"])
+    ap.add_argument("--method", default="all", choices=["sft", "dpo", "pg", "both", "all"],
+                    help="both: sft and dpo; all: sft, dpo and pg")  # fmt: skip
     ap.add_argument("--rows", type=int, default=64, help="SFT rows and preference pairs")
     ap.add_argument("--obs-words", type=int, default=24, help="words of filler per observation")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -254,21 +303,21 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoConfig
 
         mcfg = AutoConfig.from_pretrained(model_dir)
-        methods = ["sft", "dpo"] if args.method == "both" else [args.method]
+        methods = {"both": ["sft", "dpo"], "all": ["sft", "dpo", "pg"]}.get(args.method, [args.method])
         for method in methods:
-            dpo = method == "dpo"
             cfg = from_dict(TrainConfig, {
                 "method": method, "lr": 1e-4, "batch_size": args.batch_size, "max_steps": args.steps,
                 "max_length": args.max_length, "valid_fraction": 0.0, "checkpoint_every": 0, "warmup_ratio": 0.0,
                 "device": args.device, "log_every": 10**6, "reference": "strong",
+                "pg": {"loss": "clip", "clip_eps": 0.2, "kl_coef": 0.05},
             })  # fmt: skip
-            data = pair_rows if dpo else sft_rows
-            examples = captured_examples(model_dir, data, cfg, root, dpo)
+            data = {"dpo": pair_rows, "pg": pg_rows(sft_rows)}.get(method, sft_rows)
+            examples = captured_examples(model_dir, data, cfg, root)
             seq = sum(ex.tokens for ex in examples) / sum(len(ex.seqs) for ex in examples)
             best_ours, best_base = 0.0, 0.0
             for run in range(args.repeats):
-                base_tps, _, _ = baseline(model_dir, examples, cfg, device, dpo)
-                r = ours(model_dir, data, cfg, root, run, dpo)
+                base_tps, _, _ = baseline(model_dir, examples, cfg, device, method)
+                r = ours(model_dir, data, cfg, root, run)
                 best_base, best_ours = max(best_base, base_tps), max(best_ours, r.tokens_per_second)
                 print(f"  {method} run {run + 1}: ours {r.tokens_per_second:,.0f} tokens/s, "
                       f"baseline {base_tps:,.0f} tokens/s")  # fmt: skip

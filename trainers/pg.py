@@ -50,6 +50,7 @@ from w2s_agents.search.rows import RowsInput, describe
 from .batch import Batch, Example, ObjectiveOutput
 from .config import PGOptions, TrainConfig
 from .data import Row, data_fingerprint, split_by_task
+from .dpo import _reference_device
 from .fingerprint import finished_result, model_identity, run_fingerprint
 from .logps import token_logps
 from .loop import Trainer, ValidFn
@@ -153,6 +154,13 @@ class PGObjective:
             model.eval()
             self._frozen[path] = model
         return model
+
+    def preload(self, device: torch.device) -> None:
+        """Load the frozen models the loss needs on ``device`` now (else on the first batch)."""
+        if self.options.loss == "clip":
+            self.frozen(self.start_path, device)
+        if self.options.kl_coef > 0 and self.reference_path is not None:
+            self.frozen(self.reference_path, device)
 
     def _logps(self, path: Path, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
@@ -276,6 +284,7 @@ def train_pg(
     objective = PGObjective(
         cfg.pg, start_path=model_path, reference_path=reference if uses_reference else None
     )
+    objective.preload(_reference_device(cfg))  # before the timed steps, as DPO's reference pass
     return Trainer(
         method=cfg.method,
         model_path=model_path,
