@@ -137,7 +137,7 @@ def trajectory_advantages(tree: TrajectoryTree, eps: float = 1e-6) -> np.ndarray
     std = math.sqrt(float((ended[ends] * (returns - mean) ** 2).sum() / ended[ends].sum()))
     with np.errstate(invalid="ignore", divide="ignore"):
         through = ret_sum / visits  # mean return of the episodes through each node
-    adv[1:] = np.where(visits[1:] > 0, (through[1:] - mean) / (std + eps), np.nan)
+        adv[1:] = np.where(visits[1:] > 0, (through[1:] - mean) / (std + eps), np.nan)
     return adv
 
 
