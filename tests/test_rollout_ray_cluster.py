@@ -84,6 +84,15 @@ def test_placement_keys_stay_out_of_the_explore_stage_key() -> None:
     )
     assert placed == default
     assert explore_part("explore.seeds=3") != default  # what is computed still changes the key
+    from w2s_agents.pipeline.cache import stage_keys
+
+    placement = [
+        "explore.ray_address=ray://head:10001",
+        "explore.worker_gpus=0.5",
+        "explore.workers_per_node=2",
+    ]
+    keys = [stage_keys(build_stages(load_config(ExperimentConfig, None, o), 0)) for o in ([], placement)]
+    assert keys[0] == keys[1]
 
 
 def test_the_address_comes_from_the_key_before_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
