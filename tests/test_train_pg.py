@@ -283,3 +283,22 @@ def test_pg_section_leaves_other_methods_identity_unchanged(train_models) -> Non
     pg_a, pg_b = TrainConfig(method="pg"), TrainConfig(method="pg", pg=PGOptions(kl_coef=0.5))
     assert train_key_part(pg_a)["pg"]["kl_coef"] == 0.0 and train_key_part(pg_a) != train_key_part(pg_b)
     assert run_fingerprint(pg_a, train_models["policy"]) != run_fingerprint(pg_b, train_models["policy"])
+
+
+def test_rows_of_a_searched_tree_train_end_to_end(train_models, golden_trajectories, tmp_path) -> None:
+    from w2s_agents.search.advantages import pg_rows
+    from w2s_agents.search.mcts import search_tree
+    from w2s_agents.search.rows import write_rows
+    from w2s_agents.tree import build_trees
+
+    tree = build_trees(golden_trajectories)["house/0"]
+    search_tree(tree)
+    rows = pg_rows(tree, level="step", value="mcts")
+    path = tmp_path / "pg.jsonl"
+    assert write_rows((r.to_dict() for r in rows), path) == len(rows) == 6
+    cfg = TrainConfig(method="pg", lr=1e-3, max_steps=2, batch_size=3, valid_fraction=0.0, max_length=256)
+    result = train_pg(train_models["policy"], str(path), tmp_path / "run", cfg)
+    assert result.rows == 6 and result.steps == 2
+    mean_adv = float(np.mean([r.advantage for r in rows]))
+    logged = np.mean([m["pg/advantage"] for m in result.metrics_curve])  # the two steps cover the 6 rows
+    assert logged == pytest.approx(mean_adv, abs=1e-6)
