@@ -302,3 +302,22 @@ def test_rows_of_a_searched_tree_train_end_to_end(train_models, golden_trajector
     mean_adv = float(np.mean([r.advantage for r in rows]))
     logged = np.mean([m["pg/advantage"] for m in result.metrics_curve])  # the two steps cover the 6 rows
     assert logged == pytest.approx(mean_adv, abs=1e-6)
+
+
+def test_long_rows_lose_their_oldest_turns_and_keep_the_loss_on_the_step(train_models) -> None:
+    from w2s_agents.trainers.model import load_tokenizer
+    from w2s_agents.trainers.pg import encode_pg_rows, load_pg_rows
+
+    history = [
+        m for k in range(12) for m in (agent_message(f"take key {k}"), {"role": "user", "content": "ok."})
+    ]
+    rows = load_pg_rows([{"messages": [*PROMPT, *history, agent_message(GOOD)], "advantage": -0.5}])
+    enc = ChatEncoder(load_tokenizer(train_models["policy"]))
+    step = enc.encode([*PROMPT, history[-1], agent_message(GOOD)], score_from=3)
+    full = enc.encode(rows[0].data["messages"], score_from=len(rows[0].data["messages"]) - 1)
+    cfg = TrainConfig(method="pg", max_length=len(full) - 20)
+    (ex,), skipped = encode_pg_rows(rows, enc, cfg, {})
+    assert skipped == 0 and len(ex.seqs[0]) <= cfg.max_length < len(full)
+    assert ex.seqs[0].n_loss_tokens == step.n_loss_tokens == ex.units and ex.advantage == -0.5
+    _, skipped = encode_pg_rows(rows, enc, TrainConfig(method="pg", max_length=8), {})
+    assert skipped == 1

@@ -1,7 +1,8 @@
 """Configuration of the trainers: one dataclass per section, every key with a default and a help string.
 
-``TrainConfig`` holds the hyperparameters of SFT, TreeDPO and MCTS-SFT; ``TrainJobConfig`` is what ``w2s train``
-reads from YAML (model, data, output folder, reference models and a ``train`` section).
+``TrainConfig`` holds the hyperparameters of SFT, TreeDPO, MCTS-SFT and policy gradient (its ``pg`` section);
+``TrainJobConfig`` is what ``w2s train`` reads from YAML (model, data, output folder, reference models and a
+``train`` section).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class PGOptions:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of one fine-tuning run (SFT, TreeDPO or MCTS-SFT)."""
+    """Hyperparameters of one fine-tuning run (SFT, TreeDPO, MCTS-SFT or policy gradient)."""
 
     method: Method = option(
         "sft", "sft, dpo (TreeDPO), mcts-sft (SFT on best paths; named so in outputs) or pg (policy gradient)"

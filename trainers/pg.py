@@ -118,8 +118,8 @@ def _fit_step(
 
 class PGObjective:
     """The policy-gradient loss of each row and its metrics (an :class:`~.batch.Objective`; the equations are
-    in the module docstring). The frozen start and reference models are loaded on the first batch, on its
-    device, and only when the loss needs them (one model when both are the same folder).
+    in the module docstring). The frozen start and reference models are loaded by :meth:`preload` or on the
+    first batch, on its device, and only when the loss needs them (one model when both are the same folder).
 
     Args:
         options: the ``pg`` section of the config.
