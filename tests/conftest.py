@@ -389,6 +389,18 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """One torch thread for a whole test module, its module fixtures included (tiny models run fastest, and
+    steadiest on a shared machine, on one CPU thread); use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ a game with state keys (best paths)
 
 # a corridor of rooms: hall - cellar - stairs - vault (east), and a side room (north of the hall); reaching the

@@ -40,12 +40,7 @@ ROOMS = ["kitchen", "cellar", "garden", "attic"]
 THINGS = ["lamp", "key", "coin"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 @pytest.fixture

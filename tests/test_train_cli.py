@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from w2s_agents.agents.models import load_model
 from w2s_agents.cli import main
@@ -16,12 +15,7 @@ from w2s_agents.trainers import TrainJobConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 def test_every_example_train_config_is_valid() -> None:

@@ -28,13 +28,7 @@ from w2s_agents.trainers import (
 from w2s_agents.trainers import reference as reference_module
 from w2s_agents.tree import build_trees
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 def cfg(**kw) -> TrainConfig:

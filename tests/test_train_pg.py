@@ -31,12 +31,7 @@ PROMPT = task_messages(
 GOOD, BAD = "take key", "take lamp"  # the bandit's actions: reward 1 and 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 # ------------------------------------------------------------------ the objective on hand-made batches

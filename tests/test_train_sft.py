@@ -25,13 +25,7 @@ from w2s_agents.trainers import (
 from w2s_agents.trainers import logps as logps_module
 from w2s_agents.trainers.checkpoint import trainable_state
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 def cfg(**kw) -> TrainConfig:
