@@ -45,7 +45,7 @@ from w2s_agents.messages import SYSTEM_PROMPT, Message, agent_message
 from w2s_agents.tree import TrajectoryTree
 
 from .extract import context_messages
-from .rows import RowsInput, _messages, _names, _opt_int, _opt_num, _opt_str, _put, _raw, describe
+from .rows import RowsInput, _messages, _names, _opt_int, _opt_num, _opt_str, _put, describe, read_typed
 from .values import ValueKind, node_values
 
 __all__ = [
@@ -272,14 +272,7 @@ def read_pg_rows(source: RowsInput | Iterable[PGRow]) -> list[PGRow]:
     Raises:
         DataFormatError: a malformed row, with ``file:line`` (or ``rows[i]``) and what is wrong, or no rows.
     """
-    out: list[PGRow] = []
-    for data, origin in _raw(source, "policy-gradient"):  # type: ignore[arg-type]
-        if isinstance(data, PGRow):
-            out.append(data)
-        elif isinstance(data, Mapping):
-            out.append(PGRow.from_dict(data, origin))
-        else:
-            raise DataFormatError(f"{origin}: a row must be a dict, got {type(data).__name__}")
+    out = read_typed(source, PGRow, "policy-gradient")
     if not out:
         raise DataFormatError(f"no policy-gradient rows in {describe(source)}")  # type: ignore[arg-type]
     return out

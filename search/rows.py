@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import DataFormatError
@@ -41,6 +41,7 @@ __all__ = [
     "iter_jsonl",
     "read_pairs",
     "read_sft_rows",
+    "read_typed",
     "unique_rows",
     "write_rows",
 ]
@@ -53,6 +54,7 @@ PAIR_LEVELS = ("step", "continuation", "trajectory")
 episode (expert-vs-failed pairs)."""
 
 _ROLES = ("system", "user", "assistant")
+_T = TypeVar("_T")
 
 
 # ------------------------------------------------------------------------------------------- field checks
@@ -459,12 +461,22 @@ def read_pairs(source: RowsInput) -> list[PairRow]:
     Raises:
         DataFormatError: a malformed pair, with ``file:line`` (or ``rows[i]``) and what is wrong.
     """
-    out: list[PairRow] = []
-    for data, origin in _raw(source, "pairs"):
-        if isinstance(data, PairRow):
+    return read_typed(source, PairRow, "pairs")
+
+
+def read_typed(source: RowsInput | Iterable[Any], row_type: type[_T], what: str) -> list[_T]:
+    """Rows of one typed kind from ``.jsonl`` files or memory: rows already of ``row_type`` as they are, dicts
+    parsed and checked by ``row_type.from_dict(d, origin)``; ``what`` names the kind in errors.
+
+    Raises:
+        DataFormatError: a row that is not a dict, or a malformed one, with ``file:line`` (or ``rows[i]``).
+    """
+    out: list[_T] = []
+    for data, origin in _raw(source, what):  # type: ignore[arg-type]
+        if isinstance(data, row_type):
             out.append(data)
         elif isinstance(data, Mapping):
-            out.append(PairRow.from_dict(data, origin))
+            out.append(row_type.from_dict(data, origin))  # type: ignore[attr-defined]
         else:
             raise DataFormatError(f"{origin}: a row must be a dict, got {type(data).__name__}")
     return out
