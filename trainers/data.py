@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "load_pairs",
     "load_sft_rows",
     "split_by_task",
+    "train_and_valid_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,30 @@ def split_by_task(rows: Sequence[Row], fraction: float, seed: int) -> tuple[list
     train = [r for r in rows if str(r.data.get("task_id", r.origin)) not in held]
     valid = [r for r in rows if str(r.data.get("task_id", r.origin)) in held]
     return train, valid
+
+
+def train_and_valid_rows(
+    load: Callable[[RowsInput], list[Row]],
+    rows_or_path: RowsInput,
+    valid_rows_or_path: RowsInput | None,
+    *,
+    hold_out: bool,
+    fraction: float,
+    seed: int,
+) -> tuple[list[Row], list[Row]]:
+    """``(train, valid)`` rows of a training run: ``load(rows_or_path)`` and ``load(valid_rows_or_path)`` when
+    validation data is given; else, when ``hold_out``, about ``fraction`` of the tasks held out
+    (:func:`split_by_task` with ``seed``); else no validation rows.
+
+    Raises:
+        DataFormatError: what ``load`` raises (a malformed row with ``file:line``, or no rows).
+    """
+    rows = load(rows_or_path)
+    if valid_rows_or_path is not None:
+        return rows, load(valid_rows_or_path)
+    if hold_out:
+        return split_by_task(rows, fraction, seed)
+    return rows, []
 
 
 def data_fingerprint(rows: Sequence[Row]) -> str:

@@ -40,8 +40,8 @@ from w2s_agents.errors import ConfigError
 
 from .batch import Batch, Example, ObjectiveOutput
 from .config import TrainConfig
-from .data import Row, RowsInput, data_fingerprint, load_pairs, split_by_task
-from .fingerprint import finished_result, model_identity, run_fingerprint
+from .data import RowsInput, data_fingerprint, load_pairs, train_and_valid_rows
+from .fingerprint import model_identity, reuse_finished, run_fingerprint
 from .loop import Trainer, ValidFn
 from .losses import dpo_loss, dpo_margins
 from .masks import ChatEncoder, pair_messages
@@ -189,19 +189,20 @@ def train_dpo(
     cfg = config or TrainConfig(method="dpo")
     if not cfg.is_dpo:
         raise ConfigError(f"train_dpo trains method dpo, got method {cfg.method} (use train_sft)")
-    rows = load_pairs(pairs_or_path)
-    valid_rows: list[Row] = []
-    if valid_pairs_or_path is not None:
-        valid_rows = load_pairs(valid_pairs_or_path)
-    elif valid_fn is None:
-        rows, valid_rows = split_by_task(rows, cfg.valid_fraction, cfg.seed)
+    rows, valid_rows = train_and_valid_rows(
+        load_pairs,
+        pairs_or_path,
+        valid_pairs_or_path,
+        hold_out=valid_fn is None,
+        fraction=cfg.valid_fraction,
+        seed=cfg.seed,
+    )
     out = Path(out_dir)
     ref_id = model_identity(reference_path) if reference_path is not None else "rows"
     fingerprint = run_fingerprint(
         cfg, model_path, data_fingerprint(rows), data_fingerprint(valid_rows), ref_id
     )
-    if resume and (done := finished_result(out, fingerprint)) is not None:
-        logger.info("%s: this run already finished; returning its result", out)
+    if (done := reuse_finished(out, fingerprint, resume=resume)) is not None:
         return done
     tokenizer = load_tokenizer(model_path)
     main = int(os.environ.get("RANK", "0")) == 0

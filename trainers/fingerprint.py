@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from w2s_agents.config import config_to_dict
@@ -17,7 +18,9 @@ from w2s_agents.config import config_to_dict
 from .config import BOOKKEEPING_KEYS, TrainConfig, method_key_dict
 from .result import RESULT_FILE, TrainResult
 
-__all__ = ["finished_result", "model_identity", "run_fingerprint"]
+__all__ = ["finished_result", "model_identity", "reuse_finished", "run_fingerprint"]
+
+logger = logging.getLogger(__name__)
 
 
 def model_identity(path: str | Path) -> str:
@@ -57,4 +60,13 @@ def finished_result(out_dir: Path, fingerprint: str) -> TrainResult | None:
         return None
     if result.fingerprint == fingerprint and (result.model_dir / "config.json").is_file():
         return result
+    return None
+
+
+def reuse_finished(out_dir: Path, fingerprint: str, *, resume: bool) -> TrainResult | None:
+    """The result of this run when ``resume`` and it already finished in ``out_dir`` (:func:`finished_result`;
+    logged), else None: the run is to be trained."""
+    if resume and (done := finished_result(out_dir, fingerprint)) is not None:
+        logger.info("%s: this run already finished; returning its result", out_dir)
+        return done
     return None

@@ -49,9 +49,9 @@ from w2s_agents.search.rows import RowsInput, describe
 
 from .batch import Batch, Example, ObjectiveOutput
 from .config import PGOptions, TrainConfig
-from .data import Row, data_fingerprint, split_by_task
+from .data import Row, data_fingerprint, train_and_valid_rows
 from .dpo import _reference_device
-from .fingerprint import finished_result, model_identity, run_fingerprint
+from .fingerprint import model_identity, reuse_finished, run_fingerprint
 from .logps import token_logps
 from .loop import Trainer, ValidFn
 from .masks import ChatEncoder, EncodedConversation, conversation_units
@@ -256,12 +256,14 @@ def train_pg(
     cfg = config or TrainConfig(method="pg")
     if cfg.method != "pg":
         raise ConfigError(f"train_pg trains method pg, got method {cfg.method} (use train_sft or train_dpo)")
-    rows = load_pg_rows(rows_or_path)
-    valid_rows: list[Row] = []
-    if valid_rows_or_path is not None:
-        valid_rows = load_pg_rows(valid_rows_or_path)
-    elif valid_fn is None:
-        rows, valid_rows = split_by_task(rows, cfg.valid_fraction, cfg.seed)
+    rows, valid_rows = train_and_valid_rows(
+        load_pg_rows,
+        rows_or_path,
+        valid_rows_or_path,
+        hold_out=valid_fn is None,
+        fraction=cfg.valid_fraction,
+        seed=cfg.seed,
+    )
     if not rows:
         raise DataFormatError(f"no policy-gradient rows left for training in {describe(rows_or_path)}")
     reference = reference_path if reference_path is not None else model_path
@@ -271,8 +273,7 @@ def train_pg(
     fingerprint = run_fingerprint(
         cfg, model_path, data_fingerprint(rows), data_fingerprint(valid_rows), ref_id
     )
-    if resume and (done := finished_result(out, fingerprint)) is not None:
-        logger.info("%s: this run already finished; returning its result", out)
+    if (done := reuse_finished(out, fingerprint, resume=resume)) is not None:
         return done
     tokenizer = load_tokenizer(model_path)
     if uses_reference:

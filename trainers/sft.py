@@ -36,8 +36,8 @@ from w2s_agents.tokens import tokenizer_fingerprint
 
 from .batch import Batch, Example, ObjectiveOutput
 from .config import TrainConfig
-from .data import Row, RowsInput, data_fingerprint, load_sft_rows, split_by_task
-from .fingerprint import finished_result, run_fingerprint
+from .data import Row, RowsInput, data_fingerprint, load_sft_rows, train_and_valid_rows
+from .fingerprint import reuse_finished, run_fingerprint
 from .loop import Trainer, ValidFn
 from .masks import ChatEncoder, fit_conversation
 from .model import load_tokenizer
@@ -142,19 +142,20 @@ def train_sft(
     cfg = config or TrainConfig(method="sft")
     if cfg.is_dpo:
         raise ConfigError("train_sft trains method sft or mcts-sft, got method dpo (use train_dpo)")
-    rows = load_sft_rows(rows_or_path, success_only=cfg.success_only)
-    valid_rows: list[Row] = []
-    if valid_rows_or_path is not None:
-        valid_rows = load_sft_rows(valid_rows_or_path, success_only=cfg.success_only)
-    elif valid_fn is None:
-        rows, valid_rows = split_by_task(rows, cfg.valid_fraction, cfg.seed)
-        if valid_rows:
-            logger.info("holding out %d rows of %d tasks for the validation loss", len(valid_rows),
-                        len({r.data.get("task_id", r.origin) for r in valid_rows}))  # fmt: skip
+    rows, valid_rows = train_and_valid_rows(
+        lambda source: load_sft_rows(source, success_only=cfg.success_only),
+        rows_or_path,
+        valid_rows_or_path,
+        hold_out=valid_fn is None,
+        fraction=cfg.valid_fraction,
+        seed=cfg.seed,
+    )
+    if valid_rows_or_path is None and valid_rows:
+        logger.info("holding out %d rows of %d tasks for the validation loss", len(valid_rows),
+                    len({r.data.get("task_id", r.origin) for r in valid_rows}))  # fmt: skip
     out = Path(out_dir)
     fingerprint = run_fingerprint(cfg, model_path, data_fingerprint(rows), data_fingerprint(valid_rows))
-    if resume and (done := finished_result(out, fingerprint)) is not None:
-        logger.info("%s: this run already finished; returning its result", out)
+    if (done := reuse_finished(out, fingerprint, resume=resume)) is not None:
         return done
     tokenizer = load_tokenizer(model_path)
     encoder = ChatEncoder(tokenizer, name=str(model_path))
