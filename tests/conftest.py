@@ -11,10 +11,15 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib.util
+import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -306,6 +311,88 @@ def train_models(tmp_path_factory: pytest.TempPathFactory, train_texts: list[str
     other = [t.upper() for t in train_texts] + [t[::-1] for t in train_texts] + train_texts[:20]
     weak = create_tiny_model(root / "weak", other, preset="nano", vocab_size=400, seed=2)
     return {"policy": policy, "weak": weak}
+
+
+_TRAIN_CHILD = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from w2s_agents.config import from_dict
+from w2s_agents.log import setup_logging
+from w2s_agents.trainers import TrainConfig, logps, {trainer}
+
+model, rows_file, out, cfg_file, mode = sys.argv[1:6]
+if mode == "slow":  # give the parent time to kill the run between checkpoints
+    original = logps.token_logps
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return original(*args, **kwargs)
+    logps.token_logps = slow
+setup_logging("INFO")
+config = from_dict(TrainConfig, json.loads(open(cfg_file).read()))
+result = {trainer}(model, json.loads(open(rows_file).read()), out, config{kwargs})
+print("steps", result.steps)
+"""
+
+
+@dataclass
+class KilledRun:
+    """What :func:`_kill_and_resume` saw: the uninterrupted run, the killed run and its resumption."""
+
+    reference: Path
+    """The uninterrupted run's folder."""
+    killed: Path
+    """The folder of the run that was killed and then resumed."""
+    uninterrupted: subprocess.CompletedProcess
+    killed_returncode: int | None
+    checkpoints_at_kill: list[str]
+    """The checkpoint folders there were when the run was killed, sorted."""
+    result_at_kill: bool
+    """Whether the killed run had written result.json."""
+    resumed: subprocess.CompletedProcess
+
+
+def _kill_and_resume(
+    tmp_path: Path, trainer: str, model: Path, rows: list[dict], config: dict, kill_at: str, kwargs: str = ""
+) -> KilledRun:
+    """Train in child processes: once uninterrupted, once slowed down and killed with SIGKILL as soon as
+    checkpoint ``kill_at`` (e.g. ``step-00000002``) has its ``state.json``, then the killed run resumed.
+    ``trainer`` names the function of w2s_agents.trainers (``train_sft``) called with ``(model, rows, out,
+    config`` then ``kwargs``, Python text with the names ``model`` and ``out``)."""
+    rows_file, cfg_file, child = tmp_path / "rows.json", tmp_path / "cfg.json", tmp_path / "child.py"
+    rows_file.write_text(json.dumps(rows))
+    cfg_file.write_text(json.dumps(config))
+    child.write_text(_TRAIN_CHILD.format(trainer=trainer, kwargs=kwargs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "W2S_PROGRESS": "0"}
+    base = [sys.executable, str(child), str(model), str(rows_file)]
+
+    def run(out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, str(out), str(cfg_file), "fast"], capture_output=True, text=True, env=env,
+                              timeout=240)  # fmt: skip
+
+    reference, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    uninterrupted = run(reference)
+    proc = subprocess.Popen([*base, str(killed), str(cfg_file), "slow"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    target = killed / "checkpoints" / kill_at / "state.json"
+    deadline = time.monotonic() + 180
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    folder = killed / "checkpoints"
+    at_kill = (
+        sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    )
+    result_at_kill = (killed / "result.json").exists()
+    return KilledRun(reference, killed, uninterrupted, proc.returncode, at_kill, result_at_kill, run(killed))
+
+
+@pytest.fixture(scope="session")
+def kill_and_resume():
+    """``kill_and_resume(tmp_path, trainer, model, rows, config, kill_at, kwargs="")``: a training run in a
+    child process killed after a checkpoint and resumed, next to an uninterrupted one (a :class:`KilledRun`)."""
+    return _kill_and_resume
 
 
 @pytest.fixture

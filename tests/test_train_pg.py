@@ -5,11 +5,7 @@ reference, ``w2s train pg``, and a killed-and-resumed run that equals an uninter
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -199,65 +195,25 @@ def test_w2s_train_pg_command(train_models, tmp_path, capsys) -> None:
     assert curve[0]["pg/kl"] == pytest.approx(0.0, abs=1e-6) and "pg/clip_fraction" in curve[0]
 
 
-CHILD = """
-import json, sys, time
-import torch
-torch.set_num_threads(1)
-from w2s_agents.config import from_dict
-from w2s_agents.log import setup_logging
-from w2s_agents.trainers import TrainConfig, logps, train_pg
-
-model, rows_file, out, cfg_file, mode = sys.argv[1:6]
-if mode == "slow":  # give the parent time to kill the run between checkpoints
-    original = logps.token_logps
-    def slow(*args, **kwargs):
-        time.sleep(0.2)
-        return original(*args, **kwargs)
-    logps.token_logps = slow
-setup_logging("INFO")
-config = from_dict(TrainConfig, json.loads(open(cfg_file).read()))
-result = train_pg(model, json.loads(open(rows_file).read()), out, config, reference_path=model)
-print("steps", result.steps)
-"""
-
-
 @pytest.mark.slow
-def test_killed_and_resumed_pg_run_equals_an_uninterrupted_run(train_models, tmp_path: Path) -> None:
+def test_killed_and_resumed_pg_run_equals_an_uninterrupted_run(
+    train_models, kill_and_resume, tmp_path: Path
+) -> None:
     from safetensors.torch import load_file
 
     model = train_models["policy"]
-    rows = tmp_path / "rows.json"
-    rows.write_text(json.dumps(_bandit_rows(model, 12)))
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"method": "pg", "lr": 3e-3, "batch_size": 2, "grad_accum": 2, "epochs": 2,
-                               "max_length": 256, "checkpoint_every": 2, "valid_fraction": 0.0,
-                               "pg": {"loss": "clip", "kl_coef": 0.1}}))  # fmt: skip
-    child = tmp_path / "child.py"
-    child.write_text(CHILD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "W2S_PROGRESS": "0"}
-    base = [sys.executable, str(child), str(model), str(rows)]
-
-    def run(out: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([*base, str(out), str(cfg), "fast"], capture_output=True, text=True, env=env,
-                              timeout=240)  # fmt: skip
-
-    reference = tmp_path / "uninterrupted"
-    done = run(reference)
-    assert done.returncode == 0 and "steps 6" in done.stdout, done.stderr[-3000:]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([*base, str(killed), str(cfg), "slow"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    target = killed / "checkpoints" / "step-00000002" / "state.json"
-    deadline = time.monotonic() + 180
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (killed / "result.json").exists()
-    resumed = run(killed)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming pg from" in resumed.stderr and "steps 6" in resumed.stdout
+    train = {"method": "pg", "lr": 3e-3, "batch_size": 2, "grad_accum": 2, "epochs": 2, "max_length": 256,
+             "checkpoint_every": 2, "valid_fraction": 0.0, "pg": {"loss": "clip", "kl_coef": 0.1}}  # fmt: skip
+    run = kill_and_resume(tmp_path, "train_pg", model, _bandit_rows(model, 12), train, "step-00000002",
+                          ", reference_path=model")  # fmt: skip
+    assert run.uninterrupted.returncode == 0 and "steps 6" in run.uninterrupted.stdout, (
+        run.uninterrupted.stderr[-3000:]
+    )
+    assert run.killed_returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not run.result_at_kill
+    assert run.resumed.returncode == 0, run.resumed.stderr[-3000:]
+    assert "resuming pg from" in run.resumed.stderr and "steps 6" in run.resumed.stdout
+    reference, killed = run.reference, run.killed
     a = load_file(str(reference / "model" / "model.safetensors"))
     b = load_file(str(killed / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
