@@ -395,6 +395,58 @@ def kill_and_resume():
     return _kill_and_resume
 
 
+def _two_processes_and_one(
+    tmp_path: Path, model: Path, pair_rows: list[dict], launcher: list[str], env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], Any]:
+    """Train DPO on ``pair_rows`` with two processes started by ``launcher`` (the command before ``-m w2s_agents
+    train dpo JOB``, run in ``tmp_path``; ``env`` added to the environment) and in this process with one thread
+    and gradient accumulation 2 on the same micro-batches. Checks that the launch worked, that only the main
+    process reported, that both ran 6 steps and that their weights agree; returns ``(the two processes'
+    result.json, the one process's TrainResult)``."""
+    import torch
+    from safetensors.torch import load_file
+
+    from w2s_agents.config import from_dict
+    from w2s_agents.trainers import TrainConfig, train_dpo
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
+    train = {"lr": 1e-2, "beta": 0.5, "batch_size": 2, "epochs": 2, "max_length": 512, "valid_fraction": 0.0,
+             "warmup_ratio": 0.0, "checkpoint_every": 0, "reference": "strong"}  # fmt: skip
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"model": str(model), "data": [str(pairs)], "out_dir": str(tmp_path / "ddp"),
+                               "train": train}))  # fmt: skip
+    cmd = [*launcher, "-m", "w2s_agents", "train", "dpo", str(job)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "W2S_PROGRESS": "0", **(env or {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("dpo, 12 rows") == 1  # only the main process reports
+    assert "x2 processes" in done.stderr
+    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes
+    try:
+        single = from_dict(TrainConfig, {**train, "method": "dpo", "grad_accum": 2})
+        one = train_dpo(model, pairs, tmp_path / "one", single, reference_path=model)
+    finally:
+        torch.set_num_threads(threads)
+    # 12 pairs, 2 per micro-batch, one micro-batch per process per step: 3 steps an epoch
+    assert ddp["steps"] == one.steps == 6
+    wa = load_file(str(one.model_dir / "model.safetensors"))
+    wb = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+    return ddp, one
+
+
+@pytest.fixture(scope="session")
+def two_processes_and_one():
+    """``two_processes_and_one(tmp_path, model, pair_rows, launcher, env=None)``: DPO trained by two launched
+    processes and by one with accumulation, checked to agree (see ``_two_processes_and_one``)."""
+    return _two_processes_and_one
+
+
 @pytest.fixture
 def sft_rows() -> list[dict]:
     """Twelve SFT rows (three agent turns each) of six tasks, from two sources."""
