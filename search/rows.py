@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import DataFormatError
 from w2s_agents.messages import SYSTEM_PROMPT, Message, episode_messages
+from w2s_agents.tokens import recorded_token_ids
 from w2s_agents.types import Trajectory
 
 __all__ = [
@@ -121,19 +122,12 @@ def _agent_tokens(
         if t is None:
             out.append(None)
             continue
-        ids = t.get("ids") if isinstance(t, dict) else None
-        fp = t.get("tokenizer") if isinstance(t, dict) else None
-        if (
-            not isinstance(ids, list)
-            or not ids
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
-            or not isinstance(fp, str)
-            or not fp
-        ):
+        record = recorded_token_ids(t)
+        if record is None:
             raise DataFormatError(
                 f"{origin}: 'agent_tokens[{j}]' must be null or {{'ids': [token ids], 'tokenizer': fingerprint}}"
             )
-        out.append({"ids": list(ids), "tokenizer": fp})
+        out.append({"ids": list(record[0]), "tokenizer": record[1]})
     return tuple(out)
 
 

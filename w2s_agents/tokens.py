@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["tokenizer_fingerprint"]
+__all__ = ["recorded_token_ids", "tokenizer_fingerprint"]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -41,3 +42,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def recorded_token_ids(value: Any) -> tuple[list[int], str] | None:
+    """``(ids, fingerprint)`` of a record of recorded token ids, ``{"ids": [token ids], "tokenizer":
+    fingerprint}`` with a non-empty list of non-negative integers and a non-empty string; None when ``value`` is
+    not such a record (callers say where in their error message)."""
+    ids = value.get("ids") if isinstance(value, Mapping) else None
+    fp = value.get("tokenizer") if isinstance(value, Mapping) else None
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        or not isinstance(fp, str)
+        or not fp
+    ):
+        return None
+    return ids, fp

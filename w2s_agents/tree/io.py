@@ -33,6 +33,7 @@ import numpy as np
 
 from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import DataFormatError
+from w2s_agents.tokens import recorded_token_ids
 from w2s_agents.types import END_REASONS
 
 from .counts import _SCALE, model_id
@@ -307,19 +308,12 @@ def _agent_tokens(
     """The optional node attribute ``agent_tokens`` (``{"ids": [token ids], "tokenizer": fingerprint}``)."""
     if v is None:
         return None
-    ids = v.get("ids") if isinstance(v, Mapping) else None
-    fp = v.get("tokenizer") if isinstance(v, Mapping) else None
-    if (
-        not isinstance(ids, list)
-        or not ids
-        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
-        or not isinstance(fp, str)
-        or not fp
-    ):
+    record = recorded_token_ids(v)
+    if record is None:
         raise fail(
             f"node {nid}: attribute 'agent_tokens' must be {{'ids': [token ids], 'tokenizer': fingerprint}}"
         )
-    return tuple(ids), fp
+    return tuple(record[0]), record[1]
 
 
 def _check_node(rec: Mapping[str, Any], nid: int, fail: Callable[[str], DataFormatError]) -> dict[str, Any]:
