@@ -113,9 +113,14 @@ def group_normalise(
         raise ValueError(
             f"a group needs returns and matching non-negative counts, got {len(r)} and {w.shape}"
         )
-    mean = float((w * r).sum() / w.sum())
-    std = math.sqrt(float((w * (r - mean) ** 2).sum() / w.sum()))
+    mean, std = _weighted_mean_std(r, w)
     return (r - mean) / (std + eps)
+
+
+def _weighted_mean_std(r: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """The mean and population std of the values ``r`` weighted by ``w`` (a positive sum)."""
+    mean = float((w * r).sum() / w.sum())
+    return mean, math.sqrt(float((w * (r - mean) ** 2).sum() / w.sum()))
 
 
 def trajectory_advantages(tree: TrajectoryTree, eps: float = 1e-6) -> np.ndarray:
@@ -133,8 +138,7 @@ def trajectory_advantages(tree: TrajectoryTree, eps: float = 1e-6) -> np.ndarray
     if not len(ends):
         return adv
     returns = ended_ret[ends] / ended[ends]
-    mean = float((ended[ends] * returns).sum() / ended[ends].sum())
-    std = math.sqrt(float((ended[ends] * (returns - mean) ** 2).sum() / ended[ends].sum()))
+    mean, std = _weighted_mean_std(returns, ended[ends])
     with np.errstate(invalid="ignore", divide="ignore"):
         through = ret_sum / visits  # mean return of the episodes through each node
         adv[1:] = np.where(visits[1:] > 0, (through[1:] - mean) / (std + eps), np.nan)
