@@ -98,9 +98,9 @@ def test_mcts_start_strong_sft_trains_w2s_mcts_from_the_strong_sft_agent() -> No
 
 def test_best_of_n_samples_above_the_episodes_played_is_refused() -> None:
     with pytest.raises(
-        ConfigError, match=r"train\.best_of_n_samples.*explore\.samplers x explore\.seeds = 8"
+        ConfigError, match=r"train\.best_of_n_samples.*explore\.samplers x explore\.seeds = 16"
     ):
-        load_experiment(None, ["train.best_of_n_samples=9"])
+        load_experiment(None, ["train.best_of_n_samples=17"])
     with pytest.raises(ConfigError, match="best_of_n_samples"):
         load_experiment(None, ["train.best_of_n_samples=-1"])
 

@@ -82,7 +82,7 @@ def test_malformed_grid_is_refused_naming_the_argument(args: list[str], message:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["explore.width=2,9"], "sweep point explore.width=9: "),  # above 4 samplers x 2 seeds
+        (["explore.width=2,17"], "sweep point explore.width=17: "),  # above 4 samplers x 4 seeds
         (["explore.widht=2,4"], "unknown config key 'explore.widht'"),
         (["explore.width=2,four"], "override 'explore.width=four'"),
         (["explore.width=2,4"], ""),  # the valid sweep, for contrast
@@ -159,10 +159,10 @@ def test_width_takes_sampler_seed_pairs_seed_major() -> None:
 
 
 def test_width_is_checked_against_samplers_times_seeds() -> None:
-    assert load_experiment(None, ["explore.width=8"]).explore.width == 8  # 4 samplers x 2 seeds
-    for bad in ("9", "-1"):
+    assert load_experiment(None, ["explore.width=16"]).explore.width == 16  # 4 samplers x 4 seeds
+    for bad in ("17", "-1"):
         with pytest.raises(
-            ConfigError, match=r"'width' must be between 0 and len\(samplers\) x seeds = 4 x 2 = 8"
+            ConfigError, match=r"'width' must be between 0 and len\(samplers\) x seeds = 4 x 4 = 16"
         ):
             load_experiment(None, [f"explore.width={bad}"])
 
@@ -369,9 +369,9 @@ def test_cli_sweep_refuses_a_bad_point_in_one_line(
 ) -> None:
     from w2s_agents.cli import main
 
-    assert main(["sweep", "explore.width=4,12", f"run.out_dir={tmp_path}"]) == 2
+    assert main(["sweep", "explore.width=4,17", f"run.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("w2s: error: sweep point explore.width=12: ") and "\n" not in err
+    assert err.startswith("w2s: error: sweep point explore.width=17: ") and "\n" not in err
     assert not any(tmp_path.iterdir())
     assert main(["sweep", "explore.width=4,6", f"run.out_dir={tmp_path}", "--report-only", "--no-plot"]) == 0
     out = capsys.readouterr().out

@@ -98,9 +98,9 @@ def test_one_weak_model_keeps_the_stage_keys() -> None:
     expected = {
         "models": "ee5c011f8c1acff7",
         "weak-sft": "eae20da83adf703e",
-        "explore": "dbb1427394563969",
-        "trees": "57b80a3d5fc38c84",
-        "search": "c58582b13aa99cca",
+        "explore": "1df6a9c166bc40f2",
+        "trees": "709c8128d4603d41",
+        "search": "750d701d62b3c2d9",
     }
     for overrides in ([], ["weak_extra=[]"]):
         keys = stage_keys(build_stages(load_experiment(None, overrides), 0))

@@ -102,7 +102,7 @@ class ExploreConfig:
         ],
         help="sampling settings, one exploration each (the tree width)",
     )
-    seeds: int = option(2, "episodes per task and sampler")
+    seeds: int = option(4, "episodes per task and sampler")
     width: int = option(
         0,
         "trajectories per train task: the first N (sampler, seed) pairs taken seed-major (seed 0 of every "
