@@ -69,6 +69,7 @@ REQUIRED_ARGS = {
     ("train", "sft"): ["x"],
     ("train", "dpo"): ["x"],
     ("train", "mcts-sft"): ["x"],
+    ("train", "pg"): ["x"],
     ("rollout",): ["x"],
 }
 
