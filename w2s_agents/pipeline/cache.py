@@ -35,8 +35,10 @@ __all__ = [
     "MANIFEST_PACKAGES",
     "Stage",
     "StageContext",
+    "StageGroup",
     "StageRecord",
     "collect_manifest",
+    "run_stage_groups",
     "run_stages",
     "stage_keys",
     "write_manifest",
@@ -198,6 +200,37 @@ def _prepare(directory: Path, key: str, redo: bool) -> bool:
     return False
 
 
+def _finish(ctx: StageContext, seconds: float, summary: Mapping[str, Any]) -> None:
+    """Record the stage of ``ctx`` finished: its ``_done.json`` with key, timing and summary."""
+    _write_json(
+        ctx.directory / DONE_FILE,
+        {
+            "key": ctx.key,
+            "stage": ctx.name,
+            "seconds": seconds,
+            "finished": time.time(),
+            "summary": dict(summary),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class StageGroup:
+    """The stages of one run folder (one run seed) for :func:`run_stage_groups`.
+
+    Attributes:
+        stages: the pipeline.
+        run_dir: the run folder (created).
+        on_stage: called after each stage (ran or cached), e.g. to refresh the manifest.
+        init: with ``jobs`` > 1, called in a stage's process before it runs (picklable), e.g. to seed it.
+    """
+
+    stages: Sequence[Stage]
+    run_dir: Path
+    on_stage: Callable[[StageRecord], None] | None = None
+    init: Callable[[], None] | None = None
+
+
 def run_stages(
     stages: Sequence[Stage],
     run_dir: str | os.PathLike[str],
@@ -205,6 +238,8 @@ def run_stages(
     from_stage: str | None = None,
     until: str | None = None,
     on_stage: Callable[[StageRecord], None] | None = None,
+    jobs: int = 1,
+    threads: int = 0,
 ) -> list[StageRecord]:
     """Run ``stages`` in order inside ``run_dir``, skipping those whose outputs exist for the same key.
 
@@ -214,57 +249,168 @@ def run_stages(
         from_stage: redo this stage and every later one, even when cached.
         until: stop after this stage.
         on_stage: called after each stage (ran or cached), e.g. to refresh the manifest.
+        jobs: > 1: run stages whose dependencies have finished side by side, each in a process of its own
+            (:mod:`w2s_agents.pipeline.jobs`); 1: one after the other in this process.
+        threads: with ``jobs`` > 1, torch threads per stage (0: the cores divided by ``jobs``).
 
     Returns:
-        One record per stage that ran or was reused.
+        One record per stage that ran or was reused, in pipeline order.
 
     Raises:
         ConfigError: ``from_stage``/``until`` names no stage, or the pipeline is malformed.
     """
+    group = StageGroup(stages, Path(run_dir), on_stage)
+    return run_stage_groups([group], from_stage=from_stage, until=until, jobs=jobs, threads=threads)[0]
+
+
+def _plan(group: StageGroup, from_stage: str | None, until: str | None) -> tuple[list[Stage], dict[str, str]]:
+    """The stages of ``group`` this invocation covers (up to ``until``) and their keys; checks the names."""
+    stages = list(group.stages)
     names = [s.name for s in stages]
     for opt, value in (("--from", from_stage), ("--until", until)):
         if value is not None and value not in names:
             raise ConfigError(f"{opt} {value!r}: no such stage; stages are {', '.join(names)}")
     keys = stage_keys(stages)
-    run_dir = Path(run_dir)
+    if until is not None:
+        stages = stages[: names.index(until) + 1]
+    return stages, keys
+
+
+def run_stage_groups(
+    groups: Sequence[StageGroup],
+    *,
+    from_stage: str | None = None,
+    until: str | None = None,
+    jobs: int = 1,
+    threads: int = 0,
+    init: Callable[[], None] | None = None,
+) -> list[list[StageRecord]]:
+    """Run the stages of several run folders (e.g. the seeds of a run); see :func:`run_stages`.
+
+    With ``jobs`` 1 the groups run one after the other, each stage in this process. With ``jobs`` > 1 every
+    stage of every group whose dependencies have finished may run, up to ``jobs`` at once, each in a process of
+    its own that first calls ``init`` (picklable; e.g. logging) and then its group's ``init``.
+
+    Returns:
+        Per group, one record per stage that ran or was reused, in pipeline order.
+
+    Raises:
+        ConfigError: ``from_stage``/``until`` names no stage, or a pipeline is malformed.
+    """
+    if jobs < 1:
+        raise ConfigError(f"jobs: must be >= 1, got {jobs}")
+    plans = [_plan(g, from_stage, until) for g in groups]  # every name is checked before anything runs
+    if jobs == 1:
+        return [
+            _run_in_order(g, stages, keys, from_stage)
+            for g, (stages, keys) in zip(groups, plans, strict=True)
+        ]
+    return _run_side_by_side(groups, plans, from_stage, jobs, threads, init)
+
+
+def _cached_record(st: Stage, directory: Path, key: str) -> StageRecord:
+    done = _read_json(directory / DONE_FILE) or {}
+    logger.info("stage %s: reusing finished outputs (key %s)", st.name, key)
+    return StageRecord(st.name, key, "cached", float(done.get("seconds", 0.0)), done.get("summary", {}))
+
+
+def _run_in_order(
+    group: StageGroup, stages: Sequence[Stage], keys: Mapping[str, str], from_stage: str | None
+) -> list[StageRecord]:
+    run_dir = group.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    redo_from = names.index(from_stage) if from_stage is not None else len(names)
+    names = [s.name for s in stages]
+    redo_from = names.index(from_stage) if from_stage in names else len(group.stages)
     outputs: dict[str, Path] = {}
     records: list[StageRecord] = []
     for i, st in enumerate(stages):
         directory = run_dir / st.name
         key = keys[st.name]
         if _prepare(directory, key, redo=i >= redo_from):
-            done = _read_json(directory / DONE_FILE) or {}
-            record = StageRecord(
-                st.name, key, "cached", float(done.get("seconds", 0.0)), done.get("summary", {})
-            )
-            logger.info("stage %s: reusing finished outputs (key %s)", st.name, key)
+            record = _cached_record(st, directory, key)
         else:
             logger.info("stage %s: running (key %s)", st.name, key)
             t0 = time.perf_counter()
             ctx = StageContext(st.name, directory, run_dir, key, dict(outputs))
             summary = dict(st.run(ctx) or {})
             seconds = time.perf_counter() - t0
-            _write_json(
-                directory / DONE_FILE,
-                {
-                    "key": key,
-                    "stage": st.name,
-                    "seconds": seconds,
-                    "finished": time.time(),
-                    "summary": summary,
-                },
-            )
+            _finish(ctx, seconds, summary)
             record = StageRecord(st.name, key, "done", seconds, summary)
             logger.info("stage %s: done in %.1f s", st.name, seconds)
         outputs[st.name] = directory
         records.append(record)
-        if on_stage is not None:
-            on_stage(record)
-        if until is not None and st.name == until:
-            break
+        if group.on_stage is not None:
+            group.on_stage(record)
     return records
+
+
+def _upstream(stages: Sequence[Stage]) -> dict[str, set[str]]:
+    """Per stage, every stage it depends on directly or through others."""
+    by = {s.name: s for s in stages}
+    memo: dict[str, set[str]] = {}
+
+    def up(name: str) -> set[str]:
+        if name not in memo:
+            memo[name] = set()
+            for d in by[name].deps if name in by else ():
+                memo[name] |= {d, *up(d)}
+        return memo[name]
+
+    return {s.name: up(s.name) for s in stages}
+
+
+def _run_side_by_side(
+    groups: Sequence[StageGroup],
+    plans: Sequence[tuple[list[Stage], dict[str, str]]],
+    from_stage: str | None,
+    jobs: int,
+    threads: int,
+    init: Callable[[], None] | None,
+) -> list[list[StageRecord]]:
+    from w2s_agents.pipeline.jobs import Job, JobResult, run_jobs, stage_call
+
+    labels = [g.run_dir.name for g in groups]
+    if len(set(labels)) < len(labels):
+        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+    records: list[dict[str, StageRecord]] = [{} for _ in groups]
+    to_run: list[Job] = []
+    where: dict[str, tuple[int, Stage, str]] = {}
+    for gi, (group, (stages, keys)) in enumerate(zip(groups, plans, strict=True)):
+        group.run_dir.mkdir(parents=True, exist_ok=True)
+        names = [s.name for s in stages]
+        redo_from = names.index(from_stage) if from_stage in names else len(group.stages)
+        upstream = _upstream(stages)
+        for i, st in enumerate(stages):
+            directory = group.run_dir / st.name
+            key = keys[st.name]
+            if _prepare(directory, key, redo=i >= redo_from):
+                records[gi][st.name] = rec = _cached_record(st, directory, key)
+                if group.on_stage is not None:
+                    group.on_stage(rec)
+                continue
+            # a stage reads only what it depends on: the folders of the rest may be half-written now
+            outputs = {n: group.run_dir / n for n in names if n in upstream[st.name]}
+            ctx = StageContext(st.name, directory, group.run_dir, key, outputs)
+            job_id = f"{labels[gi]}/{st.name}"
+            call = stage_call(st.run, ctx, _finish, group.init)
+            to_run.append(Job(job_id, tuple(f"{labels[gi]}/{d}" for d in st.deps), call))
+            where[job_id] = (gi, st, key)
+
+    def started(job: Job, n: int) -> None:
+        logger.info("stage %s: started (%d torch threads; key %s)", job.id, n, where[job.id][2])
+
+    def done(result: JobResult) -> None:
+        gi, st, key = where[result.id]
+        records[gi][st.name] = rec = StageRecord(st.name, key, "done", result.seconds, result.summary)
+        logger.info("stage %s: done in %.1f s", result.id, result.seconds)
+        if groups[gi].on_stage is not None:
+            groups[gi].on_stage(rec)
+
+    run_jobs(to_run, max_jobs=jobs, threads=threads, init=init, on_start=started, on_done=done)
+    return [
+        [recs[s.name] for s in stages if s.name in recs]
+        for recs, (stages, _) in zip(records, plans, strict=True)
+    ]
 
 
 def _git_commit() -> dict[str, Any] | None:

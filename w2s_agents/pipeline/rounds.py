@@ -75,6 +75,12 @@ class PipelineRunConfig(RunConfig):
         "w2s-mcts",
         "with rounds > 1: the W2S model of round k that explores in round k+1 (trained in the run)",
     )
+    jobs: int = option(
+        1,
+        "stages run side by side, each in a process of its own: every stage whose dependencies have finished, "
+        "of every run seed, up to this many at once, with the CPU cores divided among them (run.threads per "
+        "stage when set); 1: one after the other in this process. Results do not change",
+    )
     report_to: list[ReportTo] = option(
         default_factory=list,
         help="experiment trackers of every stage: tensorboard (<run dir>/tb/), wandb (<run dir>/wandb/, offline "
@@ -84,6 +90,7 @@ class PipelineRunConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(self.jobs >= 1, "jobs", f"must be >= 1, got {self.jobs}")
         check(
             len(set(self.report_to)) == len(self.report_to),
             "report_to",

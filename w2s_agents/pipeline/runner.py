@@ -48,8 +48,16 @@ from typing import Any
 from w2s_agents.config import config_to_dict, save_config
 from w2s_agents.errors import ConfigError
 from w2s_agents.log import setup_logging
-from w2s_agents.pipeline.cache import Stage, StageRecord, collect_manifest, run_stages, write_manifest
+from w2s_agents.pipeline.cache import (
+    Stage,
+    StageGroup,
+    StageRecord,
+    collect_manifest,
+    run_stage_groups,
+    write_manifest,
+)
 from w2s_agents.pipeline.experiment import BASELINES, W2S_VARIANTS, ExperimentConfig
+from w2s_agents.pipeline.jobs import stage_process_init
 from w2s_agents.pipeline.metrics import aggregate, write_metrics
 from w2s_agents.pipeline.report import write_report
 from w2s_agents.pipeline.rounds import later_round_stages
@@ -422,17 +430,37 @@ def run_pipeline(
             ),
         )
 
+    groups = []
     for s in seeds:
-        seed_everything(s)
-        logger.info("run %s seed %d: %s", cfg.run.name, s, run_dir / f"seed-{s}")
         records[s] = []
 
         def on_stage(rec: StageRecord, s: int = s) -> None:
             records[s].append(rec)
             manifest()
 
-        run_stages(
-            build_stages(cfg, s), run_dir / f"seed-{s}", from_stage=from_stage, until=until, on_stage=on_stage
+        groups.append(
+            StageGroup(build_stages(cfg, s), run_dir / f"seed-{s}", on_stage, partial(seed_everything, s))
+        )
+    if cfg.run.jobs == 1:
+        for s, group in zip(seeds, groups, strict=True):
+            seed_everything(s)
+            logger.info("run %s seed %d: %s", cfg.run.name, s, group.run_dir)
+            run_stage_groups([group], from_stage=from_stage, until=until)
+    else:
+        logger.info(
+            "run %s seeds %s: %s, up to %d stages at once",
+            cfg.run.name,
+            ", ".join(map(str, seeds)),
+            run_dir,
+            cfg.run.jobs,
+        )
+        run_stage_groups(
+            groups,
+            from_stage=from_stage,
+            until=until,
+            jobs=cfg.run.jobs,
+            threads=cfg.run.threads,
+            init=partial(stage_process_init, cfg.run.log_level, run_dir / "run.log"),
         )
     if until is not None and until != "eval":
         manifest({"finished": time.time(), "until": until})
