@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import BASELINES, W2S_VARIANTS, ExperimentConfig
+from w2s_agents.pipeline.rl import rl_models
 from w2s_agents.pipeline.rounds import later_round_models
 from w2s_agents.pipeline.stage_io import load_agent, model_path, play_episodes, read_json, read_trajectories
 from w2s_agents.pipeline.stats import misfit
@@ -93,7 +94,8 @@ def evaluate_models(
     agents: dict[str, Agent] = {}
     extra = [w.sft_stage for w in extra_weaks(cfg)]  # every extra weak model's SFT agent, on the test tasks
     rounds = later_round_models(W2S_VARIANTS, cfg.run.rounds)  # run.rounds > 1: the later rounds' W2S models
-    for name in (*MODEL_STAGES, *extra, *rounds):
+    rl = rl_models(cfg.rl.rounds)  # rl.rounds > 0: the W2S-RL models
+    for name in (*MODEL_STAGES, *extra, *rounds, *rl):
         path = model_path(ctx, name) if name in ctx.outputs else None
         if path is None:
             continue

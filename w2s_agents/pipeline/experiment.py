@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 from w2s_agents.agents import AgentConfig, ModelConfig, Sampler
 from w2s_agents.config import RunConfig, check, load_config, option, save_config
+from w2s_agents.pipeline.rl import RLConfig, check_rl
 from w2s_agents.pipeline.rounds import PipelineRunConfig, check_rounds
 from w2s_agents.pipeline.weaks import WeakModelConfig, check_weak_names
 from w2s_agents.search import OnlineSearchConfig, SearchConfig
-from w2s_agents.trainers import TrainConfig
+from w2s_agents.trainers import PGOptions, TrainConfig
 
 __all__ = [
     "BASELINES",
@@ -30,6 +31,7 @@ __all__ = [
     "ExperimentConfig",
     "ExploreConfig",
     "PipelineRunConfig",
+    "RLConfig",
     "RunConfig",
     "TasksConfig",
     "TrainStagesConfig",
@@ -220,6 +222,23 @@ def _tiny_sft(lr: float, epochs: int, method: str = "sft") -> TrainConfig:
     )
 
 
+def _tiny_pg() -> TrainConfig:
+    # policy gradient refines a policy that already plays (rl.start): a learning rate a third of the tiny
+    # models' SFT rate, two passes over each round's rows, the ratio clipped and a KL to the start model
+    return TrainConfig(
+        method="pg",
+        lr=3e-4,
+        epochs=2,
+        batch_size=8,
+        max_length=1024,
+        warmup_ratio=0.05,
+        valid_fraction=0.0,
+        export="last",
+        reference="strong",
+        pg=PGOptions(loss="clip", clip_eps=0.2, kl_coef=0.05, aggregation="token"),
+    )
+
+
 def _tiny_dpo(reference: str) -> TrainConfig:
     return TrainConfig(
         method="dpo",
@@ -263,6 +282,11 @@ class TrainStagesConfig:
     ceiling_dpo: TrainConfig = option(
         default_factory=lambda: _tiny_dpo("strong"),
         help="the ceiling: strong SFT + DPO on expert-vs-failed pairs",
+    )
+    rl: TrainConfig = option(
+        default_factory=_tiny_pg,
+        help="with rl.rounds > 0: policy gradient of each RL round (W2S-RL) from that round's policy, KL to "
+        "rl.start's model (method pg)",
     )
     variants: list[Literal["w2s-mcts", "w2s-treedpo", "w2s-mcts-treedpo"]] = option(
         default_factory=lambda: ["w2s-mcts"],
@@ -370,6 +394,9 @@ class ExperimentConfig:
     )
     train: TrainStagesConfig = option(default_factory=TrainStagesConfig, help="fine-tuning runs")
     eval: EvalConfig = option(default_factory=EvalConfig, help="held-out evaluation and diagnostics")
+    rl: RLConfig = option(
+        default_factory=RLConfig, help="on-policy RL rounds from the trees (W2S-RL; off by default)"
+    )
 
     def __post_init__(self) -> None:
         check_weak_names(self.weak_extra)
@@ -386,6 +413,7 @@ class ExperimentConfig:
             "is 'valid' but tasks.valid is 0: set tasks.valid to the number of valid tasks to evaluate on",
         )
         check_rounds(self)
+        check_rl(self)
 
     @property
     def agent_device(self) -> str:

@@ -26,6 +26,7 @@ from w2s_agents.config import config_hash
 from w2s_agents.pipeline.evaluate import MODEL_STAGES
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.report import METRICS_SCHEMA, MODEL_LABELS
+from w2s_agents.pipeline.rl import rl_label, rl_metrics
 from w2s_agents.pipeline.rounds import round_label, round_metrics, round_name
 from w2s_agents.pipeline.stage_io import read_json, read_trajectories
 from w2s_agents.pipeline.stats import Misfit, Transfer, bootstrap_interval, paired_pgr, transfer
@@ -80,7 +81,7 @@ def _weak_to_strong(
         if "ceiling" in scores:
             iv = paired_pgr(weak, scores[name], scores["ceiling"], seed=level_seed)
             metrics["pgr"][name] = iv.as_dict()
-            label = MODEL_LABELS.get(name, name)
+            label = models[name]["label"]
             if iv.reason:
                 logger.warning("PGR of %s: %s", label, iv.reason)
             elif iv.dropped:
@@ -187,8 +188,8 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
         names += [n for n in ev["models"] if n not in names]
     level_seed = derive_seed(cfg.run.seed, "bootstrap") % 2**31
     models, scores = _model_metrics(per_seed, names, level_seed)
-    for name, m in models.items():  # run.rounds > 1: "W2S-MCTS (round 1)", "W2S-MCTS (round 2)", ...
-        m["label"] = round_label(name, MODEL_LABELS, cfg.run.rounds) or m["label"]
+    for name, m in models.items():  # run.rounds > 1: "W2S-MCTS (round 1)", ...; rl.rounds: "W2S-RL (round 1)"
+        m["label"] = round_label(name, MODEL_LABELS, cfg.run.rounds) or rl_label(name) or m["label"]
     metrics: dict[str, Any] = {
         "schema": METRICS_SCHEMA,
         "run": cfg.run.name,
@@ -227,6 +228,8 @@ def aggregate(run_dir: Path, seeds: Sequence[int], cfg: ExperimentConfig) -> dic
         metrics["best_paths"] = paths
     if cfg.run.rounds > 1:  # each round's exploration, trees, training data and models
         metrics["rounds"] = round_metrics(run_dir, seeds, cfg)
+    if cfg.rl.rounds:  # each RL round's exploration, grown trees, policy-gradient rows and model
+        metrics["rl"] = rl_metrics(run_dir, seeds, cfg)
     if cfg.weak_extra:  # several weak supervisors: each one's share of the data, the learned weights
         metrics["weak_supervisors"] = weak_supervisor_metrics(run_dir, seeds, cfg)
     metrics["curves"] = _curves(run_dir / f"seed-{seeds[0]}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from w2s_agents.atomic import atomic_write
+from w2s_agents.pipeline.rl import order_rl_rows, rl_section
 from w2s_agents.pipeline.rounds import order_round_rows, rounds_section
 from w2s_agents.pipeline.stats import PGR_MIN_GAP, Interval
 from w2s_agents.pipeline.weaks import FIRST_WEAK_SOURCE, weak_supervisors_section
@@ -64,6 +65,7 @@ def _ordered_models(models: Mapping[str, Any]) -> list[str]:
     at = known.index(FIRST_WEAK_SOURCE) + 1 if FIRST_WEAK_SOURCE in known else 0
     known[at:at] = weaks
     later = order_round_rows(known, list(models), TABLE_ORDER)  # later rounds' W2S models, before the ceiling
+    later += order_rl_rows(known, list(models))  # the W2S-RL models after them, round by round
     return known + sorted(m for m in models if m not in MODEL_LABELS and m not in weaks and m not in later)
 
 
@@ -299,6 +301,7 @@ def write_report(metrics: Mapping[str, Any], run_dir: str | os.PathLike[str], *,
     lines += _results_section(metrics)
     lines += _w2s_section(metrics)
     lines += rounds_section(metrics, MODEL_LABELS)
+    lines += rl_section(metrics, MODEL_LABELS)
     lines += weak_supervisors_section(metrics, MODEL_LABELS)
     lines += _dict_section("Search cost", metrics.get("search_cost"))
     tree_stats = {k: v for k, v in (metrics.get("trees") or {}).items() if k != "per_tree"}

@@ -25,6 +25,10 @@ section 2 run in ``<run dir>/seed-<k>/<stage>/`` as cached, resumable stages (:m
     explore-r<k>, trees-r<k>, (expand-r<k>,) search-r<k>, w2s-*-r<k>
                 with run.rounds > 1, rounds 2 .. N: round k-1's W2S model explores, its episodes join the
                 trees, the W2S stages train again on them (module rounds)
+    rl-explore-r<k>, rl-trees-r<k>, rl-search-r<k>, w2s-rl-r<k>
+                with rl.rounds > 0, RL rounds 1 .. N: round k's policy (rl.start's model, then w2s-rl-r<k-1>)
+                explores, its episodes join the weak agent's trees, policy gradient on the steps' advantages
+                from the grown trees (module rl)
     eval        every model on the held-out test tasks (and train tasks for correction / expansion; misfit)
 
 then ``metrics.json`` (:mod:`w2s_agents.pipeline.metrics`), ``report.md`` and ``plots/`` at the top of the run,
@@ -60,6 +64,7 @@ from w2s_agents.pipeline.experiment import BASELINES, W2S_VARIANTS, ExperimentCo
 from w2s_agents.pipeline.jobs import stage_process_init
 from w2s_agents.pipeline.metrics import aggregate, write_metrics
 from w2s_agents.pipeline.report import write_report
+from w2s_agents.pipeline.rl import rl_round_stages
 from w2s_agents.pipeline.rounds import later_round_stages
 from w2s_agents.pipeline.stage_io import plays_valid, training_system
 from w2s_agents.pipeline.stages import (
@@ -73,6 +78,8 @@ from w2s_agents.pipeline.stages import (
     run_held_out,
     run_mcts_sft,
     run_models,
+    run_pg,
+    run_rl_search,
     run_search,
     run_sft,
     run_strong_explore,
@@ -347,7 +354,10 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
     # run.rounds > 1: rounds 2 .. N, made from round 1's stages; their W2S models are evaluated
     later = later_round_stages(cfg, stages)
     stages += later
-    round_data = {s.name for s in later if not s.name.startswith("w2s-")}
+    # rl.rounds > 0: the RL rounds after them (module rl); their W2S-RL models are evaluated
+    rl = rl_round_stages(cfg, seed, stages, training, search_run=run_rl_search, pg_run=run_pg)
+    stages += rl
+    round_data = {s.name for s in (*later, *rl) if not s.name.startswith("w2s-")}
     # evaluation reads the models of every training stage, and exploration's solved tasks
     stages.append(
         Stage(
