@@ -255,6 +255,41 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(mini_config: Path,
     keys = [t.key for t in read_trajectories(seed_dir / "explore" / "trajectories.jsonl")]
     assert len(keys) == len(set(keys)) == 6
     assert (tmp_path / "runs" / "mini" / "report.md").is_file()
+    _side_by_side_matches(mini_config, result, env)
+
+
+def _side_by_side_matches(mini_config: Path, in_order: Any, env: dict[str, str]) -> None:
+    """The same run with its stages side by side (run.jobs=2), killed while stages run and resumed, gives the
+    results of the run whose stages ran one after the other; no stage's process outlives the killed parent."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "w2s_agents.cli", "run", str(mini_config), "run.jobs=2", "run.name=mini-jobs"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seed_dir = in_order.run_dir.parent / "mini-jobs" / "seed-0"
+    deadline = time.monotonic() + 300
+    while not (seed_dir / "weak-sft" / "_done.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the run did not finish weak-sft in time"
+        time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"processes {alive} outlived the killed run"
+    result = run_pipeline(load_experiment(mini_config, ["run.jobs=2", "run.name=mini-jobs"]))
+    statuses = {r.name: r.status for r in result.records[0]}
+    assert statuses["weak-sft"] == "cached" and statuses["eval"] == "done"
+    assert result.metrics["models"] == in_order.metrics["models"]
+
+    def steps(run_dir: Path) -> list:
+        trajs = read_trajectories(run_dir / "seed-0" / "explore" / "trajectories.jsonl")
+        return sorted((t.key, [(s.action, s.reward) for s in t.steps]) for t in trajs)
+
+    assert steps(result.run_dir) == steps(in_order.run_dir)
+    for name in ("w2s-mcts", "ceiling"):
+        model = Path("seed-0") / name / "train" / "model" / "model.safetensors"
+        assert (result.run_dir / model).read_bytes() == (in_order.run_dir / model).read_bytes(), name
 
 
 @pytest.mark.slow
