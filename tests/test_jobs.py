@@ -19,10 +19,13 @@ import pytest
 from w2s_agents.errors import ConfigError, W2SError
 from w2s_agents.pipeline.cache import Stage, StageContext, StageGroup, run_stage_groups, run_stages
 
-cloudpickle.register_pickle_by_value(sys.modules[__name__])  # pytest's importlib mode: a child cannot import us
+# pytest's importlib mode: a stage's process cannot import this module, so its functions travel by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def work(ctx: StageContext, seconds: float = 0.0, fail: str | None = None, exit_code: int | None = None) -> dict:
+def work(
+    ctx: StageContext, seconds: float = 0.0, fail: str | None = None, exit_code: int | None = None
+) -> dict:
     """A stage: records when it ran, in which process and which folders it was given; optionally fails."""
     t0 = time.time()
     (ctx.directory / "pid").write_text(str(os.getpid()))
@@ -32,7 +35,14 @@ def work(ctx: StageContext, seconds: float = 0.0, fail: str | None = None, exit_
         os._exit(exit_code)
     if fail is not None:
         raise ConfigError(fail)
-    out = {"start": t0, "end": time.time(), "pid": os.getpid(), "outputs": sorted(ctx.outputs)}
+    out = {
+        "start": t0,
+        "end": time.time(),
+        "pid": os.getpid(),
+        "outputs": sorted(ctx.outputs),
+        "mark": os.environ.get("W2S_TEST_MARK"),
+        "cwd": os.getcwd(),
+    }
     (ctx.directory / "out.json").write_text(json.dumps(out))
     return {"name": ctx.name}
 
@@ -62,7 +72,8 @@ def test_independent_stages_run_side_by_side_after_their_dependencies(tmp_path: 
     assert [(r.name, r.status) for r in records] == [(n, "done") for n in "abcd"]
     assert records[1].summary == {"name": "b"} and records[1].seconds >= 1.5
     a, b, c, d = (out(tmp_path, n) for n in "abcd")
-    assert len({os.getpid(), a["pid"], b["pid"], c["pid"], d["pid"]}) == 5  # each stage in a process of its own
+    # each stage in a process of its own
+    assert len({os.getpid(), a["pid"], b["pid"], c["pid"], d["pid"]}) == 5
     assert b["start"] < c["end"] and c["start"] < b["end"], "b and c did not overlap"
     assert a["end"] <= min(b["start"], c["start"]) and d["start"] >= max(b["end"], c["end"])
     # a stage is given the folders of the stages it depends on, directly or not, and no other
@@ -184,3 +195,17 @@ def test_a_script_without_the_main_guard_gets_the_reason(tmp_path: Path) -> None
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert 'must make that call under `if __name__ == "__main__":`' in proc.stderr.splitlines()[-1]
+
+
+def test_stages_see_the_environment_and_folder_of_the_run_not_of_an_earlier_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processes start from a server made at the first run; each stage still gets the caller's environment
+    variables and working folder of the moment it starts."""
+    for mark in ("first", "second"):
+        monkeypatch.setenv("W2S_TEST_MARK", mark)
+        (tmp_path / mark).mkdir()
+        monkeypatch.chdir(tmp_path / mark)
+        run_stages(diamond(seconds=0.0), tmp_path / f"run-{mark}", jobs=2)
+        c = out(tmp_path / f"run-{mark}", "c")
+        assert (c["mark"], c["cwd"]) == (mark, str(tmp_path / mark))

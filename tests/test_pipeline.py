@@ -263,7 +263,8 @@ def _side_by_side_matches(mini_config: Path, in_order: Any, env: dict[str, str])
     results of the run whose stages ran one after the other; no stage's process outlives the killed parent."""
     import psutil
 
-    cmd = [sys.executable, "-m", "w2s_agents.cli", "run", str(mini_config), "run.jobs=2", "run.name=mini-jobs"]
+    overrides = ["run.jobs=2", "run.name=mini-jobs"]
+    cmd = [sys.executable, "-m", "w2s_agents.cli", "run", str(mini_config), *overrides]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seed_dir = in_order.run_dir.parent / "mini-jobs" / "seed-0"
     deadline = time.monotonic() + 300
@@ -277,7 +278,7 @@ def _side_by_side_matches(mini_config: Path, in_order: Any, env: dict[str, str])
     proc.stderr.close()
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"processes {alive} outlived the killed run"
-    result = run_pipeline(load_experiment(mini_config, ["run.jobs=2", "run.name=mini-jobs"]))
+    result = run_pipeline(load_experiment(mini_config, overrides))
     statuses = {r.name: r.status for r in result.records[0]}
     assert statuses["weak-sft"] == "cached" and statuses["eval"] == "done"
     assert result.metrics["models"] == in_order.metrics["models"]

@@ -308,9 +308,9 @@ def run_stage_groups(
     return _run_side_by_side(groups, plans, from_stage, jobs, threads, init)
 
 
-def _cached_record(st: Stage, directory: Path, key: str) -> StageRecord:
+def _cached_record(st: Stage, directory: Path, key: str, label: str = "") -> StageRecord:
     done = _read_json(directory / DONE_FILE) or {}
-    logger.info("stage %s: reusing finished outputs (key %s)", st.name, key)
+    logger.info("stage %s%s: reusing finished outputs (key %s)", label, st.name, key)
     return StageRecord(st.name, key, "cached", float(done.get("seconds", 0.0)), done.get("summary", {}))
 
 
@@ -384,7 +384,7 @@ def _run_side_by_side(
             directory = group.run_dir / st.name
             key = keys[st.name]
             if _prepare(directory, key, redo=i >= redo_from):
-                records[gi][st.name] = rec = _cached_record(st, directory, key)
+                records[gi][st.name] = rec = _cached_record(st, directory, key, f"{labels[gi]}/")
                 if group.on_stage is not None:
                     group.on_stage(rec)
                 continue

@@ -107,11 +107,17 @@ def _child(
     parent: int,
     init: Callable[[], None] | None,
     conn: Connection,
+    where: tuple[dict[str, str], str],
 ) -> None:
     """The body of a stage's process: run the pickled call and send ``("ok", summary, seconds)`` or the error."""
     _watch_parent(parent)
     conn.send(("started",))
     try:
+        # the fork server's environment and folder are those of when it started: take the parent's of now
+        env, cwd = where
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
         if init is not None:
             init()
         if threads:
@@ -236,7 +242,14 @@ def run_jobs(
                 parent_conn, child_conn = ctx.Pipe(duplex=False)
                 process = ctx.Process(
                     target=_child,
-                    args=(_dumps(job.call), n, os.getpid(), init, child_conn),
+                    args=(
+                        _dumps(job.call),
+                        n,
+                        os.getpid(),
+                        init,
+                        child_conn,
+                        (dict(os.environ), os.getcwd()),
+                    ),
                     name=f"w2s-stage-{job.id}",
                     daemon=False,
                 )
