@@ -97,7 +97,8 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         note = f" ({iv.reason})" if iv.reason else ""
         if iv.dropped:
             note += f" ({100 * iv.dropped:.1f}% of bootstrap resamples dropped: gap below the minimum)"
-        print(f"  PGR {MODEL_LABELS.get(name, name):<14} {iv.format(2)}{note}")
+        label = result.metrics["models"].get(name, {}).get("label") or MODEL_LABELS.get(name, name)
+        print(f"  PGR {label:<14} {iv.format(2)}{note}")
     return 0
 
 
