@@ -61,6 +61,10 @@ environment, tests/test_tracking.py reads the files). Kept out of ``FEATURES``: 
 so a copy of the run loaded with ``FEATURES`` alone reuses its stages and tracks nothing.
 """
 
+JOBS = ["run.jobs=2"]
+"""The feature run's stages run side by side, two at a time (``run.jobs``; each stage in a process of its own), so
+that every kind of stage goes through that path once; tests/test_pipeline.py compares the two paths' results."""
+
 STOP = "explore-r2"
 """The stage the feature run's first invocation stops after (then it is resumed)."""
 
@@ -79,11 +83,11 @@ class FeatureRun:
 
 
 def run_features(root: Path) -> FeatureRun:
-    """Run ``MINI`` with ``FEATURES`` and ``TRACKING`` under ``root``: until ``STOP``, then resumed to the end. The
+    """Run ``MINI`` with ``FEATURES``, ``TRACKING`` and ``JOBS`` under ``root``: until ``STOP``, then resumed to the end. The
     caller sets ``W2S_CACHE`` (the game cache), the W&B environment and the torch threads."""
     config = root / "mini.yaml"
     config.write_text(MINI.format(out=root / "runs"))
-    cfg = load_experiment(config, [*FEATURES, *TRACKING])
+    cfg = load_experiment(config, [*FEATURES, *TRACKING, *JOBS])
     first = run_pipeline(cfg, until=STOP)
     result = run_pipeline(cfg)
     return FeatureRun(config, cfg, first, result)

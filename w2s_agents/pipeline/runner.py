@@ -464,7 +464,7 @@ def run_pipeline(
             run_dir,
             cfg.run.jobs,
         )
-        run_stage_groups(
+        per_seed = run_stage_groups(
             groups,
             from_stage=from_stage,
             until=until,
@@ -472,6 +472,7 @@ def run_pipeline(
             threads=cfg.run.threads,
             init=partial(stage_process_init, cfg.run.log_level, run_dir / "run.log"),
         )
+        records.update(zip(seeds, per_seed, strict=True))  # in pipeline order, not the order they finished
     if until is not None and until != "eval":
         manifest({"finished": time.time(), "until": until})
         return PipelineResult(run_dir, run_dir / "report.md", {}, records)
