@@ -223,11 +223,11 @@ def _tiny_sft(lr: float, epochs: int, method: str = "sft") -> TrainConfig:
 
 
 def _tiny_pg() -> TrainConfig:
-    # policy gradient refines a policy that already plays (rl.start): a learning rate a third of the tiny
+    # policy gradient refines a policy that already plays (rl.start): a learning rate a tenth of the tiny
     # models' SFT rate, two passes over each round's rows, the ratio clipped and a KL to the start model
     return TrainConfig(
         method="pg",
-        lr=3e-4,
+        lr=1e-4,
         epochs=2,
         batch_size=8,
         max_length=1024,
