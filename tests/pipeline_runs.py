@@ -17,7 +17,7 @@ from w2s_agents.pipeline import PipelineResult, run_pipeline
 from w2s_agents.pipeline.experiment import ExperimentConfig, load_experiment
 
 MINI = """\
-run: {{name: mini, out_dir: {out}}}
+run: {{name: mini, out_dir: {out}, jobs: 1}}
 weak: {{tiny_preset: nano}}
 strong: {{tiny_preset: nano}}
 tasks: {{suite: tw-coin_collector, train: 3, valid: 1, test: 2, max_steps: 6}}

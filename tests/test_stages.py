@@ -115,3 +115,29 @@ def test_manifest_records_versions_and_stages(tmp_path):
     assert back["packages"]["numpy"] and back["packages"]["w2s-agents"]
     assert [s["name"] for s in back["stages"]] == ["a", "b", "c", "d"]
     assert back["seeds"] == {"run": 3}
+
+
+def test_stages_finished_in_another_run_folder_are_linked_and_reused(tmp_path):
+    from w2s_agents.pipeline.cache import link_finished_stages
+
+    rec = Recorder()
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_stages(pipeline(rec), first)
+    rec.calls.clear()
+    # b's config differs: a and d are the same stages, b and c are not
+    assert link_finished_stages(second, pipeline(rec, cfg_b=2), [tmp_path / "missing", first]) == ["a", "d"]
+    assert (second / "a").is_symlink() and not (second / "a").readlink().is_absolute()
+    records = run_stages(pipeline(rec, cfg_b=2), second)
+    assert rec.calls == ["b", "c"]
+    assert [r.status for r in records] == ["cached", "done", "done", "cached"]
+    assert json.loads((second / "c" / "out.json").read_text())["inputs"] == ["a", "b"]
+    assert link_finished_stages(second, pipeline(rec, cfg_b=2), [first]) == []  # already there
+    # redoing a linked stage moves the link aside; the other run's folder is untouched
+    run_stages(pipeline(rec, cfg_b=2), second, from_stage="a")
+    assert not (second / "a").is_symlink() and (first / "a" / "_done.json").is_file()
+    assert (first / "a" / "partial.txt").read_text() == "x"
+    # a link whose target no longer holds the key is replaced, never followed into the target
+    (tmp_path / "third").mkdir()
+    (tmp_path / "third" / "d").symlink_to(first / "b", target_is_directory=True)
+    assert link_finished_stages(tmp_path / "third", pipeline(rec), [first]) == ["a", "b", "c", "d"]
+    assert (tmp_path / "third" / "d").resolve() == (first / "d").resolve()

@@ -38,6 +38,8 @@ __all__ = [
     "StageGroup",
     "StageRecord",
     "collect_manifest",
+    "finished_key",
+    "link_finished_stages",
     "run_stage_groups",
     "run_stages",
     "stage_keys",
@@ -411,6 +413,52 @@ def _run_side_by_side(
         [recs[s.name] for s in stages if s.name in recs]
         for recs, (stages, _) in zip(records, plans, strict=True)
     ]
+
+
+def finished_key(folder: Path) -> str | None:
+    """The key a stage folder finished with (its ``_done.json``), or None when it did not finish."""
+    try:
+        return json.loads((folder / DONE_FILE).read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def link_finished_stages(
+    run_dir: str | os.PathLike[str], stages: Sequence[Stage], sources: Sequence[str | os.PathLike[str]]
+) -> list[str]:
+    """Reuse stages finished in other run folders: each stage folder of ``run_dir`` that does not exist yet
+    becomes a relative symbolic link to the folder of the same stage in the first of ``sources`` that finished it
+    with the same key (a link of an earlier call whose target no longer holds that key is replaced; the target
+    is never touched). The run's key check then reuses the folder as its own. Safe because no stage writes into
+    the folder of another, and a finished stage is never written again (``from_stage`` moves the link aside).
+
+    Returns:
+        The linked stage names.
+    """
+    run_dir = Path(run_dir)
+    here = run_dir.resolve()
+    linked: list[str] = []
+    for name, key in stage_keys(stages).items():
+        folder = run_dir / name
+        if folder.is_symlink():
+            if finished_key(folder) == key:
+                continue
+            folder.unlink()
+        elif folder.exists():
+            continue
+        for source in map(Path, sources):
+            target = source / name
+            if source.resolve() == here:
+                continue
+            if target.is_dir() and finished_key(target) == key:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                folder.symlink_to(
+                    os.path.relpath(target.resolve(), run_dir.resolve()), target_is_directory=True
+                )
+                logger.info("stage %s: reusing %s (key %s)", name, target, key)
+                linked.append(name)
+                break
+    return linked
 
 
 def _git_commit() -> dict[str, Any] | None:

@@ -76,10 +76,18 @@ class PipelineRunConfig(RunConfig):
         "with rounds > 1: the W2S model of round k that explores in round k+1 (trained in the run)",
     )
     jobs: int = option(
-        1,
+        0,
         "stages run side by side, each in a process of its own: every stage whose dependencies have finished, "
         "of every run seed, up to this many at once, with the CPU cores divided among them (run.threads per "
-        "stage when set); 1: one after the other in this process. Results do not change",
+        "stage when set); 1: one after the other in this process; 0: 1 when a CUDA device is visible (the "
+        "stages would share it), else 2 (1 on one core). Results do not change",
+    )
+    reuse: list[Path] = option(
+        default_factory=list,
+        help="run folders whose finished stages this run reuses: before a seed runs, each of its stage folders "
+        "that does not exist yet becomes a link to the same seed's folder of the first of these runs that "
+        "finished the stage with the same key (e.g. [runs/quickstart]: a config that adds stages to the default "
+        "computes only those)",
     )
     report_to: list[ReportTo] = option(
         default_factory=list,
@@ -87,10 +95,21 @@ class PipelineRunConfig(RunConfig):
         "without an API key); a training stage's own train.<stage>.report_to replaces it; []: none",
     )
 
+    @property
+    def stage_jobs(self) -> int:
+        """``jobs``, with 0 resolved for this machine: 1 when a CUDA device is visible, else 2 (1 on one core)."""
+        if self.jobs:
+            return self.jobs
+        import torch
+
+        from w2s_agents.pipeline.jobs import cpu_count
+
+        return 1 if torch.cuda.is_available() else min(2, cpu_count())
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
-        check(self.jobs >= 1, "jobs", f"must be >= 1, got {self.jobs}")
+        check(self.jobs >= 0, "jobs", f"must be >= 0, got {self.jobs}")
         check(
             len(set(self.report_to)) == len(self.report_to),
             "report_to",

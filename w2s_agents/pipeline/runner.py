@@ -57,6 +57,7 @@ from w2s_agents.pipeline.cache import (
     StageGroup,
     StageRecord,
     collect_manifest,
+    link_finished_stages,
     run_stage_groups,
     write_manifest,
 )
@@ -451,7 +452,13 @@ def run_pipeline(
         groups.append(
             StageGroup(build_stages(cfg, s), run_dir / f"seed-{s}", on_stage, partial(seed_everything, s))
         )
-    if cfg.run.jobs == 1:
+    for folder in cfg.run.reuse:
+        if not folder.is_dir():
+            logger.warning("run.reuse: %s is not a run folder (yet); its stages are computed here", folder)
+    for s, group in zip(seeds, groups, strict=True):  # run.reuse: stages finished in other run folders
+        link_finished_stages(group.run_dir, group.stages, [r / f"seed-{s}" for r in cfg.run.reuse])
+    jobs = cfg.run.stage_jobs
+    if jobs == 1:
         for s, group in zip(seeds, groups, strict=True):
             seed_everything(s)
             logger.info("run %s seed %d: %s", cfg.run.name, s, group.run_dir)
@@ -462,13 +469,13 @@ def run_pipeline(
             cfg.run.name,
             ", ".join(map(str, seeds)),
             run_dir,
-            cfg.run.jobs,
+            jobs,
         )
         per_seed = run_stage_groups(
             groups,
             from_stage=from_stage,
             until=until,
-            jobs=cfg.run.jobs,
+            jobs=jobs,
             threads=cfg.run.threads,
             init=partial(stage_process_init, cfg.run.log_level, run_dir / "run.log"),
         )
