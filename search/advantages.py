@@ -27,6 +27,9 @@ acted on followed by the step's action as the last assistant turn, which alone c
      "advantage": 0.25, "level": "step", "task_id": "...", "node": 7, "q": 0.75, "v": 0.5, "visits": 3,
      "sources": ["weak-a"]}
 
+and, when the tree's nodes kept recorded token ids (trees of trajectories recorded with ``agent.record_tokens``),
+``"agent_tokens"``: one entry per assistant message as in an SFT row (:mod:`.rows`).
+
 A row is refused with ``file:line`` (or ``rows[i]``) when its messages are malformed, it does not end on an
 assistant turn, or its advantage is not a finite number.
 """
@@ -44,8 +47,21 @@ from w2s_agents.errors import DataFormatError
 from w2s_agents.messages import SYSTEM_PROMPT, Message, agent_message
 from w2s_agents.tree import TrajectoryTree
 
-from .extract import context_messages
-from .rows import RowsInput, _messages, _names, _opt_int, _opt_num, _opt_str, _put, describe, read_typed
+from .extract import context_messages, context_tokens
+from .rows import (
+    AgentTokens,
+    RowsInput,
+    _agent_tokens,
+    _messages,
+    _names,
+    _opt_int,
+    _opt_num,
+    _opt_str,
+    _put,
+    agent_tokens_or_none,
+    describe,
+    read_typed,
+)
 from .values import ValueKind, node_values
 
 __all__ = [
@@ -166,12 +182,26 @@ class PGRow:
     """Data trajectories through the node."""
     sources: tuple[str, ...] = ()
     """The models whose trajectories went through the node."""
+    agent_tokens: AgentTokens | None = None
+    """Recorded token ids of the assistant messages, one entry each in order (``{"ids", "tokenizer"}`` or
+    None), or None when the row has none."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Fields this version does not know, written back as they were."""
     origin: str = field(default="", compare=False)
     """Where the row was read (``file:line``), for messages; not written."""
 
-    _KNOWN = ("messages", "advantage", "level", "task_id", "node", "q", "v", "visits", "sources")
+    _KNOWN = (
+        "messages",
+        "advantage",
+        "level",
+        "task_id",
+        "node",
+        "q",
+        "v",
+        "visits",
+        "sources",
+        "agent_tokens",
+    )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], origin: str = "row") -> PGRow:
@@ -199,6 +229,7 @@ class PGRow:
             v=_opt_num(d, "v", origin),
             visits=_opt_int(d, "visits", origin),
             sources=_names(d, "sources", origin),
+            agent_tokens=_agent_tokens(d, msgs, origin),
             extra={k: v for k, v in d.items() if k not in cls._KNOWN},
             origin=origin,
         )
@@ -210,6 +241,8 @@ class PGRow:
             _put(out, key, getattr(self, key))
         if self.sources:
             out["sources"] = list(self.sources)
+        if self.agent_tokens is not None:
+            out["agent_tokens"] = [dict(t) if t is not None else None for t in self.agent_tokens]
         out.update(self.extra)
         return out
 
@@ -265,6 +298,7 @@ def pg_rows(
                 v=float(base[n]) if base is not None else None,
                 visits=tree.visits(n),
                 sources=tuple(sorted(tree.sources(n))),
+                agent_tokens=agent_tokens_or_none((*context_tokens(tree, n), tree.agent_tokens(n))),
             )
         )
     return rows

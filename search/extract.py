@@ -20,6 +20,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
@@ -29,12 +30,13 @@ from w2s_agents.types import Trajectory
 
 from .mcts import SearchConfig
 from .paths import PathChoice, PathReplayer, choose_path
-from .rows import PairRow, SftRow
+from .rows import PairRow, SftRow, agent_tokens_or_none, pair_agent_tokens, step_agent_tokens
 from .values import best_path
 
 __all__ = [
     "best_path_row",
     "context_messages",
+    "context_tokens",
     "continuation_messages",
     "expert_failure_pairs",
     "path_row",
@@ -56,6 +58,14 @@ def context_messages(tree: TrajectoryTree, node: int, *, system: str | None = SY
         out.append(agent_message(tree.action(prev), tree.thought(prev)))
         out.append({"role": "user", "content": tree.observation_before(cur)})
     return out
+
+
+def context_tokens(tree: TrajectoryTree, node: int) -> tuple[dict[str, Any] | None, ...]:
+    """The recorded token ids (``{"ids", "tokenizer"}`` or None) of the assistant turns of
+    :func:`context_messages` ``(tree, node)``: the nodes on the path above ``node``."""
+    if node == ROOT:
+        raise ValueError("the root has no action; ask for the context of one of its children")
+    return tuple(tree.agent_tokens(n) for n in tree.path(node)[1:-1])
 
 
 def continuation_messages(tree: TrajectoryTree, nodes: Sequence[int]) -> list[Message]:
@@ -90,7 +100,7 @@ def best_path_row(
     if ret < min_return:
         return None
     messages = context_messages(tree, path[1], system=system) + continuation_messages(tree, path[1:])
-    tokens = tuple(tree.agent_tokens(n) for n in path[1:])
+    tokens = agent_tokens_or_none(tree.agent_tokens(n) for n in path[1:])
     return SftRow(
         messages=messages,
         task_id=tree.task_id,
@@ -99,7 +109,7 @@ def best_path_row(
         return_=ret,
         sources=_sources(tree, leaf),
         steps=len(path) - 1,
-        agent_tokens=tokens if any(t is not None for t in tokens) else None,
+        agent_tokens=tokens,
     )
 
 
@@ -148,6 +158,8 @@ def tree_pairs(
     """TreeDPO pairs at every divergence point of ``tree``.
 
     Children of a node are compared only when they acted on the same observation (same observation key).
+    Where the nodes kept recorded token ids (:meth:`~w2s_agents.tree.TrajectoryTree.agent_tokens`), the rows
+    carry them (``agent_tokens``: prompt, chosen and rejected).
     Among those with known values, every (better, worse) pair with ``value gap >= margin`` is a candidate;
     the ``per_node`` candidates of largest gap are kept (ties: the better child first in canonical order,
     then the worse). Each kept pair gives a step-level row and/or a continuation-level row. Rows come in
@@ -176,9 +188,11 @@ def tree_pairs(
                         candidates.append((-gap, i, j, a, b))
             candidates.sort()
             prompt: list[Message] | None = None
+            prompt_tokens: tuple[dict[str, Any] | None, ...] = ()
             for neg_gap, _, _, good, bad in candidates[:per_node]:
                 if prompt is None:
                     prompt = context_messages(tree, good, system=system)
+                    prompt_tokens = context_tokens(tree, good)
                 meta = {
                     "task_id": tree.task_id,
                     "node": node,
@@ -193,11 +207,19 @@ def tree_pairs(
                 if step:
                     chosen = [agent_message(tree.action(good), tree.thought(good))]
                     rejected = [agent_message(tree.action(bad), tree.thought(bad))]
-                    rows.append(PairRow(prompt, chosen, rejected, "step", **meta))
+                    tokens = pair_agent_tokens(
+                        prompt_tokens, [tree.agent_tokens(good)], [tree.agent_tokens(bad)]
+                    )
+                    rows.append(PairRow(prompt, chosen, rejected, "step", **meta, agent_tokens=tokens))
                 if continuation:
                     good_path, bad_path = best_path(tree, vals, good), best_path(tree, vals, bad)
                     if step and len(good_path) == 1 and len(bad_path) == 1:
                         continue  # the same conversation as the step row
+                    tokens = pair_agent_tokens(
+                        prompt_tokens,
+                        [tree.agent_tokens(n) for n in good_path],
+                        [tree.agent_tokens(n) for n in bad_path],
+                    )
                     rows.append(
                         PairRow(
                             prompt,
@@ -205,6 +227,7 @@ def tree_pairs(
                             continuation_messages(tree, bad_path),
                             "continuation",
                             **meta,
+                            agent_tokens=tokens,
                         )
                     )
     return rows
@@ -279,6 +302,9 @@ def expert_failure_pairs(
                     value_gap=best.return_ - bad.return_,
                     chosen_sources=(best.source.model,),
                     rejected_sources=(bad.source.model,),
+                    agent_tokens=pair_agent_tokens(
+                        [], map(step_agent_tokens, best.steps), map(step_agent_tokens, bad.steps)
+                    ),
                 )
             )
     return rows

@@ -10,8 +10,10 @@ JSON-lines files of DESIGN section 4, which Hugging Face ``datasets.load_dataset
   ``{"ids": [...], "tokenizer": fingerprint}`` (the answer's token ids as the model produced them) or null;
 * :class:`PairRow` (TreeDPO, expert-vs-failed): ``{"prompt": [...], "chosen": [...], "rejected": [...],
   "level", "task_id", "node", "chosen_node", "rejected_node", "chosen_value", "rejected_value", "value_gap",
-  "chosen_sources", "rejected_sources"}``; the prompt ends on the observation acted on (a user turn), chosen
-  and rejected start and end with an agent turn.
+  "chosen_sources", "rejected_sources", "agent_tokens"}``; the prompt ends on the observation acted on (a user
+  turn), chosen and rejected start and end with an agent turn; ``agent_tokens`` (pairs of trees and
+  trajectories with recorded ids) maps ``prompt``, ``chosen`` and ``rejected`` (each only when it has ids) to a
+  list as an SFT row's, one entry per assistant message of that part.
 
 Optional fields that are unset are not written; fields this version does not know (such as cached reference
 log-probs, ``ref_chosen_logp``) are kept in ``extra`` and written back as they were. A malformed row is refused
@@ -31,18 +33,23 @@ from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import DataFormatError
 from w2s_agents.messages import SYSTEM_PROMPT, Message, episode_messages
 from w2s_agents.tokens import recorded_token_ids
-from w2s_agents.types import Trajectory
+from w2s_agents.types import Step, Trajectory
 
 __all__ = [
     "PAIR_LEVELS",
+    "PAIR_PARTS",
+    "AgentTokens",
     "PairRow",
     "RowsInput",
     "SftRow",
+    "agent_tokens_or_none",
     "describe",
     "iter_jsonl",
+    "pair_agent_tokens",
     "read_pairs",
     "read_sft_rows",
     "read_typed",
+    "step_agent_tokens",
     "unique_rows",
     "write_rows",
 ]
@@ -53,6 +60,9 @@ RowsInput = str | os.PathLike | Sequence[str | os.PathLike] | Sequence[Mapping[s
 PAIR_LEVELS = ("step", "continuation", "trajectory")
 """What a pair's chosen and rejected sides hold: one action, an action and its best continuation, or a whole
 episode (expert-vs-failed pairs)."""
+
+PAIR_PARTS = ("prompt", "chosen", "rejected")
+"""The parts of a preference pair, the keys of its ``agent_tokens``."""
 
 _ROLES = ("system", "user", "assistant")
 _T = TypeVar("_T")
@@ -103,18 +113,24 @@ def _names(d: Mapping[str, Any], key: str, origin: str) -> tuple[str, ...]:
     return tuple(v)
 
 
-def _agent_tokens(
-    d: Mapping[str, Any], messages: list[Message], origin: str
-) -> tuple[dict[str, Any] | None, ...] | None:
+AgentTokens = tuple[dict[str, Any] | None, ...]
+"""Recorded token ids of a conversation's assistant messages, one entry each in order: ``{"ids": [...],
+"tokenizer": fingerprint}`` or None."""
+
+
+def _agent_tokens(d: Mapping[str, Any], messages: list[Message], origin: str) -> AgentTokens | None:
     """The checked ``agent_tokens`` field: one entry (``{"ids": [ints], "tokenizer": str}`` or null) per
     assistant message."""
-    v = d.get("agent_tokens")
+    return _token_list(d.get("agent_tokens"), messages, origin, "agent_tokens")
+
+
+def _token_list(v: Any, messages: list[Message], origin: str, name: str) -> AgentTokens | None:
     if v is None:
         return None
     turns = sum(1 for m in messages if m["role"] == "assistant")
     if not isinstance(v, list) or len(v) != turns:
         raise DataFormatError(
-            f"{origin}: 'agent_tokens' must be a list with one entry per assistant message ({turns}), got "
+            f"{origin}: '{name}' must be a list with one entry per assistant message ({turns}), got "
             f"{len(v) if isinstance(v, list) else type(v).__name__}"
         )
     out: list[dict[str, Any] | None] = []
@@ -125,10 +141,54 @@ def _agent_tokens(
         record = recorded_token_ids(t)
         if record is None:
             raise DataFormatError(
-                f"{origin}: 'agent_tokens[{j}]' must be null or {{'ids': [token ids], 'tokenizer': fingerprint}}"
+                f"{origin}: '{name}[{j}]' must be null or {{'ids': [token ids], 'tokenizer': fingerprint}}"
             )
         out.append({"ids": list(record[0]), "tokenizer": record[1]})
     return tuple(out)
+
+
+def _pair_agent_tokens(
+    d: Mapping[str, Any], parts: Mapping[str, list[Message]], origin: str
+) -> dict[str, AgentTokens] | None:
+    """The checked ``agent_tokens`` field of a pair: ``{part: list}`` for parts of :data:`PAIR_PARTS`."""
+    v = d.get("agent_tokens")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not set(v) <= set(PAIR_PARTS):
+        raise DataFormatError(
+            f"{origin}: a pair's 'agent_tokens' must map {', '.join(PAIR_PARTS)} to lists of recorded token ids, "
+            f"got {sorted(v) if isinstance(v, dict) else type(v).__name__}"
+        )
+    out = {}
+    for key in PAIR_PARTS:
+        got = _token_list(v.get(key), parts[key], origin, f"agent_tokens.{key}")
+        if got is not None and any(t is not None for t in got):
+            out[key] = got
+    return out or None
+
+
+def agent_tokens_or_none(entries: Iterable[dict[str, Any] | None]) -> AgentTokens | None:
+    """``entries`` (one per assistant message) as a row's ``agent_tokens``, or None when none holds ids: rows
+    without recorded ids carry no such field."""
+    out = tuple(entries)
+    return out if any(t is not None for t in out) else None
+
+
+def step_agent_tokens(step: Step) -> dict[str, Any] | None:
+    """A trajectory step's recorded token ids as an ``agent_tokens`` entry, or None when it recorded none."""
+    return {"ids": list(step.token_ids), "tokenizer": step.tokenizer} if step.token_ids is not None else None
+
+
+def pair_agent_tokens(
+    prompt: Iterable[dict[str, Any] | None],
+    chosen: Iterable[dict[str, Any] | None],
+    rejected: Iterable[dict[str, Any] | None],
+) -> dict[str, AgentTokens] | None:
+    """A pair's ``agent_tokens`` from the entries of each part's assistant messages: the parts with ids, or
+    None when no part has any."""
+    parts = {k: agent_tokens_or_none(v) for k, v in zip(PAIR_PARTS, (prompt, chosen, rejected), strict=True)}
+    out = {k: v for k, v in parts.items() if v is not None}
+    return out or None
 
 
 def _put(out: dict[str, Any], key: str, value: Any) -> None:
@@ -176,12 +236,7 @@ class SftRow:
             raise ValueError(f"a trajectory of {traj.task_id} without steps gives no SFT row")
         last = len(traj.steps) - 1
         turns = [(s.thought, s.action, s.observation if i < last else None) for i, s in enumerate(traj.steps)]
-        tokens = None
-        if traj.has_token_ids:
-            tokens = tuple(
-                {"ids": list(s.token_ids), "tokenizer": s.tokenizer} if s.token_ids is not None else None
-                for s in traj.steps
-            )
+        tokens = tuple(step_agent_tokens(s) for s in traj.steps) if traj.has_token_ids else None
         return cls(
             messages=episode_messages(traj.instruction, traj.initial_observation, turns, system=system),
             task_id=traj.task_id,
@@ -261,6 +316,9 @@ class PairRow:
     value_gap: float | None = None
     chosen_sources: tuple[str, ...] = ()
     rejected_sources: tuple[str, ...] = ()
+    agent_tokens: Mapping[str, AgentTokens] | None = None
+    """Recorded token ids of the assistant messages of each part (:data:`PAIR_PARTS`) that has any, as an SFT
+    row's ``agent_tokens``; None when the pair has none."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Fields this version does not know (e.g. cached reference log-probs), written back as they were."""
     origin: str = field(default="", compare=False)
@@ -280,6 +338,7 @@ class PairRow:
         "value_gap",
         "chosen_sources",
         "rejected_sources",
+        "agent_tokens",
     )
 
     @classmethod
@@ -322,6 +381,7 @@ class PairRow:
             value_gap=_opt_num(d, "value_gap", origin),
             chosen_sources=_names(d, "chosen_sources", origin),
             rejected_sources=_names(d, "rejected_sources", origin),
+            agent_tokens=_pair_agent_tokens(d, {"prompt": prompt, **sides}, origin),
             extra={k: v for k, v in d.items() if k not in cls._KNOWN},
             origin=origin,
         )
@@ -339,6 +399,10 @@ class PairRow:
         _put(out, "value_gap", self.value_gap)
         out["chosen_sources"] = list(self.chosen_sources)
         out["rejected_sources"] = list(self.rejected_sources)
+        if self.agent_tokens is not None:
+            out["agent_tokens"] = {
+                k: [dict(t) if t is not None else None for t in v] for k, v in self.agent_tokens.items()
+            }
         out.update(self.extra)
         return out
 
