@@ -1,5 +1,6 @@
-"""Tokens in, tokens out: agents record the token ids of their answers, the store keeps them (schema 2), and
-the SFT trainer trains on them instead of re-tokenising the text where the tokenizer matches."""
+"""Tokens in, tokens out: agents record the token ids of their answers, the store keeps them (schema 2), trees
+and the rows made of them (SFT rows, pairs, policy-gradient rows) carry them, and the SFT, DPO and PG trainers
+train on them instead of re-tokenising the text where the tokenizer matches."""
 
 from __future__ import annotations
 
@@ -397,3 +398,225 @@ def test_tree_nodes_keep_the_ids_of_their_kept_thought_and_best_paths_carry_them
     (tmp_path / "bad.json").write_text(json.dumps(record))
     with pytest.raises(DataFormatError, match=r"bad.json.*attribute 'agent_tokens' must be"):
         TrajectoryTree.load(tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------------------------------------- DPO and PG
+
+
+def _pair_row(tok, fingerprint: str, *, drift: bool = True) -> dict:
+    """A step pair of the episode: the prompt holds the first agent turn, chosen and rejected one answer each;
+    every agent turn recorded (with drift: not as the tokenizer spells it)."""
+    messages = episode_messages(*EPISODE)
+    prompt, chosen, rejected = messages[:4], [messages[4]], [messages[6]]
+    tokens = {
+        key: _recorded(tok, part, fingerprint=fingerprint, drift=drift)
+        for key, part in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))
+    }
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "task_id": "t", "agent_tokens": tokens}
+
+
+@pytest.fixture(scope="module")
+def policy_lm(train_models: dict[str, Path]):
+    return load_model(train_models["policy"])
+
+
+def _logp_of(lm, context: list[int], ids: list[int]) -> float:
+    """The model's log-probability of ``ids`` after ``context``, from one forward pass."""
+    with torch.no_grad():
+        logp = lm.model(torch.tensor([context + ids])).logits[0].float().log_softmax(-1)
+    return sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(ids))
+
+
+def _scored(enc, turn: int = 1) -> list[int]:
+    return [t for t, k in zip(enc.input_ids, enc.turn_ids, strict=True) if k == turn]
+
+
+def test_dpo_pairs_and_the_reference_score_the_recorded_ids(tok, policy_lm, train_models) -> None:
+    from w2s_agents.trainers import DPOObjective
+    from w2s_agents.trainers.batch import Example, collate
+    from w2s_agents.trainers.data import load_pairs
+    from w2s_agents.trainers.dpo import encode_pairs, prompt_tokens
+    from w2s_agents.trainers.logps import token_logps
+    from w2s_agents.trainers.reference import RefPair, reference_logps
+
+    fp = tokenizer_fingerprint(tok)
+    row = _pair_row(tok, fp)
+    (pair,) = load_pairs([row])
+    assert pair.data["agent_tokens"] == row["agent_tokens"]  # the field survives a row file
+    encoder = ChatEncoder(tok)
+    cfg = TrainConfig(method="dpo", max_length=256)
+    use = TokenIdsUse()
+    (ex,), _ = encode_pairs([RefPair(pair, None, 0.0, 0.0)], encoder, cfg, {}, use)
+    enc_c, enc_r = ex.seqs
+    # the prompt's agent turn counts once, though both sequences hold it
+    assert (use.recorded_rows, use.retokenised_rows, use.turns) == (1, 0, {"recorded": 3})
+    # both sides share one prompt tokenization: the recorded ids of its agent turn, not the tokenizer's
+    context = prompt_tokens(enc_c)
+    assert context == prompt_tokens(enc_r)
+    plain_c = encoder.encode(row["prompt"] + row["chosen"], score_from=4)
+    assert context != prompt_tokens(plain_c)
+    prompt_ids = row["agent_tokens"]["prompt"][0]["ids"]
+    assert any(context[i : i + len(prompt_ids)] == prompt_ids for i in range(len(context)))
+    # each side scores exactly its recorded ids, right after the shared prompt
+    ids_c, ids_r = row["agent_tokens"]["chosen"][0]["ids"], row["agent_tokens"]["rejected"][0]["ids"]
+    assert _scored(enc_c) == ids_c and _scored(enc_r) == ids_r
+    assert enc_c.input_ids[len(context) : len(context) + len(ids_c)] == ids_c
+    expect_c, expect_r = _logp_of(policy_lm, context, ids_c), _logp_of(policy_lm, context, ids_r)
+    # the DPO objective's log-probs are the model's of the recorded sequences
+    batch = collate([Example(ex.seqs, 1.0, ref=(0.0, 0.0))], tok.pad_token_id or 0, torch.device("cpu"))
+    out = DPOObjective(beta=0.1)(lambda *a: token_logps(policy_lm.model, *a), batch)
+    assert float(out.metrics["logps/chosen"][0]) == pytest.approx(expect_c, abs=1e-4)
+    assert float(out.metrics["logps/rejected"][0]) == pytest.approx(expect_r, abs=1e-4)
+    # and so are the reference's, when the reference shares the tokenizer (here: the same model)
+    (ref,), _ = reference_logps(
+        [pair], reference_path=train_models["policy"], policy_tokenizer=tok, config=cfg, cache_file=None
+    )
+    assert (ref.ref_chosen, ref.ref_rejected) == pytest.approx((expect_c, expect_r), abs=1e-4)
+
+
+def test_pairs_of_another_tokenizer_are_re_tokenised_and_counted_so(tok, train_models) -> None:
+    from w2s_agents.trainers.data import load_pairs
+    from w2s_agents.trainers.dpo import encode_pairs
+    from w2s_agents.trainers.reference import RefPair
+
+    weak_fp = tokenizer_fingerprint(load_tokenizer(train_models["weak"]))
+    row = _pair_row(tok, weak_fp)
+    encoder = ChatEncoder(tok)
+    use = TokenIdsUse()
+    (ex,), _ = encode_pairs(
+        [RefPair(load_pairs([row])[0], None, 0.0, 0.0)], encoder, TrainConfig(method="dpo"), {}, use
+    )
+    for enc, side in zip(ex.seqs, ("chosen", "rejected"), strict=True):
+        assert enc.input_ids == encoder.encode(row["prompt"] + row[side], score_from=4).input_ids
+    assert (use.recorded_rows, use.retokenised_rows, use.turns) == (0, 1, {"tokenizer": 3})
+
+
+def test_pg_rows_train_on_the_recorded_ids_or_fall_back(tok, policy_lm, train_models) -> None:
+    from w2s_agents.trainers import PGObjective
+    from w2s_agents.trainers.batch import collate
+    from w2s_agents.trainers.config import PGOptions
+    from w2s_agents.trainers.logps import token_logps
+    from w2s_agents.trainers.pg import encode_pg_rows, load_pg_rows
+
+    messages = episode_messages(*EPISODE)[:5]  # the step: the second agent turn
+    fp = tokenizer_fingerprint(tok)
+    weak_fp = tokenizer_fingerprint(load_tokenizer(train_models["weak"]))
+    rows = [
+        {
+            "messages": messages,
+            "advantage": 1.0,
+            "agent_tokens": _recorded(tok, messages, fingerprint=f, drift=True),
+        }
+        for f in (fp, weak_fp)
+    ]
+    encoder = ChatEncoder(tok)
+    use = TokenIdsUse()
+    (ex, fallback), _ = encode_pg_rows(load_pg_rows(rows), encoder, TrainConfig(method="pg"), {}, use)
+    assert (use.recorded_rows, use.retokenised_rows, use.turns) == (1, 1, {"recorded": 2, "tokenizer": 2})
+    assert fallback.seqs[0].input_ids == encoder.encode(messages, score_from=4).input_ids
+    enc = ex.seqs[0]
+    step_ids = rows[0]["agent_tokens"][1]["ids"]
+    assert _scored(enc) == step_ids
+    context = enc.input_ids[: enc.loss_mask.index(1)]
+    first_ids = rows[0]["agent_tokens"][0]["ids"]
+    assert any(context[i : i + len(first_ids)] == first_ids for i in range(len(context)))
+    # REINFORCE with A = 1: the row's loss is minus the model's log-probability of the recorded step
+    objective = PGObjective(PGOptions(loss="reinforce"), start_path=train_models["policy"])
+    out = objective(lambda *a: token_logps(policy_lm.model, *a), collate([ex], 0, torch.device("cpu")))
+    assert float(out.losses[0].detach()) == pytest.approx(-_logp_of(policy_lm, context, step_ids), abs=1e-4)
+
+
+def test_dpo_and_pg_training_report_the_path(tok, train_models, tmp_path: Path) -> None:
+    from w2s_agents.trainers import train_dpo, train_pg
+
+    fp = tokenizer_fingerprint(tok)
+    settings = {"lr": 1e-3, "batch_size": 2, "max_length": 256, "max_steps": 1, "valid_fraction": 0.0,
+                "checkpoint_every": 0, "warmup_ratio": 0.0}  # fmt: skip
+    plain = {k: v for k, v in _pair_row(tok, fp).items() if k != "agent_tokens"}
+    pairs = [{**_pair_row(tok, fp), "ref_chosen_logp": -5.0, "ref_rejected_logp": -6.0},
+             {**plain, "ref_chosen_logp": -5.0, "ref_rejected_logp": -6.0}]  # fmt: skip
+    result = train_dpo(train_models["policy"], pairs, tmp_path / "dpo", from_dict(TrainConfig, {**settings, "method": "dpo"}),
+                       reference_path=None)  # fmt: skip
+    assert result.steps == 1
+    assert result.extra["token_ids"] == {"recorded_rows": 1, "retokenised_rows": 1, "turns": {"recorded": 3}}
+    messages = episode_messages(*EPISODE)[:5]
+    rows = [{"messages": messages, "advantage": 0.5, "agent_tokens": _recorded(tok, messages, fingerprint=fp, drift=True)},
+            {"messages": messages, "advantage": -0.5}]  # fmt: skip
+    cfg = from_dict(TrainConfig, {**settings, "method": "pg", "pg": {"loss": "reinforce"}})
+    result = train_pg(train_models["policy"], rows, tmp_path / "pg", cfg)
+    expected = {"recorded_rows": 1, "retokenised_rows": 1, "turns": {"recorded": 2}}
+    assert result.steps == 1 and result.extra["token_ids"] == expected
+    assert json.loads((tmp_path / "pg" / "result.json").read_text())["extra"]["token_ids"] == expected
+
+
+def _branching_tree(*, with_ids: bool):
+    """A tree whose "look" node has a winning and a losing child; every step recorded when ``with_ids``."""
+    from w2s_agents.tree import TrajectoryTree
+
+    def step(action: str, obs: str, ids: list[int]) -> Step:
+        return Step(action, obs, token_ids=ids if with_ids else None, tokenizer="fp" if with_ids else None)
+
+    won = _traj("t", [step("look", "You see a door.", [1, 2]), step("open door", "You win.", [3, 2])],
+                success=True)  # fmt: skip
+    lost = Trajectory(**{**won.__dict__, "steps": (step("look", "You see a door.", [4, 2]), step("go west", "No.", [5, 2])),
+                         "return_": 0.0, "success": False, "end": "truncated", "source": Source("weak", "weak", seed=1)})  # fmt: skip
+    tree = TrajectoryTree("t", env_id="w2s/Toy-v0", instruction=EPISODE[0])
+    tree.extend([won, lost])
+    return tree, won, lost
+
+
+def test_pairs_and_pg_rows_of_trees_and_trajectories_carry_the_ids(tmp_path: Path) -> None:
+    from w2s_agents.search import (
+        expert_failure_pairs,
+        node_values,
+        read_pairs,
+        tree_pairs,
+        write_rows,
+    )
+    from w2s_agents.search.advantages import pg_rows, read_pg_rows
+
+    def ids(*xs: list[int]) -> tuple[dict, ...]:
+        return tuple({"ids": x, "tokenizer": "fp"} for x in xs)
+
+    tree, won, lost = _branching_tree(with_ids=True)
+    values = node_values(tree, "mean")
+    (pair,) = tree_pairs(tree, values, margin=0.1)
+    # the prompt's agent turn is the look node's, whose ids are the winner's (the answer whose thought it keeps)
+    assert pair.agent_tokens == {"prompt": ids([1, 2]), "chosen": ids([3, 2]), "rejected": ids([5, 2])}
+    write_rows([pair], tmp_path / "pairs.jsonl")
+    assert read_pairs(tmp_path / "pairs.jsonl") == [pair]
+    by_action = {tree.action(r.node): r for r in pg_rows(tree, value="mean")}
+    assert by_action["open door"].agent_tokens == ids([1, 2], [3, 2])
+    assert by_action["go west"].agent_tokens == ids([1, 2], [5, 2])
+    write_rows([r.to_dict() for r in by_action.values()], tmp_path / "pg.jsonl")
+    assert read_pg_rows(tmp_path / "pg.jsonl") == list(by_action.values())
+    expert = Trajectory(**{**won.__dict__, "steps": tuple(Step(s.action, s.observation) for s in won.steps),
+                           "source": Source("expert", "expert")})  # fmt: skip
+    (eto,) = expert_failure_pairs([expert, lost])
+    assert eto.agent_tokens == {"rejected": ids([4, 2], [5, 2])}
+    # rows made without recorded ids are as before: no such field
+    bare, won, lost = _branching_tree(with_ids=False)
+    rows = [*tree_pairs(bare, node_values(bare, "mean")), *pg_rows(bare, value="mean"),
+            *expert_failure_pairs([expert, lost])]  # fmt: skip
+    assert rows and all("agent_tokens" not in r.to_dict() for r in rows)
+
+
+def test_bad_agent_tokens_of_pairs_and_pg_rows_name_the_line(tmp_path: Path) -> None:
+    from w2s_agents.search import read_pairs
+    from w2s_agents.search.advantages import read_pg_rows
+
+    messages = episode_messages(*EPISODE)
+    pair = {"prompt": messages[:4], "chosen": [messages[4]], "rejected": [messages[6]]}
+    cases = [
+        ({**pair, "agent_tokens": {"chosen": [None, None]}}, read_pairs,
+         r"p.jsonl:1: 'agent_tokens.chosen' must be a list with one entry per assistant message \(1\), got 2"),
+        ({**pair, "agent_tokens": {"answer": [None]}}, read_pairs, r"p.jsonl:1: a pair's 'agent_tokens' must map"),
+        ({**pair, "agent_tokens": {"prompt": [{"ids": [], "tokenizer": "f"}]}}, read_pairs,
+         r"p.jsonl:1: 'agent_tokens.prompt\[0\]' must be null or"),
+        ({"messages": messages[:5], "advantage": 1.0, "agent_tokens": [None]}, read_pg_rows,
+         r"p.jsonl:1: 'agent_tokens' must be a list with one entry per assistant message \(2\)"),
+    ]  # fmt: skip
+    for row, read, message in cases:
+        (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataFormatError, match=message):
+            read(tmp_path / "p.jsonl")

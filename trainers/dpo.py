@@ -12,7 +12,9 @@ From pairs to gradient, top to bottom (:func:`train_dpo` runs the steps in this 
 3. **Encode** (:func:`encode_pairs`): the same cut messages tokenized with the policy's tokenizer; one
    :class:`~.batch.Example` per pair (chosen and rejected conversation, one loss unit, the two reference
    log-probs). Step-level pairs compare one agent turn; continuation-level pairs compare agent turns
-   interleaved with observations, and only the agent turns carry loss.
+   interleaved with observations, and only the agent turns carry loss. Agent turns with recorded token ids
+   of the scoring model's tokenizer (pairs of trees built with ``agent.record_tokens``) are tokenized from
+   those ids, by the policy here and by the reference in step 2 (:mod:`.token_ids`).
 4. **Objective** (:class:`DPOObjective`): with ``log pi(y|x)`` summed over the agent tokens of a completion,
 
        r+ = beta * (log pi(y+|x) - log pi_ref(y+|x))        r- = beta * (log pi(y-|x) - log pi_ref(y-|x))
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from w2s_agents.errors import ConfigError
+from w2s_agents.tokens import tokenizer_fingerprint
 
 from .batch import Batch, Example, ObjectiveOutput
 from .config import TrainConfig
@@ -44,13 +47,21 @@ from .data import RowsInput, data_fingerprint, load_pairs, train_and_valid_rows
 from .fingerprint import model_identity, reuse_finished, run_fingerprint
 from .loop import Trainer, ValidFn
 from .losses import dpo_loss, dpo_margins
-from .masks import ChatEncoder, pair_messages
+from .masks import ChatEncoder, EncodedConversation, pair_messages, pair_recorded
 from .model import load_tokenizer
 from .reference import RefPair, reference_logps
 from .result import TrainResult
+from .token_ids import TokenIdsUse, recorded_for_pair, with_token_ids_use
 from .tracking import TrackingSpec
 
-__all__ = ["REFERENCE_FILE", "DPOObjective", "encode_pairs", "resolve_reference", "train_dpo"]
+__all__ = [
+    "REFERENCE_FILE",
+    "DPOObjective",
+    "encode_pairs",
+    "prompt_tokens",
+    "resolve_reference",
+    "train_dpo",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,28 +90,61 @@ def resolve_reference(
 
 
 def encode_pairs(
-    pairs: Sequence[RefPair], encoder: ChatEncoder, config: TrainConfig, source_index: dict[str, int]
+    pairs: Sequence[RefPair],
+    encoder: ChatEncoder,
+    config: TrainConfig,
+    source_index: dict[str, int],
+    use: TokenIdsUse | None = None,
 ) -> tuple[list[Example], int]:
     """Tokenize each pair's chosen and rejected conversation with the policy's tokenizer (cut as planned).
+
+    Agent turns with recorded token ids of the encoder's tokenizer are tokenized from those ids where they
+    spell the turn's text (:mod:`.token_ids`); ``use`` counts which pairs and turns did (a prompt's turns once).
+    Both sides take the prompt's ids from one list and the rules decide a prompt turn on the prompt's text
+    alone, so chosen and rejected keep the same prompt tokens, as the DPO loss assumes (a pair whose sides
+    tokenize their prompt differently, possible only where the template's text merges across the end of the
+    prompt, is counted in a warning).
 
     Returns ``(examples, skipped)``; a pair is skipped when it is longer than ``max_length`` (possible only
     for pairs whose reference log-probs came with the rows, uncut) or when a side has no agent token.
     """
     out: list[Example] = []
-    skipped = 0
+    skipped = split_prompts = 0
+    fingerprint: str | None = None
     for p in pairs:
         chosen, rejected, score_from = pair_messages(p.row.data, p.plan)
-        enc_c = encoder.encode(chosen, score_from=score_from, origin=p.row.origin)
-        enc_r = encoder.encode(rejected, score_from=score_from, origin=p.row.origin)
+        rec_c = rec_r = None
+        if p.row.data.get("agent_tokens"):
+            fingerprint = fingerprint or tokenizer_fingerprint(encoder.tokenizer)
+            recorded = recorded_for_pair(p.row.data, fingerprint, use)
+            if recorded is not None:
+                rec_c, rec_r = pair_recorded(p.row.data, p.plan, recorded)
+        enc_c = encoder.encode(chosen, score_from=score_from, origin=p.row.origin, recorded=rec_c)
+        enc_r = encoder.encode(rejected, score_from=score_from, origin=p.row.origin, recorded=rec_r)
         too_long = max(len(enc_c), len(enc_r)) > config.max_length
         if too_long or not enc_c.n_loss_tokens or not enc_r.n_loss_tokens:
             skipped += 1
             continue
+        split_prompts += prompt_tokens(enc_c) != prompt_tokens(enc_r)
+        if use is not None:
+            use.count_row((enc_c, enc_r), shared=score_from)
         sources = tuple(source_index[s] for s in p.row.sources if s in source_index)
         out.append(Example((enc_c, enc_r), 1.0, sources, p.row.easy, (p.ref_chosen, p.ref_rejected)))
     if skipped:
         logger.warning("%d pairs longer than max_length %d (uncut rows); skipped", skipped, config.max_length)
+    if split_prompts:
+        logger.warning(
+            "%d pairs tokenize their prompt differently on the chosen and the rejected side (the chat template's "
+            "text merges into tokens across the end of the prompt)",
+            split_prompts,
+        )
     return out, skipped
+
+
+def prompt_tokens(encoded: EncodedConversation) -> list[int]:
+    """The tokens of a pair's side before its first scored token: the prompt and the generation prompt."""
+    first = encoded.loss_mask.index(1) if encoded.n_loss_tokens else len(encoded)
+    return encoded.input_ids[:first]
 
 
 @dataclass(frozen=True)
@@ -229,9 +273,11 @@ def train_dpo(
         )
     encoder = ChatEncoder(tokenizer, name=str(model_path))
     names = sorted({s for p in pairs for s in p.row.sources})
-    examples, more_skipped = encode_pairs(pairs, encoder, cfg, {n: i for i, n in enumerate(names)})
+    use = TokenIdsUse()
+    examples, more_skipped = encode_pairs(pairs, encoder, cfg, {n: i for i, n in enumerate(names)}, use)
+    logger.info("%s", use.summary())
     valid_examples, _ = encode_pairs(valid_pairs, encoder, cfg, {})
-    return Trainer(
+    trainer = Trainer(
         method=cfg.method,
         model_path=model_path,
         out_dir=out,
@@ -245,4 +291,5 @@ def train_dpo(
         resume=resume,
         skipped_rows=skipped + more_skipped,
         tracking=tracking,
-    ).run()
+    )
+    return with_token_ids_use(trainer.run(), use, save=trainer.procs.is_main)

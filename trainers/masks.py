@@ -24,10 +24,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from w2s_agents.errors import DataFormatError, W2SError
 from w2s_agents.messages import Message
+
+if TYPE_CHECKING:
+    from .token_ids import PairRecorded
 
 __all__ = [
     "ChatEncoder",
@@ -37,6 +40,7 @@ __all__ = [
     "fit_conversation",
     "fit_pair",
     "pair_messages",
+    "pair_recorded",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,11 +53,21 @@ class EncodedConversation:
     input_ids: list[int]
     loss_mask: list[int]  # 1 on agent tokens that carry loss, 0 elsewhere
     turn_ids: list[int]  # k >= 1 on the tokens of the k-th scored agent turn, 0 elsewhere
-    recorded_turns: int = 0  # agent turns tokenized from their recorded ids (.token_ids)
-    refused_turns: int = 0  # agent turns with recorded ids that were re-tokenised (their text differs)
+    recorded: tuple[int, ...] = ()  # messages (indices) of agent turns tokenized from their recorded ids
+    refused: tuple[int, ...] = ()  # messages of agent turns whose recorded ids were refused (re-tokenised)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def recorded_turns(self) -> int:
+        """Number of agent turns tokenized from their recorded ids (:mod:`.token_ids`)."""
+        return len(self.recorded)
+
+    @property
+    def refused_turns(self) -> int:
+        """Number of agent turns whose recorded ids were refused (the turn was re-tokenised)."""
+        return len(self.refused)
 
     @property
     def n_loss_tokens(self) -> int:
@@ -157,16 +171,18 @@ class ChatEncoder:
             return self._encode_with_generation_markers(messages, score_from, origin)
         except DataFormatError as exc:
             raise DataFormatError(f"{origin}: {exc}") from None
-        used = refused = 0
+        used: tuple[int, ...] = ()
+        refused: tuple[int, ...] = ()
         if recorded is not None and any(r is not None for r in recorded):
             from .token_ids import splice_recorded
 
-            turns = [
-                (*self._turn_span(messages, i), messages[i]["content"], r)
-                for i, r in enumerate(recorded)
-                if r is not None and messages[i]["role"] == "assistant"
+            offered = [
+                i for i, r in enumerate(recorded) if r is not None and messages[i]["role"] == "assistant"
             ]
-            ids, starts, used, refused = splice_recorded(self.tokenizer, text, turns)
+            turns = [(*self._turn_span(messages, i), messages[i]["content"], recorded[i]) for i in offered]
+            ids, starts, taken = splice_recorded(self.tokenizer, text, turns)
+            used = tuple(i for i, t in zip(offered, taken, strict=True) if t)
+            refused = tuple(i for i, t in zip(offered, taken, strict=True) if not t)
         else:
             ids, starts = self._tokenize(text)
         loss_mask = [0] * len(ids)
@@ -346,10 +362,27 @@ def pair_messages(
     row: dict[str, Any], plan: PairPlan | None = None
 ) -> tuple[list[Message], list[Message], int]:
     """``(prompt + chosen, prompt + rejected, score_from)`` of a pair cut by ``plan`` (None: whole)."""
-    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    return _cut_pair(row, plan, (row["prompt"], row["chosen"], row["rejected"]))
+
+
+def pair_recorded(
+    row: dict[str, Any], plan: PairPlan | None, recorded: PairRecorded
+) -> tuple[list[list[int] | None], list[list[int] | None]]:
+    """The recorded ids of ``prompt + chosen`` and ``prompt + rejected`` of a pair cut by ``plan``, one entry
+    per message of what :func:`pair_messages` gives (the prompt's entries are the same list on both sides)."""
+    chosen, rejected, _ = _cut_pair(row, plan, (recorded.prompt, recorded.chosen, recorded.rejected))
+    return chosen, rejected
+
+
+def _cut_pair(
+    row: dict[str, Any], plan: PairPlan | None, parts: tuple[Sequence, Sequence, Sequence]
+) -> tuple:
+    """``parts`` (prompt, chosen, rejected: one item per message of the row's) cut as ``plan`` cuts the row's
+    messages: ``(prompt + chosen, prompt + rejected, len(prompt))``."""
+    prompt, chosen, rejected = parts
     if plan is not None:
-        head = _head_length(prompt)
-        prompt = _drop(prompt, head, conversation_units(prompt, head), plan.prompt_dropped)
+        head = _head_length(row["prompt"])
+        prompt = _drop(prompt, head, conversation_units(row["prompt"], head), plan.prompt_dropped)
         chosen, rejected = chosen[: plan.chosen_kept], rejected[: plan.rejected_kept]
     return list(prompt) + list(chosen), list(prompt) + list(rejected), len(prompt)
 
@@ -360,23 +393,49 @@ def _completion_cuts(completion: Sequence[Message]) -> list[int]:
 
 
 def fit_pair(
-    encoders: Sequence[ChatEncoder], row: dict[str, Any], max_length: int, *, origin: str = "row"
+    encoders: Sequence[ChatEncoder],
+    row: dict[str, Any],
+    max_length: int,
+    *,
+    origin: str = "row",
+    recorded: Sequence[PairRecorded | None] | None = None,
 ) -> PairPlan | None:
     """The least cut of a preference pair for which prompt + chosen and prompt + rejected fit ``max_length``
     under every tokenizer in ``encoders`` (the policy's and the reference's, so both score the same
     messages).
 
     The prompt's oldest units go first (its last unit, with the observation acted on, stays); then trailing
-    units of the chosen and rejected continuations (their first agent turn stays). Returns None when even
-    that is too long.
+    units of the chosen and rejected continuations (their first agent turn stays). ``recorded`` (one entry
+    per encoder, None where it has none) are the pair's recorded ids usable by each tokenizer: the lengths
+    are then those of the sequences tokenized with them (:mod:`.token_ids`). Returns None when even that is
+    too long.
     """
     try:
-        return _fit_pair(encoders, row, max_length)
+        return _fit_pair(encoders, row, max_length, recorded or [None] * len(encoders))
     except DataFormatError as exc:
         raise _with_origin(exc, origin) from None
 
 
-def _fit_pair(encoders: Sequence[ChatEncoder], row: dict[str, Any], max_length: int) -> PairPlan | None:
+def _pair_lengths(
+    encoder: ChatEncoder, row: dict[str, Any], plan: PairPlan, recorded: PairRecorded | None
+) -> tuple[int, int]:
+    """Tokens of prompt + chosen and prompt + rejected of ``row`` cut by ``plan`` under ``encoder``."""
+    chosen, rejected, score_from = pair_messages(row, plan)
+    if recorded is None:
+        return encoder.length(chosen), encoder.length(rejected)
+    rec_c, rec_r = pair_recorded(row, plan, recorded)
+    return (
+        len(encoder.encode(chosen, score_from=score_from, recorded=rec_c)),
+        len(encoder.encode(rejected, score_from=score_from, recorded=rec_r)),
+    )
+
+
+def _fit_pair(
+    encoders: Sequence[ChatEncoder],
+    row: dict[str, Any],
+    max_length: int,
+    recorded: Sequence[PairRecorded | None],
+) -> PairPlan | None:
     prompt = row["prompt"]
     n_prompt = len(prompt)
     head = _head_length(prompt)
@@ -407,9 +466,9 @@ def _fit_pair(encoders: Sequence[ChatEncoder], row: dict[str, Any], max_length: 
         ri += 1
     while True:
         plan = PairPlan(d, cuts["chosen"][ci], cuts["rejected"][ri])
-        chosen_msgs, rejected_msgs, _ = pair_messages(row, plan)
-        over_c = any(e.length(chosen_msgs) > max_length for e in encoders)
-        over_r = any(e.length(rejected_msgs) > max_length for e in encoders)
+        lengths = [_pair_lengths(e, row, plan, rec) for e, rec in zip(encoders, recorded, strict=True)]
+        over_c = any(c > max_length for c, _ in lengths)
+        over_r = any(r > max_length for _, r in lengths)
         if not over_c and not over_r:
             return plan
         if d < max_drop:

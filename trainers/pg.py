@@ -7,7 +7,9 @@ From rows to gradient, top to bottom (:func:`train_pg` runs the steps in this or
    :func:`~w2s_agents.search.advantages.pg_rows`), checked with ``file:line``; without validation rows or
    ``valid_fn`` a share of the tasks is held out.
 2. **Encode** (:func:`encode_pg_rows`): each conversation rendered with the policy's chat template, the oldest
-   history cut to ``max_length``; only the last assistant turn (the step's action) carries loss. One
+   history cut to ``max_length``; only the last assistant turn (the step's action) carries loss; agent turns
+   with recorded token ids of the policy's tokenizer are tokenized from those ids (:mod:`.token_ids`), so the
+   policy, start and reference log-probs are those of the tokens the acting model produced. One
    :class:`~.batch.Example` per row with its advantage; its loss units are its agent tokens
    (``pg.aggregation: token``) or 1 (``sequence``).
 3. **Objective** (:class:`PGObjective`). Per agent token t of a row with advantage A, ``l_t = log pi(a_t|s_t)``
@@ -46,6 +48,7 @@ from w2s_agents.errors import ConfigError, DataFormatError
 from w2s_agents.messages import Message
 from w2s_agents.search.advantages import read_pg_rows
 from w2s_agents.search.rows import RowsInput, describe
+from w2s_agents.tokens import tokenizer_fingerprint
 
 from .batch import Batch, Example, ObjectiveOutput
 from .config import PGOptions, TrainConfig
@@ -57,6 +60,7 @@ from .loop import Trainer, ValidFn
 from .masks import ChatEncoder, EncodedConversation, conversation_units
 from .model import load_tokenizer
 from .result import TrainResult
+from .token_ids import TokenIdsUse, recorded_for_messages, with_token_ids_use
 from .tracking import TrackingSpec
 
 __all__ = ["PGObjective", "encode_pg_rows", "load_pg_rows", "train_pg"]
@@ -74,19 +78,33 @@ def load_pg_rows(rows_or_path: RowsInput) -> list[Row]:
 
 
 def encode_pg_rows(
-    rows: Sequence[Row], encoder: ChatEncoder, config: TrainConfig, source_index: dict[str, int]
+    rows: Sequence[Row],
+    encoder: ChatEncoder,
+    config: TrainConfig,
+    source_index: dict[str, int],
+    use: TokenIdsUse | None = None,
 ) -> tuple[list[Example], int]:
     """Tokenize policy-gradient rows, loss on the last assistant turn only, history cut to ``max_length``.
+
+    Agent turns that carry recorded token ids of the encoder's tokenizer are tokenized from those ids where
+    they spell the turn's text (:mod:`.token_ids`, as SFT does); ``use`` counts which rows and turns did.
 
     Returns ``(examples, skipped)``: rows that do not fit even with their history cut are skipped (and logged).
     """
     out: list[Example] = []
     skipped = 0
+    fingerprint: str | None = None
     for row in rows:
-        enc = _fit_step(encoder, row.data["messages"], config.max_length, row.origin)
+        messages, recorded = row.data["messages"], None
+        if row.data.get("agent_tokens"):
+            fingerprint = fingerprint or tokenizer_fingerprint(encoder.tokenizer)
+            recorded = recorded_for_messages(messages, row.data["agent_tokens"], fingerprint, use)
+        enc = _fit_step(encoder, messages, config.max_length, row.origin, recorded)
         if enc is None or enc.n_loss_tokens == 0:
             skipped += 1
             continue
+        if use is not None:
+            use.count_row((enc,))
         units = float(enc.n_loss_tokens) if config.pg.aggregation == "token" else 1.0
         sources = tuple(source_index[s] for s in row.sources if s in source_index)
         out.append(Example((enc,), units, sources, row.easy, advantage=float(row.data["advantage"])))
@@ -101,16 +119,26 @@ def encode_pg_rows(
 
 
 def _fit_step(
-    encoder: ChatEncoder, messages: Sequence[Message], max_length: int, origin: str
+    encoder: ChatEncoder,
+    messages: Sequence[Message],
+    max_length: int,
+    origin: str,
+    recorded: Sequence[Sequence[int] | None] | None = None,
 ) -> EncodedConversation | None:
     """The conversation encoded with the loss on its last assistant turn, its oldest units (an agent turn and
     the observation after it) dropped until it fits ``max_length``; the system and task turns, the last unit
-    before the step and the step are kept. None when even that is too long."""
+    before the step and the step are kept; ``recorded`` (one entry per message) are dropped with their
+    messages. None when even that is too long."""
     head = next((i + 1 for i, m in enumerate(messages) if m["role"] == "user"), 0)
     units = conversation_units(messages, head)
+
+    def cut(items: Sequence[Any], n: int) -> list[Any]:
+        return list(items) if n == 0 else [*items[:head], *items[units[n - 1][1] :]]
+
     for n in range(max(len(units) - 1, 1)):
-        cut = list(messages) if n == 0 else [*messages[:head], *messages[units[n - 1][1] :]]
-        enc = encoder.encode(cut, score_from=len(cut) - 1, origin=origin)
+        kept = cut(messages, n)
+        rec = cut(recorded, n) if recorded is not None else None
+        enc = encoder.encode(kept, score_from=len(kept) - 1, origin=origin, recorded=rec)
         if len(enc) <= max_length:
             return enc
     return None
@@ -280,13 +308,15 @@ def train_pg(
         _check_vocab(tokenizer, reference)
     encoder = ChatEncoder(tokenizer, name=str(model_path))
     names = sorted({s for r in rows for s in r.sources})
-    examples, skipped = encode_pg_rows(rows, encoder, cfg, {n: i for i, n in enumerate(names)})
+    use = TokenIdsUse()
+    examples, skipped = encode_pg_rows(rows, encoder, cfg, {n: i for i, n in enumerate(names)}, use)
+    logger.info("%s", use.summary())
     valid_examples, _ = encode_pg_rows(valid_rows, encoder, cfg, {}) if valid_rows else ([], 0)
     objective = PGObjective(
         cfg.pg, start_path=model_path, reference_path=reference if uses_reference else None
     )
     objective.preload(_reference_device(cfg))  # before the timed steps, as DPO's reference pass
-    return Trainer(
+    trainer = Trainer(
         method=cfg.method,
         model_path=model_path,
         out_dir=out,
@@ -300,4 +330,5 @@ def train_pg(
         resume=resume,
         skipped_rows=skipped,
         tracking=tracking,
-    ).run()
+    )
+    return with_token_ids_use(trainer.run(), use, save=trainer.procs.is_main)

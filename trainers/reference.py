@@ -8,7 +8,8 @@ results are stored on the pair rows as ``ref_chosen_logp`` and ``ref_rejected_lo
 (``truncation``) in a cached dataset file (``reference.jsonl`` beside ``reference.json``, which records the
 fingerprint of the data, the reference model and the policy tokenizer). A later run with the same
 fingerprint reads the file instead of loading the reference model. Weak and strong models may therefore have
-different tokenizers.
+different tokenizers. Agent turns with recorded token ids of the reference's tokenizer are scored on those ids,
+as the policy trains on the ids of its own (:mod:`.token_ids`), and the cut fits both tokenized so.
 """
 
 from __future__ import annotations
@@ -27,19 +28,22 @@ import torch
 from w2s_agents.atomic import atomic_write
 from w2s_agents.errors import DataFormatError, W2SError
 from w2s_agents.log import progress
+from w2s_agents.tokens import tokenizer_fingerprint
 
 from .batch import Example, collate
 from .config import TrainConfig
 from .data import Row, data_fingerprint, load_pairs
 from .fingerprint import model_identity
 from .logps import token_logps
-from .masks import ChatEncoder, EncodedConversation, PairPlan, fit_pair, pair_messages
+from .masks import ChatEncoder, EncodedConversation, PairPlan, fit_pair, pair_messages, pair_recorded
+from .token_ids import PairRecorded, TokenIdsUse, recorded_for_pair
 
 __all__ = ["RefPair", "reference_logps", "score_pairs"]
 
 logger = logging.getLogger(__name__)
 
 _MASK_VERSION = "prefix-render/1"  # bump when the mask or truncation rules change: cached files are redone
+_TOKEN_IDS_VERSION = "token-ids/1"  # the same for the rules of recorded token ids (.token_ids)
 
 
 @dataclass(frozen=True)
@@ -131,17 +135,17 @@ def reference_logps(
         return _rows_with_ref(rows), 0
     from w2s_agents.agents.models import load_model, resolve_device
 
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [
-                data_fingerprint(rows),
-                model_identity(reference_path),
-                _tokenizer_identity(policy_tokenizer),
-                config.max_length,
-                _MASK_VERSION,
-            ]
-        ).encode()
-    ).hexdigest()[:16]
+    identity: list[Any] = [
+        data_fingerprint(rows),
+        model_identity(reference_path),
+        _tokenizer_identity(policy_tokenizer),
+        config.max_length,
+        _MASK_VERSION,
+    ]
+    with_ids = any(r.data.get("agent_tokens") for r in rows)
+    if with_ids:
+        identity.append(_TOKEN_IDS_VERSION)  # only then: caches of pairs without recorded ids stay valid
+    fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     meta_file = cache_file.with_suffix(".json") if cache_file is not None else None
     if cache_file is not None and meta_file is not None and cache_file.is_file() and meta_file.is_file():
         try:
@@ -162,16 +166,30 @@ def reference_logps(
     kept: list[tuple[Row, PairPlan]] = []
     encoded: list[tuple[EncodedConversation, EncodedConversation]] = []
     skipped = 0
+    use = TokenIdsUse()  # the reference's
+    # recorded ids usable by each tokenizer: the cut must fit the sequences as each scores them
+    prints = (
+        [tokenizer_fingerprint(policy_tokenizer), tokenizer_fingerprint(ref.tokenizer)] if with_ids else []
+    )
     for row in rows:
-        plan = fit_pair([policy_enc, ref_enc], row.data, config.max_length, origin=row.origin)
+        recorded: list[PairRecorded | None] = [None, None]
+        if row.data.get("agent_tokens"):
+            recorded = [recorded_for_pair(row.data, prints[0]), recorded_for_pair(row.data, prints[1], use)]
+        plan = fit_pair(
+            [policy_enc, ref_enc], row.data, config.max_length, origin=row.origin, recorded=recorded
+        )
         if plan is None:
             skipped += 1
             continue
         chosen, rejected, score_from = pair_messages(row.data, plan)
-        enc_c = ref_enc.encode(chosen, score_from=score_from, origin=row.origin)
-        enc_r = ref_enc.encode(rejected, score_from=score_from, origin=row.origin)
+        rec_c, rec_r = pair_recorded(row.data, plan, recorded[1]) if recorded[1] else (None, None)
+        enc_c = ref_enc.encode(chosen, score_from=score_from, origin=row.origin, recorded=rec_c)
+        enc_r = ref_enc.encode(rejected, score_from=score_from, origin=row.origin, recorded=rec_r)
+        use.count_row((enc_c, enc_r), shared=score_from)
         kept.append((row, plan))
         encoded.append((enc_c, enc_r))
+    if use.any_recorded:
+        logger.info("reference %s", use.summary())
     if skipped:
         logger.warning(
             "%d of %d pairs do not fit max_length %d even cut; skipped", skipped, len(rows), config.max_length

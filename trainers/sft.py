@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -42,7 +41,7 @@ from .loop import Trainer, ValidFn
 from .masks import ChatEncoder, fit_conversation
 from .model import load_tokenizer
 from .result import TrainResult
-from .token_ids import TokenIdsUse, recorded_for_messages
+from .token_ids import TokenIdsUse, recorded_for_messages, with_token_ids_use
 from .tracking import TrackingSpec
 
 __all__ = ["encode_sft_rows", "sft_objective", "train_sft"]
@@ -80,12 +79,7 @@ def encode_sft_rows(
             continue
         enc, _ = fitted
         if use is not None:
-            use.count_turns("recorded", enc.recorded_turns)
-            use.count_turns("text", enc.refused_turns)
-            if enc.recorded_turns:
-                use.recorded_rows += 1
-            else:
-                use.retokenised_rows += 1
+            use.count_row((enc,))
         units = enc.n_loss_tokens if config.loss_reduction == "token" else enc.n_turns
         sources = tuple(source_index[s] for s in row.sources if s in source_index)
         out.append(Example((enc,), float(units), sources, row.easy))
@@ -180,14 +174,3 @@ def train_sft(
         tracking=tracking,
     )
     return with_token_ids_use(trainer.run(), use, save=trainer.procs.is_main)
-
-
-def with_token_ids_use(result: TrainResult, use: TokenIdsUse, *, save: bool) -> TrainResult:
-    """``result`` with the counts of ``use`` in ``extra["token_ids"]`` (saved again when ``save``), when any
-    training row carried recorded token ids; ``result`` itself otherwise."""
-    if not use.any_recorded:
-        return result
-    result = replace(result, extra={**result.extra, "token_ids": use.to_dict()})
-    if save:
-        result.save()
-    return result

@@ -3,8 +3,12 @@
 A conversation is normally rendered with the chat template and tokenized as a whole (:mod:`.masks`). When the
 model that acted produced an answer as tokens the tokenizer would not choose for the same text (a word sampled
 as two pieces, say), re-tokenising the rendered text trains on a sequence the model never produced, and the
-log-probabilities computed on it are not those of its actions. SFT rows of trajectories recorded with
-``agent.record_tokens`` carry the answers' ids (``agent_tokens``); this module puts them back:
+log-probabilities computed on it are not those of its actions. Rows of trajectories recorded with
+``agent.record_tokens``, and of trees built from them, carry the answers' ids (``agent_tokens``: SFT and
+policy-gradient rows one entry per assistant message, preference pairs one such list per part, prompt, chosen
+and rejected); this module puts them back, for every trainer alike: SFT (:mod:`.sft`), DPO (:mod:`.dpo`, the
+policy's sequences, and :mod:`.reference`, the reference's when its tokenizer has the same fingerprint) and
+policy gradient (:mod:`.pg`, whose start and KL-reference log-probs are computed on the same sequences):
 
 1. **Fingerprint rule** (:func:`recorded_for_messages`): a turn's recorded ids are offered only when their
    tokenizer fingerprint (:func:`w2s_agents.tokens.tokenizer_fingerprint`) equals the trained model's;
@@ -17,19 +21,35 @@ log-probabilities computed on it are not those of its actions. SFT rows of traje
    are delimited by special tokens); then the turn's tokens are replaced by the recorded ones and everything
    else (system, task and observation turns, template text) stays as tokenized.
 
-A turn that fails a rule is re-tokenised as before; nothing else changes. The counts of both paths are logged
-and returned by the trainers (``TrainResult.extra["token_ids"]``).
+A turn that fails a rule is re-tokenised as before; nothing else changes. History cut to fit ``max_length``
+drops a turn's ids with its message, and a pair's cut is chosen on the lengths of the sequences as tokenized
+with the ids. A pair's chosen and rejected sequences take the prompt's ids from one list and each rule decides
+a prompt turn on the prompt's text alone, so both keep the same prompt tokens, as the DPO loss assumes (tested;
+``encode_pairs`` warns about a pair whose sides differ there). The counts of both paths are logged and
+returned by the trainers (``TrainResult.extra["token_ids"]``, when any row carried ids): rows (pairs), and
+agent turns by outcome, a pair's prompt turns counted once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from w2s_agents.messages import Message
 
-__all__ = ["TokenIdsUse", "recorded_for_messages", "splice_recorded"]
+if TYPE_CHECKING:
+    from .masks import EncodedConversation
+    from .result import TrainResult
+
+__all__ = [
+    "PairRecorded",
+    "TokenIdsUse",
+    "recorded_for_messages",
+    "recorded_for_pair",
+    "splice_recorded",
+    "with_token_ids_use",
+]
 
 
 @dataclass
@@ -48,6 +68,20 @@ class TokenIdsUse:
         """Add ``n`` agent turns with this outcome."""
         if n:
             self.turns[outcome] = self.turns.get(outcome, 0) + n
+
+    def count_row(self, encoded: Sequence[EncodedConversation], *, shared: int = 0) -> None:
+        """Add one row tokenized as ``encoded`` (an SFT or policy-gradient row's conversation, or a pair's
+        chosen and rejected sequences): its agent turns by outcome (``recorded`` or ``text``), and the row as
+        recorded (a turn took its ids) or re-tokenised. The first ``shared`` messages (a pair's prompt) are
+        the same turns in every sequence and count once."""
+        recorded = {(0 if i < shared else k, i) for k, enc in enumerate(encoded) for i in enc.recorded}
+        refused = {(0 if i < shared else k, i) for k, enc in enumerate(encoded) for i in enc.refused}
+        self.count_turns("recorded", len(recorded))
+        self.count_turns("text", len(refused))
+        if recorded:
+            self.recorded_rows += 1
+        else:
+            self.retokenised_rows += 1
 
     @property
     def any_recorded(self) -> bool:
@@ -99,6 +133,39 @@ def recorded_for_messages(
     return out if any(x is not None for x in out) else None
 
 
+@dataclass(frozen=True)
+class PairRecorded:
+    """The usable recorded ids of a preference pair, one entry per message of each part (None where a message
+    has none), as :func:`recorded_for_pair` gives them; :func:`~.masks.pair_recorded` cuts them as the pair's
+    messages are cut."""
+
+    prompt: list[list[int] | None]
+    chosen: list[list[int] | None]
+    rejected: list[list[int] | None]
+
+
+def recorded_for_pair(
+    row: Mapping[str, Any], fingerprint: str, use: TokenIdsUse | None = None
+) -> PairRecorded | None:
+    """The recorded ids of a preference pair's messages (:func:`recorded_for_messages` for its prompt, chosen
+    and rejected parts), or None when none of them has usable ids.
+
+    Args:
+        row: the pair (``prompt``, ``chosen``, ``rejected`` and ``agent_tokens``, checked by
+            :class:`w2s_agents.search.rows.PairRow`: a mapping from part to one entry per assistant message).
+        fingerprint: the fingerprint of the scoring model's tokenizer; entries of another are dropped.
+        use: counts to add the dropped turns to (each once: the prompt's turns are shared by both sides).
+    """
+    tokens = row.get("agent_tokens") or {}
+    parts: dict[str, list[list[int] | None]] = {}
+    for key in ("prompt", "chosen", "rejected"):
+        got = recorded_for_messages(row[key], tokens.get(key), fingerprint, use)
+        parts[key] = got if got is not None else [None] * len(row[key])
+    if all(x is None for part in parts.values() for x in part):
+        return None
+    return PairRecorded(**parts)
+
+
 def _turn_tokens(tokenizer: Any, span: str, content: str, recorded: Sequence[int]) -> list[int] | None:
     """The recorded ids (a prefix of them, the rest of ``span`` tokenized) that spell ``span``, or None when
     no prefix of them decodes to a start of ``span`` covering ``content``."""
@@ -121,7 +188,7 @@ def _turn_tokens(tokenizer: Any, span: str, content: str, recorded: Sequence[int
 
 def splice_recorded(
     tokenizer: Any, text: str, turns: Sequence[tuple[int, int, str, Sequence[int]]]
-) -> tuple[list[int], list[int], int, int]:
+) -> tuple[list[int], list[int], list[bool]]:
     """Tokenize ``text`` with the recorded ids of agent turns in place of the tokenizer's own.
 
     Args:
@@ -131,18 +198,20 @@ def splice_recorded(
             in ``text`` (from the end of the generation prompt to its end-of-turn token) and its message content.
 
     Returns:
-        ``(ids, starts, used, refused)``: the token ids, the character where each token starts (for a recorded
-        token, the start of its turn: the loss mask needs only which span a token lies in), and how many
-        turns took their recorded ids and how many were re-tokenised (see the module docstring for the
-        rules).
+        ``(ids, starts, taken)``: the token ids, the character where each token starts (for a recorded
+        token, the start of its turn: the loss mask needs only which span a token lies in), and for each of
+        ``turns``, in their order, whether it took its recorded ids (False: re-tokenised; see the module
+        docstring for the rules).
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
     out_ids: list[int] = []
     out_starts: list[int] = []
-    k = used = refused = 0
-    for a, b, content, recorded in sorted(turns, key=lambda t: t[0]):
+    taken = [False] * len(turns)
+    k = 0
+    for t in sorted(range(len(turns)), key=lambda t: turns[t][0]):
+        a, b, content, recorded = turns[t]
         lo = k
         while lo < len(ids) and offsets[lo][0] < a:
             lo += 1
@@ -152,14 +221,24 @@ def splice_recorded(
         split = (lo == 0 or offsets[lo - 1][1] <= a) and (hi == 0 or offsets[hi - 1][1] <= b)
         piece = _turn_tokens(tokenizer, text[a:b], content, recorded) if split else None
         if piece is None:
-            refused += 1
             continue
         out_ids += ids[k:lo]
         out_starts += [s for s, _ in offsets[k:lo]]
         out_ids += piece
         out_starts += [a] * len(piece)  # all of the turn's span: where inside it does not matter to the mask
         k = hi
-        used += 1
+        taken[t] = True
     out_ids += ids[k:]
     out_starts += [s for s, _ in offsets[k:]]
-    return out_ids, out_starts, used, refused
+    return out_ids, out_starts, taken
+
+
+def with_token_ids_use(result: TrainResult, use: TokenIdsUse, *, save: bool) -> TrainResult:
+    """``result`` with the counts of ``use`` in ``extra["token_ids"]`` (saved again when ``save``), when any
+    training row carried recorded token ids; ``result`` itself otherwise."""
+    if not use.any_recorded:
+        return result
+    result = replace(result, extra={**result.extra, "token_ids": use.to_dict()})
+    if save:
+        result.save()
+    return result
