@@ -620,3 +620,49 @@ def test_bad_agent_tokens_of_pairs_and_pg_rows_name_the_line(tmp_path: Path) -> 
         (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
         with pytest.raises(DataFormatError, match=message):
             read(tmp_path / "p.jsonl")
+
+
+def test_cut_pairs_and_pg_rows_drop_the_ids_with_their_turns(tok) -> None:
+    from w2s_agents.trainers import fit_pair
+    from w2s_agents.trainers.data import load_pairs
+    from w2s_agents.trainers.dpo import encode_pairs
+    from w2s_agents.trainers.pg import encode_pg_rows, load_pg_rows
+    from w2s_agents.trainers.reference import RefPair
+    from w2s_agents.trainers.token_ids import recorded_for_pair
+
+    fp = tokenizer_fingerprint(tok)
+    messages = episode_messages(*EPISODE)
+    prompt, chosen = messages[:6], [messages[6]]
+    rejected = [{"role": "assistant", "content": "Thought: the apple stays\nAction: look"}]
+    parts = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    row = {
+        **parts,
+        "agent_tokens": {k: _recorded(tok, v, fingerprint=fp, drift=True) for k, v in parts.items()},
+    }
+    encoder = ChatEncoder(tok)
+    recorded = recorded_for_pair(row, fp)
+    whole = fit_pair([encoder], row, 10_000, recorded=[recorded])
+    (ex,), _ = encode_pairs(
+        [RefPair(load_pairs([row])[0], whole, 0.0, 0.0)], encoder, TrainConfig(method="dpo"), {}
+    )
+    # one token shorter than the pair as tokenized with its ids: the prompt's oldest unit goes, with its ids
+    limit = max(len(s) for s in ex.seqs) - 1
+    plan = fit_pair([encoder], row, limit, recorded=[recorded])
+    assert plan is not None and plan.prompt_dropped == 1
+    assert fit_pair([encoder], row, limit).prompt_dropped == 0  # re-tokenised, the drifting pair would fit
+    use = TokenIdsUse()
+    cfg = TrainConfig(method="dpo", max_length=limit)
+    (cut,), _ = encode_pairs([RefPair(load_pairs([row])[0], plan, 0.0, 0.0)], encoder, cfg, {}, use)
+    assert use.turns == {"recorded": 3} and max(len(s) for s in cut.seqs) <= limit
+    assert _scored(cut.seqs[0]) == row["agent_tokens"]["chosen"][0]["ids"]
+    kept = row["agent_tokens"]["prompt"][1]["ids"]
+    assert any(cut.seqs[0].input_ids[i : i + len(kept)] == kept for i in range(len(cut.seqs[0])))
+    # a policy-gradient row cut to fit keeps the ids of the turns it keeps
+    pg = {"messages": prompt + chosen, "advantage": 1.0,
+          "agent_tokens": _recorded(tok, prompt + chosen, fingerprint=fp, drift=True)}  # fmt: skip
+    (full,), _ = encode_pg_rows(load_pg_rows([pg]), encoder, TrainConfig(method="pg"), {})
+    use = TokenIdsUse()
+    cfg = TrainConfig(method="pg", max_length=len(full.seqs[0]) - 1)
+    (ex,), _ = encode_pg_rows(load_pg_rows([pg]), encoder, cfg, {}, use)
+    assert use.turns == {"recorded": 2} and len(ex.seqs[0]) <= cfg.max_length
+    assert _scored(ex.seqs[0]) == pg["agent_tokens"][2]["ids"]
