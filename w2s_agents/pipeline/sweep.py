@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from w2s_agents.errors import ConfigError, W2SError
-from w2s_agents.pipeline.cache import StageRecord, stage_keys
+from w2s_agents.pipeline.cache import StageRecord, link_finished_stages, stage_keys
 from w2s_agents.pipeline.experiment import ExperimentConfig, load_experiment
 from w2s_agents.pipeline.runner import build_stages, run_pipeline
 from w2s_agents.pipeline.sweep_report import sweep_summary, write_sweep_outputs
@@ -256,59 +256,30 @@ def plan_sweep(path: str | os.PathLike[str] | None, args: Sequence[str]) -> Swee
 # ---------------------------------------------------------------------------------------- shared stages
 
 
-def _done_key(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "_done.json").read_text(encoding="utf-8")).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _finished_elsewhere(plan: SweepPlan, point: SweepPoint, stage: str, key: str) -> Path | None:
-    """The real folder of ``stage`` finished with ``key`` in the first other point of ``plan`` that has one."""
-    for other in plan.points:
-        if other.name == point.name or not other.run_dir.is_dir():
-            continue
-        for seed_dir in sorted(other.run_dir.glob("seed-*")):
-            folder = seed_dir / stage
-            if not folder.is_symlink() and folder.is_dir() and _done_key(folder) == key:
-                return folder
-    return None
-
-
 def link_shared_stages(plan: SweepPlan, point: SweepPoint) -> list[str]:
     """Link every stage folder of ``point`` that another point of ``plan`` has finished with the same key.
 
     A stage folder of the point that is missing, or is a link whose target does not hold that key (a dangling
     link, or one left by a sweep with other settings; the link is removed, never its target), becomes a relative
-    symbolic link to the first such folder. Real folders of the point are left to the run, which reuses,
-    resumes or moves them aside as ``w2s run`` does.
+    symbolic link to the first such folder (any seed of the other points, in plan order; stages such as the
+    tasks are the same for every seed). Real folders of the point are left to the run, which reuses, resumes or
+    moves them aside as ``w2s run`` does (:func:`~w2s_agents.pipeline.cache.link_finished_stages`).
 
     Returns:
         The linked folders, as ``seed-<k>/<stage>``.
     """
+    sources = [
+        seed_dir
+        for other in plan.points
+        if other.name != point.name and other.run_dir.is_dir()
+        for seed_dir in sorted(other.run_dir.glob("seed-*"))
+    ]
     linked: list[str] = []
     for seed in point.config.run.seed_list:
-        seed_dir = point.run_dir / f"seed-{seed}"
-        for stage, key in stage_keys(build_stages(point.config, seed)).items():
-            folder = seed_dir / stage
-            if folder.is_symlink():
-                if _done_key(folder) == key:
-                    continue
-                folder.unlink()
-            elif folder.exists():
-                continue
-            source = _finished_elsewhere(plan, point, stage, key)
-            if source is None:
-                continue
-            seed_dir.mkdir(parents=True, exist_ok=True)
-            folder.symlink_to(os.path.relpath(source, seed_dir), target_is_directory=True)
+        stages = build_stages(point.config, seed)
+        for stage in link_finished_stages(point.run_dir / f"seed-{seed}", stages, sources):
             linked.append(f"seed-{seed}/{stage}")
-            logger.info(
-                "sweep point %s: stage %s shared with %s",
-                point.name,
-                folder.relative_to(point.run_dir),
-                source,
-            )
+            logger.info("sweep point %s: stage seed-%d/%s shared", point.name, seed, stage)
     return linked
 
 
