@@ -12,18 +12,15 @@ from typing import Any
 from w2s_agents.pipeline.cache import StageContext
 from w2s_agents.pipeline.experiment import ExperimentConfig
 from w2s_agents.pipeline.stage_io import (
-    model_path,
-    save_model_info,
     training_system,
-    validation_fn,
     write_json,
 )
-from w2s_agents.pipeline.tracking import stage_tracking, track_stage
+from w2s_agents.pipeline.tracking import track_stage
 from w2s_agents.seeding import derive_seed
 from w2s_agents.trainers import TrainConfig
 from w2s_agents.tree import TrajectoryTree
 
-from .train import _skip
+from .train import fine_tune_on_file
 
 __all__ = ["run_pg", "run_rl_search"]
 
@@ -95,17 +92,14 @@ def run_pg(
     from w2s_agents.trainers import train_pg
 
     data = ctx.output(search) / "pg.jsonl"
-    n = sum(1 for _ in data.open(encoding="utf-8"))
-    init = model_path(ctx, start)
-    if n == 0 or init is None:
-        return _skip(ctx, "no policy-gradient rows" if n == 0 else f"no {start} model")
-    result = train_pg(
-        init,
+    return fine_tune_on_file(
+        ctx,
+        cfg,
+        seed,
+        train,
+        train_pg,
         data,
-        ctx.directory / "train",
-        replace(train, method="pg", seed=derive_seed(seed, ctx.name)),
-        reference_path=model_path(ctx, reference),
-        valid_fn=validation_fn(cfg, ctx),
-        tracking=stage_tracking(ctx, cfg, seed, train.report_to),
+        start=start,
+        reference=reference,
+        empty="no policy-gradient rows",
     )
-    return save_model_info(ctx, result)

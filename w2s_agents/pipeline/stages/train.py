@@ -10,7 +10,9 @@ after it treat the model as absent. With valid tasks, every stage validates by g
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 from w2s_agents.pipeline.cache import StageContext
@@ -124,15 +126,36 @@ def run_dpo(
     from w2s_agents.trainers import train_dpo
 
     data = ctx.output(search) / pairs
+    return fine_tune_on_file(
+        ctx, cfg, seed, train, train_dpo, data, start=start, reference=reference, empty="no preference pairs"
+    )
+
+
+def fine_tune_on_file(
+    ctx: StageContext,
+    cfg: ExperimentConfig,
+    seed: int,
+    train: TrainConfig,
+    trainer: Callable[..., Any],
+    data: Path,
+    *,
+    start: str,
+    reference: str,
+    empty: str,
+) -> dict[str, Any]:
+    """Train the model of stage ``start`` with ``trainer`` (``train_dpo`` or ``train_pg``, which sets
+    ``train.method``) on the rows of ``data`` against the model of stage ``reference``. Skipped (with the reason
+    ``empty``) when ``data`` has no rows, or when ``start`` was skipped. Returns the training summary."""
     n = sum(1 for _ in data.open(encoding="utf-8"))
     init = model_path(ctx, start)
     if n == 0 or init is None:
-        return _skip(ctx, "no preference pairs" if n == 0 else f"no {start} model")
-    result = train_dpo(
+        return _skip(ctx, empty if n == 0 else f"no {start} model")
+    method = {"train_dpo": "dpo", "train_pg": "pg"}[trainer.__name__]
+    result = trainer(
         init,
         data,
         ctx.directory / "train",
-        replace(train, method="dpo", seed=derive_seed(seed, ctx.name)),
+        replace(train, method=method, seed=derive_seed(seed, ctx.name)),
         reference_path=model_path(ctx, reference),
         valid_fn=validation_fn(cfg, ctx),
         tracking=stage_tracking(ctx, cfg, seed, train.report_to),
