@@ -108,3 +108,36 @@ def test_metrics_are_strict_json_and_the_report_gives_the_reasons(tmp_path):
     )
     assert "- PGR of W2S-TreeDPO: 12.5% of the bootstrap resamples dropped" in text
     assert "- misfit of W2S-MCTS: n/a, no held-out weak states" in text
+
+
+def test_each_run_seeds_return_is_in_the_metrics_and_the_results_table(tmp_path):
+    from w2s_agents.pipeline.metrics import _model_metrics
+
+    def unit(seed, task, ret):
+        return {
+            "run_seed": seed,
+            "task_id": task,
+            "sampler": 0,
+            "seed": 0,
+            "return": ret,
+            "success": ret == 1.0,
+            "steps": 5,
+            "tokens": 10,
+        }
+
+    per_seed = {
+        0: {"models": {"w2s-mcts": [unit(0, "a", 1.0), unit(0, "b", 0.0)]}},
+        1: {"models": {"w2s-mcts": [unit(1, "a", 1.0), unit(1, "b", 1.0)]}},
+        2: {"models": {}},  # a seed that did not evaluate the model
+    }
+    models, _ = _model_metrics(per_seed, ["w2s-mcts"], level_seed=0)
+    assert models["w2s-mcts"]["return_per_seed"] == {"0": 0.5, "1": 1.0}
+    m = metrics()
+    m["models"]["w2s-mcts"]["return_per_seed"] = models["w2s-mcts"]["return_per_seed"]
+    text = write_report(m, tmp_path, plots=False).read_text()
+    assert "| return x100 per seed (0 / 1 / 2) |" in text
+    assert next(r for r in text.splitlines() if r.startswith("| W2S-MCTS | 75.0")).endswith(
+        "| 50 / 100 / - |"
+    )
+    single = {**metrics(), "seeds": [0]}
+    assert "per seed" not in write_report(single, tmp_path / "one", plots=False).read_text()

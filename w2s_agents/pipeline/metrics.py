@@ -56,6 +56,11 @@ def _model_metrics(
             "steps": bootstrap_interval([u["steps"] for u in units], groups, seed=level_seed).as_dict(),
             "episodes": len(units),
             "tokens": sum(u["tokens"] for u in units),
+            "return_per_seed": {
+                str(s): sum(r) / len(r)
+                for s in per_seed
+                if (r := [u["return"] for u in units if u["run_seed"] == s])
+            },
         }
         scores[name] = {(u["run_seed"], u["task_id"], u["sampler"], u["seed"]): u["return"] for u in units}
     return models, scores

@@ -96,6 +96,7 @@ def _results_section(metrics: Mapping[str, Any]) -> list[str]:
     models = metrics.get("models", {})
     level = 95
     rows = []
+    seeds = [str(s) for s in metrics.get("seeds", [])]
     for name in _ordered_models(models):
         m = models[name]
         ret = interval(m.get("return"))
@@ -109,15 +110,24 @@ def _results_section(metrics: Mapping[str, Any]) -> list[str]:
                 _num(m.get("episodes")),
             ]
         )
+        if len(seeds) > 1:
+            per_seed = m.get("return_per_seed", {})
+            rows[-1].append(" / ".join(f"{100 * per_seed[s]:.0f}" if s in per_seed else "-" for s in seeds))
     where = (
         f"{metrics.get('tasks', '?')} held-out {metrics.get('split', 'test')} tasks of `{metrics.get('suite', '?')}`, "
         f"seeds {', '.join(map(str, metrics.get('seeds', []))) or '?'}"
     )
     lines = [f"## Results on {where}", ""]
-    lines += _table(
-        ["model", f"average return x100 ({level}% CI)", "success rate % (CI)", "mean steps (CI)", "episodes"],
-        rows,
-    )
+    header = [
+        "model",
+        f"average return x100 ({level}% CI)",
+        "success rate % (CI)",
+        "mean steps (CI)",
+        "episodes",
+    ]
+    if len(seeds) > 1:
+        header.append(f"return x100 per seed ({' / '.join(seeds)})")
+    lines += _table(header, rows)
     return [*lines, ""]
 
 
