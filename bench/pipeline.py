@@ -18,10 +18,10 @@ includes making the games, as a first run on a new machine does. Runs alternate 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,17 +48,48 @@ def run_once(config: str | None, overrides: list[str], jobs: int, out: Path, cac
     cmd += [*overrides, f"run.jobs={jobs}", f"run.name={name}", f"run.out_dir={out}"]
     env = {**os.environ, "W2S_CACHE": str(cache), "W2S_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    log = out / f"{name}.stderr"
+    out.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        peak = _watch_memory(proc)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"bench/pipeline.py: `{' '.join(cmd)}` failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"bench/pipeline.py: `{' '.join(cmd)}` failed:\n{log.read_text()[-3000:]}")
     manifest = json.loads((out / name / "manifest.json").read_text())
     stages: dict[str, float] = {}
     for st in manifest["stages"]:
         stages[st["name"]] = stages.get(st["name"], 0.0) + float(st.get("seconds", 0.0))
     metrics = json.loads((out / name / "metrics.json").read_text())
     returns = {m: v["return"]["estimate"] for m, v in metrics["models"].items()}
-    return {"jobs": jobs, "wall_s": wall, "stages": stages, "returns": returns, "folder": str(out / name)}
+    return {
+        "jobs": jobs,
+        "wall_s": wall,
+        "peak_rss_gb": peak / 1e9,
+        "stages": stages,
+        "returns": returns,
+        "folder": str(out / name),
+    }
+
+
+def _watch_memory(proc: subprocess.Popen) -> int:
+    """Wait for ``proc``; return the peak of the summed resident memory of it and all its descendants (stages
+    side by side add up), sampled every 0.2 s."""
+    import psutil
+
+    peak = 0
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(0.2)
+    return peak
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,15 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         f"\nw2s run, one seed, {'empty game cache' if args.empty_cache else 'games made'}; overrides: "
         f"{' '.join(overrides) or '(none)'}"
     )
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; peak RSS of a run's processes: "
-        f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6:.2f} GB"
-    )
-    print(f"\n| run.jobs | wall (s) | vs run.jobs={settings[0]} |")
-    print("| --- | --- | --- |")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"\n| run.jobs | wall (s) | speed-up vs run.jobs={settings[0]} | peak memory, all processes (GB) |")
+    print("| --- | --- | --- | --- |")
     for j in settings:
-        print(f"| {j} | {best[j]['wall_s']:.1f} | {base['wall_s'] / best[j]['wall_s']:.2f}x |")
+        b = best[j]
+        print(f"| {j} | {b['wall_s']:.1f} | {base['wall_s'] / b['wall_s']:.2f}x | {b['peak_rss_gb']:.2f} |")
     names = list(base["stages"])
     print("\n| stage | " + " | ".join(f"run.jobs={j} (s)" for j in settings) + " |")
     print("| --- |" + " --- |" * len(settings))
