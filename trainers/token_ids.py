@@ -34,13 +34,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from w2s_agents.messages import Message
 
 if TYPE_CHECKING:
-    from .masks import EncodedConversation
     from .result import TrainResult
+
+
+class _Encoded(Protocol):
+    """What :meth:`TokenIdsUse.count_row` reads of an encoded conversation (``masks.EncodedConversation``; not
+    imported: masks imports this module)."""
+
+    recorded: tuple[int, ...]
+    refused: tuple[int, ...]
+
 
 __all__ = [
     "PairRecorded",
@@ -69,7 +77,7 @@ class TokenIdsUse:
         if n:
             self.turns[outcome] = self.turns.get(outcome, 0) + n
 
-    def count_row(self, encoded: Sequence[EncodedConversation], *, shared: int = 0) -> None:
+    def count_row(self, encoded: Sequence[_Encoded], *, shared: int = 0) -> None:
         """Add one row tokenized as ``encoded`` (an SFT or policy-gradient row's conversation, or a pair's
         chosen and rejected sequences): its agent turns by outcome (``recorded`` or ``text``), and the row as
         recorded (a turn took its ids) or re-tokenised. The first ``shared`` messages (a pair's prompt) are
