@@ -125,22 +125,23 @@ def test_a_stage_whose_process_dies_is_reported(tmp_path: Path) -> None:
         run_stages(diamond(seconds=0.0, exit_code=3), tmp_path / "run", jobs=2)
 
 
+def _script(path: Path, body: str) -> Path:
+    """A Python script at ``path`` that imports this module and ``run_stages``, then runs ``body``."""
+    head = f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport test_jobs\n"
+    path.write_text(head + "from w2s_agents.pipeline.cache import run_stages\n" + textwrap.dedent(body))
+    return path
+
+
 def test_no_stage_process_outlives_a_killed_parent(tmp_path: Path) -> None:
     """The parent is SIGKILLed while two stages run: both stage processes end within seconds."""
-    script = tmp_path / "parent.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            sys.path.insert(0, {str(Path(__file__).parent)!r})
-            import test_jobs
-            from w2s_agents.pipeline.cache import run_stages
-            if __name__ == "__main__":  # each stage's process imports this script
-                stages = test_jobs.diamond(seconds=120.0)
-                stages[1] = test_jobs.stage("b", ("a",), seconds=120.0)
-                run_stages(stages, {str(tmp_path / "run")!r}, jobs=2)
-            """
-        )
+    script = _script(
+        tmp_path / "parent.py",
+        f"""
+        if __name__ == "__main__":  # each stage's process imports this script
+            stages = test_jobs.diamond(seconds=120.0)
+            stages[1] = test_jobs.stage("b", ("a",), seconds=120.0)
+            run_stages(stages, {str(tmp_path / "run")!r}, jobs=2)
+        """,
     )
     env = {**os.environ, "W2S_PROGRESS": "0"}
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
@@ -179,17 +180,8 @@ def test_bad_job_counts(tmp_path: Path) -> None:
 
 
 def test_a_script_without_the_main_guard_gets_the_reason(tmp_path: Path) -> None:
-    script = tmp_path / "unguarded.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            sys.path.insert(0, {str(Path(__file__).parent)!r})
-            import test_jobs
-            from w2s_agents.pipeline.cache import run_stages
-            run_stages(test_jobs.diamond(), {str(tmp_path / "run")!r}, jobs=2)
-            """
-        )
+    script = _script(
+        tmp_path / "unguarded.py", f"run_stages(test_jobs.diamond(), {str(tmp_path / 'run')!r}, jobs=2)"
     )
     env = {**os.environ, "W2S_PROGRESS": "0"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)

@@ -3,9 +3,9 @@ process of its own, up to ``jobs`` at a time.
 
 The stage graph of a run is wide: strong SFT, the ceiling's SFT and the weak agent's exploration depend only on
 the models; the test games are made while the models train; with several run seeds, the seeds' stages are
-independent of each other. On a machine whose cores one stage cannot keep busy (tiny models on a CPU: two torch
-threads run a training step about 1.5 times faster than one, not twice) or with several GPUs, running them side by
-side shortens the run. What each stage computes does not change: a stage reads only the outputs of the stages it
+independent of each other. On a machine whose cores one stage cannot keep busy (tiny models on a CPU, where a
+second torch thread speeds a stage up far less than twice) or with several GPUs, running them side by side
+shortens the run (docs/benchmarks.md, bench/pipeline). What each stage computes does not change: a stage reads only the outputs of the stages it
 depends on, seeds itself, and writes only its own folder.
 
 Scheduling (:func:`run_jobs`): a stage is *ready* when every stage it depends on has finished. Of the ready stages,
@@ -161,7 +161,6 @@ class _Running:
     job: Job
     process: Any
     conn: Connection
-    started: float
     bootstrapped: bool = False
     """The process reported that it started (it got past importing the parent's main module)."""
     eof: bool = False
@@ -255,7 +254,7 @@ def run_jobs(
                 )
                 process.start()
                 child_conn.close()
-                running[job.id] = _Running(job, process, parent_conn, time.perf_counter())
+                running[job.id] = _Running(job, process, parent_conn)
                 pending.remove(job)
                 if on_start is not None:
                     on_start(job, n)
