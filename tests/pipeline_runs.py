@@ -24,6 +24,7 @@ tasks: {{suite: tw-coin_collector, train: 3, valid: 1, test: 2, max_steps: 6}}
 explore:
   samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}]
   seeds: 1
+  max_steps: 6
 search: {{iterations: 20, sft_min_value: 0.0}}
 train:
   weak_sft: {{lr: 0.003, epochs: 2, batch_size: 4}}
@@ -52,6 +53,8 @@ FEATURES = [
     "train.strong_sft.lr=0.02",
     # round 2 explores with round 1's W2S-MCTS and trains the W2S stages again
     "run.rounds=2",
+    # explorations (weak agents', the strong SFT agent's, round 2's) run up to 9 steps, evaluation up to 6
+    "explore.max_steps=9",
 ]
 """``MINI``'s overrides for the feature run."""
 

@@ -134,7 +134,7 @@ run: {{name: vault, out_dir: {out}}}
 weak: {{tiny_preset: nano}}
 strong: {{tiny_preset: nano}}
 tasks: {{suite: vault, train: 3, valid: 0, test: 2, max_steps: 8}}
-explore: {{samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}], seeds: 1}}
+explore: {{samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}], seeds: 1, max_steps: 8}}
 search: {{iterations: 20, sft_min_value: 0.0}}
 train:
   weak_sft: {{lr: 0.003, epochs: 1, batch_size: 4}}

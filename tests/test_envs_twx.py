@@ -127,7 +127,7 @@ run: {{name: twx, out_dir: {out}}}
 weak: {{tiny_preset: nano}}
 strong: {{tiny_preset: nano}}
 tasks: {{suite: twx-sorting, train: 2, valid: 0, test: 1, max_steps: 6}}
-explore: {{samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}], seeds: 1}}
+explore: {{samplers: [{{temperature: 0.0}}, {{temperature: 1.5}}], seeds: 1, max_steps: 6}}
 search: {{iterations: 10, sft_min_value: 0.0}}
 train:
   weak_sft: {{lr: 0.003, epochs: 1, batch_size: 4}}

@@ -110,6 +110,13 @@ class ExploreConfig:
         "trajectories per train task: the first N (sampler, seed) pairs taken seed-major (seed 0 of every "
         "sampler in list order, then seed 1, ...); 0: every sampler x seeds",
     )
+    max_steps: int | None = option(
+        None,
+        "step limit of an exploration episode (the weak agents', the strong SFT agent's for the ETO and "
+        "Best-of-N baselines, and RL rounds'); the search replays shortened paths under it; null: twice "
+        "tasks.max_steps. A longer limit than evaluation's lets the explorer reach the goal after detours, which "
+        "search.paths cuts out of the best paths; evaluation keeps tasks.max_steps",
+    )
     batch_size: int = option(16, "live episodes per batched agent call")
     workers: int = option(0, "Ray workers for exploration (0: in this process)")
     ray_address: str | None = option(
@@ -139,6 +146,11 @@ class ExploreConfig:
             "width",
             f"must be between 0 and len(samplers) x seeds = {len(self.samplers)} x {self.seeds} = {pairs}, "
             f"got {self.width}",
+        )
+        check(
+            self.max_steps is None or self.max_steps >= 1,
+            "max_steps",
+            f"must be >= 1 (or null: twice tasks.max_steps), got {self.max_steps}",
         )
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
@@ -414,6 +426,11 @@ class ExperimentConfig:
         )
         check_rounds(self)
         check_rl(self)
+
+    @property
+    def explore_max_steps(self) -> int:
+        """Step limit of an exploration episode: ``explore.max_steps``, or twice ``tasks.max_steps`` when null."""
+        return self.explore.max_steps if self.explore.max_steps is not None else 2 * self.tasks.max_steps
 
     @property
     def agent_device(self) -> str:

@@ -133,7 +133,7 @@ def _replay_part(cfg: ExperimentConfig) -> dict[str, Any]:
     """The env settings a search stage replays shortened paths in (none when it keeps tree paths)."""
     if cfg.search.paths == "tree":
         return {}
-    return {"replay_env": {"max_steps": cfg.tasks.max_steps, "env_kwargs": cfg.tasks.env_kwargs}}
+    return {"replay_env": {"max_steps": cfg.explore_max_steps, "env_kwargs": cfg.tasks.env_kwargs}}
 
 
 def _tasks_part(cfg: ExperimentConfig, splits: tuple[str, ...]) -> dict[str, Any]:
@@ -152,8 +152,10 @@ def _tasks_part(cfg: ExperimentConfig, splits: tuple[str, ...]) -> dict[str, Any
 def _explore_part(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     """The config part of the explore stage; ``explore.width`` only when set, so that a run without it keeps the
     key it had before that setting existed. Where the Ray workers run (``ray_address`` when set, ``worker_cpus``,
-    ``worker_gpus``, ``workers_per_node``) is left out: it is not what they compute."""
+    ``worker_gpus``, ``workers_per_node``) is left out: it is not what they compute. The step limit enters as
+    the one the episodes run under (null ``explore.max_steps`` resolved), so naming the default gives its key."""
     part = config_to_dict(cfg.explore)
+    part["max_steps"] = cfg.explore_max_steps
     if not cfg.explore.width:
         part.pop("width")
     for key in ("worker_cpus", "worker_gpus", "workers_per_node"):
@@ -341,6 +343,7 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
                     "batch_size": cfg.explore.batch_size,
                     "agent": cfg.agent,
                     "seed": seed,
+                    "max_steps": cfg.explore_max_steps,
                 },
                 deps=("strong-sft",),
             )

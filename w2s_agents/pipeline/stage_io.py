@@ -178,11 +178,13 @@ def play_episodes(
     *,
     first_seed: int = 0,
     workers: int = 0,
+    max_steps: int | None = None,
 ) -> tuple[list[Trajectory], RolloutSummary]:
     """Run (resumably) every (task, sampler, seed) episode of ``agent`` into the store at ``store_path``.
 
     Episode seeds are ``first_seed .. first_seed + seeds - 1``; episodes already in the store are not played
-    again. ``workers > 0`` plays them on Ray workers (``explore.ray_address``).
+    again. ``workers > 0`` plays them on Ray workers (``explore.ray_address``). ``max_steps`` is the step limit
+    of an episode (explorations pass ``cfg.explore_max_steps``); None: ``tasks.max_steps``.
 
     Returns:
         Every trajectory of the store, and the rollout's summary.
@@ -190,7 +192,8 @@ def play_episodes(
     from w2s_agents.rollout import EngineOptions, collect
     from w2s_agents.store import TrajectoryStore
 
-    env_kwargs = {"max_steps": cfg.tasks.max_steps, **cfg.tasks.env_kwargs}
+    limit = cfg.tasks.max_steps if max_steps is None else max_steps
+    env_kwargs = {"max_steps": limit, **cfg.tasks.env_kwargs}
     with TrajectoryStore(store_path) as store:
         summary = collect(
             list(tasks),
@@ -200,7 +203,7 @@ def play_episodes(
             env=env_id(cfg),
             env_kwargs=env_kwargs,
             seeds=list(range(first_seed, first_seed + seeds)),
-            max_steps=cfg.tasks.max_steps,
+            max_steps=limit,
             engine=EngineOptions(batch_size=cfg.explore.batch_size),
             ray=explore_ray(cfg, workers) if workers else None,
         )

@@ -69,6 +69,7 @@ def run_strong_explore(ctx: StageContext, cfg: ExperimentConfig, seed: int) -> d
         ctx.directory / "trajectories.jsonl",
         first_seed=derive_seed(seed, "strong-explore") % 1_000_000,
         workers=cfg.explore.workers,
+        max_steps=cfg.explore_max_steps,
     )
     stats = exploration_stats(trajs)
     solved = stats.pop("solved_tasks")

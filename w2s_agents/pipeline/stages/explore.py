@@ -102,6 +102,7 @@ def run_explore(
                 ctx.directory / "trajectories.jsonl",
                 first_seed=first_seed + seeds[0],
                 workers=cfg.explore.workers,
+                max_steps=cfg.explore_max_steps,
             )
     stats = exploration_stats(trajs)
     solved = stats.pop("solved_tasks")
