@@ -65,7 +65,7 @@ def test_online_grows_copies_of_the_trees_and_a_second_call_resumes(
         assert grown.task_id == s["task_id"] == f"test-tw-simple/train/{i}"
         assert s["iterations"] == 2 and s["new_nodes"] == len(grown) - 1 > 0
         assert grown.sources(ROOT) == {"weak-sft-search": 2}  # the expand stage's source of new branches
-        assert max(grown.depth(n) for n in range(len(grown))) <= 4  # tasks.max_steps
+        assert max(grown.depth(n) for n in range(len(grown))) <= 4  # --max-steps: explore.max_steps
     printed = capsys.readouterr().out
     assert f"{out}: 2 trees (0 grown before), 4 episodes" in printed
 

@@ -87,8 +87,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--max-steps",
         type=int,
         default=None,
-        help="step limit of a replayed path (with --suite; default 50); with --online: tasks.max_steps, the "
-        "longest episode",
+        help="step limit of a replayed path (with --suite; default 50); with --online: explore.max_steps, the "
+        "longest episode (default: twice tasks.max_steps)",
     )
     p.add_argument(
         "--keep-values",
@@ -222,7 +222,7 @@ def _cmd_online(ns: argparse.Namespace) -> int:
         ("iterations", "expand.iterations"),
         ("seed", "run.seed"),
         ("suite", "tasks.suite"),
-        ("max_steps", "tasks.max_steps"),
+        ("max_steps", "explore.max_steps"),
     ):
         if getattr(ns, flag) is not None:
             overrides.append(f"{key}={getattr(ns, flag)}")
@@ -294,7 +294,7 @@ def _online_settings(cfg: ExperimentConfig, model: Path, files: list[Path], out:
         "dtype": cfg.agent_dtype,
         "tasks": {
             "suite": cfg.tasks.suite,
-            "max_steps": cfg.tasks.max_steps,
+            "max_steps": cfg.explore_max_steps,  # the online episodes' limit
             "env_kwargs": cfg.tasks.env_kwargs,
         },
         "agent": config_to_dict(cfg.agent),

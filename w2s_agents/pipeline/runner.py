@@ -274,7 +274,12 @@ def build_stages(cfg: ExperimentConfig, seed: int) -> list[Stage]:
             Stage(
                 "expand",
                 partial(run_expand, cfg=cfg, seed=seed),
-                config={"expand": cfg.expand, "agent": cfg.agent, "seed": seed},
+                config={
+                    "expand": cfg.expand,
+                    "agent": cfg.agent,
+                    "seed": seed,
+                    "max_steps": cfg.explore_max_steps,  # online episodes are explorations
+                },
                 deps=("trees", "weak-sft"),
             )
         )
