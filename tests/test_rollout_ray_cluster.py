@@ -74,7 +74,14 @@ def test_placement_keys_stay_out_of_the_explore_stage_key() -> None:
         return next(s for s in build_stages(cfg, 0) if s.name == "explore").config
 
     default = explore_part()
-    assert set(default["explore"]) == {"samplers", "seeds", "batch_size", "workers", "ray_address"}
+    assert set(default["explore"]) == {
+        "samplers",
+        "seeds",
+        "max_steps",
+        "batch_size",
+        "workers",
+        "ray_address",
+    }
     assert default["explore"]["ray_address"] is None
     placed = explore_part(
         "explore.ray_address=10.0.0.1:6379",

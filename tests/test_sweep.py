@@ -173,6 +173,7 @@ def test_default_explore_key_is_the_key_without_the_width_setting() -> None:
     stages = build_stages(cfg, 0)
     explore = config_to_dict(cfg.explore)
     explore.pop("width")
+    explore["max_steps"] = cfg.explore_max_steps  # the key holds the resolved step limit
     old = [
         Stage(s.name, s.run, {"explore": explore, "agent": cfg.agent, "seed": 0}, s.deps, s.version)
         if s.name == "explore"
