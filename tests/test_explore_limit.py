@@ -53,3 +53,13 @@ def test_explorations_run_to_their_own_limit_and_evaluation_to_the_tasks(feature
         assert lengths and max(lengths) == 9, (stage, sorted(set(lengths)))
     tested = [len(t.steps) for p in (seed_dir / "eval").glob("test-*.jsonl") for t in read_trajectories(p)]
     assert tested and max(tested) == 6, sorted(set(tested))
+
+
+def test_a_step_limit_among_the_env_arguments_is_refused_naming_the_key() -> None:
+    """The step limits are tasks.max_steps and explore.max_steps; env_kwargs cannot set a third one."""
+    with pytest.raises(ConfigError, match=r"'tasks'.*'env_kwargs' must not set max_steps"):
+        load_experiment(None, ["tasks.env_kwargs={max_steps: 30}"])
+    assert load_experiment(None, ["tasks.env_kwargs={banner: true}"]).tasks.env_settings(7) == {
+        "max_steps": 7,
+        "banner": True,
+    }

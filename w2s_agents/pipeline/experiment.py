@@ -89,6 +89,16 @@ class TasksConfig:
         check(self.valid >= 0, "valid", f"must be >= 0, got {self.valid}")
         check(self.test >= 1, "test", f"must be >= 1, got {self.test}")
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        check(
+            "max_steps" not in self.env_kwargs,
+            "env_kwargs",
+            "must not set max_steps: the step limit is tasks.max_steps (evaluation) and explore.max_steps "
+            "(exploration)",
+        )
+
+    def env_settings(self, max_steps: int) -> dict[str, Any]:
+        """The env constructor arguments of the suite's env with the step limit ``max_steps``."""
+        return {"max_steps": max_steps, **self.env_kwargs}
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,8 @@ class ExploreConfig:
     max_steps: int | None = option(
         None,
         "step limit of an exploration episode (the weak agents', the strong SFT agent's for the ETO and "
-        "Best-of-N baselines, and RL rounds'); the search replays shortened paths under it; null: twice "
+        "Best-of-N baselines, RL rounds' and online expansion's); the search replays shortened paths under it; "
+        "null: twice "
         "tasks.max_steps. A longer limit than evaluation's lets the explorer reach the goal after detours, which "
         "search.paths cuts out of the best paths; evaluation keeps tasks.max_steps",
     )

@@ -193,7 +193,7 @@ def play_episodes(
     from w2s_agents.store import TrajectoryStore
 
     limit = cfg.tasks.max_steps if max_steps is None else max_steps
-    env_kwargs = {"max_steps": limit, **cfg.tasks.env_kwargs}
+    env_kwargs = cfg.tasks.env_settings(limit)
     with TrajectoryStore(store_path) as store:
         summary = collect(
             list(tasks),
@@ -252,7 +252,7 @@ def validation_fn(cfg: ExperimentConfig, ctx: StageContext) -> ValidFn | None:
             dtype = next(model.parameters()).dtype
             lm = LoadedModel(model, tokenizer, work, device, dtype)
             agent = Agent(lm, replace(cfg.agent, name="valid", role="strong"))
-            env = EnvFactory(env_id(cfg), {"max_steps": cfg.tasks.max_steps, **cfg.tasks.env_kwargs})
+            env = EnvFactory(env_id(cfg), cfg.tasks.env_settings(cfg.tasks.max_steps))
             eps = plan_episodes(list(tasks), [Sampler(temperature=0.0)], [0])
             trajs = list(
                 run_episodes(

@@ -53,7 +53,7 @@ def run_search(ctx: StageContext, cfg: ExperimentConfig, seed: int, *, trees_sta
     # shortened best paths are replayed in the env of the suite before they become rows
     env = None
     if sc.paths != "tree":
-        env = suite_env(cfg.tasks.suite, **{"max_steps": cfg.explore_max_steps, **cfg.tasks.env_kwargs})
+        env = suite_env(cfg.tasks.suite, **cfg.tasks.env_settings(cfg.explore_max_steps))
     try:
         replay = env_replayer(env) if env is not None else None
         for path in sorted((ctx.output(trees_stage) / "trees").glob("*.json")):

@@ -49,7 +49,7 @@ def _prepare_splits(
     """The first ``counts[split]`` task ids of each split, their games prepared, written to ``tasks.json``."""
     from w2s_agents.envs.demos import suite_env, suite_task_ids
 
-    env = suite_env(cfg.tasks.suite, max_steps=cfg.tasks.max_steps, **cfg.tasks.env_kwargs)
+    env = suite_env(cfg.tasks.suite, **cfg.tasks.env_settings(cfg.tasks.max_steps))
     try:
         ids = {split: suite_task_ids(cfg.tasks.suite, split, env)[:n] for split, n in counts.items()}
         for split in required:
@@ -86,7 +86,7 @@ def run_demos(ctx: StageContext, cfg: ExperimentConfig) -> dict[str, Any]:
 
     train = task_ids(ctx, "train")
     # the expert's plan may be longer than the agents' step limit
-    env = suite_env(cfg.tasks.suite, max_steps=200, **cfg.tasks.env_kwargs)
+    env = suite_env(cfg.tasks.suite, **cfg.tasks.env_settings(200))
     try:
         with TrajectoryStore(ctx.directory / "demos.jsonl") as store:
             done = {k.task_id for k in store.keys}
