@@ -238,12 +238,20 @@ class ScienceWorldEnv(TextEnv):
         return list(self._variations[key])
 
     def suite_task_ids(self, suite: ScienceWorldSuite, split: str) -> list[str]:
-        """Task ids of ``split`` of a ScienceWorld suite (starts the JVM to read the variation splits)."""
-        out: list[str] = []
+        """Task ids of ``split`` of a ScienceWorld suite (starts the JVM to read the variation splits).
+
+        The tasks take turns: the first variation of every task, then the second of every task, and so on, so
+        that the first N ids of a split (``tasks.train``, ``tasks.demos``, ``tasks.test``) hold every task of
+        the suite in near-equal numbers.
+        """
         limit = suite.sizes.get(split, 0) if split in suite.sizes else 0
+        per_task: list[list[str]] = []
         for task in suite.tasks or tuple(scienceworld_task_names()):
             found = self.variations(task, split)
-            out.extend(f"{task}/{v}" for v in (found if limit is None else found[:limit]))
+            per_task.append([f"{task}/{v}" for v in (found if limit is None else found[:limit])])
+        out: list[str] = []
+        for turn in range(max((len(ids) for ids in per_task), default=0)):
+            out.extend(ids[turn] for ids in per_task if turn < len(ids))
         return out
 
     def task_ids(self, split: str | None = None) -> list[str]:

@@ -200,7 +200,7 @@ class TextWorldSuite:
     """A named set of generated TextWorld games with train / valid / test splits.
 
     For ``tw-cooking`` the game's own ``split`` setting follows the suite split (the cooking challenge keeps
-    disjoint ingredients and recipes per split).
+    disjoint ingredients and recipes per split), unless :attr:`food_split` names one pool for every split.
     """
 
     name: str
@@ -212,11 +212,22 @@ class TextWorldSuite:
     """First seed of the train split (see :data:`SPLIT_SEED_OFFSET`)."""
     description: str = ""
     env_id: str = "w2s/TextWorld-v0"
+    food_split: str | None = None
+    """``tw-cooking`` only: the cooking challenge's split whose ingredients and recipes the games of every suite
+    split draw from (held-out games then differ in layout, recipe and ingredient choice, not in vocabulary);
+    ``None``: each suite split draws from its own pool."""
 
     def __post_init__(self) -> None:
         _check_name(self.name)
         GameSpec(self.challenge, 0, self.settings)  # validates challenge and settings
         _check_sizes(self.name, self.sizes)
+        if self.food_split is not None:
+            if self.challenge != "tw-cooking":
+                raise ConfigError(f"suite {self.name}: food_split applies to tw-cooking only")
+            if self.food_split not in SPLITS:
+                raise ConfigError(
+                    f"suite {self.name}: food_split must be one of {', '.join(SPLITS)}, got {self.food_split!r}"
+                )
 
     def game_spec(self, split: str, index: int) -> GameSpec:
         """The spec of game ``index`` of ``split``.
@@ -229,7 +240,7 @@ class TextWorldSuite:
             raise ConfigError(f"suite {self.name} split {split} has games 0..{size - 1}, not {index}")
         settings = dict(self.settings)
         if self.challenge == "tw-cooking":
-            settings["split"] = split
+            settings["split"] = self.food_split or split
         return GameSpec(self.challenge, self.seed + SPLIT_SEED_OFFSET[split] + index, settings)
 
     def task_ids(self, split: str) -> list[str]:
@@ -508,6 +519,14 @@ for _suite in (
         description="cook a two-ingredient recipe in a six-room house",
     ),
     TextWorldSuite(
+        "tw-cooking-fetch",
+        "tw-cooking",
+        {"recipe": 2, "take": 2, "go": 6},
+        description="read the recipe, fetch its two ingredients in a six-room house, prepare and eat the meal; "
+        "every split draws its food from the challenge's train pool",
+        food_split="train",
+    ),
+    TextWorldSuite(
         "tw-custom",
         "custom",
         {"world_size": 5, "nb_objects": 10, "quest_length": 5},
@@ -518,6 +537,13 @@ for _suite in (
         "sciworld-small",
         sizes={"train": 10, "valid": 3, "test": 5},
         description="all 30 ScienceWorld tasks, at most 10 / 3 / 5 variations each",
+    ),
+    ScienceWorldSuite(
+        "sciworld-find",
+        tasks=("find-living-thing", "find-non-living-thing", "find-plant", "find-animal"),
+        sizes={"train": 15, "valid": 5, "test": 10},
+        description="ScienceWorld's four find tasks (find a thing, focus on it, put it in a box): 8-12 expert "
+        "steps; 15 / 5 / 10 variations each",
     ),
     TextWorldExpressSuite(
         "twx-coin",

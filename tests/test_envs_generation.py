@@ -212,3 +212,26 @@ def test_the_generation_timeout_does_not_change_the_tasks_stage_key() -> None:
     default, short = load_experiment(None), load_experiment(None, ["tasks.generation_timeout_s=5"])
     assert short.tasks.generation_timeout_s == 5.0
     assert stage_keys(build_stages(default, 0)) == stage_keys(build_stages(short, 0))
+
+
+def test_food_split_gives_every_suite_split_the_same_food_pool() -> None:
+    from w2s_agents.envs.suites import get_suite
+
+    fetch = get_suite("tw-cooking-fetch")
+    cooking = get_suite("tw-cooking")
+    assert isinstance(fetch, TextWorldSuite) and isinstance(cooking, TextWorldSuite)
+    # the registered cooking suite keeps TextWorld's disjoint pools; the fetch suite draws all from train
+    assert [cooking.game_spec(s, 0).settings["split"] for s in ("train", "valid", "test")] == [
+        "train",
+        "valid",
+        "test",
+    ]
+    specs = [fetch.game_spec(s, 0) for s in ("train", "valid", "test")]
+    assert [s.settings["split"] for s in specs] == ["train"] * 3
+    assert len({s.seed for s in specs}) == 3 and len({s.key() for s in specs}) == 3  # still different games
+    with pytest.raises(ConfigError, match=r"suite tw-x: food_split applies to tw-cooking only"):
+        TextWorldSuite("tw-x", "tw-simple", food_split="train")
+    with pytest.raises(
+        ConfigError, match=r"suite tw-y: food_split must be one of train, valid, test, got 'dev'"
+    ):
+        TextWorldSuite("tw-y", "tw-cooking", food_split="dev")

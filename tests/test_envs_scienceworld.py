@@ -114,9 +114,15 @@ def test_variation_splits_and_task_ids(env: ScienceWorldEnv) -> None:
     assert not splits["train"] & splits["valid"] and not splits["train"] & splits["test"]
     suite = ScienceWorldSuite("test-sw", tasks=("boil", "melt"), sizes={"train": 2, "valid": 1, "test": 1})
     ids = env.suite_task_ids(suite, "train")
-    assert ids == [f"boil/{v}" for v in sorted(splits["train"])[:2]] + [
-        f"melt/{v}" for v in env.variations("melt", "train")[:2]
-    ]
+    boil, melt = sorted(splits["train"])[:2], env.variations("melt", "train")[:2]
+    # the tasks take turns, so the first ids of a split hold every task
+    assert ids == [f"boil/{boil[0]}", f"melt/{melt[0]}", f"boil/{boil[1]}", f"melt/{melt[1]}"]
+    uneven = ScienceWorldSuite("test-sw3", tasks=("boil", "melt"), sizes={"train": None})
+    all_ids = env.suite_task_ids(uneven, "train")
+    assert sorted(all_ids) == sorted(
+        [f"boil/{v}" for v in splits["train"]] + [f"melt/{v}" for v in env.variations("melt", "train")]
+    )
+    assert all_ids[:2] == [f"boil/{boil[0]}", f"melt/{melt[0]}"]
     with pytest.raises(UnknownTaskError, match=r"unknown ScienceWorld task 'bake' in 'bake/0'; valid: boil"):
         env.reset(options={"task": "bake/0"})
     with pytest.raises(UnknownTaskError, match=r"expected <task>/<variation>"):
