@@ -241,3 +241,16 @@ def test_jvm_killed_at_random_moments_20_times(caplog: pytest.LogCaptureFixture)
         env.close()
     print(f"JVM killed 20 times: {outcomes}")  # shown with pytest -s
     assert sum(outcomes.values()) == 20
+
+
+def test_the_task_order_is_part_of_a_sciworld_runs_task_stage_keys(repo_root) -> None:
+    """Task lists cached in the earlier order (task by task) are not reused by a ScienceWorld run; the keys of the
+    other suites' runs (pinned in test_weak_supervisors.py) do not change."""
+    from w2s_agents.pipeline import build_stages
+    from w2s_agents.pipeline.experiment import load_experiment
+    from w2s_agents.pipeline.runner import _tasks_part
+
+    sw = load_experiment(repo_root / "configs" / "sciworld-find.yaml")
+    assert _tasks_part(sw, ("train",))["task_order"] == "turns"
+    assert {s.name: s.config for s in build_stages(sw, 0)}["held-out"]["task_order"] == "turns"
+    assert "task_order" not in _tasks_part(load_experiment(None), ("train",))

@@ -139,14 +139,21 @@ def _replay_part(cfg: ExperimentConfig) -> dict[str, Any]:
 def _tasks_part(cfg: ExperimentConfig, splits: tuple[str, ...]) -> dict[str, Any]:
     """The config part of the tasks (``splits`` = train) or held-out (valid, test) stage: the suite, its env
     settings and the number of tasks of ``splits``; not how games are made (``workers``,
-    ``generation_timeout_s``), nor which train tasks have demos (the demos stage's part)."""
+    ``generation_timeout_s``), nor which train tasks have demos (the demos stage's part). A ScienceWorld suite's
+    part names its task order (its tasks take turns in a split), so that task lists cached in the earlier order
+    (task by task) are not reused."""
+    from w2s_agents.envs.suites import ScienceWorldSuite, get_suite
+
     t = cfg.tasks
-    return {
+    part = {
         "suite": t.suite,
         "max_steps": t.max_steps,
         "env_kwargs": t.env_kwargs,
         **{split: getattr(t, split) for split in splits},
     }
+    if isinstance(get_suite(t.suite), ScienceWorldSuite):
+        part["task_order"] = "turns"
+    return part
 
 
 def _explore_part(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
