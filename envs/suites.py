@@ -542,7 +542,7 @@ for _suite in (
         "sciworld-find",
         tasks=("find-living-thing", "find-non-living-thing", "find-plant", "find-animal"),
         sizes={"train": 15, "valid": 5, "test": 10},
-        description="ScienceWorld's four find tasks (find a thing, focus on it, put it in a box): 8-12 expert "
+        description="ScienceWorld's four find tasks (find a thing, focus on it, put it in a box): 6-16 expert "
         "steps; 15 / 5 / 10 variations each",
     ),
     TextWorldExpressSuite(

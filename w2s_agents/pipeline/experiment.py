@@ -124,8 +124,7 @@ class ExploreConfig:
         None,
         "step limit of an exploration episode (the weak agents', the strong SFT agent's for the ETO and "
         "Best-of-N baselines, RL rounds' and online expansion's); the search replays shortened paths under it; "
-        "null: twice "
-        "tasks.max_steps. A longer limit than evaluation's lets the explorer reach the goal after detours, which "
+        "null: twice tasks.max_steps. A longer limit than evaluation's lets the explorer reach the goal after detours, which "
         "search.paths cuts out of the best paths; evaluation keeps tasks.max_steps",
     )
     batch_size: int = option(16, "live episodes per batched agent call")

@@ -50,7 +50,8 @@ def expand_tree_files(
     The prior is the agent ``cfg.agent`` on the model in ``model_dir`` (its choose-mode distribution, with
     ``expand.temperature`` and ``expand.top_k``); episodes are played in the env of ``cfg.tasks.suite`` with
     the exploration's step limit (``explore.max_steps``) and ``tasks.env_kwargs``; each tree gets
-    ``expand.iterations`` PUCT episodes within the ``expand`` budget, seeded by ``seed`` and its task id. The input files are only read.
+    ``expand.iterations`` PUCT episodes within the ``expand`` budget, seeded by ``seed`` and its task id. The
+    input files are only read.
 
     Writes, per tree, ``out_dir/trees/<name>`` (the grown tree, canonical ids) and then
     ``out_dir/stats/<name>`` (its iterations, env steps, tokens, new nodes and successes), each atomically; a
