@@ -291,3 +291,24 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
     path.write_text("y:\n  <<: {a: 1}\n  b: 6\n  b: 7\n")
     with pytest.raises(ConfigError, match=r"m\.yaml:4: duplicate config key 'b'"):
         load_config(Outer, path)
+
+
+def test_quickstart_eval_rollout_config_plays_as_the_default_eval(repo_root: Path) -> None:
+    """configs/rollout-quickstart-eval.yaml stays the default experiment's evaluation: suite, step limit,
+    sampler, the agent keys that change a choice, and the first valid (or test) task ids of ``held-out``."""
+    from w2s_agents.rollout import load_job
+    from w2s_agents.rollout.job import resolve_tasks
+
+    job = load_job(repo_root / "configs" / "rollout-quickstart-eval.yaml")
+    default = ExperimentConfig()
+    assert job.rollout.suite == default.tasks.suite
+    assert job.rollout.max_steps == default.tasks.max_steps
+    assert [(s.temperature, s.top_p) for s in job.rollout.samplers] == [
+        (s.temperature, s.top_p) for s in default.eval.samplers
+    ]
+    assert job.rollout.seeds == default.eval.seeds
+    for key in ("mode", "prompt_admissible", "prompt_grammar", "length_normalize", "bare_action"):
+        assert getattr(job.agent, key) == getattr(default.agent, key), key
+    assert job.agent.max_context_tokens >= default.agent.max_context_tokens
+    ids = resolve_tasks(job.rollout)
+    assert job.rollout.split == "valid" and ids == [f"{default.tasks.suite}/valid/{i}" for i in range(20)]
