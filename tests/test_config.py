@@ -295,7 +295,7 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
 
 def test_quickstart_eval_rollout_config_plays_as_the_default_eval(repo_root: Path) -> None:
     """configs/rollout-quickstart-eval.yaml stays the default experiment's evaluation: suite, step limit,
-    sampler, the agent keys that change a choice, and the first valid (or test) task ids of ``held-out``."""
+    sampler, the agent keys that change a choice, and the first 20 valid task ids of the default's suite."""
     from w2s_agents.rollout import load_job
     from w2s_agents.rollout.job import resolve_tasks
 
