@@ -46,3 +46,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path: Path) -> None:
+    """``w2s train`` leaves the process group before the process exits (a process that exits still in a gloo
+    group can abort while the interpreter tears down gloo's threads, failing a finished run): after
+    ``leave_process_group`` no group is left, and without a group it does nothing. Run in a child process so
+    that this process never joins a group."""
+    import subprocess
+
+    script = f"""
+import torch.distributed as dist
+from w2s_agents.trainers.distributed import leave_process_group
+leave_process_group()  # no group yet: nothing to do
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+before = dist.is_initialized()
+leave_process_group()
+print(before, dist.is_initialized())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False"]

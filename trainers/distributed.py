@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Processes"]
+__all__ = ["Processes", "leave_process_group"]
 
 
 class Processes:
@@ -73,3 +73,21 @@ class Processes:
     def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce (micro-batches before the last of a step)."""
         return module.no_sync() if self.world > 1 else contextlib.nullcontext()
+
+
+def leave_process_group(clean: bool = True) -> None:
+    """Leave the process group, if this process joined one: a last barrier (when ``clean``, so that no process
+    leaves while another still talks to it) and ``destroy_process_group``.
+
+    A process that exits still in a gloo group can abort (SIGABRT, "terminate called without an active
+    exception") when the interpreter tears down gloo's worker threads, failing a run whose training finished.
+    Call it once the process is done with collectives, e.g. at the end of a training script; pass
+    ``clean=False`` when leaving on an error, where the other processes may never reach the barrier.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from w2s_agents.cli.args import check_output_dir
 from w2s_agents.errors import W2SError
+
+if TYPE_CHECKING:
+    from w2s_agents.trainers import TrainJobConfig, TrainResult
 
 __all__ = ["add_commands"]
 
@@ -36,7 +40,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from w2s_agents.config import load_config, load_yaml
-    from w2s_agents.trainers import TrainJobConfig, train_dpo, train_pg, train_sft
+    from w2s_agents.trainers import TrainJobConfig
+    from w2s_agents.trainers.distributed import leave_process_group
 
     method = ns.method
     written = load_yaml(ns.config).get("train", {})
@@ -54,36 +59,12 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             )
     job = load_config(TrainJobConfig, ns.config, [*ns.overrides, f"train.method={method}"])
     check_output_dir(job.out_dir, "out_dir")
-    cfg = job.train
-    if cfg.method == "pg":
-        result = train_pg(
-            job.model,
-            job.data,
-            job.out_dir,
-            cfg,
-            reference_path=job.reference_path() if cfg.pg.kl_coef > 0 else None,
-            valid_rows_or_path=job.valid_data or None,
-            resume=job.resume,
-        )
-    elif cfg.is_dpo:
-        result = train_dpo(
-            job.model,
-            job.data,
-            job.out_dir,
-            cfg,
-            reference_path=job.reference_path(),
-            valid_pairs_or_path=job.valid_data or None,
-            resume=job.resume,
-        )
-    else:
-        result = train_sft(
-            job.model,
-            job.data,
-            job.out_dir,
-            cfg,
-            valid_rows_or_path=job.valid_data or None,
-            resume=job.resume,
-        )
+    try:
+        result = _train(job)
+    except BaseException:
+        leave_process_group(clean=False)  # the other processes may never reach a last barrier
+        raise
+    leave_process_group()  # every process leaves together: exiting still in a gloo group can abort the process
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun the main process reports
         return 0
     first, last = result.loss_curve[0][1], result.loss_curve[-1][1]
@@ -97,3 +78,38 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         print("  source weights " + ", ".join(f"{k}={v:.4f}" for k, v in result.source_weights.items()))
     print(f"  model {result.model_dir} (step {result.exported_step})")
     return 0
+
+
+def _train(job: TrainJobConfig) -> TrainResult:
+    """Train ``job`` with its method's trainer and return the result."""
+    from w2s_agents.trainers import train_dpo, train_pg, train_sft
+
+    cfg = job.train
+    if cfg.method == "pg":
+        return train_pg(
+            job.model,
+            job.data,
+            job.out_dir,
+            cfg,
+            reference_path=job.reference_path() if cfg.pg.kl_coef > 0 else None,
+            valid_rows_or_path=job.valid_data or None,
+            resume=job.resume,
+        )
+    if cfg.is_dpo:
+        return train_dpo(
+            job.model,
+            job.data,
+            job.out_dir,
+            cfg,
+            reference_path=job.reference_path(),
+            valid_pairs_or_path=job.valid_data or None,
+            resume=job.resume,
+        )
+    return train_sft(
+        job.model,
+        job.data,
+        job.out_dir,
+        cfg,
+        valid_rows_or_path=job.valid_data or None,
+        resume=job.resume,
+    )
