@@ -20,7 +20,7 @@ from w2s_agents.pipeline.weaks import weak_supervisor_metrics, weak_supervisors_
 from w2s_agents.store import read_trajectories
 from w2s_agents.tree import TrajectoryTree
 
-TWO_WEAK = "weak_extra=[{name: b, tiny_preset: nano}]"
+TWO_WEAK = "weak_extra=[{name: b, tiny_preset: weak}]"  # the default weak model is nano
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -94,19 +94,31 @@ def test_an_extra_weak_models_missing_path_is_named(tmp_path: Path) -> None:
 
 def test_one_weak_model_keeps_the_stage_keys() -> None:
     """The keys of the default run's stages, pinned (a change would make users' finished runs redo them, so it
-    must be deliberate): a run with one weak model (``weak_extra`` empty, the default) has exactly these."""
+    must be deliberate): a run with one weak model (``weak_extra`` empty, the default) has exactly these. The
+    default's weak model changed deliberately from the ``weak`` preset to ``nano``; a run that names the
+    ``weak`` preset keeps the keys it had."""
     expected = {
-        "models": "ee5c011f8c1acff7",
-        "weak-sft": "eae20da83adf703e",
+        (): {
+            "models": "8eebd7fd84a7730b",
+            "weak-sft": "f214c9b665c02236",
+            "explore": "196387b0dc8936bf",
+            "trees": "ac70c3797f77510c",
+            "search": "4d742d4ebaf4436f",
+        },
         # explore, trees and search changed deliberately when explorations got their own step limit
         # (explore.max_steps, twice tasks.max_steps by default)
-        "explore": "a60f6904906e1048",
-        "trees": "81651a79176fd733",
-        "search": "867a442e7422f2b0",
+        ("weak.tiny_preset=weak",): {
+            "models": "ee5c011f8c1acff7",
+            "weak-sft": "eae20da83adf703e",
+            "explore": "a60f6904906e1048",
+            "trees": "81651a79176fd733",
+            "search": "867a442e7422f2b0",
+        },
     }
-    for overrides in ([], ["weak_extra=[]"]):
-        keys = stage_keys(build_stages(load_experiment(None, overrides), 0))
-        assert {name: keys[name] for name in expected} == expected
+    for base, pinned in expected.items():
+        for overrides in ([*base], [*base, "weak_extra=[]"]):
+            keys = stage_keys(build_stages(load_experiment(None, overrides), 0))
+            assert {name: keys[name] for name in pinned} == pinned, overrides
     assert stage_names(load_experiment(None)) == [s.name for s in build_stages(load_experiment(None), 0)]
 
 
@@ -193,9 +205,9 @@ def test_metrics_count_each_sources_share_and_the_learned_weights(tmp_path: Path
     assert (first["pairs"], b["pairs"], b["pair_share"]) == (0, 2, 1.0)
     assert (first["config"], first["model"], b["config"], b["model"]) == (
         "weak",
-        "tiny preset weak",
-        "b",
         "tiny preset nano",
+        "b",
+        "tiny preset weak",
     )
     assert list(m["weights"]) == ["w2s-mcts"]  # the skipped stage learned nothing
     assert m["weights"]["w2s-mcts"]["mean"] == pytest.approx({"weak-sft": 0.3, "weak-sft-b": 0.7})
@@ -203,7 +215,7 @@ def test_metrics_count_each_sources_share_and_the_learned_weights(tmp_path: Path
     lines = weak_supervisors_section({"weak_supervisors": m}, MODEL_LABELS)
     assert lines[0] == "## Weak supervisors"
     assert (
-        "| `weak-sft-b` (b) | tiny preset nano | 16 (50.0%) | 62.5% | 4 (66.7%) | 2 (100.0%) | 0.700 |"
+        "| `weak-sft-b` (b) | tiny preset weak | 16 (50.0%) | 62.5% | 4 (66.7%) | 2 (100.0%) | 0.700 |"
         in lines
     )
     assert any(line.startswith("| source |") and line.endswith("| weight: W2S-MCTS |") for line in lines)

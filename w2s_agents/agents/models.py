@@ -75,10 +75,10 @@ class TinyPreset:
 
 
 TINY_PRESETS: dict[str, TinyPreset] = {
-    "nano": TinyPreset(32, 2, 2, 64, description="~0.09M parameters: unit tests"),
-    "weak": TinyPreset(
-        64, 2, 2, 128, description="~0.21M parameters, two layers: the weak agent of the CPU quickstart"
+    "nano": TinyPreset(
+        32, 2, 2, 64, description="~0.09M parameters, two layers: the weak agent of the CPU quickstart, unit tests"
     ),
+    "weak": TinyPreset(64, 2, 2, 128, description="~0.21M parameters, two layers"),
     "small": TinyPreset(128, 4, 4, 256, description="~0.92M parameters"),
     "strong": TinyPreset(
         256, 4, 8, 768, description="~3.9M parameters, four layers: the strong agent of the CPU quickstart"

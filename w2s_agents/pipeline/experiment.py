@@ -385,7 +385,7 @@ class ExperimentConfig:
         default_factory=PipelineRunConfig, help="run name, output folder, seed, logging, rounds, trackers"
     )
     weak: ModelConfig = option(
-        default_factory=lambda: ModelConfig(tiny_preset="weak"),
+        default_factory=lambda: ModelConfig(tiny_preset="nano"),
         help="the weak agent (explorer, DPO reference)",
     )
     weak_extra: list[WeakModelConfig] = option(
