@@ -76,7 +76,7 @@ class TinyPreset:
 
 TINY_PRESETS: dict[str, TinyPreset] = {
     "nano": TinyPreset(
-        32, 2, 2, 64, description="~0.09M parameters, two layers: the weak agent of the CPU quickstart, unit tests"
+        32, 2, 2, 64, description="~0.09M parameters, two layers: the weak agent of the CPU quickstart"
     ),
     "weak": TinyPreset(64, 2, 2, 128, description="~0.21M parameters, two layers"),
     "small": TinyPreset(128, 4, 4, 256, description="~0.92M parameters"),
